@@ -1,0 +1,166 @@
+"""Structured channel pruning of any fx-traceable model: analyse, score, select, cut.
+
+Used by the `scratch` backend; nothing here knows about the model zoo or any backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .criteria import DEFAULT_THRESHOLD, METHODS, Method, greedy_redundant, unit_sum
+from .errors import PruningError
+from .graph import ChannelGraph, analyze
+from .masks import Masks, build_masks
+from .modules import NORM_TYPES
+from .selection import keep_all_but, removal_count, select_global, select_per_layer
+from .surgery import shrink
+
+SCOPES = ("global", "layer")
+
+
+@dataclass
+class ChannelPruning:
+    model: nn.Module  # new, physically smaller
+    kept: dict[str, list[int]]  # pruned layer -> sorted kept output units
+    masks: Masks
+    original_units: dict[str, int]  # pruned layer -> units before pruning
+    scope: str
+    graph: ChannelGraph
+
+
+def validate_sparsity(sparsity: float | Mapping[str, float]) -> None:
+    ratios = sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]
+    for ratio in ratios:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+            raise PruningError(f"sparsity must be a fraction of channels in [0, 1), got {ratio!r}")
+
+
+def _excluded_producers(graph: ChannelGraph, module_names: set[str], exclude: Iterable[str]) -> set[str]:
+    excluded = set()
+    for name in exclude:
+        if name not in module_names:
+            raise PruningError(f"exclude names {name!r}, which the model does not have; see model.named_modules() for names")
+        excluded |= {p for p in graph.group_of_producer if p == name or p.startswith(name + ".")}
+    return excluded
+
+
+def _norm_gamma(modules: dict[str, nn.Module], graph: ChannelGraph, producer: str) -> torch.Tensor | None:
+    norm = graph.norm_after.get(producer)
+    return None if norm is None or modules[norm].weight is None else modules[norm].weight
+
+
+def _group_tensors(method: Method, modules: dict[str, nn.Module], graph: ChannelGraph, members: list[str]) -> list[torch.Tensor]:
+    if method.source == "norm":
+        return [g for g in (_norm_gamma(modules, graph, m) for m in members) if g is not None]
+    return [modules[m].weight for m in members]
+
+
+def _score(method: Method, tensors: list[torch.Tensor], threshold: float) -> torch.Tensor:
+    """A group's score: the mean of its members' scores (members are coupled channel for channel)."""
+    extra = (threshold,) if method.takes_threshold else ()
+    return torch.stack([method.score(t, *extra) for t in tensors]).mean(0)
+
+
+def check_request(model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None) -> tuple[Method, str]:
+    """Validate a request without tracing; returns the method and the scope it resolves to."""
+    if method not in METHODS:
+        raise PruningError(f"unknown pruning method {method!r}; choose one of: {', '.join(METHODS)}")
+    spec = METHODS[method]
+    validate_sparsity(sparsity)
+    per_layer = isinstance(sparsity, Mapping)
+    scope = ("layer" if per_layer else spec.default_scope) if scope is None else scope
+    if scope not in SCOPES:
+        raise PruningError(f"unknown scope {scope!r}; choose 'global' or 'layer'")
+    if scope == "global" and (per_layer or spec.greedy):
+        what = "per-layer sparsity ratios" if per_layer else f"{method} (a greedy per-layer method)"
+        raise PruningError(f"{what} cannot use scope='global'; use scope='layer'")
+    if spec.source == "norm" and not any(isinstance(m, NORM_TYPES) for m in model.modules()):
+        raise PruningError(f"{method} ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use conv_all or neuron")
+    return spec, scope
+
+
+def prune_channels(
+    model: nn.Module,
+    method: str,
+    sparsity: float | Mapping[str, float],
+    example_input: torch.Tensor,
+    *,
+    scope: str | None = None,
+    exclude: Iterable[str] = (),
+    seed: int = 0,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> ChannelPruning:
+    """Prune output channels of every prunable Conv2d / hidden Linear; `model` is left untouched."""
+    spec, scope = check_request(model, method, sparsity, scope)
+    modules = dict(model.named_modules())
+    per_layer = isinstance(sparsity, Mapping)
+    graph = analyze(model, example_input)
+    excluded = _excluded_producers(graph, set(modules), exclude)
+    ratios: dict[int, float] = {}
+    if per_layer:
+        for name, ratio in sparsity.items():
+            if name not in graph.group_of_producer:
+                kind = "is not a Conv2d or Linear layer" if name in modules else "is not in the model"
+                raise PruningError(f"per-layer sparsity names {name!r}, which {kind}; use Conv2d / hidden Linear names")
+            group = graph.group_of_producer[name]
+            if not graph.groups[group].prunable:
+                raise PruningError(f"{name} cannot be pruned: {graph.groups[group].blocked_by[0]}")
+            ratios[group] = max(ratios.get(group, 0.0), float(ratio))
+    else:
+        ratios = {g: float(sparsity) for g, group in enumerate(graph.groups) if group.prunable}
+
+    candidates = {}
+    for index, ratio in ratios.items():
+        group = graph.groups[index]
+        tensors = _group_tensors(spec, modules, graph, group.members)
+        if group.size > 1 and not excluded.intersection(group.members) and (tensors or spec.source == "random"):
+            candidates[index] = (ratio, tensors)
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if spec.greedy:
+            kept = {}
+            for index, (ratio, tensors) in candidates.items():
+                distances = torch.stack([spec.score(t) for t in tensors]).sum(0)
+                importance = torch.stack([(t.detach().abs().double() if t.ndim == 1 else unit_sum(t)) for t in tensors]).mean(0)
+                removed = greedy_redundant(distances, importance, removal_count(graph.groups[index].size, ratio))
+                kept[index] = keep_all_but(graph.groups[index].size, removed)
+        else:
+            scores = {
+                index: torch.rand(graph.groups[index].size, generator=generator, dtype=torch.float64)
+                if spec.source == "random"
+                else _score(spec, tensors, threshold)
+                for index, (_, tensors) in candidates.items()
+            }
+            if scope == "global":
+                kept = select_global(scores, float(sparsity)) if scores else {}
+            else:
+                kept = select_per_layer(scores, {i: r for i, (r, _) in candidates.items()})
+    kept = {g: k for g, k in kept.items() if len(k) < graph.groups[g].size}
+
+    pruned = shrink(model, graph, kept)
+    _check_runs(pruned, example_input)
+    kept_by_layer = {p: kept[g].tolist() for p, g in graph.group_of_producer.items() if g in kept}
+    original = {p: graph.groups[graph.group_of_producer[p]].size for p in kept_by_layer}
+    return ChannelPruning(pruned, kept_by_layer, build_masks(model, graph, kept), original, scope, graph)
+
+
+def _check_runs(model: nn.Module, example_input: torch.Tensor) -> None:
+    """A forward with hard-coded channel counts (e.g. x.view(-1, 400)) breaks after pruning: say so."""
+    modes = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    except Exception as error:
+        raise PruningError(
+            f"the pruned {type(model).__name__} no longer runs ({str(error).splitlines()[0]}); "
+            "its forward probably hard-codes a channel count (e.g. x.view(-1, 400)): use torch.flatten(x, 1)"
+        ) from None
+    finally:
+        for name, module in model.named_modules():
+            module.training = modes[name]

@@ -1,0 +1,49 @@
+"""Turn per-group scores into kept indices: one ratio per layer, or one threshold over all layers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPSILON = 1e-9  # so 0.29 * 100 removes 29, not 28
+
+
+def removal_count(size: int, ratio: float) -> int:
+    """floor(size * ratio), never all units: a layer keeps at least one."""
+    return min(math.floor(size * ratio + EPSILON), size - 1)
+
+
+def keep_all_but(size: int, removed: torch.Tensor | list[int]) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[torch.as_tensor(removed, dtype=torch.long)] = False
+    return mask.nonzero().flatten()
+
+
+def select_per_layer(scores: dict[int, torch.Tensor], ratios: dict[int, float]) -> dict[int, torch.Tensor]:
+    """Remove the floor(C * ratio) lowest-scoring units of each group (ties: lower index goes first)."""
+    kept = {}
+    for group, score in scores.items():
+        count = removal_count(len(score), ratios[group])
+        order = torch.argsort(score, stable=True)
+        kept[group] = keep_all_but(len(score), order[:count])
+    return kept
+
+
+def select_global(scores: dict[int, torch.Tensor], ratio: float) -> dict[int, torch.Tensor]:
+    """Pool every group's scores, remove the floor(N * ratio) lowest; a group keeps its best unit."""
+    groups = list(scores)
+    pooled = torch.cat([scores[g] for g in groups])
+    count = math.floor(len(pooled) * ratio + EPSILON)
+    removed = torch.zeros(len(pooled), dtype=torch.bool)
+    removed[torch.argsort(pooled, stable=True)[:count]] = True
+    kept, start = {}, 0
+    for group in groups:
+        size = len(scores[group])
+        gone = removed[start : start + size]
+        if bool(gone.all()):
+            gone = gone.clone()
+            gone[int(torch.argmax(scores[group]))] = False
+        kept[group] = (~gone).nonzero().flatten()
+        start += size
+    return kept

@@ -1,0 +1,36 @@
+"""Physical surgery: slice every producer and consumer, return a smaller model of the same class."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .graph import ChannelGraph, Layout
+from .modules import clone_tree, sliced_module
+
+
+def layout_index(layout: Layout, graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """Input columns a consumer keeps; None when none of its input spaces is pruned."""
+    if not any(graph.group_of_space.get(s.space) in kept for s in layout):
+        return None
+    pieces, offset = [], 0
+    for segment in layout:
+        group = graph.group_of_space.get(segment.space)
+        channels = kept[group] if group in kept else torch.arange(segment.size)
+        repeat = torch.arange(segment.repeat)
+        pieces.append((channels[:, None] * segment.repeat + repeat[None, :]).flatten() + offset)
+        offset += segment.size * segment.repeat
+    return torch.cat(pieces)
+
+
+def shrink(model: nn.Module, graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> nn.Module:
+    """A new model with the kept channels of every pruned group; `model` is not modified."""
+    modules = dict(model.named_modules())
+    in_index = {c.module: layout_index(c.layout, graph, kept) for c in graph.consumers}
+    out_index = {p: kept[g] for p, g in graph.group_of_producer.items() if g in kept}
+    replacements = {}
+    for name in set(in_index) | set(out_index):
+        if in_index.get(name) is None and name not in out_index:
+            continue
+        replacements[name] = sliced_module(modules[name], out_index.get(name), in_index.get(name))
+    return clone_tree(model, replacements)

@@ -1,0 +1,46 @@
+"""The `scratch` backend: our own OneFlow-style operators, graph analysis and surgery."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from algorithms.channel_pruning import check_request, prune_channels
+from algorithms.criteria import DEFAULT_THRESHOLD, METHODS
+from algorithms.modules import NORM_TYPES
+
+from .base import PruneResult
+
+
+class ScratchBackend:
+    name = "scratch"
+    methods: tuple[str, ...] = tuple(METHODS)
+
+    def default_method(self, model: nn.Module) -> str:
+        """`bn` where the model has BatchNorm (the original default), else the DNN `neuron` operator."""
+        return "bn" if any(isinstance(m, NORM_TYPES) for m in model.modules()) else "neuron"
+
+    def prune(
+        self,
+        model: nn.Module,
+        method: str,
+        sparsity: float | Mapping[str, float],
+        example_input: torch.Tensor,
+        *,
+        scope: str | None = None,
+        exclude: Iterable[str] = (),
+        seed: int = 0,
+        threshold: float = DEFAULT_THRESHOLD,
+        **options: Any,
+    ) -> PruneResult:
+        if options:
+            raise ValueError(f"the scratch backend takes no option(s) {', '.join(sorted(options))}")
+        result = prune_channels(model, method, sparsity, example_input, scope=scope, exclude=exclude, seed=seed, threshold=threshold)
+        return PruneResult(result.model, result.kept, result.masks, result.original_units, self.name, method, result.scope)
+
+    def validate(self, model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None = None) -> None:
+        """The request errors prune() would raise, found before any training is spent."""
+        check_request(model, method, sparsity, scope)

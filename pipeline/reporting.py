@@ -1,0 +1,65 @@
+"""The original platform's outputs: per-epoch log lines and the results JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .training import EvalResult
+
+
+def epoch_line(epoch: int, result: EvalResult) -> str:
+    return f"epoch{epoch} top_1_accuracy: {result.top1:.4f}; top_k_accuracy: {result.top_k:.4f}; top_k: {result.k}; samples/s: {result.samples_per_s:.1f}"
+
+
+class EpochLog:
+    """log/log_<model>_<data>_<log_type>.txt, rewritten per run, one line per epoch as it ends."""
+
+    def __init__(self, log_dir: str | Path, model: str, data: str, log_type: str) -> None:
+        self.path = Path(log_dir) / f"log_{model}_{data}_{log_type}.txt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+
+    def __call__(self, epoch: int, result: EvalResult) -> None:
+        line = epoch_line(epoch, result)
+        with self.path.open("a") as handle:
+            handle.write(line + "\n")
+        tqdm.write(line, file=sys.stderr)
+
+
+def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=2, sort_keys=True)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def results_payload(result: EvalResult, size_mb: float, params: int, macs: int, **extra: Any) -> dict[str, Any]:
+    """The original keys (accuracy, top_k_accuracy, top_k, modelSize, reasoningTime) plus ours."""
+    return {
+        "accuracy": round(result.top1, 6),
+        "top_k_accuracy": round(result.top_k, 6),
+        "top_k": result.k,
+        "modelSize": round(size_mb, 4),
+        "reasoningTime": round(result.samples_per_s, 2),
+        "params": params,
+        "macs": macs,
+        **extra,
+    }
+
+
+def write_results(result_dir: str | Path, model: str, data: str, log_type: str, payload: dict[str, Any]) -> Path:
+    return write_json_atomic(Path(result_dir) / f"results_{model}_{data}_{log_type}.json", payload)
