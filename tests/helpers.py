@@ -1,0 +1,43 @@
+"""Shared test helpers: seeded non-trivial BatchNorm statistics and the channel-zeroing reference."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm a random scale/shift and running stats, so pruning errors cannot hide."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    return model
+
+
+def zeroed_reference(model: nn.Module, kept: dict[str, list[int]], units: dict[str, int], norm_after: dict[str, str], x: torch.Tensor) -> torch.Tensor:
+    """The original model with pruned channels zeroed right after their BatchNorm (or the layer itself)."""
+    modules = dict(model.named_modules())
+    hooks = []
+    for layer, keep in kept.items():
+        mask = torch.zeros(units[layer])
+        mask[keep] = 1.0
+
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
+            return output * mask.view((1, -1) + (1,) * (output.ndim - 2))
+
+        hooks.append(modules[norm_after.get(layer, layer)].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
