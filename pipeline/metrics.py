@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -26,3 +29,32 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def measure_latency(*models: nn.Module, example_input: torch.Tensor, batch: int, runs: int = 20, warmup: int = 3, threads: int | None = None) -> list[float]:
+    """Median seconds per forward at `batch` for each model (DESIGN.md section 7).
+
+    Inference mode, eval, warm-up, median of `runs`. Several models are timed in
+    interleaved rounds, so drift on a shared machine hits them alike and their ratio is fair.
+    """
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    x = example_input[:1].expand(batch, *example_input.shape[1:]).contiguous()
+    modes = [m.training for m in models]
+    timings: list[list[float]] = [[] for _ in models]
+    try:
+        with torch.inference_mode():
+            for model in models:
+                model.eval()
+            for index in range(warmup + runs):
+                for model, times in zip(models, timings, strict=True):
+                    start = time.perf_counter()
+                    model(x)
+                    if index >= warmup:
+                        times.append(time.perf_counter() - start)
+    finally:
+        for model, mode in zip(models, modes, strict=True):
+            model.train(mode)
+        torch.set_num_threads(previous_threads)
+    return [statistics.median(times) for times in timings]
