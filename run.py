@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune_scope", default="auto", choices=("auto", "global", "layer"), help="auto = the method's original scope")
     p.add_argument("--exclude", default="", help="comma-separated module names never pruned")
     p.add_argument("--threshold", type=float, default=0.06, help="weight threshold of conv_threshold (default 0.06)")
+    p.add_argument("--prune_steps", type=int, default=50, help="training steps of data-driven NNI methods: slim, taylor, agp, linear (default 50)")
+    p.add_argument("--schedule_over", default="l1", choices=("l1", "taylor"), help="what NNI's agp / linear schedules (default l1)")
+    p.add_argument("--verbose", action="store_true", help="let NNI's own log lines through")
     p.add_argument("--num_epochs", type=int, default=None, help="epochs of steps 1 and 3 (default 8 on digits, else 2)")
     p.add_argument("--batch_size_per_device", type=int, default=32)
     p.add_argument("--val_batch_size_per_device", type=int, default=256)
@@ -79,7 +82,7 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"unknown --backend {args.backend!r}; choose one of: {', '.join(BACKEND_NAMES)}")
     if not 0.0 <= args.percent < 1.0:
         raise UsageError(f"--percent {args.percent} is outside [0, 1): it is the fraction of channels removed")
-    for flag in ("num_epochs", "batch_size_per_device", "val_batch_size_per_device", "limit_batches", "limit_val_batches"):
+    for flag in ("num_epochs", "batch_size_per_device", "val_batch_size_per_device", "limit_batches", "limit_val_batches", "prune_steps"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "num_epochs" else 1):
             raise UsageError(f"--{flag} must be {'non-negative' if flag == 'num_epochs' else 'positive'}, got {value}")
@@ -136,6 +139,20 @@ class Job:
         write_results(a.result_dir, a.model, a.data_type, "base_model", figures)
         self.record("1 base", figures)
 
+    def backend_options(self) -> dict[str, Any]:
+        """What each backend needs beyond the common contract; run.py's data feeds NNI's data-driven methods."""
+        a = self.args
+        if a.backend == "scratch":
+            return {"threshold": a.threshold}
+        generator = torch.Generator().manual_seed(a.seed)
+        return {
+            "train_batches": lambda: self.data.batches("train", a.batch_size_per_device, generator),
+            "training_steps": a.prune_steps,
+            "learning_rate": a.learning_rate,
+            "schedule_over": a.schedule_over,
+            "verbose": a.verbose,
+        }
+
     def step_prune(self) -> None:
         a = self.args
         base, _ = self.load(STAGES["1"])
@@ -144,12 +161,15 @@ class Job:
         scope = None if a.prune_scope == "auto" else a.prune_scope
         exclude = [name for name in a.exclude.split(",") if name]
         started = time.perf_counter()
-        result = backend.prune(base.eval(), method, a.percent, self.data.example_input(8), scope=scope, exclude=exclude, seed=a.seed, threshold=a.threshold)
+        result = backend.prune(base.eval(), method, a.percent, self.data.example_input(8), scope=scope, exclude=exclude, seed=a.seed, **self.backend_options())
         seconds = time.perf_counter() - started
+        if not result.physical:
+            print(f"note: {method} is unstructured; the model is masked, not smaller: its size, MACs and latency are the dense model's", file=sys.stderr)
         base_figures = self.figures(base, evaluate(base, self.data, a.val_batch_size_per_device, a.limit_val_batches))
         masked = evaluate(apply_masks(base, result.masks), self.data, a.val_batch_size_per_device, a.limit_val_batches)
         figures = self.figures(result.model, evaluate(result.model, self.data, a.val_batch_size_per_device, a.limit_val_batches))
-        info = {"backend": a.backend, "method": method, "percent": a.percent, "scope": result.scope, "exclude": exclude, "kept": result.kept}
+        info = {"backend": a.backend, "method": method, "percent": a.percent, "scope": result.scope, "exclude": exclude, "kept": result.kept,
+                "physical": result.physical}  # fmt: skip
         save_snapshot(self.save_root / STAGES["2"], result.model, self.meta(STAGES["2"], **info))
         write_results(a.result_dir, a.model, a.data_type, "pruning", {
             **figures, **info, "prune_seconds": round(seconds, 4), "masked_accuracy": round(masked.top1, 6),

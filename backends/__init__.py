@@ -8,6 +8,7 @@ from .base import Backend, PruneResult
 
 BACKENDS: dict[str, str] = {
     "scratch": "backends.scratch:ScratchBackend",
+    "nni": "backends.nni_backend:NNIBackend",
 }
 BACKEND_NAMES: tuple[str, ...] = tuple(BACKENDS)
 

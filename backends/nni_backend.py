@@ -1,0 +1,308 @@
+"""The `nni` backend: Microsoft NNI 3.0 pruners and ModelSpeedup behind the common contract.
+
+The only module that imports `nni`. Workarounds from DESIGN.md section 6: NNI's own
+tracer breaks on this torch, so ModelSpeedup gets `graph_module=torch.fx.symbolic_trace(model)`;
+residual models get NNI's dependency groups (jit based, needs tensorboard) so masks agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from algorithms.errors import PruningError
+from algorithms.graph import analyze
+from algorithms.modules import NORM_TYPES, clone_tree
+
+from .base import PruneResult
+
+ONE_SHOT = {"l1": "L1NormPruner", "l2": "L2NormPruner", "fpgm": "FPGMPruner"}
+DATA_DRIVEN = {"slim": "SlimPruner", "taylor": "TaylorPruner"}
+SCHEDULED = {"agp": "AGPPruner", "linear": "LinearPruner"}
+METHODS: tuple[str, ...] = ("level", *ONE_SHOT, *DATA_DRIVEN, *SCHEDULED)
+SCHEDULE_BASES = ("l1", "taylor")
+
+TrainBatches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _import_nni() -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NNI's own imports warn about torch APIs it uses
+            import nni
+            import nni.compression.pruning  # noqa: F401
+            import nni.compression.speedup  # noqa: F401
+    except Exception as error:  # ImportError, or NNI failing inside its own imports
+        raise PruningError(f"the nni backend needs NNI 3.0 ({type(error).__name__}: {error}); run: pip install nni==3.0 tensorboard") from None
+    return nni
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """NNI logs every replaced module in colour; keep that out of the terminal unless asked."""
+    if verbose:
+        yield
+        return
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+class NNIBackend:
+    name = "nni"
+    methods: tuple[str, ...] = METHODS
+
+    def default_method(self, model: nn.Module) -> str:
+        return "l1"
+
+    def validate(
+        self,
+        model: nn.Module,
+        method: str,
+        sparsity: float | Mapping[str, float],
+        scope: str | None = None,
+        *,
+        physical: bool | None = None,
+        has_data: bool = True,
+        schedule_over: str = "l1",
+    ) -> None:
+        """The request errors prune() would raise, found before any training is spent."""
+        if method not in METHODS:
+            raise PruningError(f"unknown NNI pruning method {method!r}; choose one of: {', '.join(METHODS)}")
+        ratios = sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]
+        if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) < 1.0 for r in ratios):
+            raise PruningError(f"sparsity must be a fraction of channels in [0, 1), got {sparsity!r}")
+        if scope not in (None, "layer", "global"):
+            raise PruningError(f"unknown scope {scope!r}; choose 'global' or 'layer'")
+        if scope == "global" and isinstance(sparsity, Mapping):
+            raise PruningError("per-layer sparsity ratios cannot use scope='global'; use scope='layer'")
+        if method == "level" and physical:  # None = the method's own default: level masks, the rest shrink
+            raise PruningError("level is unstructured (single weights): it cannot shrink the model physically; pass physical=False")
+        if method in SCHEDULED and schedule_over not in SCHEDULE_BASES:
+            raise PruningError(f"{method} schedules one of {', '.join(SCHEDULE_BASES)}, not {schedule_over!r}")
+        needs_data = method in DATA_DRIVEN or (method in SCHEDULED)
+        if needs_data and not has_data:
+            raise PruningError(f"{method} is data-driven: pass train_batches (a function returning (images, labels) batches) and training_steps")
+        if method == "slim" and not any(isinstance(m, NORM_TYPES) for m in model.modules()):
+            raise PruningError(f"slim ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use l1, l2 or fpgm")
+        _import_nni()
+
+    def prune(
+        self,
+        model: nn.Module,
+        method: str,
+        sparsity: float | Mapping[str, float] | None,
+        example_input: torch.Tensor,
+        *,
+        scope: str | None = None,
+        exclude: Iterable[str] = (),
+        seed: int = 0,
+        config_list: list[dict[str, Any]] | None = None,
+        physical: bool | None = None,
+        train_batches: TrainBatches | None = None,
+        training_steps: int = 50,
+        learning_rate: float = 1e-3,
+        schedule_over: str = "l1",
+        schedule_times: int = 4,
+        verbose: bool = False,
+        **options: Any,
+    ) -> PruneResult:
+        if options:
+            raise PruningError(f"the nni backend takes no option(s) {', '.join(sorted(options))}")
+        physical = method != "level" if physical is None else physical
+        self.validate(model, method, sparsity if config_list is None else 0.0, scope, physical=physical,
+                      has_data=train_batches is not None, schedule_over=schedule_over)  # fmt: skip
+        nni = _import_nni()
+        torch.manual_seed(seed)
+        graph = analyze(model, example_input)
+        modules = dict(model.named_modules())
+        for name in exclude:
+            if name not in modules:
+                raise PruningError(f"exclude names {name!r}, which the model does not have; see model.named_modules() for names")
+        excluded = {p for p in graph.group_of_producer for name in exclude if p == name or p.startswith(name + ".")}
+        prunable = [p for p, g in graph.group_of_producer.items() if graph.groups[g].prunable and p not in excluded and graph.groups[g].size > 1]
+        working = clone_tree(model, {}).eval()
+        coupled = any(len(graph.groups[graph.group_of_producer[p]].members) > 1 for p in prunable)
+        if config_list is None:
+            config_list = _config_list(method, sparsity, scope, prunable, graph.norm_after, modules)
+        with _quiet(verbose):
+            try:
+                if coupled and method != "level":
+                    config_list = _with_dependency_groups(working, config_list, example_input, graph.norm_after if method == "slim" else None)
+                pruner = _make_pruner(nni, method, working, config_list, train_batches, training_steps, learning_rate, schedule_over, schedule_times)
+                _, masks = pruner.compress(training_steps, None) if method in SCHEDULED else pruner.compress()
+                pruner.unwrap_model()
+            except PruningError:
+                raise
+            except Exception as error:  # NNI's own failures: say what NNI said, without its traceback
+                raise PruningError(f"NNI {method} failed: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}") from None
+            masks = {name: {k: v.detach().cpu() for k, v in m.items() if v is not None} for name, m in masks.items()}
+            kept, units = _kept_from_masks(masks, graph.norm_after, modules)
+            emptied = [name for name, indices in kept.items() if not indices]
+            if emptied and method != "level":
+                raise PruningError(
+                    f"NNI {method} removed every unit of {', '.join(emptied)} (NNI 3.0 does not keep one unit per layer in a global group); "
+                    "use scope='layer' or a lower sparsity"
+                )
+            if method == "slim":  # NNI's speedup does not carry BatchNorm masks back to the conv: give it the conv masks too
+                masks = {**masks, **_producer_masks(kept, modules)}
+            if not physical:
+                _apply_masks_in_place(working, masks)
+                return PruneResult(working, kept if method != "level" else {}, masks, units if method != "level" else {}, self.name, method,
+                                   scope or "layer", physical=False, info={"note": "masked only: size, MACs and latency are the dense model's"})  # fmt: skip
+            from nni.compression.speedup import ModelSpeedup
+
+            try:
+                pruned = ModelSpeedup(working, example_input, masks, graph_module=torch.fx.symbolic_trace(working)).speedup_model()
+            except Exception as error:
+                raise PruningError(f"NNI ModelSpeedup failed after {method}: {type(error).__name__}: {str(error).strip()[:200]}") from None
+        pruned_modules = dict(pruned.named_modules())
+        for producer, indices in kept.items():
+            if _units(pruned_modules[producer]) != len(indices):
+                raise PruningError(f"NNI's speedup kept {_units(pruned_modules[producer])} units of {producer}, its masks {len(indices)}: masks conflict")
+        pruned.train(model.training)
+        return PruneResult(pruned, kept, masks, units, self.name, method, scope or "layer")
+
+
+def _config_list(
+    method: str, sparsity: Any, scope: str | None, prunable: list[str], norm_after: dict[str, str], modules: dict[str, nn.Module]
+) -> list[dict[str, Any]]:
+    """Our options in NNI's words: sparse_ratio per layer, global_group_id for global scope."""
+
+    def targets(names: list[str]) -> list[str]:
+        return [norm_after[n] for n in names if n in norm_after] if method == "slim" else names
+
+    if isinstance(sparsity, Mapping):
+        for name in sparsity:
+            if name not in prunable:
+                raise PruningError(f"per-layer sparsity names {name!r}, which is not a prunable Conv2d / hidden Linear of this model")
+        return [{"op_names": targets([name]), "sparse_ratio": float(ratio)} for name, ratio in sparsity.items() if targets([name])]
+    if scope == "global" and method != "level":  # one group; each layer may lose all but one unit
+        sizes = {name: _units(modules[name]) for name in prunable}
+        return [
+            {"op_names": targets([name]), "sparse_ratio": float(sparsity), "global_group_id": "all", "max_sparse_ratio": (sizes[name] - 1) / sizes[name]}
+            for name in prunable
+            if targets([name])
+        ]
+    config: dict[str, Any] = {"op_names": targets(prunable), "sparse_ratio": float(sparsity)}
+    if method == "level":
+        config["granularity"] = "default"
+    if scope == "global":
+        config["global_group_id"] = "all"
+    return [config]
+
+
+def _units(module: nn.Module) -> int:
+    return int(module.weight.shape[0])
+
+
+def _with_dependency_groups(
+    model: nn.Module, config_list: list[dict[str, Any]], example_input: torch.Tensor, norm_after: dict[str, str] | None
+) -> list[dict[str, Any]]:
+    """NNI's dependency groups (residual-coupled layers share one id); for slim, moved onto each producer's BatchNorm."""
+    from nni.compression.utils import auto_set_denpendency_group_ids
+
+    if norm_after is None:
+        return auto_set_denpendency_group_ids(model, config_list, example_input)
+    producer_of = {norm: producer for producer, norm in norm_after.items()}
+    as_producers = [{**c, "op_names": [producer_of[n] for n in c["op_names"]]} for c in config_list]
+    grouped = auto_set_denpendency_group_ids(model, as_producers, example_input)
+    return [{**c, "op_names": [norm_after[n] for n in c["op_names"]]} for c in grouped]
+
+
+def _make_pruner(nni: Any, method: str, model: nn.Module, config_list: list[dict[str, Any]], train_batches: TrainBatches | None,
+                 steps: int, lr: float, schedule_over: str, times: int) -> Any:  # fmt: skip
+    from nni.compression import pruning
+
+    if method == "level":
+        return pruning.LevelPruner(model, config_list)
+    if method in ONE_SHOT:
+        return getattr(pruning, ONE_SHOT[method])(model, config_list)
+    evaluator = _evaluator(nni, model, train_batches, lr)
+    if method == "slim":
+        return pruning.SlimPruner(model, config_list, evaluator, training_steps=steps)
+    if method == "taylor":
+        return pruning.TaylorPruner(model, config_list, evaluator, training_steps=steps)
+    interval = max(1, steps // times)
+    # NNI asserts a scheduled Taylor pruner gathers its gradients within one interval
+    base = pruning.L1NormPruner(model, config_list) if schedule_over == "l1" else pruning.TaylorPruner(model, config_list, evaluator, training_steps=interval)
+    return getattr(pruning, SCHEDULED[method])(base, interval_steps=interval, total_times=times, evaluator=evaluator)
+
+
+def _evaluator(nni: Any, model: nn.Module, train_batches: TrainBatches | None, lr: float) -> Any:
+    from nni.compression import TorchEvaluator
+
+    def training_step(batch: tuple[torch.Tensor, torch.Tensor], model: nn.Module) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(model(images), labels)
+
+    def training_func(model: nn.Module, optimizers: Any, training_step: Any, lr_schedulers: Any = None, max_steps: int | None = None,
+                      max_epochs: int | None = None) -> None:  # fmt: skip
+        optimizer = optimizers[0] if isinstance(optimizers, list) else optimizers
+        model.train()
+        done, epochs = 0, 0
+        while (max_steps is None or done < max_steps) and (max_epochs is None or epochs < max_epochs):
+            for batch in train_batches():
+                optimizer.zero_grad()
+                training_step(batch, model).backward()
+                optimizer.step()
+                done += 1
+                if max_steps is not None and done >= max_steps:
+                    break
+            epochs += 1
+            if max_steps is None and max_epochs is None:
+                break
+
+    optimizer = nni.trace(torch.optim.Adam)(model.parameters(), lr=lr)
+    return TorchEvaluator(training_func, optimizer, training_step)
+
+
+def _kept_from_masks(
+    masks: dict[str, dict[str, torch.Tensor]], norm_after: dict[str, str], modules: dict[str, nn.Module]
+) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Kept output units per pruned producer, read off NNI's masks (BN masks count for their conv)."""
+    producer_of = {norm: producer for producer, norm in norm_after.items()}
+    kept: dict[str, list[int]] = {}
+    units: dict[str, int] = {}
+    for name, layer_masks in masks.items():
+        weight = layer_masks.get("weight")
+        if weight is None:
+            continue
+        alive = weight.reshape(weight.shape[0], -1).abs().sum(1) > 0
+        producer = producer_of.get(name, name)
+        if isinstance(modules.get(producer), (nn.Conv2d, nn.Linear)) and not bool(alive.all()):
+            kept[producer] = alive.nonzero().flatten().tolist()
+            units[producer] = int(weight.shape[0])
+    return kept, units
+
+
+def _producer_masks(kept: dict[str, list[int]], modules: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    masks = {}
+    for name, indices in kept.items():
+        module = modules[name]
+        unit = torch.zeros(_units(module))
+        unit[indices] = 1.0
+        masks[name] = {"weight": unit.view((-1,) + (1,) * (module.weight.ndim - 1)).expand_as(module.weight).clone()}
+        if module.bias is not None:
+            masks[name]["bias"] = unit.clone()
+    return masks
+
+
+def _apply_masks_in_place(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]]) -> None:
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, layer_masks in masks.items():
+            for key, mask in layer_masks.items():
+                getattr(modules[name], key).mul_(mask)
