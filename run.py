@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit_val_batches", type=int, default=None, help="evaluate at most this many test batches")
     p.add_argument("--data_dir", default="data", help="where torchvision datasets live (default ./data)")
     p.add_argument("--download", action="store_true", help="download mnist/cifar10/cifar100 into --data_dir if missing")
+    p.add_argument("--dataset_dir", default=None, help="an OFRecord dataset directory for a custom --data_type (default ofData/<data_type>)")
     p.add_argument("--model_load_dir", default=None, help="snapshot root the first step loads from (default: --model_save_dir)")
     p.add_argument("--model_save_dir", default=None, help="snapshot root (default output/snapshots/<model>/<data_type>)")
     p.add_argument("--log_dir", default="log")
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         steps = validate_args(args)
-        data = load_dataset(args.data_type, args.data_dir, args.download)
+        data = load_dataset(args.data_type, args.data_dir, args.download, dataset_dir=args.dataset_dir)
         try:
             probe = build_model(args.model, data.input_shape, data.num_classes)
         except ValueError as error:

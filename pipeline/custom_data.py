@@ -1,10 +1,35 @@
-"""Custom datasets (myData JSON -> ofData OFRecord). Seam filled by the dataset issue."""
+"""Custom datasets: ofData/<name> (OFRecord) first, else myData/<name> (JSON) converted on the fly."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from .data import ImageDataset
+from .errors import UsageError
+from .ofrecord_convert import convert_json_dataset
+from .ofrecord_dataset import load_ofrecord_dataset
 
 
-def load_custom_dataset(name: str, **options: object) -> ImageDataset | None:
-    """Return the custom dataset `name`, or None when no such dataset exists."""
+def load_custom_dataset(
+    name: str,
+    dataset_dir: str | Path | None = None,
+    ofdata_root: str | Path = "ofData",
+    mydata_root: str | Path = "myData",
+) -> ImageDataset | None:
+    """Return the custom dataset `name`, or None when no such dataset exists.
+
+    `dataset_dir` (run.py --dataset_dir, as in the original) points straight at an OFRecord directory.
+    """
+    if dataset_dir is not None:
+        if not Path(dataset_dir).is_dir():
+            raise UsageError(f"--dataset_dir {dataset_dir} is not a directory; point it at an OFRecord dataset (meta.json, train/, test/)")
+        return load_ofrecord_dataset(dataset_dir, name)
+    converted = Path(ofdata_root) / name
+    if converted.is_dir():
+        return load_ofrecord_dataset(converted, name)
+    if (Path(mydata_root) / name).is_dir():
+        print(f"converting {Path(mydata_root) / name} to {converted} (OFRecord) first", file=sys.stderr)
+        convert_json_dataset(name, mydata_root, ofdata_root)
+        return load_ofrecord_dataset(converted, name)
     return None

@@ -83,7 +83,9 @@ def train(
     steps = num_batches(len(data.train_labels), batch_size, limit_batches)
     for epoch in range(epochs):
         model.train()
-        bar = tqdm(data.batches("train", batch_size, generator, limit_batches), total=steps, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)
+        bar = tqdm(
+            data.batches("train", batch_size, generator, limit_batches), total=steps, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=None
+        )
         for images, labels in bar:
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(images), labels)

@@ -1,0 +1,211 @@
+"""myData/<name>/{train,test}.json -> ofData/<name>/ (OFRecord part files + meta.json), streamed.
+
+Everything is written under a temporary directory beside the target and renamed into
+place when complete: a bad row anywhere leaves nothing under ofData/<name>.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from .errors import UsageError
+from .json_rows import JsonSplit, open_split
+from .ofrecord import image_record, part_name, write_record
+
+SPLITS = ("train", "test")
+PARALLEL_FROM = 2000  # rows; below this a worker pool costs more than it saves
+
+
+@dataclass
+class SplitStats:
+    count: int
+    total: np.ndarray  # per-channel sum
+    total_sq: np.ndarray
+
+
+def _shape(train: JsonSplit) -> tuple[int, int, int]:
+    if "shape" not in train.values:
+        raise UsageError(f"{train.path}: missing 'shape' ([C, H, W]); add it to train.json")
+    shape = train.values["shape"]
+    if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise UsageError(f"{train.path}: 'shape' must be three positive integers [C, H, W], got {shape!r}")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def _labels(split: JsonSplit) -> list[int]:
+    if split.row_spans is None:
+        raise UsageError(f"{split.path}: missing 'data' (a list of rows of C*H*W pixel values 0..255)")
+    if "label" not in split.values:
+        raise UsageError(f"{split.path}: missing 'label' (a list of non-negative integers, one per data row)")
+    labels = split.values["label"]
+    if not isinstance(labels, list):
+        raise UsageError(f"{split.path}: 'label' must be a list of non-negative integers, got {type(labels).__name__}")
+    for index, label in enumerate(labels):
+        if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+            raise UsageError(f"{split.path}: label {index} is {label!r}, not a non-negative integer")
+    if not split.row_spans:
+        raise UsageError(f"{split.path}: the split is empty (no data rows); every split needs at least one image")
+    if len(labels) != len(split.row_spans):
+        raise UsageError(f"{split.path}: 'data' has {len(split.row_spans)} rows but 'label' has {len(labels)} values; they must match")
+    return labels
+
+
+def _pixels(split: JsonSplit, index: int, size: int, shape: tuple[int, int, int]) -> list[float]:
+    """Parse and check one row, naming the row and value at fault."""
+    try:
+        row = orjson.loads(split.row_bytes(index))
+    except orjson.JSONDecodeError as error:
+        raise UsageError(f"{split.path}: data row {index} is not valid JSON ({error})") from None
+    if len(row) != size:
+        raise UsageError(f"{split.path}: data row {index} has {len(row)} values, expected C*H*W = {size} for shape {list(shape)}")
+    if not set(map(type, row)) <= {int, float}:
+        position, value = next((i, v) for i, v in enumerate(row) if type(v) not in (int, float))
+        raise UsageError(f"{split.path}: data row {index}, value {position}: {value!r} is not a number (pixels are 0..255)")
+    for position, value in enumerate(row):
+        if not 0 <= value <= 255:
+            raise UsageError(f"{split.path}: data row {index}, value {position}: {value!r} is outside 0..255")
+    return [float(v) for v in row]
+
+
+SUSPECT = (b'"', b"true", b"false", b"null", b"{", b"NaN", b"Infinity")  # what numpy would coerce silently
+
+
+def _fast_rows(split: JsonSplit, start: int, stop: int, size: int) -> np.ndarray | None:
+    """Rows start..stop as one float32 array, or None when anything looks off (the slow path then names it)."""
+    chunk = split.buffer[split.row_spans[start][0] : split.row_spans[stop - 1][1]]  # type: ignore[index]
+    if any(token in chunk for token in SUSPECT):
+        return None
+    try:
+        rows = np.array(orjson.loads(b"[" + chunk + b"]"), dtype=np.float32)
+    except (orjson.JSONDecodeError, ValueError, TypeError):
+        return None
+    if rows.shape != (stop - start, size) or not bool(((rows >= 0.0) & (rows <= 255.0)).all()):
+        return None
+    return rows
+
+
+@dataclass
+class EncodedBatch:
+    records: list[bytes]
+    total: np.ndarray
+    total_sq: np.ndarray
+
+
+def encode_rows(split: JsonSplit, start: int, stop: int, labels: list[int], shape: tuple[int, int, int]) -> EncodedBatch:
+    """Serialized records for rows start..stop plus their per-channel sums (for meta.json)."""
+    size = shape[0] * shape[1] * shape[2]
+    rows = _fast_rows(split, start, stop, size)
+    if rows is None:
+        rows = np.array([_pixels(split, index, size, shape) for index in range(start, stop)], dtype=np.float32).reshape(stop - start, size)
+    records = [image_record(pixels, labels[start + offset]) for offset, pixels in enumerate(rows.tolist())]
+    per_channel = rows.reshape(len(rows), shape[0], -1).astype(np.float64)
+    return EncodedBatch(records, per_channel.sum((0, 2)), (per_channel * per_channel).sum((0, 2)))
+
+
+BATCH_ROWS = 128
+_WORKER_SPLITS: dict[str, tuple[JsonSplit, list[int], tuple[int, int, int]]] = {}  # inherited by forked workers
+
+
+def _encode_task(task: tuple[str, int, int]) -> EncodedBatch:
+    split, labels, shape = _WORKER_SPLITS[task[0]]
+    return encode_rows(split, task[1], task[2], labels, shape)
+
+
+def _write_split(name: str, count: int, folder: Path, part_num: int, encode: Callable, tick: Callable[[int], None]) -> SplitStats:
+    """Write parts in row order; `encode` maps (split, start, stop) tasks to batches, in order."""
+    folder.mkdir(parents=True)
+    stats: SplitStats | None = None
+    for part in range(part_num):
+        first, last = part * count // part_num, (part + 1) * count // part_num
+        tasks = [(name, start, min(start + BATCH_ROWS, last)) for start in range(first, last, BATCH_ROWS)]
+        with (folder / part_name(part)).open("wb") as handle:
+            for batch in encode(tasks):
+                for record in batch.records:
+                    write_record(handle, record)
+                if stats is None:
+                    stats = SplitStats(0, np.zeros_like(batch.total), np.zeros_like(batch.total))
+                stats.count += len(batch.records)
+                stats.total += batch.total
+                stats.total_sq += batch.total_sq
+                tick(len(batch.records))
+    assert stats is not None
+    return stats
+
+
+def convert_json_dataset(
+    name: str,
+    mydata_root: str | Path = "myData",
+    ofdata_root: str | Path = "ofData",
+    part_num: int = 1,
+    progress: Callable[[int], Callable[[int], None]] | None = None,
+    workers: int | None = None,
+) -> Path:
+    """Convert myData/<name> to ofData/<name>; returns the finished directory."""
+    source, target = Path(mydata_root) / name, Path(ofdata_root) / name
+    if not source.is_dir():
+        raise UsageError(f"dataset folder {source} not found; put train.json and test.json there")
+    if part_num < 1:
+        raise UsageError(f"--part_num must be at least 1, got {part_num}")
+    paths = {split: source / f"{split}.json" for split in SPLITS}
+    for split, path in paths.items():
+        if not path.is_file():
+            raise UsageError(f"{path} not found; a dataset needs both train.json and test.json")
+    splits = {split: open_split(path) for split, path in paths.items()}
+    shape = _shape(splits["train"])
+    labels = {split: _labels(splits[split]) for split in SPLITS}
+    num_classes = max(labels["train"]) + 1
+    seen = set(labels["train"])
+    for index, label in enumerate(labels["test"]):
+        if label not in seen:
+            raise UsageError(f"{paths['test']}: label {index} is {label}, a class never seen in train.json (train has {sorted(seen)[:20]}...)"[:400])
+    parts = {split: min(part_num, len(labels[split])) for split in SPLITS}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    staging.chmod(0o755)
+    total_rows = sum(len(v) for v in labels.values())
+    workers = max(1, min(workers if workers is not None else os.cpu_count() or 1, 8)) if total_rows >= PARALLEL_FROM else 1
+    _WORKER_SPLITS.clear()
+    _WORKER_SPLITS.update({split: (splits[split], labels[split], shape) for split in SPLITS})
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        tick = progress(total_rows) if progress else (lambda _n: None)
+        encode = (lambda tasks: pool.imap(_encode_task, tasks)) if pool else (lambda tasks: map(_encode_task, tasks))
+        stats = {split: _write_split(split, len(labels[split]), staging / split, parts[split], encode, tick) for split in SPLITS}
+        count = sum(s.count for s in stats.values()) * shape[1] * shape[2]
+        mean = sum(s.total for s in stats.values()) / count
+        std = np.sqrt(np.maximum(sum(s.total_sq for s in stats.values()) / count - mean * mean, 0.0))
+        meta = {
+            "num_classes": num_classes,
+            "image_shape": list(shape),
+            "rgb_mean": [round(float(m), 6) for m in mean],
+            "rgb_std": [round(float(s), 6) for s in std],
+            "num_examples": stats["train"].count,
+            "num_val_examples": stats["test"].count,
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        retired = None
+        if target.exists():
+            retired = target.with_name(f".{name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            target.rename(retired)
+        staging.rename(target)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+        _WORKER_SPLITS.clear()
+    return target
