@@ -37,9 +37,8 @@ def test_prune_time(benchmark, backend, name):
     pruned = benchmark.pedantic(lambda: _prune(backend, model), rounds=ROUNDS[backend], warmup_rounds=1)
     benchmark.extra_info["params_before"] = sum(p.numel() for p in model.parameters())
     benchmark.extra_info["params_after"] = sum(p.numel() for p in pruned.parameters())
-    print(
-        f"\n{backend} {name}: {benchmark.stats.stats.median * 1e3:.0f} ms, {benchmark.extra_info['params_before']:,} -> {benchmark.extra_info['params_after']:,} params"
-    )
+    before, after = benchmark.extra_info["params_before"], benchmark.extra_info["params_after"]
+    print(f"\n{backend} {name}: {benchmark.stats.stats.median * 1e3:.0f} ms, {before:,} -> {after:,} params")
     if backend == "scratch" and name == "torchvision_resnet18":
         assert benchmark.stats.stats.median < 0.1, f"scratch pruning of resnet18 took {benchmark.stats.stats.median:.3f} s (budget 0.1 s)"
 

@@ -157,7 +157,7 @@ def convert_json_dataset(
     if part_num < 1:
         raise UsageError(f"--part_num must be at least 1, got {part_num}")
     paths = {split: source / f"{split}.json" for split in SPLITS}
-    for split, path in paths.items():
+    for path in paths.values():
         if not path.is_file():
             raise UsageError(f"{path} not found; a dataset needs both train.json and test.json")
     splits = {split: open_split(path) for split, path in paths.items()}
