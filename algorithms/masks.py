@@ -22,7 +22,7 @@ def build_masks(model: nn.Module, graph: ChannelGraph, kept: dict[int, torch.Ten
         unit = torch.zeros(module.weight.shape[0])
         unit[kept[group]] = 1.0
         shape = (-1,) + (1,) * (module.weight.ndim - 1)
-        masks[producer] = {"weight": unit.view(shape).expand_as(module.weight).clone()}
+        masks[producer] = {"weight": unit.view(shape).expand_as(module.weight)}  # a broadcast view: no weight-sized copy
         if module.bias is not None:
             masks[producer]["bias"] = unit.clone()
     return masks

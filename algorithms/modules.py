@@ -7,8 +7,6 @@ re-initialises weights we are about to overwrite (DESIGN.md section 6).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -23,7 +21,7 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
     new = module.__class__.__new__(module.__class__)
-    new.__dict__ = {key: (copy.copy(value) if isinstance(value, dict) else value) for key, value in module.__dict__.items()}
+    new.__dict__ = {key: (value.copy() if isinstance(value, dict) else value) for key, value in module.__dict__.items()}  # dict.copy keeps OrderedDict
     return new
 
 

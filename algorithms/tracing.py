@@ -46,4 +46,4 @@ def propagate_shapes(graph_module: torch.fx.GraphModule, example_input: torch.Te
         raise PruningError(f"the model failed on the example input of shape {tuple(example_input.shape)}: {str(error).splitlines()[0]}") from None
     finally:
         for name, module in graph_module.named_modules():
-            module.training = modes[name]
+            module.__dict__["training"] = modes[name]  # plain attribute; skips nn.Module.__setattr__
