@@ -122,12 +122,12 @@ class Job:
                           "top-1": figures["accuracy"], f"top-{figures['top_k']}": figures["top_k_accuracy"],
                           "samples/s": figures["reasoningTime"]})  # fmt: skip
 
-    def fit(self, model: torch.nn.Module, log_type: str, desc: str) -> EvalResult:
+    def fit(self, model: torch.nn.Module, log_type: str, desc: str, after_step: Any = None) -> EvalResult:
         a = self.args
         log = EpochLog(a.log_dir, a.model, a.data_type, log_type)
         history = train(model, self.data, epochs=self.epochs, batch_size=a.batch_size_per_device, val_batch_size=a.val_batch_size_per_device,
                         lr=a.learning_rate, optimizer_name=a.model_update, seed=a.seed, limit_batches=a.limit_batches,
-                        limit_val_batches=a.limit_val_batches, desc=desc, on_epoch=log)  # fmt: skip
+                        limit_val_batches=a.limit_val_batches, desc=desc, on_epoch=log, after_step=after_step)  # fmt: skip
         return history[-1] if history else evaluate(model, self.data, a.val_batch_size_per_device, a.limit_val_batches)
 
     def step_train(self) -> None:
@@ -185,11 +185,24 @@ class Job:
     def step_refine(self) -> None:
         a = self.args
         model, meta = self.load(STAGES["2"])
-        result = self.fit(model, "prune_model", "refine")
+        result = self.fit(model, "prune_model", "refine", after_step=None if meta.get("physical", True) else keep_zeros(model))
         figures = self.figures(model, result)
         save_snapshot(self.save_root / STAGES["3"], model, {**meta, "stage": STAGES["3"], "refine_epochs": self.epochs})
         write_results(a.result_dir, a.model, a.data_type, "prune_model", figures)
         self.record("3 refined", figures)
+
+
+def keep_zeros(model: torch.nn.Module) -> Any:
+    """For a masked-only (unstructured) prune: pruned weights are the zeros; keep them zero while refining."""
+    masks = {name: p.detach() != 0 for name, p in model.named_parameters() if name.endswith("weight") and p.ndim > 1}
+
+    def reapply(trained: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for name, param in trained.named_parameters():
+                if name in masks:
+                    param.mul_(masks[name])
+
+    return reapply
 
 
 def main(argv: list[str] | None = None) -> int:

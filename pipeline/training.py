@@ -74,6 +74,7 @@ def train(
     limit_val_batches: int | None = None,
     desc: str = "train",
     on_epoch: Callable[[int, EvalResult], None] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> list[EvalResult]:
     """Train with a seeded shuffle; evaluate after every epoch. Deterministic for a seed."""
     torch.manual_seed(seed)  # dropout masks
@@ -91,6 +92,8 @@ def train(
             loss = F.cross_entropy(model(images), labels)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step(model)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         result = evaluate(model, data, val_batch_size, limit_val_batches)
         history.append(result)

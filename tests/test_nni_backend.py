@@ -158,3 +158,14 @@ def test_run_py_nni_fpgm_round_trip(tmp_path, monkeypatch, capfd, model):
 def test_run_py_nni_fpgm_round_trip_wide_layers(tmp_path, monkeypatch, capfd, model):
     """NNI's FPGM loops in Python over units: ~100 s per 4096-wide layer here, so these run with -m slow."""
     _run_fpgm(tmp_path, monkeypatch, capfd, model)
+
+
+def test_level_refine_keeps_pruned_weights_at_zero(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["--backend", "nni", "--prune_method", "level", "--step", "123", *QUICK]) == 0
+    pruned, meta = load_model(tmp_path / "output/snapshots/lenet/digits/model_prune", "lenet", "digits")
+    refined, _ = load_model(tmp_path / "output/snapshots/lenet/digits/model_refine", "lenet", "digits")
+    assert meta["physical"] is False
+    zeros = pruned.classifier[0].weight == 0
+    assert 0.45 < float(zeros.float().mean()) < 0.55
+    assert bool((refined.classifier[0].weight[zeros] == 0).all()) and not torch.equal(refined.classifier[0].weight, pruned.classifier[0].weight)
