@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from .atomic import staged_directory
 from .errors import UsageError
 from .json_rows import JsonSplit, open_split
 from .ofrecord import image_record, part_name, write_record
@@ -142,6 +141,21 @@ def _write_split(name: str, count: int, folder: Path, part_num: int, encode: Cal
     return stats
 
 
+def _meta(stats: dict[str, SplitStats], shape: tuple[int, int, int], num_classes: int) -> dict[str, object]:
+    """meta.json: per-channel mean/std over train+test on the 0..255 scale, as OneFlow's loaders expect."""
+    count = sum(s.count for s in stats.values()) * shape[1] * shape[2]
+    mean = sum(s.total for s in stats.values()) / count
+    std = np.sqrt(np.maximum(sum(s.total_sq for s in stats.values()) / count - mean * mean, 0.0))
+    return {
+        "num_classes": num_classes,
+        "image_shape": list(shape),
+        "rgb_mean": [round(float(m), 6) for m in mean],
+        "rgb_std": [round(float(s), 6) for s in std],
+        "num_examples": stats["train"].count,
+        "num_val_examples": stats["test"].count,
+    }
+
+
 def convert_json_dataset(
     name: str,
     mydata_root: str | Path = "myData",
@@ -167,43 +181,19 @@ def convert_json_dataset(
     seen = set(labels["train"])
     for index, label in enumerate(labels["test"]):
         if label not in seen:
-            raise UsageError(f"{paths['test']}: label {index} is {label}, a class never seen in train.json (train has {sorted(seen)[:20]}...)"[:400])
+            raise UsageError(f"{paths['test']}: label {index} is {label}, a class never seen in train.json ({len(seen)} classes, {min(seen)}..{max(seen)})")
     parts = {split: min(part_num, len(labels[split])) for split in SPLITS}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    staging.chmod(0o755)
     total_rows = sum(len(v) for v in labels.values())
     workers = max(1, min(workers if workers is not None else os.cpu_count() or 1, 8)) if total_rows >= PARALLEL_FROM else 1
     _WORKER_SPLITS.clear()
     _WORKER_SPLITS.update({split: (splits[split], labels[split], shape) for split in SPLITS})
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None  # forked workers inherit the splits
     try:
-        tick = progress(total_rows) if progress else (lambda _n: None)
-        encode = (lambda tasks: pool.imap(_encode_task, tasks)) if pool else (lambda tasks: map(_encode_task, tasks))
-        stats = {split: _write_split(split, len(labels[split]), staging / split, parts[split], encode, tick) for split in SPLITS}
-        count = sum(s.count for s in stats.values()) * shape[1] * shape[2]
-        mean = sum(s.total for s in stats.values()) / count
-        std = np.sqrt(np.maximum(sum(s.total_sq for s in stats.values()) / count - mean * mean, 0.0))
-        meta = {
-            "num_classes": num_classes,
-            "image_shape": list(shape),
-            "rgb_mean": [round(float(m), 6) for m in mean],
-            "rgb_std": [round(float(s), 6) for s in std],
-            "num_examples": stats["train"].count,
-            "num_val_examples": stats["test"].count,
-        }
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        retired = None
-        if target.exists():
-            retired = target.with_name(f".{name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            target.rename(retired)
-        staging.rename(target)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with staged_directory(target) as staging:
+            tick = progress(total_rows) if progress else (lambda _n: None)
+            encode = (lambda tasks: pool.imap(_encode_task, tasks)) if pool else (lambda tasks: map(_encode_task, tasks))
+            stats = {split: _write_split(split, len(labels[split]), staging / split, parts[split], encode, tick) for split in SPLITS}
+            (staging / "meta.json").write_text(json.dumps(_meta(stats, shape, num_classes), indent=2))
     finally:
         if pool is not None:
             pool.terminate()

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from .atomic import write_json
 from .training import EvalResult
 
 
@@ -33,20 +31,6 @@ class EpochLog:
         tqdm.write(line, file=sys.stderr)
 
 
-def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2, sort_keys=True)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def results_payload(result: EvalResult, size_mb: float, params: int, macs: int, **extra: Any) -> dict[str, Any]:
     """The original keys (accuracy, top_k_accuracy, top_k, modelSize, reasoningTime) plus ours."""
     return {
@@ -62,4 +46,4 @@ def results_payload(result: EvalResult, size_mb: float, params: int, macs: int, 
 
 
 def write_results(result_dir: str | Path, model: str, data: str, log_type: str, payload: dict[str, Any]) -> Path:
-    return write_json_atomic(Path(result_dir) / f"results_{model}_{data}_{log_type}.json", payload)
+    return write_json(Path(result_dir) / f"results_{model}_{data}_{log_type}.json", payload)

@@ -8,8 +8,6 @@ interrupted run never leaves a half-written snapshot for a later step to load.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from torch import nn
 from algorithms.modules import resize_to_state_dict
 from models import build_model
 
+from .atomic import staged_directory
 from .errors import UsageError
 
 WEIGHTS_FILE = "weights.pt"
@@ -26,24 +25,10 @@ META_FILE = "meta.json"
 
 
 def save_snapshot(directory: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_directory(directory) as staging:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, staging / WEIGHTS_FILE)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        retired = None
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            directory.rename(retired)
-        staging.rename(directory)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def load_snapshot(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
