@@ -15,13 +15,9 @@ import time
 
 from tqdm import tqdm
 
+from pipeline.cli import OneLineParser
 from pipeline.errors import UsageError
 from pipeline.ofrecord_convert import convert_json_dataset
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message}; see python {self.prog} --help\n")
 
 
 def main(argv: list[str] | None = None) -> int:

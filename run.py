@@ -18,6 +18,7 @@ from algorithms.errors import PruningError
 from algorithms.masks import apply_masks
 from backends import BACKEND_NAMES, get_backend
 from models import MODEL_NAMES, build_model
+from pipeline.cli import OneLineParser
 from pipeline.data import ImageDataset
 from pipeline.datasets import BUILTIN_DATASETS, load_dataset
 from pipeline.errors import UsageError
@@ -28,13 +29,6 @@ from pipeline.training import OPTIMIZERS, EvalResult, evaluate, train
 
 DEFAULT_EPOCHS = {"digits": 8}  # digits is small: more epochs, still about a minute; others: the original's 2
 STAGES = {"1": "model_base", "2": "model_prune", "3": "model_refine"}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (and exit 2), not a usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message}; see python {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ def validate_sparsity(sparsity: float | Mapping[str, float]) -> None:
             raise PruningError(f"sparsity must be a fraction of channels in [0, 1), got {ratio!r}")
 
 
-def _excluded_producers(graph: ChannelGraph, module_names: set[str], exclude: Iterable[str]) -> set[str]:
+def excluded_producers(graph: ChannelGraph, module_names: set[str], exclude: Iterable[str]) -> set[str]:
     excluded = set()
     for name in exclude:
         if name not in module_names:
@@ -99,7 +99,7 @@ def prune_channels(
     modules = dict(model.named_modules())
     per_layer = isinstance(sparsity, Mapping)
     graph = analyze(model, example_input)
-    excluded = _excluded_producers(graph, set(modules), exclude)
+    excluded = excluded_producers(graph, set(modules), exclude)
     ratios: dict[int, float] = {}
     if per_layer:
         for name, ratio in sparsity.items():

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from algorithms.channel_pruning import excluded_producers, validate_sparsity
 from algorithms.errors import PruningError
 from algorithms.graph import analyze
+from algorithms.masks import mask_in_place, unit_masks
 from algorithms.modules import NORM_TYPES, clone_tree
 
 from .base import PruneResult
@@ -81,9 +83,7 @@ class NNIBackend:
         """The request errors prune() would raise, found before any training is spent."""
         if method not in METHODS:
             raise PruningError(f"unknown NNI pruning method {method!r}; choose one of: {', '.join(METHODS)}")
-        ratios = sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]
-        if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) < 1.0 for r in ratios):
-            raise PruningError(f"sparsity must be a fraction of channels in [0, 1), got {sparsity!r}")
+        validate_sparsity(sparsity)
         if scope not in (None, "layer", "global"):
             raise PruningError(f"unknown scope {scope!r}; choose 'global' or 'layer'")
         if scope == "global" and isinstance(sparsity, Mapping):
@@ -128,10 +128,7 @@ class NNIBackend:
         torch.manual_seed(seed)
         graph = analyze(model, example_input)
         modules = dict(model.named_modules())
-        for name in exclude:
-            if name not in modules:
-                raise PruningError(f"exclude names {name!r}, which the model does not have; see model.named_modules() for names")
-        excluded = {p for p in graph.group_of_producer for name in exclude if p == name or p.startswith(name + ".")}
+        excluded = excluded_producers(graph, set(modules), exclude)
         prunable = [p for p, g in graph.group_of_producer.items() if graph.groups[g].prunable and p not in excluded and graph.groups[g].size > 1]
         working = clone_tree(model, {}).eval()
         coupled = any(len(graph.groups[graph.group_of_producer[p]].members) > 1 for p in prunable)
@@ -157,9 +154,9 @@ class NNIBackend:
                     "use scope='layer' or a lower sparsity"
                 )
             if method == "slim":  # NNI's speedup does not carry BatchNorm masks back to the conv: give it the conv masks too
-                masks = {**masks, **_producer_masks(kept, modules)}
+                masks = {**masks, **{name: unit_masks(modules[name], indices) for name, indices in kept.items()}}
             if not physical:
-                _apply_masks_in_place(working, masks)
+                mask_in_place(working, masks)
                 return PruneResult(working, kept if method != "level" else {}, masks, units if method != "level" else {}, self.name, method,
                                    scope or "layer", physical=False, info={"note": "masked only: size, MACs and latency are the dense model's"})  # fmt: skip
             from nni.compression.speedup import ModelSpeedup
@@ -286,23 +283,3 @@ def _kept_from_masks(
             kept[producer] = alive.nonzero().flatten().tolist()
             units[producer] = int(weight.shape[0])
     return kept, units
-
-
-def _producer_masks(kept: dict[str, list[int]], modules: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    masks = {}
-    for name, indices in kept.items():
-        module = modules[name]
-        unit = torch.zeros(_units(module))
-        unit[indices] = 1.0
-        masks[name] = {"weight": unit.view((-1,) + (1,) * (module.weight.ndim - 1)).expand_as(module.weight).clone()}
-        if module.bias is not None:
-            masks[name]["bias"] = unit.clone()
-    return masks
-
-
-def _apply_masks_in_place(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]]) -> None:
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, layer_masks in masks.items():
-            for key, mask in layer_masks.items():
-                getattr(modules[name], key).mul_(mask)

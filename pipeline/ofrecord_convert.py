@@ -120,10 +120,10 @@ def _encode_task(task: tuple[str, int, int]) -> EncodedBatch:
     return encode_rows(split, task[1], task[2], labels, shape)
 
 
-def _write_split(name: str, count: int, folder: Path, part_num: int, encode: Callable, tick: Callable[[int], None]) -> SplitStats:
+def _write_split(name: str, count: int, channels: int, folder: Path, part_num: int, encode: Callable, tick: Callable[[int], None]) -> SplitStats:
     """Write parts in row order; `encode` maps (split, start, stop) tasks to batches, in order."""
     folder.mkdir(parents=True)
-    stats: SplitStats | None = None
+    stats = SplitStats(0, np.zeros(channels), np.zeros(channels))
     for part in range(part_num):
         first, last = part * count // part_num, (part + 1) * count // part_num
         tasks = [(name, start, min(start + BATCH_ROWS, last)) for start in range(first, last, BATCH_ROWS)]
@@ -131,13 +131,10 @@ def _write_split(name: str, count: int, folder: Path, part_num: int, encode: Cal
             for batch in encode(tasks):
                 for record in batch.records:
                     write_record(handle, record)
-                if stats is None:
-                    stats = SplitStats(0, np.zeros_like(batch.total), np.zeros_like(batch.total))
                 stats.count += len(batch.records)
                 stats.total += batch.total
                 stats.total_sq += batch.total_sq
                 tick(len(batch.records))
-    assert stats is not None
     return stats
 
 
@@ -192,7 +189,7 @@ def convert_json_dataset(
         with staged_directory(target) as staging:
             tick = progress(total_rows) if progress else (lambda _n: None)
             encode = (lambda tasks: pool.imap(_encode_task, tasks)) if pool else (lambda tasks: map(_encode_task, tasks))
-            stats = {split: _write_split(split, len(labels[split]), staging / split, parts[split], encode, tick) for split in SPLITS}
+            stats = {split: _write_split(split, len(labels[split]), shape[0], staging / split, parts[split], encode, tick) for split in SPLITS}
             (staging / "meta.json").write_text(json.dumps(_meta(stats, shape, num_classes), indent=2))
     finally:
         if pool is not None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
+
+from models import build_model
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -41,3 +45,10 @@ def zeroed_reference(model: nn.Module, kept: dict[str, list[int]], units: dict[s
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+
+
+@functools.cache
+def zoo(name: str) -> nn.Module:
+    """A seeded 3x32x32 / 10-class zoo model with random BatchNorm statistics, built once per test session."""
+    torch.manual_seed(0)
+    return randomize_norms(build_model(name, (3, 32, 32), 10)).eval()

@@ -11,19 +11,11 @@ from backends import get_backend
 from models import build_model
 from pipeline.datasets import load_dataset
 from pipeline.snapshots import load_model
-from tests.helpers import randomize_norms, relative_error, zeroed_reference
+from tests.helpers import relative_error, zeroed_reference, zoo
 
 NNI = get_backend("nni")
 SCRATCH = get_backend("scratch")
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-_MODELS: dict[str, torch.nn.Module] = {}
-
-
-def zoo(name: str) -> torch.nn.Module:
-    if name not in _MODELS:
-        torch.manual_seed(0)
-        _MODELS[name] = randomize_norms(build_model(name, (3, 32, 32), 10)).eval()
-    return _MODELS[name]
 
 
 @pytest.mark.parametrize("name", ["lenet", "vgg", "alexnet"])

@@ -12,7 +12,7 @@ from algorithms.graph import analyze
 from algorithms.masks import apply_masks
 from backends import get_backend
 from models import MODEL_NAMES, build_model
-from tests.helpers import randomize_norms, relative_error, zeroed_reference
+from tests.helpers import randomize_norms, relative_error, zeroed_reference, zoo
 
 SCRATCH = get_backend("scratch")
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -27,16 +27,6 @@ def _cases():
                 if scope == "global" and spec.greedy:
                     continue
                 yield name, method, scope
-
-
-_MODELS: dict[str, nn.Module] = {}
-
-
-def zoo(name: str) -> nn.Module:
-    if name not in _MODELS:
-        torch.manual_seed(0)
-        _MODELS[name] = randomize_norms(build_model(name, (3, 32, 32), 10)).eval()
-    return _MODELS[name]
 
 
 @pytest.mark.parametrize("name, method, scope", list(_cases()))
