@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = validate_args(args)
         data = load_dataset(args.data_type, args.data_dir, args.download, dataset_dir=args.dataset_dir)
         try:
-            probe = build_model(args.model, data.input_shape, data.num_classes)
+            with torch.device("meta"):  # structure only: the checks below need no initialised weights
+                probe = build_model(args.model, data.input_shape, data.num_classes)
         except ValueError as error:
             raise UsageError(f"{error} (dataset {args.data_type} has {data.input_shape} images)") from None
         if "2" in steps:
