@@ -53,6 +53,11 @@ FloatList = MESSAGES["FloatList"]
 Int32List = MESSAGES["Int32List"]
 
 
+def is_image_shape(value: object) -> bool:
+    """[C, H, W]: three positive integers (JSON booleans are not integers here)."""
+    return isinstance(value, list) and len(value) == 3 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)
+
+
 def part_name(index: int) -> str:
     return f"part-{index:05d}"
 

@@ -19,7 +19,7 @@ import orjson
 from .atomic import staged_directory
 from .errors import UsageError
 from .json_rows import JsonSplit, open_split
-from .ofrecord import image_record, part_name, write_record
+from .ofrecord import image_record, is_image_shape, part_name, write_record
 
 SPLITS = ("train", "test")
 PARALLEL_FROM = 2000  # rows; below this a worker pool costs more than it saves
@@ -36,7 +36,7 @@ def _shape(train: JsonSplit) -> tuple[int, int, int]:
     if "shape" not in train.values:
         raise UsageError(f"{train.path}: missing 'shape' ([C, H, W]); add it to train.json")
     shape = train.values["shape"]
-    if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    if not is_image_shape(shape):
         raise UsageError(f"{train.path}: 'shape' must be three positive integers [C, H, W], got {shape!r}")
     return tuple(shape)  # type: ignore[return-value]
 

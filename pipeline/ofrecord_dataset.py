@@ -12,7 +12,7 @@ import torch
 
 from .data import ImageDataset
 from .errors import UsageError
-from .ofrecord import IMAGE_FEATURE, LABEL_FEATURE, iter_records
+from .ofrecord import IMAGE_FEATURE, LABEL_FEATURE, is_image_shape, iter_records
 
 PART_FILE = re.compile(r"part-\d{5}")
 
@@ -28,7 +28,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise UsageError(f"{path}: must be a JSON object")
     shape = meta.get("image_shape")
-    if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    if not is_image_shape(shape):
         raise UsageError(f"{path}: image_shape must be three positive integers [C, H, W], got {shape!r}")
     for key in ("num_classes", "num_examples", "num_val_examples"):
         value = meta.get(key)
