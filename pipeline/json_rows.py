@@ -2,7 +2,7 @@
 
 A 50,000-image CIFAR-sized split is ~600 MB of JSON and ~1.2 GB as Python lists, so
 the file is memory-mapped and scanned once for the top-level keys and the byte span of
-every `data` row; rows are then parsed one at a time (orjson) by whoever converts them.
+every `data` row; rows are then parsed by whoever converts them (simdjson, orjson to name a bad one).
 Every other top-level value (labels, shape) is small and parsed whole.
 """
 
@@ -36,11 +36,14 @@ class _Scanner:
     def __init__(self, path: Path, buffer: mmap.mmap | bytes) -> None:
         self.path, self.buf, self.pos, self.size = path, buffer, 0, len(buffer)
 
-    def fail(self, what: str, at: int | None = None) -> UsageError:
-        at = self.pos if at is None else at
+    def where(self, at: int) -> str:
         line = self.buf[:at].count(b"\n") + 1
         column = at - (self.buf.rfind(b"\n", 0, at) + 1) + 1
-        return UsageError(f"{self.path}: not valid JSON at line {line} column {column}: {what}; fix the file (e.g. check it with python -m json.tool)")
+        return f"line {line} column {column}"
+
+    def fail(self, what: str, at: int | None = None) -> UsageError:
+        at = self.pos if at is None else at
+        return UsageError(f"{self.path}: not valid JSON at {self.where(at)}: {what}; fix the file (e.g. check it with python -m json.tool)")
 
     def skip(self) -> int:
         while self.pos < self.size and self.buf[self.pos] in WHITESPACE:
@@ -109,6 +112,10 @@ class _Scanner:
             end = self.buf.find(b"]", self.pos)
             if end < 0:
                 raise self.fail(f"data row {len(spans)} is not closed")
+            nested = self.buf.find(b"[", self.pos + 1, end)
+            if nested >= 0:
+                where = self.where(nested)
+                raise UsageError(f"{self.path}: data row {len(spans)} holds a nested list at {where}; each row must be a flat list of C*H*W pixel values")
             spans.append((self.pos, end + 1))
             self.pos = end + 1
             char = self.skip()

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import torch
 
 import ofrecordMake
 import run
+from pipeline import ofrecord_convert
 from pipeline.datasets import load_dataset
 from pipeline.errors import UsageError
 from pipeline.ofrecord_convert import convert_json_dataset
@@ -108,6 +111,56 @@ def test_json_to_ofrecord_to_tensors_round_trips_exactly(tmp_path):
     assert np.allclose(meta["rgb_mean"], everything.mean(1), atol=1e-4) and np.allclose(meta["rgb_std"], everything.std(1), atol=1e-4)
 
 
+def test_parallel_conversion_writes_the_same_bytes_as_one_process(tmp_path, monkeypatch):
+    """Workers encode chunks out of order; the parts must still be byte-identical and in row order."""
+    monkeypatch.setattr(ofrecord_convert, "BATCH_ROWS", 2)
+    monkeypatch.setattr(ofrecord_convert, "PARALLEL_FROM", 0)
+    rng = np.random.default_rng(5)
+    train = {"data": rng.integers(0, 256, (11, 12)).tolist(), "label": rng.integers(0, 4, 11).tolist(), "shape": [3, 2, 2]}
+    test = {"data": rng.integers(0, 256, (4, 12)).tolist(), "label": [0, 1, 2, 3]}
+    write_json_dataset(tmp_path, "ints", train, test)
+    serial = convert_json_dataset("ints", tmp_path / "myData", tmp_path / "serial", part_num=3, workers=1)
+    parallel = convert_json_dataset("ints", tmp_path / "myData", tmp_path / "parallel", part_num=3, workers=2)
+    files = sorted(str(p.relative_to(serial)) for p in serial.rglob("*"))
+    assert files == sorted(str(p.relative_to(parallel)) for p in parallel.rglob("*")), "no chunk files may be left behind"
+    assert len([f for f in files if "part-" in f]) == 6
+    for name in files:
+        if (serial / name).is_file():
+            assert (serial / name).read_bytes() == (parallel / name).read_bytes(), name
+    decoded = [r for part in sorted((parallel / "train").iterdir()) for r in hand_decode_part(part)]
+    assert [r[0] for r in decoded] == train["data"] and [r[1] for r in decoded] == train["label"]
+    train["data"][9][4] = 300
+    write_json_dataset(tmp_path, "bad", train, test)
+    with pytest.raises(UsageError, match=r"train.json: data row 9, value 4: 300 is outside 0..255"):
+        convert_json_dataset("bad", tmp_path / "myData", tmp_path / "parallel", workers=2)
+    assert not (tmp_path / "parallel" / "bad").exists() and [p.name for p in (tmp_path / "parallel").iterdir()] == ["ints"]
+
+
+@pytest.mark.parametrize("kernel_copy", ["works", "missing", "fails_half_way"])
+def test_chunks_append_exactly_whatever_copy_file_range_does(tmp_path, monkeypatch, kernel_copy):
+    payload = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    real = os.copy_file_range
+    if kernel_copy == "missing":
+        monkeypatch.delattr(os, "copy_file_range")
+    elif kernel_copy == "fails_half_way":
+        calls = []
+
+        def flaky(source: int, target: int, count: int) -> int:
+            calls.append(count)
+            if len(calls) > 1:
+                raise OSError(errno.EXDEV, "cross-device")
+            return real(source, target, 1000)
+
+        monkeypatch.setattr(os, "copy_file_range", flaky)
+    chunk, part = tmp_path / "chunk", tmp_path / "part"
+    chunk.write_bytes(payload)
+    with part.open("wb") as handle:
+        handle.write(b"head")
+        ofrecord_convert._append_file(chunk, handle)
+        handle.write(b"tail")
+    assert part.read_bytes() == b"head" + payload + b"tail" and not chunk.exists()
+
+
 def test_hand_built_ofrecord_bytes_are_read(tmp_path):
     rng = np.random.default_rng(3)
     rows = {split: [(rng.integers(0, 256, 12).astype(float).tolist(), int(rng.integers(0, 2))) for _ in range(3)] for split in ("train", "test")}
@@ -157,6 +210,8 @@ JSON_CASES = [
     ("no_shape", {"data": [[1, 2, 3, 4]], "label": [0]}, GOOD_TEST, r"train.json: missing 'shape'"),
     ("bad_shape", {**GOOD_TRAIN, "shape": [1, 0, 4]}, GOOD_TEST, r"'shape' must be three positive integers"),
     ("short_row", {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [5, 6, 7]]}, GOOD_TEST, r"train.json: data row 1 has 3 values, expected C\*H\*W = 4"),
+    ("nested_row", {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [[5, 6], [7, 8]]]}, GOOD_TEST, r"data row 1 holds a nested list at line 1 column \d+"),
+    ("huge_pixel", {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [5, 6, 7, 10**30]]}, GOOD_TEST, r"data row 1, value 3: 1e\+30 is outside 0..255"),
     ("text_pixel", GOOD_TRAIN, {"data": [[1, "x", 3, 4]], "label": [1]}, r"test.json: data row 0, value 1: 'x' is not a number"),
     ("bool_pixel", {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [5, 6, True, 8]]}, GOOD_TEST, r"data row 1, value 2: True is not a number"),
     ("hot_pixel", {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [5, 6, 7, 256]]}, GOOD_TEST, r"data row 1, value 3: 256 is outside 0..255"),
