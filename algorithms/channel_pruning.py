@@ -15,7 +15,7 @@ from .criteria import DEFAULT_THRESHOLD, METHODS, Method, greedy_redundant, unit
 from .errors import PruningError
 from .graph import ChannelGraph, analyze
 from .masks import Masks, build_masks
-from .modules import NORM_TYPES
+from .modules import eval_mode, has_norm
 from .selection import keep_all_but, removal_count, select_global, select_per_layer
 from .surgery import shrink
 
@@ -78,7 +78,7 @@ def check_request(model: nn.Module, method: str, sparsity: float | Mapping[str, 
     if scope == "global" and (per_layer or spec.greedy):
         what = "per-layer sparsity ratios" if per_layer else f"{method} (a greedy per-layer method)"
         raise PruningError(f"{what} cannot use scope='global'; use scope='layer'")
-    if spec.source == "norm" and not any(isinstance(m, NORM_TYPES) for m in model.modules()):
+    if spec.source == "norm" and not has_norm(model):
         raise PruningError(f"{method} ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use conv_all or neuron")
     return spec, scope
 
@@ -151,16 +151,11 @@ def prune_channels(
 
 def _check_runs(model: nn.Module, example_input: torch.Tensor) -> None:
     """A forward with hard-coded channel counts (e.g. x.view(-1, 400)) breaks after pruning: say so."""
-    modes = {name: m.training for name, m in model.named_modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input)
     except Exception as error:
         raise PruningError(
             f"the pruned {type(model).__name__} no longer runs ({str(error).splitlines()[0]}); "
             "its forward probably hard-codes a channel count (e.g. x.view(-1, 400)): use torch.flatten(x, 1)"
         ) from None
-    finally:
-        for name, module in model.named_modules():
-            module.__dict__["training"] = modes[name]  # plain attribute; skips nn.Module.__setattr__

@@ -7,11 +7,31 @@ re-initialises weights we are about to overwrite (DESIGN.md section 6).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def has_norm(model: nn.Module) -> bool:
+    return any(isinstance(module, NORM_TYPES) for module in model.modules())
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Eval mode for the block; afterwards every submodule gets its own mode back, even a part kept in eval on purpose."""
+    modes = [(module, module.training) for model in models for module in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.__dict__["training"] = mode  # plain attribute; skips nn.Module.__setattr__
 
 
 def is_depthwise(conv: nn.Conv2d) -> bool:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import PruningError
+from .modules import eval_mode
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -37,13 +38,8 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
 
 def propagate_shapes(graph_module: torch.fx.GraphModule, example_input: torch.Tensor) -> None:
     """Fill node.meta['tensor_meta'] by running the graph once in eval mode (BN stats untouched)."""
-    modes = {name: m.training for name, m in graph_module.named_modules()}
-    graph_module.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(graph_module), torch.no_grad():
             ShapeProp(graph_module).propagate(example_input)
     except Exception as error:
         raise PruningError(f"the model failed on the example input of shape {tuple(example_input.shape)}: {str(error).splitlines()[0]}") from None
-    finally:
-        for name, module in graph_module.named_modules():
-            module.__dict__["training"] = modes[name]  # plain attribute; skips nn.Module.__setattr__

@@ -22,7 +22,7 @@ from algorithms.channel_pruning import excluded_producers, validate_sparsity
 from algorithms.errors import PruningError
 from algorithms.graph import analyze
 from algorithms.masks import mask_in_place, unit_masks
-from algorithms.modules import NORM_TYPES, clone_tree
+from algorithms.modules import clone_tree, has_norm
 
 from .base import PruneResult
 
@@ -95,7 +95,7 @@ class NNIBackend:
         needs_data = method in DATA_DRIVEN or (method in SCHEDULED)
         if needs_data and not has_data:
             raise PruningError(f"{method} is data-driven: pass train_batches (a function returning (images, labels) batches) and training_steps")
-        if method == "slim" and not any(isinstance(m, NORM_TYPES) for m in model.modules()):
+        if method == "slim" and not has_norm(model):
             raise PruningError(f"slim ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use l1, l2 or fpgm")
         _import_nni()
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from algorithms.channel_pruning import check_request, prune_channels
 from algorithms.criteria import DEFAULT_THRESHOLD, METHODS
-from algorithms.modules import NORM_TYPES
+from algorithms.modules import has_norm
 
 from .base import PruneResult
 
@@ -21,7 +21,7 @@ class ScratchBackend:
 
     def default_method(self, model: nn.Module) -> str:
         """`bn` where the model has BatchNorm (the original default), else the DNN `neuron` operator."""
-        return "bn" if any(isinstance(m, NORM_TYPES) for m in model.modules()) else "neuron"
+        return "bn" if has_norm(model) else "neuron"
 
     def prune(
         self,

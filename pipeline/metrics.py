@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from algorithms.modules import eval_mode
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -21,13 +23,8 @@ def model_size_mb(model: nn.Module) -> float:
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of one sample (Conv/Linear matmuls; FLOPs / 2) via torch's counter."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example_input[:1])
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example_input[:1])
     return counter.get_total_flops() // 2
 
 
@@ -41,12 +38,9 @@ def measure_latency(*models: nn.Module, example_input: torch.Tensor, batch: int,
     if threads is not None:
         torch.set_num_threads(threads)
     x = example_input[:1].expand(batch, *example_input.shape[1:]).contiguous()
-    modes = [m.training for m in models]
     timings: list[list[float]] = [[] for _ in models]
     try:
-        with torch.inference_mode():
-            for model in models:
-                model.eval()
+        with eval_mode(*models), torch.inference_mode():
             for index in range(warmup + runs):
                 for model, times in zip(models, timings, strict=True):
                     start = time.perf_counter()
@@ -54,7 +48,5 @@ def measure_latency(*models: nn.Module, example_input: torch.Tensor, batch: int,
                     if index >= warmup:
                         times.append(time.perf_counter() - start)
     finally:
-        for model, mode in zip(models, modes, strict=True):
-            model.train(mode)
         torch.set_num_threads(previous_threads)
     return [statistics.median(times) for times in timings]

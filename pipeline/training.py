@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from algorithms.modules import eval_mode
+
 from .data import ImageDataset, num_batches
 from .errors import UsageError
 
@@ -43,19 +45,17 @@ def top_k_for(num_classes: int) -> int:
 def evaluate(model: nn.Module, data: ImageDataset, batch_size: int, limit: int | None = None) -> EvalResult:
     """Top-1 / top-k accuracy on the test split and inference throughput."""
     k = top_k_for(data.num_classes)
-    was_training = model.training
-    model.eval()
     correct1 = correct_k = seen = 0
     elapsed = 0.0
-    for images, labels in data.batches("test", batch_size, limit=limit):
-        start = time.perf_counter()
-        logits = model(images)
-        elapsed += time.perf_counter() - start
-        top = logits.topk(k, dim=1).indices
-        correct1 += int((top[:, 0] == labels).sum())
-        correct_k += int((top == labels[:, None]).any(dim=1).sum())
-        seen += len(labels)
-    model.train(was_training)
+    with eval_mode(model):
+        for images, labels in data.batches("test", batch_size, limit=limit):
+            start = time.perf_counter()
+            logits = model(images)
+            elapsed += time.perf_counter() - start
+            top = logits.topk(k, dim=1).indices
+            correct1 += int((top[:, 0] == labels).sum())
+            correct_k += int((top == labels[:, None]).any(dim=1).sum())
+            seen += len(labels)
     seen = max(seen, 1)
     return EvalResult(correct1 / seen, correct_k / seen, k, seen / max(elapsed, 1e-9))
 

@@ -10,6 +10,7 @@ from algorithms.criteria import METHODS
 from algorithms.errors import PruningError
 from algorithms.graph import analyze
 from algorithms.masks import apply_masks
+from algorithms.modules import eval_mode
 from backends import get_backend
 from models import MODEL_NAMES, build_model
 from tests.helpers import randomize_norms, relative_error, zeroed_reference, zoo
@@ -221,3 +222,12 @@ def test_untraceable_model_names_the_offending_line():
 def test_default_method_follows_the_original():
     assert SCRATCH.default_method(zoo("vgg")) == "bn"
     assert SCRATCH.default_method(build_model("dnn_4", (1, 28, 28), 10)) == "neuron"
+
+
+def test_eval_mode_gives_each_submodule_its_own_mode_back_even_after_an_error():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout()).train()
+    model[1].eval()  # a part kept frozen on purpose must stay frozen
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
+        assert not any(module.training for module in model.modules())
+        raise RuntimeError("boom")
+    assert [module.training for module in model.modules()] == [True, True, False, True]
