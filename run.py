@@ -17,6 +17,7 @@ from tabulate import tabulate
 from algorithms.errors import PruningError
 from algorithms.masks import apply_masks
 from backends import BACKEND_NAMES, get_backend
+from backends.nni_backend import SCHEDULE_BASES
 from models import MODEL_NAMES, build_model
 from pipeline.cli import OneLineParser
 from pipeline.data import ImageDataset
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", default="", help="comma-separated module names never pruned")
     p.add_argument("--threshold", type=float, default=0.06, help="weight threshold of conv_threshold (default 0.06)")
     p.add_argument("--prune_steps", type=int, default=50, help="training steps of data-driven NNI methods: slim, taylor, agp, linear (default 50)")
-    p.add_argument("--schedule_over", default="l1", choices=("l1", "taylor"), help="what NNI's agp / linear schedules (default l1)")
+    p.add_argument("--schedule_over", default="l1", choices=SCHEDULE_BASES, help="what NNI's agp / linear schedules (default l1)")
     p.add_argument("--verbose", action="store_true", help="let NNI's own log lines through")
     p.add_argument("--num_epochs", type=int, default=None, help="epochs of steps 1 and 3 (default 8 on digits, else 2)")
     p.add_argument("--batch_size_per_device", type=int, default=32)

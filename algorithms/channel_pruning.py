@@ -65,6 +65,14 @@ def _score(method: Method, tensors: list[torch.Tensor], threshold: float) -> tor
     return torch.stack([method.score(t, *extra) for t in tensors]).mean(0)
 
 
+def check_scope(scope: str | None, per_layer: bool) -> None:
+    """None (the method's own scope), 'global' or 'layer'; per-layer ratios are layer scope by definition."""
+    if scope is not None and scope not in SCOPES:
+        raise PruningError(f"unknown scope {scope!r}; choose 'global' or 'layer'")
+    if scope == "global" and per_layer:
+        raise PruningError("per-layer sparsity ratios cannot use scope='global'; use scope='layer'")
+
+
 def check_request(model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None) -> tuple[Method, str]:
     """Validate a request without tracing; returns the method and the scope it resolves to."""
     if method not in METHODS:
@@ -72,12 +80,10 @@ def check_request(model: nn.Module, method: str, sparsity: float | Mapping[str, 
     spec = METHODS[method]
     validate_sparsity(sparsity)
     per_layer = isinstance(sparsity, Mapping)
+    check_scope(scope, per_layer)
     scope = ("layer" if per_layer else spec.default_scope) if scope is None else scope
-    if scope not in SCOPES:
-        raise PruningError(f"unknown scope {scope!r}; choose 'global' or 'layer'")
-    if scope == "global" and (per_layer or spec.greedy):
-        what = "per-layer sparsity ratios" if per_layer else f"{method} (a greedy per-layer method)"
-        raise PruningError(f"{what} cannot use scope='global'; use scope='layer'")
+    if scope == "global" and spec.greedy:
+        raise PruningError(f"{method} (a greedy per-layer method) cannot use scope='global'; use scope='layer'")
     if spec.source == "norm" and not has_norm(model):
         raise PruningError(f"{method} ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use conv_all or neuron")
     return spec, scope

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.channel_pruning import excluded_producers, validate_sparsity
+from algorithms.channel_pruning import check_scope, excluded_producers, validate_sparsity
 from algorithms.errors import PruningError
 from algorithms.graph import analyze
 from algorithms.masks import mask_in_place, unit_masks
@@ -84,16 +84,12 @@ class NNIBackend:
         if method not in METHODS:
             raise PruningError(f"unknown NNI pruning method {method!r}; choose one of: {', '.join(METHODS)}")
         validate_sparsity(sparsity)
-        if scope not in (None, "layer", "global"):
-            raise PruningError(f"unknown scope {scope!r}; choose 'global' or 'layer'")
-        if scope == "global" and isinstance(sparsity, Mapping):
-            raise PruningError("per-layer sparsity ratios cannot use scope='global'; use scope='layer'")
+        check_scope(scope, isinstance(sparsity, Mapping))
         if method == "level" and physical:  # None = the method's own default: level masks, the rest shrink
             raise PruningError("level is unstructured (single weights): it cannot shrink the model physically; pass physical=False")
         if method in SCHEDULED and schedule_over not in SCHEDULE_BASES:
             raise PruningError(f"{method} schedules one of {', '.join(SCHEDULE_BASES)}, not {schedule_over!r}")
-        needs_data = method in DATA_DRIVEN or (method in SCHEDULED)
-        if needs_data and not has_data:
+        if (method in DATA_DRIVEN or method in SCHEDULED) and not has_data:
             raise PruningError(f"{method} is data-driven: pass train_batches (a function returning (images, labels) batches) and training_steps")
         if method == "slim" and not has_norm(model):
             raise PruningError(f"slim ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use l1, l2 or fpgm")

@@ -78,7 +78,7 @@ def _pixels(split: JsonSplit, index: int, size: int, shape: tuple[int, int, int]
     for position, value in enumerate(row):
         if not 0 <= value <= 255:
             raise UsageError(f"{split.path}: data row {index}, value {position}: {value!r} is outside 0..255")
-    return [float(v) for v in row]
+    return row  # ints and floats: the caller's float64 array converts them
 
 
 def _fast_rows(split: JsonSplit, start: int, stop: int, size: int, parser: simdjson.Parser) -> np.ndarray | None:

@@ -105,6 +105,8 @@ def test_options_mean_what_they_mean_in_scratch():
         (lambda: NNI.prune(zoo("lenet"), "l1", {"classifier.4": 0.5}, X), "not a prunable Conv2d / hidden Linear"),
         (lambda: NNI.prune(build_model("dnn_2", (3, 32, 32), 10), "slim", 0.5, X, train_batches=lambda: iter(())), "has no BatchNorm"),
         (lambda: NNI.prune(zoo("lenet"), "l1", 0.5, X, scope="global"), "removed every unit of .* use scope='layer'"),
+        (lambda: NNI.prune(zoo("lenet"), "l1", 0.5, X, scope="model"), "unknown scope 'model'; choose 'global' or 'layer'"),
+        (lambda: NNI.prune(zoo("lenet"), "l1", {"features.0": 0.5}, X, scope="global"), "per-layer sparsity ratios cannot use scope='global'"),
     ],
 )
 def test_bad_requests_are_clear_value_errors(call, message):

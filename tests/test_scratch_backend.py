@@ -198,7 +198,9 @@ class Untraceable(nn.Module):
         (lambda m: SCRATCH.prune(m, "bn", 0.5, X, exclude=["nope"]), "exclude names 'nope', which the model does not have"),
         (lambda m: SCRATCH.prune(m, "bn", {"nope": 0.5}, X), "per-layer sparsity names 'nope', which is not in the model"),
         (lambda m: SCRATCH.prune(m, "bn", {"classifier.4": 0.5}, X), "classifier.4 cannot be pruned: it reaches the model output"),
-        (lambda m: SCRATCH.prune(m, "conv_similarity", 0.5, X, scope="global"), "cannot use scope='global'"),
+        (lambda m: SCRATCH.prune(m, "conv_similarity", 0.5, X, scope="global"), r"conv_similarity \(a greedy per-layer method\) cannot use scope='global'"),
+        (lambda m: SCRATCH.prune(m, "bn", 0.5, X, scope="model"), "unknown scope 'model'; choose 'global' or 'layer'"),
+        (lambda m: SCRATCH.prune(m, "bn", {"features.0": 0.5}, X, scope="global"), "per-layer sparsity ratios cannot use scope='global'"),
     ],
 )
 def test_bad_requests_raise_value_errors_and_leave_the_model_alone(call, message):
