@@ -7,29 +7,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
-from typing import Any
 
-import torch
 from tabulate import tabulate
 
 from algorithms.errors import PruningError
-from algorithms.masks import apply_masks
-from backends import BACKEND_NAMES, get_backend
+from backends import BACKEND_NAMES
 from backends.nni_backend import SCHEDULE_BASES
-from models import MODEL_NAMES, build_model
+from models import MODEL_NAMES
 from pipeline.cli import OneLineParser
-from pipeline.data import ImageDataset
+from pipeline.config import JobConfig
 from pipeline.datasets import BUILTIN_DATASETS, load_dataset
 from pipeline.errors import UsageError
-from pipeline.metrics import count_macs, count_params, model_size_mb
-from pipeline.reporting import EpochLog, results_payload, write_results
-from pipeline.snapshots import load_model, save_snapshot
-from pipeline.training import OPTIMIZERS, EvalResult, evaluate, train
-
-DEFAULT_EPOCHS = {"digits": 8}  # digits is small: more epochs, still about a minute; others: the original's 2
-STAGES = {"1": "model_base", "2": "model_prune", "3": "model_refine"}
+from pipeline.job import Job, check_request
+from pipeline.training import OPTIMIZERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,136 +77,28 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     return steps
 
 
-class Job:
-    """One run.py invocation: the dataset, the directories, and a row per finished step."""
-
-    def __init__(self, args: argparse.Namespace, data: ImageDataset) -> None:
-        self.args, self.data = args, data
-        default_root = Path("output/snapshots") / args.model / args.data_type
-        self.save_root = Path(args.model_save_dir) if args.model_save_dir else default_root
-        self.load_root = Path(args.model_load_dir) if args.model_load_dir else self.save_root
-        self.first_step_done = False
-        self.example = data.example_input(1)
-        self.rows: list[dict[str, Any]] = []
-        self.epochs = args.num_epochs if args.num_epochs is not None else DEFAULT_EPOCHS.get(args.data_type, 2)
-
-    def load(self, stage: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-        root = self.save_root if self.first_step_done else self.load_root
-        return load_model(root / stage, self.args.model, self.args.data_type)
-
-    def meta(self, stage: str, **extra: Any) -> dict[str, Any]:
-        a = self.args
-        return {"model": a.model, "data_type": a.data_type, "input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes,
-                "mean": list(self.data.mean), "std": list(self.data.std), "stage": stage, "seed": a.seed, **extra}  # fmt: skip
-
-    def figures(self, model: torch.nn.Module, result: EvalResult) -> dict[str, Any]:
-        return results_payload(result, model_size_mb(model), count_params(model), count_macs(model, self.example))
-
-    def record(self, stage: str, figures: dict[str, Any]) -> None:
-        self.rows.append({"stage": stage, "params": figures["params"], "MACs": figures["macs"], "size MB": figures["modelSize"],
-                          "top-1": figures["accuracy"], f"top-{figures['top_k']}": figures["top_k_accuracy"],
-                          "samples/s": figures["reasoningTime"]})  # fmt: skip
-
-    def fit(self, model: torch.nn.Module, log_type: str, desc: str, after_step: Any = None) -> EvalResult:
-        a = self.args
-        log = EpochLog(a.log_dir, a.model, a.data_type, log_type)
-        history = train(model, self.data, epochs=self.epochs, batch_size=a.batch_size_per_device, val_batch_size=a.val_batch_size_per_device,
-                        lr=a.learning_rate, optimizer_name=a.model_update, seed=a.seed, limit_batches=a.limit_batches,
-                        limit_val_batches=a.limit_val_batches, desc=desc, on_epoch=log, after_step=after_step)  # fmt: skip
-        return history[-1] if history else evaluate(model, self.data, a.val_batch_size_per_device, a.limit_val_batches)
-
-    def step_train(self) -> None:
-        a = self.args
-        torch.manual_seed(a.seed)
-        model = build_model(a.model, self.data.input_shape, self.data.num_classes)
-        result = self.fit(model, "base_model", "base")
-        figures = self.figures(model, result)
-        save_snapshot(self.save_root / STAGES["1"], model, self.meta(STAGES["1"], epochs=self.epochs))
-        write_results(a.result_dir, a.model, a.data_type, "base_model", figures)
-        self.record("1 base", figures)
-
-    def backend_options(self) -> dict[str, Any]:
-        """What each backend needs beyond the common contract; run.py's data feeds NNI's data-driven methods."""
-        a = self.args
-        if a.backend == "scratch":
-            return {"threshold": a.threshold}
-        generator = torch.Generator().manual_seed(a.seed)
-        return {
-            "train_batches": lambda: self.data.batches("train", a.batch_size_per_device, generator),
-            "training_steps": a.prune_steps,
-            "learning_rate": a.learning_rate,
-            "schedule_over": a.schedule_over,
-            "verbose": a.verbose,
-        }
-
-    def step_prune(self) -> None:
-        a = self.args
-        base, _ = self.load(STAGES["1"])
-        backend = get_backend(a.backend)
-        method = a.prune_method or backend.default_method(base)
-        scope = None if a.prune_scope == "auto" else a.prune_scope
-        exclude = [name for name in a.exclude.split(",") if name]
-        started = time.perf_counter()
-        result = backend.prune(base.eval(), method, a.percent, self.data.example_input(8), scope=scope, exclude=exclude, seed=a.seed, **self.backend_options())
-        seconds = time.perf_counter() - started
-        if not result.physical:
-            print(f"note: {method} is unstructured; the model is masked, not smaller: its size, MACs and latency are the dense model's", file=sys.stderr)
-        base_figures = self.figures(base, evaluate(base, self.data, a.val_batch_size_per_device, a.limit_val_batches))
-        masked = evaluate(apply_masks(base, result.masks), self.data, a.val_batch_size_per_device, a.limit_val_batches)
-        figures = self.figures(result.model, evaluate(result.model, self.data, a.val_batch_size_per_device, a.limit_val_batches))
-        info = {"backend": a.backend, "method": method, "percent": a.percent, "scope": result.scope, "exclude": exclude, "kept": result.kept,
-                "physical": result.physical}  # fmt: skip
-        save_snapshot(self.save_root / STAGES["2"], result.model, self.meta(STAGES["2"], **info))
-        write_results(a.result_dir, a.model, a.data_type, "pruning", {
-            **figures, **info, "prune_seconds": round(seconds, 4), "masked_accuracy": round(masked.top1, 6),
-            "masked_top_k_accuracy": round(masked.top_k, 6), "base": base_figures, "layers": result.kept_table(),
-        })  # fmt: skip
-        print(f"pruned with {a.backend}/{method} ({result.scope} scope) in {seconds:.3f} s; "
-              f"masked model top-1 {masked.top1:.4f}, physically pruned top-1 {figures['accuracy']:.4f}", file=sys.stderr)  # fmt: skip
-        if not self.rows:
-            self.record("  base (loaded)", base_figures)
-        self.record(f"2 pruned ({method} {a.percent:g})", figures)
-
-    def step_refine(self) -> None:
-        a = self.args
-        model, meta = self.load(STAGES["2"])
-        result = self.fit(model, "prune_model", "refine", after_step=None if meta.get("physical", True) else keep_zeros(model))
-        figures = self.figures(model, result)
-        save_snapshot(self.save_root / STAGES["3"], model, {**meta, "stage": STAGES["3"], "refine_epochs": self.epochs})
-        write_results(a.result_dir, a.model, a.data_type, "prune_model", figures)
-        self.record("3 refined", figures)
-
-
-def keep_zeros(model: torch.nn.Module) -> Any:
-    """For a masked-only (unstructured) prune: pruned weights are the zeros; keep them zero while refining."""
-    masks = {name: p.detach() != 0 for name, p in model.named_parameters() if name.endswith("weight") and p.ndim > 1}
-
-    def reapply(trained: torch.nn.Module) -> None:
-        with torch.no_grad():
-            for name, param in trained.named_parameters():
-                if name in masks:
-                    param.mul_(masks[name])
-
-    return reapply
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    """Flags -> the job's typed config (the original's flag names stay on the command line only)."""
+    return JobConfig(
+        model=args.model, data_type=args.data_type, backend=args.backend, method=args.prune_method, percent=args.percent,
+        scope=None if args.prune_scope == "auto" else args.prune_scope, exclude=tuple(name for name in args.exclude.split(",") if name),
+        threshold=args.threshold, prune_steps=args.prune_steps, schedule_over=args.schedule_over, verbose=args.verbose,
+        base_epochs=args.num_epochs, refine_epochs=args.num_epochs, batch_size=args.batch_size_per_device,
+        val_batch_size=args.val_batch_size_per_device, learning_rate=args.learning_rate, optimizer=args.model_update, seed=args.seed,
+        limit_batches=args.limit_batches, limit_val_batches=args.limit_val_batches, data_dir=args.data_dir, download=args.download,
+        dataset_dir=args.dataset_dir, load_dir=args.model_load_dir, save_dir=args.model_save_dir, log_dir=args.log_dir, result_dir=args.result_dir,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         steps = validate_args(args)
-        data = load_dataset(args.data_type, args.data_dir, args.download, dataset_dir=args.dataset_dir)
-        try:
-            with torch.device("meta"):  # structure only: the checks below need no initialised weights
-                probe = build_model(args.model, data.input_shape, data.num_classes)
-        except ValueError as error:
-            raise UsageError(f"{error} (dataset {args.data_type} has {data.input_shape} images)") from None
-        if "2" in steps:
-            backend = get_backend(args.backend)
-            backend.validate(probe, args.prune_method or backend.default_method(probe), args.percent, None if args.prune_scope == "auto" else args.prune_scope)
-        job = Job(args, data)
-        for step in steps:
-            {"1": job.step_train, "2": job.step_prune, "3": job.step_refine}[step]()
-            job.first_step_done = True
+        config = config_from_args(args)
+        data = load_dataset(config.data_type, config.data_dir, config.download, dataset_dir=config.dataset_dir)
+        check_request(config, data, "".join(steps))
+        job = Job(config, data)
+        job.run("".join(steps))
     except (UsageError, PruningError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -224,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; snapshots already written are complete, the step in progress wrote nothing", file=sys.stderr)
         return 130
     print(tabulate(job.rows, headers="keys", tablefmt="github", intfmt=",", floatfmt=".4f"))
+    print("\n".join(job.summary_lines()))
     return 0
 
 

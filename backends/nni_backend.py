@@ -69,6 +69,10 @@ class NNIBackend:
     def default_method(self, model: nn.Module) -> str:
         return "l1"
 
+    def default_methods(self, model: nn.Module) -> tuple[str, ...]:
+        """The harness's default set: NNI's magnitude and geometric-median pruners, and slim where there is BatchNorm."""
+        return ("l1", "fpgm", "slim") if has_norm(model) else ("l1", "fpgm")
+
     def validate(
         self,
         model: nn.Module,

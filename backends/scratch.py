@@ -23,6 +23,10 @@ class ScratchBackend:
         """`bn` where the model has BatchNorm (the original default), else the DNN `neuron` operator."""
         return "bn" if has_norm(model) else "neuron"
 
+    def default_methods(self, model: nn.Module) -> tuple[str, ...]:
+        """The harness's default set: the original's default, the L1 magnitude baseline and the random control."""
+        return (self.default_method(model), "conv_all", "random")
+
     def prune(
         self,
         model: nn.Module,

@@ -32,16 +32,20 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+def write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2, sort_keys=True)
+            stream.write(text)
         os.chmod(temp, 0o644)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    return write_text(path, json.dumps(payload, indent=2, sort_keys=True))

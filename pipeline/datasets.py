@@ -7,15 +7,18 @@ from pathlib import Path
 from .data import ImageDataset
 from .digits import load_digits_dataset
 from .errors import UsageError
+from .mnist5k import load_mnist5k_dataset
 from .torchvision_data import TORCHVISION_SOURCES, load_torchvision_dataset
 
-BUILTIN_DATASETS: tuple[str, ...] = ("digits", *TORCHVISION_SOURCES)
+BUILTIN_DATASETS: tuple[str, ...] = ("digits", "mnist5k", *TORCHVISION_SOURCES)
 
 
 def load_dataset(name: str, data_dir: str | Path = "data", download: bool = False, **custom: object) -> ImageDataset:
     """Load a dataset by name: builtins first, then the custom-dataset resolver."""
     if name == "digits":
         return load_digits_dataset()
+    if name == "mnist5k":
+        return load_mnist5k_dataset()
     if name in TORCHVISION_SOURCES:
         return load_torchvision_dataset(name, data_dir, download)
     from .custom_data import load_custom_dataset

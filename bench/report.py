@@ -1,0 +1,124 @@
+"""results.jsonl -> results.csv and report.md: means +- std over seeds, never one picked seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tabulate import tabulate
+
+from pipeline.atomic import write_text
+
+CONFIG = ["model", "backend", "method", "scope", "percent"]
+MAC_BUDGETS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+
+
+def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per cell and seed; per-layer widths as JSON text, the environment as a few flat columns."""
+    flat = []
+    for row in rows:
+        out = {k: v for k, v in row.items() if k not in ("kept", "units", "env")}
+        if "kept" in row:
+            out["kept_channels"] = json.dumps(row["kept"])
+            out["units_json"] = json.dumps(row["units"])
+        env = row.get("env", {})
+        out |= {"torch": env.get("torch"), "nni": env.get("nni"), "cpu": env.get("cpu"), "latency_threads": env.get("latency_threads")}
+        flat.append(out)
+    return pd.DataFrame(flat)
+
+
+def summary(ok: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration (model, backend, method, scope, percent): mean and std over seeds of every figure."""
+    numeric = [c for c in ok.columns if c not in CONFIG and c != "seed" and pd.api.types.is_numeric_dtype(ok[c]) and ok[c].dtype != bool]
+    grouped = ok.groupby(CONFIG, sort=True)[numeric]
+    table = grouped.mean().join(grouped.std(ddof=1).add_suffix("_std")).join(grouped.size().rename("seeds"))
+    return table.reset_index()
+
+
+def mean_std(mean: float, std: float, seeds: int) -> str:
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.4f} ± {std:.4f}" if seeds > 1 and not pd.isna(std) else f"{mean:.4f}"
+
+
+def ratio(value: float) -> str:
+    return "-" if pd.isna(value) else f"{value:.2f}x"
+
+
+def model_table(stats: pd.DataFrame, has_scratch_control: bool) -> str:
+    rows = []
+    for _, s in stats.iterrows():
+        row = {
+            "backend": s.backend, "method": s.method, "scope": s.scope, "percent": f"{s.percent:g}", "seeds": int(s.seeds),
+            "top-1 fine-tuned": mean_std(s.finetuned_top1, s.get("finetuned_top1_std"), s.seeds),
+            "Δ vs base": f"{s.finetuned_top1 - s.base_top1:+.4f}",
+            "masked top-1": mean_std(s.masked_top1, s.get("masked_top1_std"), s.seeds),
+            "pruned top-1": mean_std(s.pruned_top1, s.get("pruned_top1_std"), s.seeds),
+        }  # fmt: skip
+        if has_scratch_control:
+            row["from scratch top-1"] = mean_std(s.get("scratch_top1"), s.get("scratch_top1_std"), s.seeds)
+        row |= {"params ÷": ratio(s.params_ratio), "MACs ÷": ratio(s.mac_ratio), "speedup b64": ratio(s.get("speedup_b64")),
+                "speedup b1": ratio(s.get("speedup_b1")), "prune s": f"{s.prune_seconds:.3f}"}  # fmt: skip
+        rows.append(row)
+    return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)
+
+
+def budget_table(stats: pd.DataFrame) -> str:
+    """For each MAC budget, each backend's best fine-tuned accuracy among configurations at least that much cheaper."""
+    rows = []
+    for model, per_model in stats.groupby("model", sort=True):
+        for budget in MAC_BUDGETS:
+            within = per_model[per_model.mac_ratio >= budget]
+            if within.empty:
+                continue
+            row: dict[str, str] = {"model": model, "MACs ÷ at least": f"{budget:g}x"}
+            for backend in sorted(stats.backend.unique()):
+                candidates = within[within.backend == backend]
+                if candidates.empty:
+                    row[backend] = "-"
+                    continue
+                best = candidates.loc[candidates.finetuned_top1.idxmax()]
+                row[backend] = f"{best.finetuned_top1:.4f} ({best.method} {best.percent:g}, {best.mac_ratio:.1f}x)"
+            rows.append(row)
+    return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True) if rows else "(no configuration reaches 1.5x fewer MACs)"
+
+
+def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    spec = manifest.get("spec", {})
+    cpus = sorted({r.get("env", {}).get("cpu", "?") for r in rows})
+    versions = ", ".join(f"{k} {v}" for k, v in spec.get("versions", {}).items())
+    return [
+        f"Data `{spec.get('data_type')}`; base model trained {spec.get('base_epochs_resolved', spec.get('base_epochs'))} epochs, "
+        f"each pruned model fine-tuned {spec.get('finetune_epochs')} epochs ({spec.get('optimizer')}, lr {spec.get('learning_rate')}, "
+        f"batch {spec.get('batch_size')}); every cell starts from the same base per model and seed; seeds {', '.join(str(x) for x in spec.get('seeds', []))}.",
+        f"Latency: CPU, float32, NCHW, {spec.get('threads')} thread(s), median of {spec.get('latency_runs')} runs after warm-up, dense and pruned "
+        f"interleaved; speedup = dense / pruned time. MACs = Conv + Linear multiply-accumulates per sample (torch FlopCounterMode).",
+        f"Environment: {versions}; CPU {', '.join(cpus)}.",
+        "Accuracy columns: mean ± std over seeds (std shown when more than one seed). `masked` = base weights x mask with BatchNorm "
+        "untouched (what NNI reports); `pruned` = the physically smaller model before fine-tuning; `fine-tuned` = after fine-tuning.",
+    ]
+
+
+def render(directory: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Write results.csv and report.md for `rows`; returns the per-configuration summary."""
+    table = frame(rows)
+    write_text(directory / "results.csv", table.to_csv(index=False))
+    ok = table[table.status == "ok"] if not table.empty else table
+    lines = ["# prunebench comparison", "", *settings_lines(manifest, rows), ""]
+    stats = summary(ok) if not ok.empty else pd.DataFrame()
+    for model, per_model in stats.groupby("model", sort=True) if not stats.empty else []:
+        base = ok[ok.model == model].drop_duplicates("seed").base_top1
+        spread = f" ± {base.std(ddof=1):.4f}" if len(base) > 1 else ""
+        lines += [f"## {model}", "", f"Base model top-1: {base.mean():.4f}{spread} over {len(base)} seed(s).", ""]
+        lines += [model_table(per_model, "scratch_top1" in per_model), ""]
+    if not stats.empty:
+        lines += ["## Best fine-tuned accuracy per MAC budget", "", budget_table(stats), ""]
+    failed = table[table.status != "ok"] if not table.empty else table
+    if not failed.empty:
+        lines += ["## Failed cells", "", tabulate(failed[["cell", "error"]].values.tolist(), headers=["cell", "error"], tablefmt="github"), ""]
+    if table.empty:
+        lines += ["No finished cells yet.", ""]
+    write_text(directory / "report.md", "\n".join(lines))
+    return stats

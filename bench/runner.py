@@ -1,0 +1,75 @@
+"""Run a matrix (or one shard of it) into a results directory, resumably; re-render reports from saved rows."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.data import ImageDataset
+from pipeline.datasets import load_dataset
+
+from . import store
+from .cell import environment, failed_row, run_cell
+from .matrix import Cell, MatrixSpec, expand, shard
+from .plots import draw_all
+from .report import frame, render
+
+EXTENTS = ("models", "backends", "methods", "percents", "seeds")
+
+
+def manifest_for(spec: MatrixSpec, shard_of: tuple[int, int], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """run.json: the fingerprint, the full settings (matrix extents joined with an earlier run's) and the environment."""
+    settings = {**asdict(spec), "base_epochs_resolved": spec.base_epoch_count}
+    if previous:
+        for extent in EXTENTS:
+            settings[extent] = list(dict.fromkeys([*previous["spec"].get(extent, []), *settings[extent]]))
+    return {"fingerprint": spec.fingerprint(), "spec": settings, "env": environment(spec), "shard": f"{shard_of[0]}/{shard_of[1]}"}
+
+
+def render_all(directory: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list[Path]:
+    """results.csv, report.md and the plots, all from the saved rows."""
+    stats = render(directory, manifest, rows)
+    table = frame(rows)
+    ok = table[table.status == "ok"] if not table.empty else table
+    return [directory / "results.csv", directory / "report.md", *draw_all(directory, stats, ok)]
+
+
+def plan(spec: MatrixSpec, data: ImageDataset, shard_of: tuple[int, int] = (0, 1)) -> list[Cell]:
+    return shard(expand(spec, data.input_shape, data.num_classes), *shard_of)
+
+
+def run_matrix(
+    spec: MatrixSpec,
+    out: Path,
+    *,
+    base_root: Path,
+    shard_of: tuple[int, int] = (0, 1),
+    data: ImageDataset | None = None,
+    keep_snapshots: bool = False,
+    data_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Every cell of this shard not already finished in `out`; a failing cell is recorded with its error and the matrix goes on."""
+    data = data or load_dataset(spec.data_type, **(data_options or {}))
+    cells = plan(spec, data, shard_of)  # refuses impossible requests before anything is trained or written
+    previous = store.check_compatible(out, spec.fingerprint())
+    manifest = manifest_for(spec, shard_of, previous)
+    store.write_manifest(out, manifest)
+    finished = {row["cell"] for row in store.read_rows(out) if row.get("status") == "ok"}
+    todo = [cell for cell in cells if cell.key not in finished]
+    bar = tqdm(todo, desc="matrix", unit="cell", disable=None, dynamic_ncols=True)
+    try:
+        for cell in bar:
+            bar.set_postfix_str(cell.key, refresh=True)
+            try:
+                row = run_cell(spec, cell, data, base_root, out / "cells" / cell.key.replace("/", "_"), keep_snapshots)
+            except Exception as error:  # any failure of one cell: record it in one line, go on with the rest
+                row = failed_row(cell, error, spec)
+                tqdm.write(f"cell {cell.key} failed: {row['error']}")
+            store.record(out, row)
+    finally:
+        bar.close()
+        render_all(out, manifest, store.read_rows(out))
+    return store.read_rows(out)

@@ -1,0 +1,55 @@
+"""The job's settings as one typed record: run.py turns flags into it, the harness builds one per cell."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_EPOCHS = {"digits": 8}  # digits is small: more epochs, still about a minute; others: the original's 2
+STAGES = {"1": "model_base", "2": "model_prune", "3": "model_refine"}
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything that decides what train -> prune -> refine does and where it writes."""
+
+    model: str = "lenet"
+    data_type: str = "digits"
+    backend: str = "scratch"
+    method: str | None = None  # None: the backend's default for the model
+    percent: float = 0.5
+    scope: str | None = None  # None: the method's own scope
+    exclude: tuple[str, ...] = ()
+    threshold: float = 0.06
+    prune_steps: int = 50
+    schedule_over: str = "l1"
+    verbose: bool = False
+    base_epochs: int | None = None  # None: DEFAULT_EPOCHS for the dataset, else 2
+    refine_epochs: int | None = None
+    batch_size: int = 32
+    val_batch_size: int = 256
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    seed: int = 0
+    limit_batches: int | None = None
+    limit_val_batches: int | None = None
+    data_dir: str = "data"
+    download: bool = False
+    dataset_dir: str | None = None
+    load_dir: str | None = None  # where the first step loads from (default: save_dir)
+    save_dir: str | None = None  # default output/snapshots/<model>/<data_type>
+    log_dir: str = "log"
+    result_dir: str = "output/results"
+    echo_epochs: bool = True  # print each epoch line on the terminal too
+
+    @property
+    def save_root(self) -> Path:
+        return Path(self.save_dir) if self.save_dir else Path("output/snapshots") / self.model / self.data_type
+
+    @property
+    def load_root(self) -> Path:
+        return Path(self.load_dir) if self.load_dir else self.save_root
+
+    def epochs(self, step: str) -> int:
+        chosen = self.base_epochs if step == "1" else self.refine_epochs
+        return chosen if chosen is not None else DEFAULT_EPOCHS.get(self.data_type, 2)

@@ -1,0 +1,259 @@
+"""The comparison harness end to end on a tiny matrix: rows, tables, plots, resume, crashes, shards, merge, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from bench import runner, store
+from bench.cli import main
+from bench.matrix import Cell, MatrixSpec, expand, shard
+from pipeline.datasets import load_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(models=("lenet",), backends=("scratch", "nni"), percents=(0.5,), base_epochs=1, finetune_epochs=1, limit_batches=3, limit_val_batches=1)
+TINY_FLAGS = ["--models", "lenet", "--percents", "0.5", "--base_epochs", "1", "--finetune_epochs", "1", "--limit_batches", "3", "--limit_val_batches", "1"]
+ROW_COLUMNS = {
+    "cell", "model", "backend", "method", "percent", "seed", "scope", "status", "base_top1", "base_topk", "masked_top1", "masked_topk",
+    "pruned_top1", "pruned_topk", "finetuned_top1", "finetuned_topk", "params_before", "params_after", "params_ratio", "macs_before", "macs_after",
+    "mac_ratio", "size_mb_before", "size_mb_after", "size_ratio", "latency_b1_before_ms", "latency_b1_after_ms", "speedup_b1", "latency_b64_before_ms",
+    "latency_b64_after_ms", "speedup_b64", "speedup_per_mac", "prune_seconds", "kept", "units", "env",
+}  # fmt: skip
+DETERMINISTIC = ["cell", "status", "base_top1", "masked_top1", "pruned_top1", "finetuned_top1", "finetuned_topk", "params_after", "macs_after", "kept"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, digits):
+    root = tmp_path_factory.mktemp("harness")
+    rows = runner.run_matrix(MatrixSpec(**TINY), root / "out", base_root=root / "bases", data=digits)
+    return root, rows
+
+
+def test_tiny_matrix_records_every_figure_per_cell(tiny_run):
+    root, rows = tiny_run
+    cells = {row["cell"] for row in rows}
+    assert cells == {f"lenet/{b}/{m}/0.5/seed0" for b, m in [("scratch", "bn"), ("scratch", "conv_all"), ("scratch", "random"),
+                                                             ("nni", "l1"), ("nni", "fpgm"), ("nni", "slim")]}  # fmt: skip
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert ROW_COLUMNS <= set(row), ROW_COLUMNS - set(row)
+        assert row["params_after"] < row["params_before"] and row["macs_after"] < row["macs_before"]
+        assert row["mac_ratio"] == pytest.approx(row["macs_before"] / row["macs_after"], rel=1e-3)
+        assert row["speedup_b64"] == pytest.approx(row["latency_b64_before_ms"] / row["latency_b64_after_ms"], rel=1e-3)
+        assert set(row["kept"]) == set(row["units"]) and all(row["kept"][k] < row["units"][k] for k in row["kept"])
+        assert {"torch", "nni", "cpu", "latency_threads"} <= set(row["env"])
+    # every cell started from the same base: one base accuracy, one trained base checkpoint
+    assert len({row["base_top1"] for row in rows}) == 1
+    assert len(list((root / "bases").iterdir())) == 1
+    # the shared JobConfig path: L1 at layer scope is the same criterion on both backends
+    by_method = {row["method"]: row for row in rows}
+    assert by_method["l1"]["params_after"] == by_method["random"]["params_after"]  # both layer scope, floor(C/2) per layer
+    # per-layer widths keep network order through results.jsonl (the kept-channels plot depends on it)
+    saved = {row["cell"]: row for row in store.read_rows(root / "out")}
+    assert list(saved["lenet/scratch/random/0.5/seed0"]["units"]) == ["features.0", "features.4", "classifier.0", "classifier.2"]
+
+
+def test_a_cell_computes_what_run_py_computes_from_the_same_base(tiny_run, tmp_path, monkeypatch):
+    import run
+
+    root, rows = tiny_run
+    row = next(r for r in rows if r["cell"] == "lenet/scratch/conv_all/0.5/seed0")
+    (base_dir,) = (root / "bases").iterdir()
+    monkeypatch.chdir(tmp_path)
+    argv = ["--step", "23", "--model_load_dir", str(base_dir), "--prune_method", "conv_all", "--percent", "0.5", "--num_epochs", "1",
+            "--limit_batches", "3", "--limit_val_batches", "1"]  # fmt: skip
+    assert run.main(argv) == 0
+    pruning = json.loads((tmp_path / "output/results/results_lenet_digits_pruning.json").read_text())
+    refined = json.loads((tmp_path / "output/results/results_lenet_digits_prune_model.json").read_text())
+    assert (pruning["masked_accuracy"], pruning["accuracy"], refined["accuracy"]) == (row["masked_top1"], row["pruned_top1"], row["finetuned_top1"])
+    assert (refined["params"], refined["macs"]) == (row["params_after"], row["macs_after"])
+
+
+def test_reports_tables_and_plots(tiny_run):
+    root, rows = tiny_run
+    out = root / "out"
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == len(rows) and {"finetuned_top1", "mac_ratio", "speedup_b64", "kept_channels", "cpu"} <= set(table.columns)
+    report = (out / "report.md").read_text()
+    assert "## lenet" in report and "## Best fine-tuned accuracy per MAC budget" in report
+    header = next(line for line in report.splitlines() if line.startswith("| backend"))
+    for column in ("top-1 fine-tuned", "Δ vs base", "masked top-1", "pruned top-1", "params ÷", "MACs ÷", "speedup b64", "prune s"):
+        assert column in header
+    assert report.count("| scratch ") + report.count("| nni ") >= 6
+    for name in ("accuracy_vs_macs", "speedup_vs_macs", "kept_channels", "masked_vs_pruned"):
+        image = matplotlib.image.imread(out / f"{name}.png")
+        assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 400, name
+        assert image[..., :3].std() > 0.05, f"{name} is blank"
+
+
+def test_second_run_resumes_and_does_no_work(tiny_run, digits, monkeypatch):
+    root, rows = tiny_run
+    before = (root / "out" / "results.jsonl").read_text()
+    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: pytest.fail("a finished cell was run again"))
+    again = runner.run_matrix(MatrixSpec(**TINY), root / "out", base_root=root / "bases", data=digits)
+    assert (root / "out" / "results.jsonl").read_text() == before and len(again) == len(rows)
+
+
+def test_base_checkpoint_is_reused_across_runs(tiny_run, digits, tmp_path, monkeypatch):
+    root, rows = tiny_run
+    from pipeline.job import Job
+
+    monkeypatch.setattr(Job, "step_train", lambda self: pytest.fail("the cached base model was trained again"))
+    spec = MatrixSpec(**{**TINY, "backends": ("scratch",), "methods": ("conv_all",), "random_control": False})
+    (row,) = runner.run_matrix(spec, tmp_path / "elsewhere", base_root=root / "bases", data=digits)
+    assert row["base_top1"] == rows[0]["base_top1"]
+    earlier = next(r for r in rows if r["cell"] == row["cell"])
+    assert {k: row[k] for k in DETERMINISTIC} == {k: earlier[k] for k in DETERMINISTIC}
+
+
+def test_ctrl_c_keeps_every_finished_cell(tmp_path, digits, monkeypatch):
+    real, calls = runner.run_cell, []
+
+    def interrupted_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_cell", interrupted_second)
+    spec = MatrixSpec(**{**TINY, "backends": ("scratch",), "methods": ("bn", "conv_all"), "random_control": False})
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_matrix(spec, tmp_path / "out", base_root=tmp_path / "bases", data=digits)
+    (saved,) = store.read_rows(tmp_path / "out")
+    assert saved["status"] == "ok" and "## lenet" in (tmp_path / "out" / "report.md").read_text()
+    assert not list((tmp_path / "out").glob(".*")), "a temporary file was left behind"
+
+
+def test_report_command_rerenders_from_saved_rows(tiny_run, capsys):
+    root, _ = tiny_run
+    (root / "out" / "report.md").unlink()
+    (root / "out" / "speedup_vs_macs.png").unlink()
+    assert main(["report", str(root / "out")]) == 0
+    assert (root / "out" / "report.md").read_text().startswith("# prunebench comparison")
+    assert (root / "out" / "speedup_vs_macs.png").stat().st_size > 10_000
+
+
+def test_a_crashing_cell_is_recorded_and_the_matrix_goes_on(tmp_path, digits, monkeypatch):
+    real = runner.run_cell
+
+    def flaky(spec, cell, *args, **kwargs):
+        if cell.method == "conv_all":
+            raise RuntimeError("simulated failure\nwith a second line")
+        return real(spec, cell, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_cell", flaky)
+    spec = MatrixSpec(**{**TINY, "backends": ("scratch",)})
+    rows = {row["cell"]: row for row in runner.run_matrix(spec, tmp_path / "out", base_root=tmp_path / "bases", data=digits)}
+    failed = rows["lenet/scratch/conv_all/0.5/seed0"]
+    assert failed["status"] == "error" and failed["error"] == "RuntimeError: simulated failure"
+    assert rows["lenet/scratch/bn/0.5/seed0"]["status"] == "ok" and rows["lenet/scratch/random/0.5/seed0"]["status"] == "ok"
+    assert "## Failed cells" in (tmp_path / "out" / "report.md").read_text()
+    # the failed cell is retried by the next run; the finished ones are not
+    monkeypatch.setattr(runner, "run_cell", real)
+    rerun = {row["cell"]: row for row in runner.run_matrix(spec, tmp_path / "out", base_root=tmp_path / "bases", data=digits)}
+    assert rerun["lenet/scratch/conv_all/0.5/seed0"]["status"] == "ok"
+    assert rerun["lenet/scratch/bn/0.5/seed0"] == rows["lenet/scratch/bn/0.5/seed0"]
+
+
+def test_shards_merged_give_the_unsharded_rows(tmp_path, digits, capsys):
+    spec = MatrixSpec(**{**TINY, "methods": ("conv_all", "l1")})
+    cells = expand(spec, digits.input_shape, digits.num_classes)
+    assert len(cells) == 3 and sorted(shard(cells, 0, 2) + shard(cells, 1, 2)) == cells
+    whole = runner.run_matrix(spec, tmp_path / "whole", base_root=tmp_path / "bases", data=digits)
+    for index in range(2):
+        runner.run_matrix(spec, tmp_path / f"shard{index}", base_root=tmp_path / "bases", data=digits, shard_of=(index, 2))
+    assert len(store.read_rows(tmp_path / "shard0")) == 2 and len(store.read_rows(tmp_path / "shard1")) == 1
+    assert main(["merge", str(tmp_path / "shard0"), str(tmp_path / "shard1"), "--out", str(tmp_path / "merged")]) == 0
+    merged = store.read_rows(tmp_path / "merged")
+
+    def deterministic(rows):
+        return sorted(json.dumps({k: r[k] for k in DETERMINISTIC}, sort_keys=True) for r in rows)
+
+    assert deterministic(merged) == deterministic(whole)
+    assert (tmp_path / "merged" / "report.md").is_file() and (tmp_path / "merged" / "accuracy_vs_macs.png").is_file()
+
+
+def test_merge_refuses_incompatible_runs(tmp_path, digits, capsys):
+    for name, epochs in (("a", 1), ("b", 0)):
+        runner.run_matrix(MatrixSpec(**{**TINY, "backends": ("scratch",), "methods": ("conv_all",), "random_control": False, "finetune_epochs": epochs}),
+                          tmp_path / name, base_root=tmp_path / "bases", data=digits)  # fmt: skip
+    assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "incompatible runs (finetune_epochs is 0 there but 1 here)" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_scratch_control_trains_the_pruned_architecture_from_scratch(tmp_path, digits):
+    spec = MatrixSpec(**{**TINY, "backends": ("scratch",), "methods": ("conv_all",), "random_control": False, "scratch_control": True})
+    (row,) = runner.run_matrix(spec, tmp_path / "out", base_root=tmp_path / "bases", data=digits)
+    assert 0.0 <= row["scratch_top1"] <= 1.0 and "from scratch top-1" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_impossible_combination_is_refused_before_training(tmp_path, digits):
+    from pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"scratch:bn cannot prune dnn_2: .*no BatchNorm.*scratch offers bn, conv_avg.*nni offers level, l1"):
+        runner.run_matrix(MatrixSpec(**{**TINY, "models": ("dnn_2",), "methods": ("scratch:bn",)}), tmp_path / "out", base_root=tmp_path / "b", data=digits)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "b").exists()
+
+
+def test_cells_are_ordered_and_keyed_stably():
+    cell = Cell("vgg", 1, "nni", "l1", 0.3)
+    assert cell.key == "vgg/nni/l1/0.3/seed1"
+    assert sorted([Cell("vgg", 0, "scratch", "bn", 0.5), Cell("lenet", 1, "nni", "l1", 0.5), Cell("lenet", 0, "nni", "l1", 0.7)])[0].model == "lenet"
+
+
+BAD = [
+    (["--models", "nope"], r"unknown model 'nope' in --models; choose from: dnn_2"),
+    (["--backends", "tf"], r"unknown backend 'tf' in --backends"),
+    (["--methods", "magic"], r"no backend in --backends offers method 'magic'; scratch offers"),
+    (["--methods", "nni:bn"], r"backend nni has no method 'bn'"),
+    (["--models", ""], r"the matrix is empty"),
+    (["--shard", "3/2"], r"--shard 3/2: the index must be in 0..1"),
+    (["--shard", "x"], r"--shard 'x' must be i/n"),
+    (["--percents", "1.0"], r"percent 1 in --percents is outside \[0, 1\)"),
+    (["--percents", "a,b"], r"--percents takes comma-separated float values"),
+    (["--latency_runs", "5"], r"below 20"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    flags = [*TINY_FLAGS, "--out", str(out), "--base_dir", str(tmp_path / "bases"), *argv]
+    if argv[0] == "--percents" and argv[1] == "a,b":
+        with pytest.raises(SystemExit) as exited:
+            main(flags)
+        assert exited.value.code == 2
+    else:
+        assert main(flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists() and not (tmp_path / "bases").exists()
+
+
+def test_results_directory_of_an_incompatible_run_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    store.write_manifest(out, {"fingerprint": {"data_type": "mnist5k"}, "spec": {}})
+    assert main([*TINY_FLAGS, "--out", str(out), "--base_dir", str(tmp_path / "bases")]) == 2
+    err = capsys.readouterr().err
+    assert "holds results of an incompatible run" in err and "use another --out" in err
+    assert not (out / "results.jsonl").exists()
+
+
+def test_cli_process_prints_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench", "--shard", "5/2", "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
