@@ -7,6 +7,7 @@ harness and the CLI cannot drift apart.
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import platform
 import shutil
@@ -39,14 +40,22 @@ def job_config(spec: MatrixSpec, model: str, seed: int, **where: Any) -> JobConf
 
 
 def ensure_base(spec: MatrixSpec, model: str, seed: int, data: ImageDataset, base_root: Path) -> tuple[Path, dict[str, Any]]:
-    """The base checkpoint for (model, seed): trained once, then reused by every cell and every later run with the same key."""
-    root = base_root / base_key(spec, model, seed, data.input_shape, len(data.train_labels))
+    """The base checkpoint for (model, seed): trained once, then reused by every cell and every later run with the same key.
+
+    A lock file per key lets shards that share `base_root` (a Slurm array on a shared file system) wait for
+    the one that trains it instead of training it twice or replacing it under each other.
+    """
+    base_root.mkdir(parents=True, exist_ok=True)
+    key = base_key(spec, model, seed, data.input_shape, len(data.train_labels))
+    root = base_root / key
     figures_path = root / "base_figures.json"
-    if (root / STAGES["1"]).is_dir() and figures_path.is_file():
-        return root, json.loads(figures_path.read_text())
-    job = Job(job_config(spec, model, seed, save_dir=str(root), log_dir=str(root / "log"), result_dir=str(root / "results")), data)
-    figures = job.step_train()
-    write_json(figures_path, figures)  # written last: its presence marks a complete base
+    with (base_root / f".{key}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / STAGES["1"]).is_dir() and figures_path.is_file():
+            return root, json.loads(figures_path.read_text())
+        job = Job(job_config(spec, model, seed, save_dir=str(root), log_dir=str(root / "log"), result_dir=str(root / "results")), data)
+        figures = job.step_train()
+        write_json(figures_path, figures)  # written last: its presence marks a complete base
     return root, figures
 
 
@@ -89,7 +98,8 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
     """Prune -> fine-tune -> measure one cell. Raises on failure; the caller records the error and goes on."""
     started = time.perf_counter()
     base_dir, base_figures = ensure_base(spec, cell.model, cell.seed, data, base_root)
-    snapshots = cell_dir / "snapshots" if keep_snapshots else Path(tempfile.mkdtemp(prefix=".snapshots-"))
+    cell_dir.parent.mkdir(parents=True, exist_ok=True)
+    snapshots = cell_dir / "snapshots" if keep_snapshots else Path(tempfile.mkdtemp(prefix=".snapshots-", dir=cell_dir.parent))
     try:
         config = job_config(spec, cell.model, cell.seed, backend=cell.backend, method=cell.method, percent=cell.percent, load_dir=str(base_dir),
                             save_dir=str(snapshots), log_dir=str(cell_dir / "log"), result_dir=str(cell_dir / "results"))  # fmt: skip

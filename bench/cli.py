@@ -109,14 +109,16 @@ def merge_command(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="new directory for the merged results")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"--out {out} exists and is not empty; choose a new directory for the merged results")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} exists and is not an empty directory; choose a new directory for the merged results")
     manifest, rows = store.merge([Path(d) for d in args.dirs])
     with staged_directory(out) as staging:
         store.write_manifest(staging, manifest)
         store.write_rows(staging, rows)
         render_all(staging, manifest, rows)
     print(f"merged {len(rows)} cells from {len(args.dirs)} directories into {out}")
+    if manifest["missing_shards"]:
+        print(f"warning: no directory holds shard(s) {', '.join(manifest['missing_shards'])}; the merged matrix is incomplete", file=sys.stderr)
     return 0
 
 

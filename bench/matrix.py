@@ -52,7 +52,8 @@ class MatrixSpec:
     def fingerprint(self) -> dict[str, object]:
         """Everything two result sets must share to sit in one table (the matrix's extent may differ)."""
         extent = {"models", "backends", "methods", "percents", "seeds", "random_control", "scratch_control"}
-        return {k: v for k, v in asdict(self).items() if k not in extent}
+        settings = {k: v for k, v in asdict(self).items() if k not in extent}
+        return {**settings, "base_epochs": self.base_epoch_count}  # 8 and "the default for digits" are the same run
 
 
 @dataclass(frozen=True, order=True)
@@ -65,7 +66,7 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{self.model}/{self.backend}/{self.method}/{self.percent:g}/seed{self.seed}"
+        return f"{self.model}/{self.backend}/{self.method}/{self.percent}/seed{self.seed}"
 
 
 def package_versions() -> dict[str, str]:
@@ -105,8 +106,8 @@ def methods_for(spec: MatrixSpec, probe: nn.Module) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
-def expand(spec: MatrixSpec, input_shape: tuple[int, ...], num_classes: int) -> list[Cell]:
-    """Every cell of the matrix in a fixed order; refuses an impossible combination before anything is trained."""
+def check_names(spec: MatrixSpec) -> None:
+    """The checks that need no dataset: run first, so a typo is reported before a dataset is looked for."""
     if not (spec.models and spec.backends and spec.percents and spec.seeds):
         raise UsageError("the matrix is empty: --models, --backends, --percents and --seeds each need at least one value")
     for name, known, flag in ((spec.models, MODEL_NAMES, "--models"), (spec.backends, BACKEND_NAMES, "--backends")):
@@ -116,6 +117,11 @@ def expand(spec: MatrixSpec, input_shape: tuple[int, ...], num_classes: int) -> 
     for percent in spec.percents:
         if not 0.0 <= percent < 1.0:
             raise UsageError(f"percent {percent:g} in --percents is outside [0, 1): it is the fraction of channels removed")
+
+
+def expand(spec: MatrixSpec, input_shape: tuple[int, ...], num_classes: int) -> list[Cell]:
+    """Every cell of the matrix in a fixed order; refuses an impossible combination before anything is trained."""
+    check_names(spec)
     cells = []
     for model in spec.models:
         try:
@@ -154,6 +160,8 @@ def base_key(spec: MatrixSpec, model: str, seed: int, input_shape: tuple[int, ..
     """The base checkpoint's cache key: a hash of every setting that shapes the base model."""
     shaping = {"model": model, "seed": seed, "data_type": spec.data_type, "input_shape": list(input_shape), "num_train": num_train,
                "epochs": spec.base_epoch_count, "batch_size": spec.batch_size, "learning_rate": spec.learning_rate, "optimizer": spec.optimizer,
-               "limit_batches": spec.limit_batches, "limit_val_batches": spec.limit_val_batches, "torch": spec.versions.get("torch")}  # fmt: skip
+               "limit_batches": spec.limit_batches, "torch": spec.versions.get("torch"),
+               # the cached base figures are measured on this many test images
+               "limit_val_batches": spec.limit_val_batches, "val_batch_size": spec.val_batch_size}  # fmt: skip
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
     return f"{model}-{spec.data_type}-seed{seed}-{digest}"

@@ -68,16 +68,19 @@ def accuracy_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
 
 
 def speedup_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
-    timed = stats.dropna(subset=["speedup_b64"]) if "speedup_b64" in stats else stats.iloc[0:0]
+    timed = stats.dropna(subset=["speedup_b64"]) if "speedup_b64" in stats else stats.iloc[0:0].assign(speedup_b64=[])
     models = sorted(stats.model.unique())
     figure, axes = _panels(models, "Measured batch-64 latency speedup vs MAC reduction")
     for ax, model in zip(axes, models, strict=True):
         per = timed[timed.model == model]
         for (backend, method), group in per.groupby(["backend", "method"], sort=True):
             ax.scatter(group.mac_ratio, group.speedup_b64, marker=MARKERS.get(backend, "x"), label=f"{backend}:{method}")
-        top = max([1.0, *per.mac_ratio.tolist(), *per.speedup_b64.tolist()]) * 1.1
-        ax.plot([1, top], [1, top], "k--", linewidth=1, label="y = x (speedup = MAC reduction)")
-        axis = {"xlim": (0.9, top), "ylim": (0.9, top)}
+        values = [*per.mac_ratio.tolist(), *per.speedup_b64.tolist()]
+        low, top = min([0.9, *values]) * 0.9, max([1.0, *values]) * 1.1  # a pruned model slower than dense stays in view
+        ax.plot([low, top], [low, top], "k--", linewidth=1, label="y = x (speedup = MAC reduction)")
+        if per.empty:
+            ax.text(0.5, 0.5, "no physically pruned model to time", transform=ax.transAxes, ha="center")
+        axis = {"xlim": (low, top), "ylim": (low, top)}
         _finish(ax, title=model, xlabel="MAC reduction (dense / pruned, x)", ylabel="latency speedup (dense / pruned time, x)", **axis)
     return _save(figure, path)
 

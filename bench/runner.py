@@ -10,10 +10,11 @@ from tqdm import tqdm
 
 from pipeline.data import ImageDataset
 from pipeline.datasets import load_dataset
+from pipeline.errors import UsageError
 
 from . import store
 from .cell import environment, failed_row, run_cell
-from .matrix import Cell, MatrixSpec, expand, shard
+from .matrix import Cell, MatrixSpec, check_names, expand, shard
 from .plots import draw_all
 from .report import frame, render
 
@@ -52,12 +53,15 @@ def run_matrix(
     data_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every cell of this shard not already finished in `out`; a failing cell is recorded with its error and the matrix goes on."""
+    check_names(spec)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory for the results")
     data = data or load_dataset(spec.data_type, **(data_options or {}))
     cells = plan(spec, data, shard_of)  # refuses impossible requests before anything is trained or written
     previous = store.check_compatible(out, spec.fingerprint())
     manifest = manifest_for(spec, shard_of, previous)
     store.write_manifest(out, manifest)
-    finished = {row["cell"] for row in store.read_rows(out) if row.get("status") == "ok"}
+    finished = {row["cell"] for row in store.read_rows(out) if is_finished(row, spec)}
     todo = [cell for cell in cells if cell.key not in finished]
     bar = tqdm(todo, desc="matrix", unit="cell", disable=None, dynamic_ncols=True)
     try:
@@ -69,7 +73,20 @@ def run_matrix(
                 row = failed_row(cell, error, spec)
                 tqdm.write(f"cell {cell.key} failed: {row['error']}")
             store.record(out, row)
-    finally:
+    except KeyboardInterrupt:
         bar.close()
-        render_all(out, manifest, store.read_rows(out))
+        try:  # reports of what finished; a failure here must not hide the interrupt
+            render_all(out, manifest, store.read_rows(out))
+        except Exception as error:
+            tqdm.write(f"reports not rendered ({type(error).__name__}: {error}); run: python -m bench report {out}")
+        raise
+    bar.close()
+    render_all(out, manifest, store.read_rows(out))
     return store.read_rows(out)
+
+
+def is_finished(row: dict[str, Any], spec: MatrixSpec) -> bool:
+    """A cell to skip on resume: it succeeded, and has its from-scratch control if this run asks for one."""
+    if row.get("status") != "ok":
+        return False
+    return not (spec.scratch_control and row.get("physical") and "scratch_top1" not in row)

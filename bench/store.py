@@ -83,6 +83,8 @@ def merge(directories: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]
         manifest = read_manifest(directory)
         if manifest is None:
             raise UsageError(f"{directory} is not a python -m bench results directory (no {MANIFEST})")
+        if not isinstance(manifest.get("fingerprint"), dict) or not isinstance(manifest.get("spec"), dict):
+            raise UsageError(f"{directory / MANIFEST} lacks the fingerprint or spec python -m bench writes; it cannot be merged")
         manifests.append(manifest)
     first = manifests[0]
     for directory, manifest in zip(directories[1:], manifests[1:], strict=True):
@@ -98,4 +100,16 @@ def merge(directories: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]
     spec = {**first["spec"]}
     for extent in ("models", "backends", "methods", "percents", "seeds"):
         spec[extent] = list(dict.fromkeys(v for m in manifests for v in m["spec"].get(extent, [])))
-    return {**first, "spec": spec, "merged_from": [str(d) for d in directories]}, list(by_cell.values())
+    merged = {**first, "spec": spec, "shard": "merged", "merged_from": [str(d) for d in directories], "missing_shards": missing_shards(manifests)}
+    return merged, list(by_cell.values())
+
+
+def missing_shards(manifests: list[dict[str, Any]]) -> list[str]:
+    """Shards of an i/n split that none of the merged directories holds (a Slurm task that failed, say)."""
+    split = [m.get("shard", "0/1").split("/") for m in manifests if "/" in str(m.get("shard", "0/1"))]
+    counts = {int(n) for _, n in split}
+    if len(counts) != 1:
+        return []
+    (count,) = counts
+    present = {int(i) for i, _ in split}
+    return [f"{i}/{count}" for i in range(count) if i not in present]

@@ -52,7 +52,7 @@ class Job:
         self.rows: list[dict[str, Any]] = []  # one per finished step, for the terminal table
         self.models: dict[str, nn.Module] = {}  # step -> the model it produced
         self.written: dict[str, list[Path]] = {"snapshots": [], "logs": [], "results": []}
-        self.base_figures: dict[str, Any] | None = None  # set by step 1, or by a caller that already has them
+        self.base_figures: dict[str, Any] | None = None  # a caller that already evaluated the base (the harness) sets them
 
     def run(self, steps: str) -> None:
         for step in steps:
@@ -101,7 +101,6 @@ class Job:
         model = build_model(c.model, self.data.input_shape, self.data.num_classes)
         figures = self.figures(model, self.fit(model, "1", "base_model"))
         self.save("1", model, self.meta(STAGES["1"], epochs=c.epochs("1")), "base_model", figures)
-        self.base_figures = figures
         self.record("1 base", figures)
         return figures
 

@@ -54,9 +54,8 @@ def test_tiny_matrix_records_every_figure_per_cell(tiny_run):
         assert row["speedup_b64"] == pytest.approx(row["latency_b64_before_ms"] / row["latency_b64_after_ms"], rel=1e-3)
         assert set(row["kept"]) == set(row["units"]) and all(row["kept"][k] < row["units"][k] for k in row["kept"])
         assert {"torch", "nni", "cpu", "latency_threads"} <= set(row["env"])
-    # every cell started from the same base: one base accuracy, one trained base checkpoint
-    assert len({row["base_top1"] for row in rows}) == 1
-    assert len(list((root / "bases").iterdir())) == 1
+    # every cell started from the same base: one trained base checkpoint for the model and seed
+    assert len([p for p in (root / "bases").iterdir() if p.is_dir()]) == 1
     # the shared JobConfig path: L1 at layer scope is the same criterion on both backends
     by_method = {row["method"]: row for row in rows}
     assert by_method["l1"]["params_after"] == by_method["random"]["params_after"]  # both layer scope, floor(C/2) per layer
@@ -70,7 +69,7 @@ def test_a_cell_computes_what_run_py_computes_from_the_same_base(tiny_run, tmp_p
 
     root, rows = tiny_run
     row = next(r for r in rows if r["cell"] == "lenet/scratch/conv_all/0.5/seed0")
-    (base_dir,) = (root / "bases").iterdir()
+    (base_dir,) = [p for p in (root / "bases").iterdir() if p.is_dir()]
     monkeypatch.chdir(tmp_path)
     argv = ["--step", "23", "--model_load_dir", str(base_dir), "--prune_method", "conv_all", "--percent", "0.5", "--num_epochs", "1",
             "--limit_batches", "3", "--limit_val_batches", "1"]  # fmt: skip
@@ -118,22 +117,51 @@ def test_base_checkpoint_is_reused_across_runs(tiny_run, digits, tmp_path, monke
     assert {k: row[k] for k in DETERMINISTIC} == {k: earlier[k] for k in DETERMINISTIC}
 
 
-def test_ctrl_c_keeps_every_finished_cell(tmp_path, digits, monkeypatch):
-    real, calls = runner.run_cell, []
+def test_ctrl_c_keeps_every_finished_cell_and_the_next_run_resumes(tmp_path, digits, monkeypatch):
+    from pipeline.job import Job
 
-    def interrupted_second(*args, **kwargs):
+    real, calls = Job.step_refine, []
+
+    def interrupted_second(self):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 2:  # mid-cell: the pruned snapshot of the second cell is already on disk
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(self)
 
-    monkeypatch.setattr(runner, "run_cell", interrupted_second)
+    monkeypatch.setattr(Job, "step_refine", interrupted_second)
     spec = MatrixSpec(**{**TINY, "backends": ("scratch",), "methods": ("bn", "conv_all"), "random_control": False})
     with pytest.raises(KeyboardInterrupt):
         runner.run_matrix(spec, tmp_path / "out", base_root=tmp_path / "bases", data=digits)
     (saved,) = store.read_rows(tmp_path / "out")
     assert saved["status"] == "ok" and "## lenet" in (tmp_path / "out" / "report.md").read_text()
-    assert not list((tmp_path / "out").glob(".*")), "a temporary file was left behind"
+    leftovers = [p for p in (tmp_path / "out").rglob(".*")]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+    monkeypatch.setattr(Job, "step_refine", real)
+    rows = runner.run_matrix(spec, tmp_path / "out", base_root=tmp_path / "bases", data=digits)
+    assert len(rows) == 2 and all(row["status"] == "ok" for row in rows) and rows[0] == saved
+
+
+def test_no_random_control_leaves_the_random_cells_out(digits):
+    spec = MatrixSpec(**{**TINY, "random_control": False})
+    methods = {(c.backend, c.method) for c in expand(spec, digits.input_shape, digits.num_classes)}
+    assert methods == {("scratch", "bn"), ("scratch", "conv_all"), ("nni", "l1"), ("nni", "fpgm"), ("nni", "slim")}
+    assert ("scratch", "random") in {(c.backend, c.method) for c in expand(MatrixSpec(**TINY), digits.input_shape, digits.num_classes)}
+
+
+def test_a_matrix_of_masked_only_cells_still_reports(tmp_path, digits):
+    spec = MatrixSpec(**{**TINY, "backends": ("nni",), "methods": ("level",), "random_control": False})
+    (row,) = runner.run_matrix(spec, tmp_path / "out", base_root=tmp_path / "bases", data=digits)
+    assert row["status"] == "ok" and row["physical"] is False and "speedup_b64" not in row
+    assert (tmp_path / "out" / "speedup_vs_macs.png").stat().st_size > 10_000
+
+
+def test_fingerprint_compares_resolved_settings():
+    assert MatrixSpec(base_epochs=None, data_type="digits").fingerprint() == MatrixSpec(base_epochs=8, data_type="digits").fingerprint()
+    assert MatrixSpec(base_epochs=None, data_type="mnist5k").fingerprint() != MatrixSpec(base_epochs=8, data_type="mnist5k").fingerprint()
+    from bench.matrix import base_key
+
+    keys = {base_key(MatrixSpec(val_batch_size=v, limit_val_batches=1), "lenet", 0, (1, 32, 32), 100) for v in (64, 256)}
+    assert len(keys) == 2, "the cached base figures depend on how many test images were evaluated"
 
 
 def test_report_command_rerenders_from_saved_rows(tiny_run, capsys):
@@ -172,10 +200,14 @@ def test_shards_merged_give_the_unsharded_rows(tmp_path, digits, capsys):
     cells = expand(spec, digits.input_shape, digits.num_classes)
     assert len(cells) == 3 and sorted(shard(cells, 0, 2) + shard(cells, 1, 2)) == cells
     whole = runner.run_matrix(spec, tmp_path / "whole", base_root=tmp_path / "bases", data=digits)
-    for index in range(2):
-        runner.run_matrix(spec, tmp_path / f"shard{index}", base_root=tmp_path / "bases", data=digits, shard_of=(index, 2))
+    for index in range(2):  # separate processes would do this; each shard with its own base cache
+        flags = [*TINY_FLAGS, "--methods", "conv_all,l1", "--shard", f"{index}/2", "--out", str(tmp_path / f"shard{index}"),
+                 "--base_dir", str(tmp_path / f"bases{index}")]  # fmt: skip
+        assert main(flags) == 0
     assert len(store.read_rows(tmp_path / "shard0")) == 2 and len(store.read_rows(tmp_path / "shard1")) == 1
+    capsys.readouterr()
     assert main(["merge", str(tmp_path / "shard0"), str(tmp_path / "shard1"), "--out", str(tmp_path / "merged")]) == 0
+    assert "warning" not in capsys.readouterr().err
     merged = store.read_rows(tmp_path / "merged")
 
     def deterministic(rows):
@@ -183,6 +215,14 @@ def test_shards_merged_give_the_unsharded_rows(tmp_path, digits, capsys):
 
     assert deterministic(merged) == deterministic(whole)
     assert (tmp_path / "merged" / "report.md").is_file() and (tmp_path / "merged" / "accuracy_vs_macs.png").is_file()
+    # a missing shard is named; an ok row wins over a failed attempt of the same cell
+    assert main(["merge", str(tmp_path / "shard0"), "--out", str(tmp_path / "half")]) == 0
+    assert "no directory holds shard(s) 1/2" in capsys.readouterr().err
+    failed = {**store.read_rows(tmp_path / "shard1")[0], "status": "error", "error": "RuntimeError: x"}
+    store.write_manifest(tmp_path / "retry", store.read_manifest(tmp_path / "shard1"))
+    store.write_rows(tmp_path / "retry", [failed])
+    assert main(["merge", str(tmp_path / "retry"), str(tmp_path / "shard0"), str(tmp_path / "shard1"), "--out", str(tmp_path / "again")]) == 0
+    assert deterministic(store.read_rows(tmp_path / "again")) == deterministic(whole)
 
 
 def test_merge_refuses_incompatible_runs(tmp_path, digits, capsys):
@@ -209,13 +249,13 @@ def test_impossible_combination_is_refused_before_training(tmp_path, digits):
     assert not (tmp_path / "out").exists() and not (tmp_path / "b").exists()
 
 
-def test_cells_are_ordered_and_keyed_stably():
-    cell = Cell("vgg", 1, "nni", "l1", 0.3)
-    assert cell.key == "vgg/nni/l1/0.3/seed1"
-    assert sorted([Cell("vgg", 0, "scratch", "bn", 0.5), Cell("lenet", 1, "nni", "l1", 0.5), Cell("lenet", 0, "nni", "l1", 0.7)])[0].model == "lenet"
+def test_cell_keys_tell_close_percents_apart():
+    assert Cell("vgg", 1, "nni", "l1", 0.3).key == "vgg/nni/l1/0.3/seed1"
+    assert Cell("vgg", 1, "nni", "l1", 0.3).key != Cell("vgg", 1, "nni", "l1", 0.3000001).key
 
 
 BAD = [
+    (["--models", "nope", "--data_type", "cifar10"], r"unknown model 'nope'"),  # named before any dataset is looked for
     (["--models", "nope"], r"unknown model 'nope' in --models; choose from: dnn_2"),
     (["--backends", "tf"], r"unknown backend 'tf' in --backends"),
     (["--methods", "magic"], r"no backend in --backends offers method 'magic'; scratch offers"),
@@ -251,6 +291,15 @@ def test_results_directory_of_an_incompatible_run_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds results of an incompatible run" in err and "use another --out" in err
     assert not (out / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "merge"])
+def test_out_that_is_a_file_is_refused(tmp_path, capsys, command):
+    (tmp_path / "file").write_text("x")
+    argv = [*TINY_FLAGS, "--out", str(tmp_path / "file")] if command == "run" else ["merge", str(tmp_path), "--out", str(tmp_path / "file")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "file" in err
 
 
 def test_cli_process_prints_no_traceback(tmp_path):

@@ -26,7 +26,8 @@ def train_batches():
 
 
 def prune(backend: str, model: torch.nn.Module, method: str, percent: float = 0.5, scope: str | None = "layer") -> torch.nn.Module:
-    options = {"train_batches": train_batches, "training_steps": 4} if backend == "nni" and method in ("slim", "taylor") else {}
+    data_driven = backend == "nni" and method in ("slim", "taylor", "agp", "linear")
+    options = {"train_batches": train_batches, "training_steps": 4} if data_driven else {}
     return get_backend(backend).prune(model, method, percent, X, scope=scope, **options).model.eval()
 
 
