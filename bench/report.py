@@ -66,21 +66,27 @@ def model_table(stats: pd.DataFrame, has_scratch_control: bool) -> str:
 
 
 def budget_table(stats: pd.DataFrame) -> str:
-    """For each MAC budget, each backend's best fine-tuned accuracy among configurations at least that much cheaper."""
+    """For each MAC budget, each backend's best fine-tuned accuracy among configurations at least that much cheaper.
+
+    The random control gets its own column: a method earns its place only where it beats random at the same budget.
+    """
+    column = stats.backend.where(stats.method != "random", "random (control)")
+    columns = [*sorted(set(column) - {"random (control)"}), *(["random (control)"] if "random (control)" in set(column) else [])]
     rows = []
-    for model, per_model in stats.groupby("model", sort=True):
+    for model in sorted(stats.model.unique()):
         for budget in MAC_BUDGETS:
-            within = per_model[per_model.mac_ratio >= budget]
-            if within.empty:
+            within = (stats.model == model) & (stats.mac_ratio >= budget)
+            if not within.any():
                 continue
             row: dict[str, str] = {"model": model, "MACs ÷ at least": f"{budget:g}x"}
-            for backend in sorted(stats.backend.unique()):
-                candidates = within[within.backend == backend]
+            for name in columns:
+                candidates = stats[within & (column == name)]
                 if candidates.empty:
-                    row[backend] = "-"
+                    row[name] = "-"
                     continue
                 best = candidates.loc[candidates.finetuned_top1.idxmax()]
-                row[backend] = f"{best.finetuned_top1:.4f} ({best.method} {best.percent:g}, {best.mac_ratio:.1f}x)"
+                accuracy = mean_std(best.finetuned_top1, best.get("finetuned_top1_std"), best.seeds)
+                row[name] = f"{accuracy} ({best.method} {best.percent:g}, {best.mac_ratio:.1f}x)"
             rows.append(row)
     return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True) if rows else "(no configuration reaches 1.5x fewer MACs)"
 
