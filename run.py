@@ -10,11 +10,10 @@ import sys
 
 from tabulate import tabulate
 
-from algorithms.errors import PruningError
 from backends import BACKEND_NAMES
 from backends.nni_backend import SCHEDULE_BASES
 from models import MODEL_NAMES
-from pipeline.cli import OneLineParser
+from pipeline.cli import OneLineParser, guarded
 from pipeline.config import JobConfig
 from pipeline.datasets import BUILTIN_DATASETS, load_dataset
 from pipeline.errors import UsageError
@@ -92,22 +91,19 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        steps = validate_args(args)
+
+    def run_job() -> int:
+        steps = "".join(validate_args(args))
         config = config_from_args(args)
         data = load_dataset(config.data_type, config.data_dir, config.download, dataset_dir=config.dataset_dir)
-        check_request(config, data, "".join(steps))
+        check_request(config, data, steps)
         job = Job(config, data)
-        job.run("".join(steps))
-    except (UsageError, PruningError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; snapshots already written are complete, the step in progress wrote nothing", file=sys.stderr)
-        return 130
-    print(tabulate(job.rows, headers="keys", tablefmt="github", intfmt=",", floatfmt=".4f"))
-    print("\n".join(job.summary_lines()))
-    return 0
+        job.run(steps)
+        print(tabulate(job.rows, headers="keys", tablefmt="github", intfmt=",", floatfmt=".4f"))
+        print("\n".join(job.summary_lines()))
+        return 0
+
+    return guarded(run_job, "interrupted; snapshots already written are complete, the step in progress wrote nothing")
 
 
 if __name__ == "__main__":

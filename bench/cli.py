@@ -11,11 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from algorithms.errors import PruningError
 from backends import BACKEND_NAMES
 from models import MODEL_NAMES
 from pipeline.atomic import staged_directory
-from pipeline.cli import OneLineParser
+from pipeline.cli import OneLineParser, guarded
 from pipeline.datasets import BUILTIN_DATASETS
 from pipeline.errors import UsageError
 from pipeline.training import OPTIMIZERS
@@ -137,11 +136,5 @@ def report_command(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = {"merge": merge_command, "report": report_command}.get(argv[0] if argv else "", run_command)
-    try:
-        return command(argv[1:] if command is not run_command else argv)
-    except (UsageError, PruningError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: every finished cell is saved in results.jsonl; run the same command again to resume", file=sys.stderr)
-        return 130
+    arguments = argv[1:] if command is not run_command else argv
+    return guarded(lambda: command(arguments), "interrupted: every finished cell is saved in results.jsonl; run the same command again to resume")

@@ -1,8 +1,14 @@
-"""What every command-line entry point shares: bad flags are one stderr line and exit status 2."""
+"""What every command-line entry point shares: bad input is one stderr line and exit status 2."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+
+from algorithms.errors import PruningError
+
+from .errors import UsageError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -10,3 +16,15 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"error: {message}; see python {self.prog} --help\n")
+
+
+def guarded(action: Callable[[], int], interrupted: str) -> int:
+    """Run a CLI's body: bad input is one stderr line and exit 2, Ctrl-C a one-line note and exit 130; never a traceback for either."""
+    try:
+        return action()
+    except (UsageError, PruningError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
