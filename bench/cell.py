@@ -23,12 +23,13 @@ from pipeline.atomic import write_json
 from pipeline.config import STAGES, JobConfig
 from pipeline.data import ImageDataset
 from pipeline.job import Job
-from pipeline.metrics import measure_latency
+from pipeline.metrics import deployable, measure_latency
 from pipeline.training import train
 
 from .matrix import Cell, MatrixSpec, base_key
 
 LATENCY_BATCHES = (1, 64)
+LATENCY_FORM = "eval mode, BatchNorm folded into the conv before it (torch.fx fuse), NCHW, float32"
 
 
 def job_config(spec: MatrixSpec, model: str, seed: int, **where: Any) -> JobConfig:
@@ -81,11 +82,13 @@ def cpu_model() -> str:
 
 def environment(spec: MatrixSpec) -> dict[str, Any]:
     return {**spec.versions, "python": platform.python_version(), "cpu": cpu_model(), "device": "cpu", "dtype": "float32",
-            "memory_format": "contiguous (NCHW)", "latency_threads": spec.threads, "train_threads": torch.get_num_threads()}  # fmt: skip
+            "memory_format": "contiguous (NCHW)", "latency_form": LATENCY_FORM, "latency_threads": spec.threads,
+            "train_threads": torch.get_num_threads()}  # fmt: skip
 
 
 def latency_figures(spec: MatrixSpec, dense: nn.Module, pruned: nn.Module, example: torch.Tensor) -> dict[str, float]:
-    """Dense and pruned timed in interleaved rounds (DESIGN.md section 7), at each latency batch size."""
+    """Dense and pruned, both in their deployable form, timed in interleaved rounds (DESIGN.md section 7), at each latency batch size."""
+    dense, pruned = deployable(dense), deployable(pruned)
     out: dict[str, float] = {}
     for batch in LATENCY_BATCHES:
         before, after = measure_latency(dense, pruned, example_input=example, batch=batch, runs=spec.latency_runs, threads=spec.threads)

@@ -99,8 +99,9 @@ def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list
         f"Data `{spec.get('data_type')}`; base model trained {spec.get('base_epochs_resolved', spec.get('base_epochs'))} epochs, "
         f"each pruned model fine-tuned {spec.get('finetune_epochs')} epochs ({spec.get('optimizer')}, lr {spec.get('learning_rate')}, "
         f"batch {spec.get('batch_size')}); every cell starts from the same base per model and seed; seeds {', '.join(str(x) for x in spec.get('seeds', []))}.",
-        f"Latency: CPU, float32, NCHW, {spec.get('threads')} thread(s), median of {spec.get('latency_runs')} runs after warm-up, dense and pruned "
-        f"interleaved; speedup = dense / pruned time. MACs = Conv + Linear multiply-accumulates per sample (torch FlopCounterMode).",
+        f"Latency: CPU, float32, NCHW, BatchNorm folded into the preceding conv (as inference runtimes run it), {spec.get('threads')} thread(s), "
+        f"median of {spec.get('latency_runs')} runs after warm-up, dense and pruned interleaved; speedup = dense / pruned time. "
+        "MACs = Conv + Linear multiply-accumulates per sample (torch FlopCounterMode).",
         f"Environment: {versions}; CPU {', '.join(cpus)}.",
         "Accuracy columns: mean ± std over seeds (std shown when more than one seed). `masked` = base weights x mask with BatchNorm "
         "untouched (what NNI reports); `pruned` = the physically smaller model before fine-tuning; `fine-tuned` = after fine-tuning.",
