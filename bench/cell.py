@@ -126,8 +126,7 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
         "macs_before": base["macs"], "macs_after": refined["macs"], "mac_ratio": round(base["macs"] / refined["macs"], 4),
         "size_mb_before": base["modelSize"], "size_mb_after": refined["modelSize"], "size_ratio": round(base["modelSize"] / refined["modelSize"], 4),
         "prune_seconds": pruned["prune_seconds"],
-        "kept": {layer["layer"]: layer["after"] for layer in pruned["layers"]},
-        "units": {layer["layer"]: layer["before"] for layer in pruned["layers"]},
+        **layer_widths(base_model, pruned["layers"]),
     }  # fmt: skip
     if pruned["physical"]:
         row |= latency_figures(spec, base_model, final_model, data.example_input(1))
@@ -142,6 +141,17 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
     row["cell_seconds"] = round(time.perf_counter() - started, 3)
     row["env"] = environment(spec)
     return row
+
+
+def layer_widths(model: nn.Module, layers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per pruned layer: channels kept, channels before, and its position in the network (backends list layers in their own order)."""
+    rank = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    ordered = sorted(layers, key=lambda layer: rank.get(layer["layer"], len(rank)))
+    return {
+        "kept": {layer["layer"]: layer["after"] for layer in ordered},
+        "units": {layer["layer"]: layer["before"] for layer in ordered},
+        "layer_rank": {layer["layer"]: rank.get(layer["layer"], len(rank)) for layer in ordered},
+    }
 
 
 def failed_row(cell: Cell, error: BaseException, spec: MatrixSpec) -> dict[str, Any]:

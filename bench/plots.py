@@ -96,7 +96,8 @@ def kept_channels(ok_rows: pd.DataFrame, path: Path) -> Path:
         percent = min(per.percent.unique(), key=lambda p: (abs(p - 0.5), p))
         per = per[per.percent == percent].sort_values("seed").drop_duplicates(["backend", "method"])
         widths = [(row, json.loads(row.kept_channels), json.loads(row.units_json)) for _, row in per.iterrows()]
-        layers = list(dict.fromkeys(name for _, _, units in widths for name in units))  # network order; absent = not pruned
+        rank = {name: position for _, row in per.iterrows() for name, position in json.loads(row.layer_rank_json).items()}
+        layers = sorted({name for _, _, units in widths for name in units}, key=lambda name: rank.get(name, 0))  # absent from a row = not pruned
         for row, kept, units in widths:
             ax.plot(range(len(layers)), [kept[n] / units[n] if n in kept else 1.0 for n in layers], marker=MARKERS.get(row.backend, "x"), label=_label(row))
         ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)

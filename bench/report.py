@@ -19,10 +19,11 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per cell and seed; per-layer widths as JSON text, the environment as a few flat columns."""
     flat = []
     for row in rows:
-        out = {k: v for k, v in row.items() if k not in ("kept", "units", "env")}
+        out = {k: v for k, v in row.items() if k not in ("kept", "units", "layer_rank", "env")}
         if "kept" in row:
             out["kept_channels"] = json.dumps(row["kept"])
             out["units_json"] = json.dumps(row["units"])
+            out["layer_rank_json"] = json.dumps(row.get("layer_rank", {}))
         env = row.get("env", {})
         out |= {"torch": env.get("torch"), "nni": env.get("nni"), "cpu": env.get("cpu"), "latency_threads": env.get("latency_threads")}
         flat.append(out)

@@ -59,9 +59,11 @@ def test_tiny_matrix_records_every_figure_per_cell(tiny_run):
     # the shared JobConfig path: L1 at layer scope is the same criterion on both backends
     by_method = {row["method"]: row for row in rows}
     assert by_method["l1"]["params_after"] == by_method["random"]["params_after"]  # both layer scope, floor(C/2) per layer
-    # per-layer widths keep network order through results.jsonl (the kept-channels plot depends on it)
+    # per-layer widths are in network order, whatever order the backend listed them in (the kept-channels plot depends on it)
     saved = {row["cell"]: row for row in store.read_rows(root / "out")}
-    assert list(saved["lenet/scratch/random/0.5/seed0"]["units"]) == ["features.0", "features.4", "classifier.0", "classifier.2"]
+    assert list(saved["lenet/nni/l1/0.5/seed0"]["units"]) == ["features.0", "features.4", "classifier.0", "classifier.2"]
+    for row in saved.values():
+        assert list(row["layer_rank"]) == list(row["kept"]) and list(row["layer_rank"].values()) == sorted(row["layer_rank"].values())
 
 
 def test_a_cell_computes_what_run_py_computes_from_the_same_base(tiny_run, tmp_path, monkeypatch):
