@@ -21,7 +21,7 @@ from torch import nn
 from algorithms.channel_pruning import check_scope, excluded_producers, validate_sparsity
 from algorithms.errors import PruningError
 from algorithms.graph import analyze
-from algorithms.masks import mask_in_place, unit_masks
+from algorithms.masks import apply_masks, mask_in_place, unit_masks
 from algorithms.modules import clone_tree, has_norm
 
 from .base import PruneResult
@@ -155,10 +155,15 @@ class NNIBackend:
                 )
             if method == "slim":  # NNI's speedup does not carry BatchNorm masks back to the conv: give it the conv masks too
                 masks = {**masks, **{name: unit_masks(modules[name], indices) for name, indices in kept.items()}}
+            trained = method in DATA_DRIVEN or method in SCHEDULED
+            info: dict[str, Any] = {"train_steps": training_steps if trained else 0}
+            if trained:  # NNI trained `working` while scoring: its masked figure must come from those weights, not the input model's
+                info["masked_model"] = apply_masks(working, masks)
             if not physical:
                 mask_in_place(working, masks)
                 return PruneResult(working, kept if method != "level" else {}, masks, units if method != "level" else {}, self.name, method,
-                                   scope or "layer", physical=False, info={"note": "masked only: size, MACs and latency are the dense model's"})  # fmt: skip
+                                   scope or "layer", physical=False,
+                                   info={**info, "note": "masked only: size, MACs and latency are the dense model's"})  # fmt: skip
             from nni.compression.speedup import ModelSpeedup
 
             try:
@@ -170,7 +175,7 @@ class NNIBackend:
             if _units(pruned_modules[producer]) != len(indices):
                 raise PruningError(f"NNI's speedup kept {_units(pruned_modules[producer])} units of {producer}, its masks {len(indices)}: masks conflict")
         pruned.train(model.training)
-        return PruneResult(pruned, kept, masks, units, self.name, method, scope or "layer")
+        return PruneResult(pruned, kept, masks, units, self.name, method, scope or "layer", info=info)
 
 
 def _config_list(

@@ -24,7 +24,7 @@ from pipeline.config import STAGES, JobConfig
 from pipeline.data import ImageDataset
 from pipeline.job import Job
 from pipeline.metrics import deployable, measure_latency
-from pipeline.training import train
+from pipeline.training import evaluate, train
 
 from .matrix import Cell, MatrixSpec, base_key
 
@@ -46,12 +46,14 @@ def ensure_base(spec: MatrixSpec, model: str, seed: int, data: ImageDataset, bas
     A lock file per key lets shards that share `base_root` (a Slurm array on a shared file system) wait for
     the one that trains it instead of training it twice or replacing it under each other.
     """
-    base_root.mkdir(parents=True, exist_ok=True)
     key = base_key(spec, model, seed, data.input_shape, len(data.train_labels))
     root = base_root / key
     figures_path = root / "base_figures.json"
     with (base_root / f".{key}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (some Lustre mounts): go on unlocked, as a single process would
+            pass
         if (root / STAGES["1"]).is_dir() and figures_path.is_file():
             return root, json.loads(figures_path.read_text())
         job = Job(job_config(spec, model, seed, save_dir=str(root), log_dir=str(root / "log"), result_dir=str(root / "results")), data)
@@ -125,7 +127,7 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
         "params_before": base["params"], "params_after": refined["params"], "params_ratio": round(base["params"] / refined["params"], 4),
         "macs_before": base["macs"], "macs_after": refined["macs"], "mac_ratio": round(base["macs"] / refined["macs"], 4),
         "size_mb_before": base["modelSize"], "size_mb_after": refined["modelSize"], "size_ratio": round(base["modelSize"] / refined["modelSize"], 4),
-        "prune_seconds": pruned["prune_seconds"],
+        "prune_seconds": pruned["prune_seconds"], "prune_train_steps": pruned["prune_train_steps"],
         **layer_widths(base_model, pruned["layers"]),
     }  # fmt: skip
     if pruned["physical"]:
@@ -136,8 +138,8 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
         history = train(control, data, epochs=spec.base_epoch_count + spec.finetune_epochs, batch_size=spec.batch_size,
                         val_batch_size=spec.val_batch_size, lr=spec.learning_rate, optimizer_name=spec.optimizer, seed=cell.seed,
                         limit_batches=spec.limit_batches, limit_val_batches=spec.limit_val_batches, desc="from scratch")  # fmt: skip
-        if history:
-            row |= {"scratch_top1": round(history[-1].top1, 6), "scratch_topk": round(history[-1].top_k, 6)}
+        result = history[-1] if history else evaluate(control, data, spec.val_batch_size, spec.limit_val_batches)
+        row |= {"scratch_top1": round(result.top1, 6), "scratch_topk": round(result.top_k, 6)}
     row["cell_seconds"] = round(time.perf_counter() - started, 3)
     row["env"] = environment(spec)
     return row

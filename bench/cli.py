@@ -99,6 +99,9 @@ def run_command(argv: list[str]) -> int:
                       data_options={"data_dir": args.data_dir, "download": args.download, "dataset_dir": args.dataset_dir})  # fmt: skip
     failed = sum(row.get("status") != "ok" for row in rows)
     print(f"{len(rows)} cells in {out}/results.jsonl ({failed} failed); report: {out}/report.md; tables: {out}/results.csv; plots: {out}/*.png")
+    if failed:  # a Slurm array or CI job must see it; the failed cells and their errors are in the report
+        print(f"error: {failed} cell(s) failed; see the 'Failed cells' table in {out}/report.md, then rerun the same command to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

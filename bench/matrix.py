@@ -130,10 +130,11 @@ def expand(spec: MatrixSpec, input_shape: tuple[int, ...], num_classes: int) -> 
         except ValueError as error:
             raise UsageError(f"{error} (dataset {spec.data_type} has {tuple(input_shape)} images)") from None
         for backend, method in methods_for(spec, probe):
-            try:
-                get_backend(backend).validate(probe, method, spec.percents[0], spec.scope)
-            except PruningError as error:
-                raise UsageError(f"{backend}:{method} cannot prune {model}: {error}. {offered_methods()}") from None
+            for percent in spec.percents:
+                try:
+                    get_backend(backend).validate(probe, method, percent, spec.scope)
+                except PruningError as error:
+                    raise UsageError(f"{backend}:{method} cannot prune {model}: {error}. {offered_methods()}") from None
             cells += [Cell(model, seed, backend, method, p) for seed in spec.seeds for p in spec.percents]
     return sorted(set(cells))
 

@@ -104,6 +104,8 @@ def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list
         f"median of {spec.get('latency_runs')} runs after warm-up, dense and pruned interleaved; speedup = dense / pruned time. "
         "MACs = Conv + Linear multiply-accumulates per sample (torch FlopCounterMode).",
         f"Environment: {versions}; CPU {', '.join(cpus)}.",
+        f"NNI's data-driven methods (slim, taylor, agp, linear) train {spec.get('prune_steps')} steps on the training data while pruning, on top "
+        "of the fine-tuning every cell gets (`prune_train_steps` in results.csv); their masked figure uses those trained weights.",
         "Accuracy columns: mean ± std over seeds (std shown when more than one seed). `masked` = base weights x mask with BatchNorm "
         "untouched (what NNI reports); `pruned` = the physically smaller model before fine-tuning; `fine-tuned` = after fine-tuning.",
     ]

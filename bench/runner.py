@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ EXTENTS = ("models", "backends", "methods", "percents", "seeds")
 def manifest_for(spec: MatrixSpec, shard_of: tuple[int, int], previous: dict[str, Any] | None) -> dict[str, Any]:
     """run.json: the fingerprint, the full settings (matrix extents joined with an earlier run's) and the environment."""
     settings = {**asdict(spec), "base_epochs_resolved": spec.base_epoch_count}
+    shards = [f"{shard_of[0]}/{shard_of[1]}"]
     if previous:
         for extent in EXTENTS:
             settings[extent] = list(dict.fromkeys([*previous["spec"].get(extent, []), *settings[extent]]))
-    return {"fingerprint": spec.fingerprint(), "spec": settings, "env": environment(spec), "shard": f"{shard_of[0]}/{shard_of[1]}"}
+        shards = sorted({*previous.get("shards", []), *shards})
+    return {"fingerprint": spec.fingerprint(), "spec": settings, "env": environment(spec), "shards": shards}
 
 
 def render_all(directory: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list[Path]:
@@ -56,10 +59,16 @@ def run_matrix(
     check_names(spec)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a directory for the results")
+    if base_root.exists() and not base_root.is_dir():
+        raise UsageError(f"--base_dir {base_root} is a file; give a directory for the cached base models")
     data = data or load_dataset(spec.data_type, **(data_options or {}))
     cells = plan(spec, data, shard_of)  # refuses impossible requests before anything is trained or written
     previous = store.check_compatible(out, spec.fingerprint())
     manifest = manifest_for(spec, shard_of, previous)
+    try:
+        base_root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--base_dir {base_root} cannot be created ({error.strerror}); choose a writable directory") from None
     store.write_manifest(out, manifest)
     finished = {row["cell"] for row in store.read_rows(out) if is_finished(row, spec)}
     todo = [cell for cell in cells if cell.key not in finished]
@@ -71,14 +80,14 @@ def run_matrix(
                 row = run_cell(spec, cell, data, base_root, out / "cells" / cell.key.replace("/", "_"), keep_snapshots)
             except Exception as error:  # any failure of one cell: record it in one line, go on with the rest
                 row = failed_row(cell, error, spec)
-                tqdm.write(f"cell {cell.key} failed: {row['error']}")
+                tqdm.write(f"cell {cell.key} failed: {row['error']}", file=sys.stderr)
             store.record(out, row)
     except KeyboardInterrupt:
         bar.close()
         try:  # reports of what finished; a failure here must not hide the interrupt
             render_all(out, manifest, store.read_rows(out))
         except Exception as error:
-            tqdm.write(f"reports not rendered ({type(error).__name__}: {error}); run: python -m bench report {out}")
+            tqdm.write(f"reports not rendered ({type(error).__name__}: {error}); run: python -m bench report {out}", file=sys.stderr)
         raise
     bar.close()
     render_all(out, manifest, store.read_rows(out))

@@ -100,16 +100,15 @@ def merge(directories: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]
     spec = {**first["spec"]}
     for extent in ("models", "backends", "methods", "percents", "seeds"):
         spec[extent] = list(dict.fromkeys(v for m in manifests for v in m["spec"].get(extent, [])))
-    merged = {**first, "spec": spec, "shard": "merged", "merged_from": [str(d) for d in directories], "missing_shards": missing_shards(manifests)}
+    shards = sorted({shard for manifest in manifests for shard in manifest.get("shards", [])})
+    merged = {**first, "spec": spec, "shards": shards, "merged_from": [str(d) for d in directories], "missing_shards": missing_shards(manifests)}
     return merged, list(by_cell.values())
 
 
 def missing_shards(manifests: list[dict[str, Any]]) -> list[str]:
-    """Shards of an i/n split that none of the merged directories holds (a Slurm task that failed, say)."""
-    split = [m.get("shard", "0/1").split("/") for m in manifests if "/" in str(m.get("shard", "0/1"))]
-    counts = {int(n) for _, n in split}
-    if len(counts) != 1:
+    """Shards of an i/n split that none of the merged directories ran (a Slurm task that failed, say)."""
+    ran = {shard for manifest in manifests for shard in manifest.get("shards", [])}
+    counts = {int(shard.split("/")[1]) for shard in ran}
+    if counts == {1}:
         return []
-    (count,) = counts
-    present = {int(i) for i, _ in split}
-    return [f"{i}/{count}" for i in range(count) if i not in present]
+    return [f"{i}/{n}" for n in sorted(counts) for i in range(n) if f"{i}/{n}" not in ran]

@@ -131,11 +131,14 @@ class Job:
         if not result.physical and c.echo_epochs:
             print(f"note: {method} is unstructured; the model is masked, not smaller: its size, MACs and latency are the dense model's", file=sys.stderr)
         base_figures = self.base_figures or self.figures(base, self.evaluate(base))
-        masked = self.evaluate(apply_masks(base, result.masks))
+        # data-driven NNI methods train while pruning: their masked model is their trained copy, masked
+        trained_copy = result.info.get("masked_model")
+        masked = self.evaluate(trained_copy if trained_copy is not None else apply_masks(base, result.masks))
         figures = self.figures(result.model, self.evaluate(result.model))
         info = {"backend": c.backend, "method": method, "percent": c.percent, "scope": result.scope, "exclude": list(c.exclude), "kept": result.kept,
                 "physical": result.physical}  # fmt: skip
-        payload = {**figures, **info, "prune_seconds": round(seconds, 4), "masked_accuracy": round(masked.top1, 6),
+        payload = {**figures, **info, "prune_seconds": round(seconds, 4), "prune_train_steps": result.info.get("train_steps", 0),
+                   "masked_accuracy": round(masked.top1, 6),
                    "masked_top_k_accuracy": round(masked.top_k, 6), "base": base_figures, "layers": result.kept_table()}  # fmt: skip
         self.save("2", result.model, self.meta(STAGES["2"], **info), "pruning", payload)
         if c.echo_epochs:

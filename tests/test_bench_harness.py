@@ -296,12 +296,24 @@ def test_results_directory_of_an_incompatible_run_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["run", "merge"])
-def test_out_that_is_a_file_is_refused(tmp_path, capsys, command):
-    (tmp_path / "file").write_text("x")
-    argv = [*TINY_FLAGS, "--out", str(tmp_path / "file")] if command == "run" else ["merge", str(tmp_path), "--out", str(tmp_path / "file")]
+def test_out_that_is_a_file_is_refused(tiny_run, tmp_path, capsys, command):
+    root, _ = tiny_run
+    (tmp_path / "taken").write_text("x")
+    if command == "run":
+        argv, message = [*TINY_FLAGS, "--out", str(tmp_path / "taken")], "is a file; give a directory"
+    else:
+        argv, message = ["merge", str(root / "out"), "--out", str(tmp_path / "taken")], "exists and is not an empty directory"
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "file" in err
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_a_run_with_failed_cells_exits_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    argv = [*TINY_FLAGS, "--backends", "scratch", "--methods", "conv_all", "--out", str(tmp_path / "o"), "--base_dir", str(tmp_path / "b")]
+    assert main(argv) == 1
+    assert "2 cell(s) failed" in capsys.readouterr().err and "RuntimeError: boom" in (tmp_path / "o" / "report.md").read_text()
 
 
 def test_cli_process_prints_no_traceback(tmp_path):

@@ -83,6 +83,19 @@ def test_data_driven_methods_prune_physically(digits_batches, method, options):
         assert len(keep) == result.original_units[layer] // 2
     with torch.no_grad():
         assert result.model.eval()(data.example_input(4)).shape == (4, 10)
+    # NNI trained its copy while scoring: the masked reference is that trained copy, masked, and the input model is untouched
+    masked, steps = result.info["masked_model"], result.info["train_steps"]
+    assert steps == 8
+    trained_weight, base_weight = masked.features[0].weight, model.features[0].weight
+    assert not torch.equal(trained_weight, base_weight) and torch.equal(base_weight, build_model_seeded(data))
+    for layer, keep in result.kept.items():
+        pruned_rows = sorted(set(range(result.original_units[layer])) - set(keep))
+        assert float(dict(masked.named_modules())[layer].weight[pruned_rows].detach().abs().sum()) == 0.0
+
+
+def build_model_seeded(data):
+    torch.manual_seed(0)
+    return build_model("lenet", data.input_shape, 10).features[0].weight
 
 
 def test_options_mean_what_they_mean_in_scratch():
