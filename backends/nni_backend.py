@@ -30,6 +30,7 @@ ONE_SHOT = {"l1": "L1NormPruner", "l2": "L2NormPruner", "fpgm": "FPGMPruner"}
 DATA_DRIVEN = {"slim": "SlimPruner", "taylor": "TaylorPruner"}
 SCHEDULED = {"agp": "AGPPruner", "linear": "LinearPruner"}
 METHODS: tuple[str, ...] = ("level", *ONE_SHOT, *DATA_DRIVEN, *SCHEDULED)
+TRAINS_WHILE_PRUNING = {*DATA_DRIVEN, *SCHEDULED}
 SCHEDULE_BASES = ("l1", "taylor")
 
 TrainBatches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
@@ -93,7 +94,7 @@ class NNIBackend:
             raise PruningError("level is unstructured (single weights): it cannot shrink the model physically; pass physical=False")
         if method in SCHEDULED and schedule_over not in SCHEDULE_BASES:
             raise PruningError(f"{method} schedules one of {', '.join(SCHEDULE_BASES)}, not {schedule_over!r}")
-        if (method in DATA_DRIVEN or method in SCHEDULED) and not has_data:
+        if method in TRAINS_WHILE_PRUNING and not has_data:
             raise PruningError(f"{method} is data-driven: pass train_batches (a function returning (images, labels) batches) and training_steps")
         if method == "slim" and not has_norm(model):
             raise PruningError(f"slim ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use l1, l2 or fpgm")
@@ -155,7 +156,7 @@ class NNIBackend:
                 )
             if method == "slim":  # NNI's speedup does not carry BatchNorm masks back to the conv: give it the conv masks too
                 masks = {**masks, **{name: unit_masks(modules[name], indices) for name, indices in kept.items()}}
-            trained = method in DATA_DRIVEN or method in SCHEDULED
+            trained = method in TRAINS_WHILE_PRUNING
             info: dict[str, Any] = {"train_steps": training_steps if trained else 0}
             if trained:  # NNI trained `working` while scoring: its masked figure must come from those weights, not the input model's
                 info["masked_model"] = apply_masks(working, masks)

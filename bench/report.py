@@ -111,8 +111,8 @@ def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list
     ]
 
 
-def render(directory: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Write results.csv and report.md for `rows`; returns the per-configuration summary."""
+def render(directory: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write results.csv and report.md for `rows`; returns the per-configuration summary and the finished rows (for the plots)."""
     table = frame(rows)
     write_text(directory / "results.csv", table.to_csv(index=False))
     ok = table[table.status == "ok"] if not table.empty else table
@@ -131,4 +131,4 @@ def render(directory: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]
     if table.empty:
         lines += ["No finished cells yet.", ""]
     write_text(directory / "report.md", "\n".join(lines))
-    return stats
+    return stats, ok

@@ -17,27 +17,19 @@ from . import store
 from .cell import environment, failed_row, run_cell
 from .matrix import Cell, MatrixSpec, check_names, expand, shard
 from .plots import draw_all
-from .report import frame, render
-
-EXTENTS = ("models", "backends", "methods", "percents", "seeds")
+from .report import render
 
 
 def manifest_for(spec: MatrixSpec, shard_of: tuple[int, int], previous: dict[str, Any] | None) -> dict[str, Any]:
     """run.json: the fingerprint, the full settings (matrix extents joined with an earlier run's) and the environment."""
     settings = {**asdict(spec), "base_epochs_resolved": spec.base_epoch_count}
-    shards = [f"{shard_of[0]}/{shard_of[1]}"]
-    if previous:
-        for extent in EXTENTS:
-            settings[extent] = list(dict.fromkeys([*previous["spec"].get(extent, []), *settings[extent]]))
-        shards = sorted({*previous.get("shards", []), *shards})
-    return {"fingerprint": spec.fingerprint(), "spec": settings, "env": environment(spec), "shards": shards}
+    current = {"fingerprint": spec.fingerprint(), "spec": settings, "env": environment(spec), "shards": [f"{shard_of[0]}/{shard_of[1]}"]}
+    return store.joined([previous, current]) if previous else current
 
 
 def render_all(directory: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list[Path]:
     """results.csv, report.md and the plots, all from the saved rows."""
-    stats = render(directory, manifest, rows)
-    table = frame(rows)
-    ok = table[table.status == "ok"] if not table.empty else table
+    stats, ok = render(directory, manifest, rows)
     return [directory / "results.csv", directory / "report.md", *draw_all(directory, stats, ok)]
 
 

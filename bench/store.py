@@ -14,6 +14,7 @@ from pipeline.atomic import write_json, write_text
 from pipeline.errors import UsageError
 
 MANIFEST = "run.json"
+EXTENTS = ("models", "backends", "methods", "percents", "seeds")  # a matrix's extent: may differ between runs that share a table
 RESULTS = "results.jsonl"
 
 
@@ -97,12 +98,15 @@ def merge(directories: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]
             kept = by_cell.get(row["cell"])
             if kept is None or (kept.get("status") != "ok" and row.get("status") == "ok"):
                 by_cell[row["cell"]] = row
-    spec = {**first["spec"]}
-    for extent in ("models", "backends", "methods", "percents", "seeds"):
-        spec[extent] = list(dict.fromkeys(v for m in manifests for v in m["spec"].get(extent, [])))
-    shards = sorted({shard for manifest in manifests for shard in manifest.get("shards", [])})
-    merged = {**first, "spec": spec, "shards": shards, "merged_from": [str(d) for d in directories], "missing_shards": missing_shards(manifests)}
+    merged = {**joined(manifests), "merged_from": [str(d) for d in directories], "missing_shards": missing_shards(manifests)}
     return merged, list(by_cell.values())
+
+
+def joined(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """One manifest for several runs of one matrix: the last one's settings and environment, their extents and shards unioned."""
+    last = manifests[-1]
+    extents = {e: list(dict.fromkeys(v for m in manifests for v in m["spec"].get(e, []))) for e in EXTENTS}
+    return {**last, "spec": {**last["spec"], **extents}, "shards": sorted({s for m in manifests for s in m.get("shards", [])})}
 
 
 def missing_shards(manifests: list[dict[str, Any]]) -> list[str]:

@@ -6,6 +6,7 @@ import torch
 import torchvision
 
 from backends import get_backend
+from backends.nni_backend import TRAINS_WHILE_PRUNING
 from models import build_model
 
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -26,7 +27,7 @@ def train_batches():
 
 
 def prune(backend: str, model: torch.nn.Module, method: str, percent: float = 0.5, scope: str | None = "layer") -> torch.nn.Module:
-    data_driven = backend == "nni" and method in ("slim", "taylor", "agp", "linear")
+    data_driven = backend == "nni" and method in TRAINS_WHILE_PRUNING
     options = {"train_batches": train_batches, "training_steps": 4} if data_driven else {}
     return get_backend(backend).prune(model, method, percent, X, scope=scope, **options).model.eval()
 
