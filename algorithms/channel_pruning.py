@@ -73,11 +73,13 @@ def check_scope(scope: str | None, per_layer: bool) -> None:
         raise PruningError("per-layer sparsity ratios cannot use scope='global'; use scope='layer'")
 
 
-def check_request(model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None) -> tuple[Method, str]:
+def check_request(
+    model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None, methods: Mapping[str, Method] = METHODS
+) -> tuple[Method, str]:
     """Validate a request without tracing; returns the method and the scope it resolves to."""
-    if method not in METHODS:
-        raise PruningError(f"unknown pruning method {method!r}; choose one of: {', '.join(METHODS)}")
-    spec = METHODS[method]
+    if method not in methods:
+        raise PruningError(f"unknown pruning method {method!r}; choose one of: {', '.join(methods)}")
+    spec = methods[method]
     validate_sparsity(sparsity)
     per_layer = isinstance(sparsity, Mapping)
     check_scope(scope, per_layer)
@@ -99,12 +101,19 @@ def prune_channels(
     exclude: Iterable[str] = (),
     seed: int = 0,
     threshold: float = DEFAULT_THRESHOLD,
+    methods: Mapping[str, Method] = METHODS,
+    graph: ChannelGraph | None = None,
+    verify: bool = True,
 ) -> ChannelPruning:
-    """Prune output channels of every prunable Conv2d / hidden Linear; `model` is left untouched."""
-    spec, scope = check_request(model, method, sparsity, scope)
+    """Prune output channels of every prunable Conv2d / hidden Linear; `model` is left untouched.
+
+    A caller that prunes one model many times (sensitivity analysis) passes `graph=analyze(model, example_input)` once, and
+    `verify=False` (skip the check that the pruned model runs) once the same structure has passed it.
+    """
+    spec, scope = check_request(model, method, sparsity, scope, methods)
     modules = dict(model.named_modules())
     per_layer = isinstance(sparsity, Mapping)
-    graph = analyze(model, example_input)
+    graph = analyze(model, example_input) if graph is None else graph
     excluded = excluded_producers(graph, set(modules), exclude)
     ratios: dict[int, float] = {}
     if per_layer:
@@ -149,7 +158,8 @@ def prune_channels(
     kept = {g: k for g, k in kept.items() if len(k) < graph.groups[g].size}
 
     pruned = shrink(model, graph, kept)
-    _check_runs(pruned, example_input)
+    if verify:
+        _check_runs(pruned, example_input)
     kept_by_layer = {p: kept[g].tolist() for p, g in graph.group_of_producer.items() if g in kept}
     original = {p: graph.groups[graph.group_of_producer[p]].size for p in kept_by_layer}
     return ChannelPruning(pruned, kept_by_layer, build_masks(model, graph, kept), original, scope, graph)

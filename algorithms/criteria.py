@@ -26,6 +26,16 @@ def unit_sum(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(weight.detach().flatten(1), ord=1, dim=1).double()
 
 
+def unit_l2(weight: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(weight.detach().flatten(1).double(), ord=2, dim=1)
+
+
+def geometric_median_distance(weight: torch.Tensor) -> torch.Tensor:
+    """FPGM (He et al. 2019): a unit's summed Euclidean distance to every other; the lowest sit nearest the geometric median, so are replaceable."""
+    units = weight.detach().flatten(1).double()
+    return torch.cdist(units, units).sum(1)
+
+
 def unit_mean(weight: torch.Tensor) -> torch.Tensor:
     return unit_sum(weight) / weight[0].numel()
 
@@ -101,4 +111,11 @@ METHODS: dict[str, Method] = {
     "conv_threshold": Method("weight", "layer", unit_threshold_count, takes_threshold=True),
     "conv_similarity": Method("weight", "layer", filter_distances, greedy=True),
     "bn_similarity": Method("norm", "layer", gamma_distances, greedy=True),
+}
+
+# NNI's names for the same kind of per-layer ranking, for users coming from NNI's SensitivityAnalysis.
+NNI_NAMED: dict[str, Method] = {
+    "l1": Method("weight", "layer", unit_sum),
+    "l2": Method("weight", "layer", unit_l2),
+    "fpgm": Method("weight", "layer", geometric_median_distance),
 }

@@ -41,7 +41,7 @@ class Consumer:
     """A module whose input channels follow `layout` and must be sliced with it."""
 
     module: str
-    kind: str  # "conv" | "linear" | "norm" | "depthwise"
+    kind: str  # "conv" | "linear" | "norm" | "depthwise" | "grouped"
     layout: Layout
 
 
@@ -209,6 +209,13 @@ class _Walker:
             size = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
             self.producer_space[name] = self.spaces.new(size)
             self.layouts[node] = (Segment(self.producer_space[name], size),)
+        elif isinstance(module, nn.Conv2d) and not is_depthwise(module) and source is not None:
+            # grouped: each output group reads only its own input group; recorded (GroupDependency) but never pruned
+            reason = f"{name} is a grouped convolution (groups={module.groups})"
+            self.consumers.append(Consumer(name, "grouped", source))
+            self.spaces.block(source, reason)
+            self.producer_space[name] = self.spaces.new(module.out_channels, reason)
+            self.layouts[node] = (Segment(self.producer_space[name], module.out_channels),)
         elif isinstance(module, nn.Conv2d) and is_depthwise(module) and source is not None:
             self.consumers.append(Consumer(name, "depthwise", source))
             self.layouts[node] = source
