@@ -27,7 +27,7 @@ from pipeline.datasets import BUILTIN_DATASETS
 from pipeline.errors import UsageError
 from pipeline.export import FORMATS, ExportMismatch, export
 from pipeline.layer_stats import side_by_side, stats_frame
-from pipeline.sensitivity_job import SensitivityRequest, run_sensitivity
+from pipeline.sensitivity_job import SensitivityRequest, ratios_from_csv, run_sensitivity
 from pipeline.sensitivity_job import check_request as check_sensitivity_request
 
 
@@ -42,7 +42,7 @@ def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.replace(" ", ",").split(",") if v)
     except ValueError:
-        raise UsageError(f"--sparsities {text!r} must be comma-separated fractions, e.g. 0.1,0.3,0.5") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated fractions, e.g. 0.1,0.3,0.5") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val_batch_size", type=int, default=256)
     s.add_argument("--limit_val_batches", type=int, default=None, help="evaluate at most this many test batches per point")
     s.add_argument("--outdir", default=None, help="default output/sensitivity/<model>/<data_type>")
+    s.add_argument("--from_csv", default=None, help="skip the scan: turn an existing sensitivity CSV into ratios (needs --max_loss)")
+    s.add_argument("--baseline", type=float, default=None, help="with --from_csv: the unpruned metric (default: from sensitivity.json beside it)")
 
     d = commands.add_parser("dependency", help="channel dependency sets (NNI's ChannelDependency) and group constraints (GroupDependency)")
     _model_flags(d)
@@ -96,7 +98,21 @@ def _positive(args: argparse.Namespace, *flags: str) -> None:
             raise UsageError(f"--{flag} must be positive, got {value}")
 
 
+def cmd_ratios(args: argparse.Namespace) -> int:
+    if args.max_loss is None:
+        raise UsageError("--from_csv needs --max_loss (the allowed drop of the metric)")
+    ratios, baseline, path = ratios_from_csv(args.from_csv, args.max_loss, args.baseline, args.outdir)
+    print(f"largest ratios within a loss of {args.max_loss:g} from {baseline:.4f}:")
+    print(tabulate(ratios.items(), headers=["layer", "ratio"], tablefmt="github"))
+    print(f"written to: {path}")
+    return 0
+
+
 def cmd_sensitivity(args: argparse.Namespace) -> int:
+    if args.from_csv is not None:
+        return cmd_ratios(args)
+    if args.baseline is not None:
+        raise UsageError("--baseline goes with --from_csv (a scan measures the baseline itself)")
     _positive(args, "val_batch_size", "limit_val_batches")
     if args.snapshot is None and args.model is None:
         raise UsageError("pass --snapshot <dir> or --model <name> (whose base snapshot run.py --step 1 wrote)")
@@ -166,7 +182,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         frame = side_by_side(frame, other_frame)
         totals = {f"{key} {tag}": value for tag, figures in (("base", totals), ("pruned", other_totals)) for key, value in figures.items()}
     print(f"{loaded.label}" + (f" vs {args.compare}" if args.compare else "") + f" ({loaded.meta['model']}, input {loaded.input_shape}):")
-    print(tabulate(frame, headers="keys", tablefmt="github", showindex=False, intfmt=","))
+    print(tabulate(frame, headers="keys", tablefmt="github", showindex=False, intfmt=",", missingval=""))
     print("totals: " + ", ".join(f"{key} {value:,}" if isinstance(value, int) else f"{key} {value}" for key, value in totals.items()))
     if args.csv:
         print(f"written to: {write_text(args.csv, frame.to_csv(index=False))}")

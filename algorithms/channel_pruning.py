@@ -169,7 +169,7 @@ def _check_runs(model: nn.Module, example_input: torch.Tensor) -> None:
     """A forward with hard-coded channel counts (e.g. x.view(-1, 400)) breaks after pruning: say so."""
     try:
         with eval_mode(model), torch.no_grad():
-            model(example_input)
+            model(example_input.clone())
     except Exception as error:
         raise PruningError(
             f"the pruned {type(model).__name__} no longer runs ({str(error).splitlines()[0]}); "

@@ -62,6 +62,8 @@ def load_masks(masks_or_path: Masks | str | Path) -> Masks:
 
 def unit_mask(name: str, module: nn.Module, layer_masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The 0/1 mask over a layer's output units; refuses masks of the wrong shape or not over whole units."""
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        raise PruningError(f"masks name {name!r}, a {type(module).__name__}; channel masks cover Conv2d and Linear layers")
     for key, mask in layer_masks.items():
         target = getattr(module, key, None) if isinstance(key, str) else None
         if not isinstance(target, torch.Tensor) or not isinstance(mask, torch.Tensor):

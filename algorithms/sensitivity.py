@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 from tqdm import tqdm
 
@@ -26,9 +27,9 @@ from .csv_files import write_rows
 from .errors import PruningError
 from .graph import ChannelGraph, analyze
 from .masks import apply_masks
-from .modules import clone_tree
+from .modules import clone_tree, eval_mode
 from .tracing import trace
-from .upstream import UpstreamCache, split_graph
+from .upstream import FrontierRecorder, GraphSplit, UpstreamCache, split_graph, uninstall
 
 PRUNE_TYPES: dict[str, Method] = {**METHODS, **NNI_NAMED}
 EARLY_STOP_MODES = ("minimize", "maximize", "dropped", "raised")
@@ -54,6 +55,8 @@ def check_early_stop(mode: str | None, value: float | None) -> None:
         raise PruningError(f"unknown early_stop_mode {mode!r}; choose one of: {', '.join(EARLY_STOP_MODES)}")
     if mode is not None and value is None:
         raise PruningError(f"early_stop_mode {mode!r} needs early_stop_value (the metric threshold)")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise PruningError(f"early_stop_value must be a finite number, got {value!r}")
 
 
 def should_stop(mode: str | None, value: float | None, original: float, metric: float) -> bool:
@@ -72,6 +75,8 @@ def _substitute(value: Any, original: nn.Module, replacement: nn.Module) -> Any:
     """`value` with every occurrence of `original` (in lists, tuples, dicts) replaced; NNI's val_func saw the pruned model there."""
     if value is original:
         return replacement
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple takes its fields as arguments
+        return type(value)(*(_substitute(v, original, replacement) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(_substitute(v, original, replacement) for v in value)
     if isinstance(value, dict):
@@ -171,20 +176,36 @@ class SensitivityAnalysis:
         readers = {c.module for c in graph.consumers if any(graph.group_of_space.get(s.space) == group for s in c.layout)}
         return set(layers) | readers
 
-    def _baseline(self, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
-        """Evaluate the unpruned model (on a copy) and return the example input for tracing: the caller's, or val_func's first batch."""
+    def _baseline(self, args: list[Any], kwargs: dict[str, Any], recorder: FrontierRecorder | None = None) -> torch.Tensor:
+        """Evaluate the unpruned model (a copy) and return the example input for tracing: the caller's, or val_func's first batch."""
         copy = clone_tree(self.model, {})
+        if recorder is not None:
+            recorder.install(copy)
         seen: list[torch.Tensor] = []
-        hook = copy.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0][:1].detach().clone()) if not seen and inputs else None)
+
+        def first_batch(_module: nn.Module, inputs: tuple[object, ...]) -> None:
+            if not seen and inputs and isinstance(inputs[0], torch.Tensor):
+                seen.append(inputs[0][:1].detach().clone())
+
+        hook = copy.register_forward_pre_hook(first_batch)
         try:
             self.ori_metric = self._evaluate(copy, args, kwargs)
         finally:
             hook.remove()
+            uninstall(copy)
         if self.example_input is not None:
             return self.example_input
         if not seen or not isinstance(seen[0], torch.Tensor):
             raise PruningError("val_func never called the model with a tensor; pass example_input= so the model can be traced")
         return seen[0]
+
+    def _plan(self, example: torch.Tensor, specified: Sequence[str] | None) -> tuple[ChannelGraph, dict[str, GraphSplit], torch.fx.GraphModule | None]:
+        graph = analyze(self.model, example)
+        self.units = self._find_units(graph, specified)
+        with eval_mode(self.model):  # fx bakes `self.training` into the graph: trace the mode reuse runs in
+            traced = trace(self.model) if self.reuse_upstream else None
+        splits = {name: split_graph(traced, self._changed_modules(layers, graph)) for name, layers in self.units.items()} if traced is not None else {}
+        return graph, splits, traced
 
     def analysis(self, val_args: Sequence[Any] | None = None, val_kwargs: Mapping[str, Any] | None = None,
                  specified_layers: Sequence[str] | None = None) -> Sensitivity:  # fmt: skip
@@ -195,40 +216,58 @@ class SensitivityAnalysis:
                 "val_func must receive the model through val_args or val_kwargs (e.g. analysis(val_args=[model])): each evaluation gets a pruned copy "
                 "in its place. NNI pruned in place, so a val_func that closes over the model worked there; here it would score the unpruned model."
             )
-        example = self._baseline(args, kwargs)
-        graph = analyze(self.model, example)
-        self.units = self._find_units(graph, specified_layers)
-        traced = trace(self.model) if self.reuse_upstream else None
+        specified = list(specified_layers) if specified_layers is not None else None
+        if self.example_input is not None:  # plan first, so the baseline evaluation also records every unit's upstream values
+            graph, splits, traced = self._plan(self.example_input, specified)
+            wanted = {name for split in splits.values() if split.reusable and split.shareable for name in split.frontier}
+            recorder = FrontierRecorder(traced, wanted, self.cache_limit_bytes) if traced is not None and wanted else None
+            example = self._baseline(args, kwargs, recorder)
+        else:
+            example, recorder = self._baseline(args, kwargs), None
+            graph, splits, _ = self._plan(example, specified)
         bar = tqdm(total=len(self.units) * len(self.sparsities), desc="sensitivity", disable=None if self.progress is None else not self.progress)
         with bar:
             for name, layers in self.units.items():
-                cache = UpstreamCache(split_graph(traced, self._changed_modules(layers, graph)), self.cache_limit_bytes) if traced is not None else None
+                cache = UpstreamCache(splits[name], self.cache_limit_bytes) if name in splits else None
+                if cache is not None and recorder is not None:
+                    cache.seed(recorder)
                 self.sensitivities[name] = {}
                 for sparsity in self.sparsities:
                     bar.set_postfix_str(f"{name[:40]} @ {sparsity:g}", refresh=False)
                     variant = self._variant(layers, sparsity, graph, example)
-                    hits_before = cache.hits if cache is not None else 0
                     if cache is not None:
                         cache.new_run()
                         cache.install(variant)
-                    metric = self._evaluate(variant, args, kwargs)
+                    try:
+                        metric = self._evaluate(variant, args, kwargs)
+                    finally:
+                        uninstall(variant)
                     self.sensitivities[name][sparsity] = metric
                     bar.update()
-                    self.cache_hits = self.cache_hits + cache.hits - hits_before if cache is not None else self.cache_hits
                     if should_stop(self.early_stop_mode, self.early_stop_value, self.ori_metric, metric):
                         bar.update(len(self.sparsities) - len(self.sensitivities[name]))
                         break
+                self.cache_hits += cache.hits if cache is not None else 0
         return self.sensitivities
 
     def export(self, filepath: str | Path) -> Path:
-        return export_sensitivity(self.sensitivities, filepath)
+        return export_sensitivity(self.sensitivities, filepath, self.sparsities)
 
 
-def export_sensitivity(sensitivity: Mapping[str, Mapping[float, float]], filepath: str | Path) -> Path:
-    """NNI's CSV: `layername,<sparsities...>`, one row per unit; a row stops where early stop cut it."""
-    sparsities = sorted({s for row in sensitivity.values() for s in row})
-    rows = [["layername", *(f"{s:g}" for s in sparsities)]]
-    rows += [[name, *(repr(float(values[s])) for s in sorted(values))] for name, values in sensitivity.items()]
+def export_sensitivity(sensitivity: Mapping[str, Mapping[float, float]], filepath: str | Path, sparsities: Sequence[float] | None = None) -> Path:
+    """NNI's CSV: `layername,<sparsities...>`, one row per unit; a row stops where early stop cut it.
+
+    The header holds `sparsities` (default: every sparsity measured); each row must be a prefix of it.
+    """
+    header = sorted({float(s) for row in sensitivity.values() for s in row} if sparsities is None else {float(s) for s in sparsities})
+    if not header:
+        raise PruningError("nothing to export: the sensitivity holds no measured point")
+    rows = [["layername", *(repr(s) for s in header)]]
+    for name, values in sensitivity.items():
+        measured = sorted(float(s) for s in values)
+        if measured != header[: len(measured)]:
+            raise PruningError(f"row {name!r} measured {measured}, not a prefix of the sparsities {header}; NNI's CSV cannot hold it")
+        rows.append([name, *(repr(float(values[s])) for s in measured)])
     return write_rows(filepath, rows)
 
 
@@ -261,9 +300,9 @@ def load_sensitivity(filepath: str | Path) -> Sensitivity:
 def get_ratios_by_loss(
     sensitivity: Mapping[str, Mapping[float, float]] | SensitivityAnalysis, max_loss: float, *, baseline: float | None = None
 ) -> dict[str, float]:
-    """Per layer, the largest sparsity whose loss (baseline - metric) stays within `max_loss`, interpolated between measured points.
-
-    Sparsity 0 counts as a measured point with loss 0. Units named `a+b` give each of their layers the unit's ratio,
+    """Per layer, the largest sparsity up to which the loss (baseline - metric) stays within `max_loss`, interpolated
+    linearly between the last point within budget and the first one over it (a later point back within budget does not
+    count: the curve is read from 0 upwards). Sparsity 0 counts as a measured point with loss 0. Units named `a+b` give each of their layers the unit's ratio,
     so the result goes straight into `prune(model, method, ratios, ...)`.
     """
     if isinstance(sensitivity, SensitivityAnalysis):
@@ -272,14 +311,17 @@ def get_ratios_by_loss(
         raise PruningError("get_ratios_by_loss needs the unpruned model's metric: pass baseline= (SensitivityAnalysis.ori_metric)")
     if isinstance(max_loss, bool) or not isinstance(max_loss, (int, float)) or not math.isfinite(max_loss) or max_loss < 0:
         raise PruningError(f"max_loss must be a non-negative number (an allowed drop of the metric), got {max_loss!r}")
+    if isinstance(baseline, bool) or not isinstance(baseline, (int, float)) or not math.isfinite(baseline):
+        raise PruningError(f"baseline must be a finite number (the unpruned model's metric), got {baseline!r}")
     ratios: dict[str, float] = {}
     for unit, values in sensitivity.items():
         points = [(0.0, 0.0), *((float(s), baseline - float(m)) for s, m in sorted(values.items()))]
-        within = max(i for i, (_, loss) in enumerate(points) if loss <= max_loss or i == 0)
-        ratio = points[within][0]
-        if within + 1 < len(points):
-            (r0, l0), (r1, l1) = points[within], points[within + 1]
-            ratio = r0 + (max_loss - l0) * (r1 - r0) / (l1 - l0) if l1 > l0 else r0
+        over = next((i for i, (_, loss) in enumerate(points) if loss > max_loss), None)
+        if over is None:
+            ratio = points[-1][0]  # within budget at every measured point: the last one, no extrapolation
+        else:
+            (r0, l0), (r1, l1) = points[over - 1], points[over]
+            ratio = r0 + (max_loss - l0) * (r1 - r0) / (l1 - l0)
         for layer in unit.split(UNIT_JOINER):
             ratios[layer] = round(ratio, 6)
     return ratios

@@ -29,7 +29,7 @@ TOLERANCE = 1e-4
 
 
 class ExportMismatch(RuntimeError):
-    """The exported file ran but does not reproduce PyTorch's output; nothing is left at the target path."""
+    """The export failed or does not reproduce PyTorch's output; nothing is left at the target path."""
 
 
 @dataclass
@@ -42,7 +42,9 @@ class ExportCheck:
 
 
 @contextlib.contextmanager
-def _staged_file(target: Path) -> Iterator[Path]:
+def _staged_file(target: Path, what: str) -> Iterator[Path]:
+    """A temporary file beside `target`, renamed onto it on success; on failure it and any folder made for it vanish."""
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(handle)
@@ -50,8 +52,17 @@ def _staged_file(target: Path) -> Iterator[Path]:
         yield Path(temp)
         os.chmod(temp, 0o644)
         os.replace(temp, target)
+    except ExportMismatch:
+        raise
+    except Exception as error:  # exporters raise many types (unsupported op, checker, runtime): one line names it
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ExportMismatch(f"{what} failed: {first[:200]}; the file was not written") from None
     finally:
         Path(temp).unlink(missing_ok=True)
+        if not target.exists():
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def _compare(reference: torch.Tensor, produced: torch.Tensor, what: str) -> float:
@@ -67,7 +78,7 @@ def export_onnx(model: nn.Module, batch: torch.Tensor, target: Path) -> ExportCh
 
     with eval_mode(model), torch.no_grad():
         reference = model(batch)
-    with _staged_file(target) as temp, eval_mode(model), warnings.catch_warnings():
+    with _staged_file(target, "ONNX export") as temp, eval_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation on every call
         torch.onnx.export(model, (batch,), str(temp), dynamo=False, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
@@ -81,7 +92,7 @@ def export_onnx(model: nn.Module, batch: torch.Tensor, target: Path) -> ExportCh
 def export_torchscript(model: nn.Module, batch: torch.Tensor, target: Path) -> ExportCheck:
     with eval_mode(model), torch.no_grad():
         reference = model(batch)
-        with _staged_file(target) as temp, warnings.catch_warnings():
+        with _staged_file(target, "TorchScript export") as temp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.jit.save(torch.jit.trace(model, batch[:1]), str(temp))
             produced = torch.jit.load(str(temp))(batch)
@@ -103,7 +114,7 @@ def export_masks(original: nn.Module, kept: dict[str, list[int]] | None, target:
         raise UsageError("this snapshot holds no pruning (no kept channels in its meta.json); export masks from a model_prune or model_refine snapshot")
     masks = masks_from_kept(original, kept)
     modules = dict(original.named_modules())
-    with _staged_file(target) as temp:
+    with _staged_file(target, "masks export") as temp:
         torch.save(masks, temp)
         reloaded = torch.load(temp, weights_only=True)
         for name, units in kept.items():

@@ -6,12 +6,16 @@ atomically: an interrupted or refused run leaves the output directory as it was.
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from algorithms.errors import PruningError
-from algorithms.sensitivity import MODES, SensitivityAnalysis, check_early_stop, check_sparsities, export_sensitivity, get_ratios_by_loss
+from algorithms.sensitivity import MODES, SensitivityAnalysis, check_early_stop, check_sparsities, export_sensitivity, get_ratios_by_loss, load_sensitivity
 
 from .analysis_inputs import AnalysisModel, dataset_for
 from .atomic import write_json
@@ -50,13 +54,44 @@ def check_request(request: SensitivityRequest) -> list[str]:
     if request.sparsities is not None:
         check_sparsities(request.sparsities)
     check_early_stop(request.early_stop_mode, request.early_stop_value)
-    if request.max_loss is not None and request.max_loss < 0:
-        raise PruningError(f"--max_loss must be non-negative, got {request.max_loss}")
+    if request.max_loss is not None and not (math.isfinite(request.max_loss) and request.max_loss >= 0):
+        raise PruningError(f"--max_loss must be a finite, non-negative number, got {request.max_loss}")
     return list(MODES) if request.mode == "both" else [request.mode]
+
+
+def check_outdir(outdir: str | Path) -> Path:
+    """Refuse an output directory that cannot be written before any evaluation is spent on it."""
+    outdir = Path(outdir)
+    existing = next(p for p in (outdir, *outdir.parents) if p.exists())
+    if not existing.is_dir():
+        raise PruningError(f"--outdir {outdir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PruningError(f"--outdir {outdir}: {existing} is not writable")
+    return outdir
+
+
+def publish(files: dict[str, bytes], outdir: Path) -> list[Path]:
+    """Write every file under a temporary name first, then rename them all into `outdir`: a failure leaves no new file."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, data in files.items():
+            handle, temp = tempfile.mkstemp(prefix=f".{name}.", dir=outdir)
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(data)
+            os.chmod(temp, 0o644)
+            staged.append((Path(temp), outdir / name))
+        for temp, target in staged:
+            os.replace(temp, target)
+    finally:
+        for temp, _ in staged:
+            temp.unlink(missing_ok=True)
+    return [target for _, target in staged]
 
 
 def run_sensitivity(loaded: AnalysisModel, request: SensitivityRequest, outdir: str | Path) -> SensitivityOutcome:
     modes = check_request(request)
+    check_outdir(outdir)
     data = dataset_for(loaded, request.data_dir)
 
     def top1(model: Any) -> float:
@@ -82,15 +117,38 @@ def run_sensitivity(loaded: AnalysisModel, request: SensitivityRequest, outdir: 
     baseline = float(first.ori_metric)
     ratios = get_ratios_by_loss(first, request.max_loss) if request.max_loss is not None else None
 
-    outdir = Path(outdir)
     outcome = SensitivityOutcome(baseline, results, dict(first.skipped), ratios)
-    for mode, sensitivity in results.items():
-        outcome.written.append(export_sensitivity(sensitivity, outdir / ("sensitivity.csv" if mode == "pruned" else "sensitivity_masked.csv")))
-    title = f"{loaded.meta['model']} on {loaded.meta['data_type']} ({loaded.label}): {request.prune_method}"
-    outcome.written.append(plot_sensitivity(results, baseline, outdir / "sensitivity.png", title))
+    files = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for mode, sensitivity in results.items():
+            name = "sensitivity.csv" if mode == "pruned" else "sensitivity_masked.csv"
+            files[name] = export_sensitivity(sensitivity, Path(scratch) / name, first.sparsities).read_bytes()
+        title = f"{loaded.meta['model']} on {loaded.meta['data_type']} ({loaded.label}): {request.prune_method}"
+        files["sensitivity.png"] = plot_sensitivity(results, baseline, Path(scratch) / "sensitivity.png", title).read_bytes()
     settings = {"snapshot": loaded.label, "model": loaded.meta["model"], "data_type": loaded.meta["data_type"], "prune_method": request.prune_method,
                 "modes": modes, "sparsities": first.sparsities, "early_stop_mode": request.early_stop_mode, "early_stop_value": request.early_stop_value,
                 "metric": "top-1 accuracy on the test split", "baseline": baseline, "skipped": outcome.skipped,
                 "max_loss": request.max_loss, "ratios": ratios}  # fmt: skip
-    outcome.written.append(write_json(outdir / "sensitivity.json", settings))
+    files["sensitivity.json"] = json.dumps(settings, indent=2, sort_keys=True).encode()
+    outcome.written = publish(files, Path(outdir))
     return outcome
+
+
+def ratios_from_csv(csv_path: str | Path, max_loss: float, baseline: float | None, outdir: str | Path | None) -> tuple[dict[str, float], float, Path]:
+    """Per-layer ratios from an existing sensitivity CSV; the baseline comes from the flag or the sensitivity.json written beside it."""
+    csv_path = Path(csv_path)
+    sensitivity = load_sensitivity(csv_path)
+    if baseline is not None and not math.isfinite(baseline):
+        raise PruningError(f"--baseline must be a finite number, got {baseline}")
+    if baseline is None:
+        sidecar = csv_path.with_name("sensitivity.json")
+        try:
+            baseline = float(json.loads(sidecar.read_text())["baseline"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise PruningError(
+                f"no baseline for {csv_path}: pass --baseline (the unpruned metric), or keep the sensitivity.json analyze.py wrote beside it"
+            ) from None
+    ratios = get_ratios_by_loss(sensitivity, max_loss, baseline=baseline)
+    target = check_outdir(Path(outdir) if outdir is not None else csv_path.parent)
+    payload = {"from": str(csv_path), "baseline": baseline, "max_loss": max_loss, "ratios": ratios}
+    return ratios, baseline, write_json(target / "ratios.json", payload)

@@ -20,6 +20,9 @@ def plot_sensitivity(results: Mapping[str, Mapping[str, Mapping[float, float]]],
     """`results`: {mode: {unit: {sparsity: metric}}}; one panel per mode, sharing the y axis."""
     figure, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), sharey=True, squeeze=False)
     for axis, (mode, sensitivity) in zip(axes[0], results.items(), strict=True):
+        colors = list(plt.cm.tab20.colors if len(sensitivity) > 10 else plt.cm.tab10.colors)  # a distinct colour per unit up to 20,
+        styles = ["-", "--", ":", "-."]  # then the colours again with another line style
+        axis.set_prop_cycle(color=colors * len(styles), linestyle=[style for style in styles for _ in colors])
         for unit, values in sensitivity.items():
             points = sorted(values.items())
             label = unit if len(unit) <= 40 else unit[:37] + "..."

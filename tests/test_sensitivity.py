@@ -55,6 +55,7 @@ def test_upstream_reuse_is_exact_with_in_place_ops_and_shared_modules():
     fast = scan(model, True, sparsities=[0.25, 0.5], example_input=BATCHES[0][:1])
     plain = scan(model, False, sparsities=[0.25, 0.5], example_input=BATCHES[0][:1])
     assert fast.sensitivities == plain.sensitivities
+    assert fast.cache_hits == 2 * len(BATCHES) * len(fast.units)  # with example_input, the baseline run recorded every unit's upstream values
     chosen = SensitivityAnalysis(model, logit_sum, sparsities=[0.5], progress=False).analysis(val_args=[model], specified_layers=layers)
     assert set(chosen) == {unit for unit, members in fast.units.items() if set(layers) & set(members)} and len(chosen) == 4
     assert all(chosen[unit][0.5] == fast.sensitivities[unit][0.5] for unit in chosen)
@@ -133,6 +134,17 @@ def test_csv_is_nnis_layout_and_loads_back(tmp_path):
     assert load_sensitivity(path) == sensitivity
 
 
+def test_csv_header_holds_the_configured_grid_at_full_precision_and_rows_are_prefixes(tmp_path):
+    from algorithms import export_sensitivity
+
+    path = export_sensitivity({"a": {0.1234561: 1.0, 0.1234564: 0.5}, "b": {0.1234561: 0.7}}, tmp_path / "s.csv", [0.1234561, 0.1234564, 0.9])
+    assert path.read_text().splitlines()[0] == "layername,0.1234561,0.1234564,0.9"
+    assert load_sensitivity(path) == {"a": {0.1234561: 1.0, 0.1234564: 0.5}, "b": {0.1234561: 0.7}}
+    with pytest.raises(PruningError, match="not a prefix"):
+        export_sensitivity({"a": {0.1: 1.0, 0.3: 0.5}, "b": {0.2: 0.7}}, tmp_path / "bad.csv")
+    assert not (tmp_path / "bad.csv").exists()
+
+
 @pytest.mark.parametrize(
     "text", ["name,0.1\nconv1,0.9\n", "layername,0.1,1.5\nconv1,0.9,0.8\n", "layername,0.1\nconv1,abc\n", "layername,0.2,0.1\nc,1,1\n", "", "layername\n"]
 )
@@ -157,6 +169,31 @@ def test_ratios_by_loss_interpolate_between_measured_points_and_prune_accepts_th
         get_ratios_by_loss(sensitivity, 0.05)
     with pytest.raises(PruningError, match="non-negative"):
         get_ratios_by_loss(sensitivity, -0.1, baseline=0.9)
+
+
+def test_ratios_by_loss_read_the_curve_from_zero_upwards():
+    ratios = get_ratios_by_loss({"a": {0.2: 0.70, 0.4: 0.89, 0.6: 0.5}}, 0.05, baseline=0.9)  # over budget at 0.2, back within at 0.4
+    assert ratios["a"] == pytest.approx(0.2 * 0.05 / 0.2)
+    with pytest.raises(PruningError, match="finite"):
+        get_ratios_by_loss({"a": {0.2: 0.7}}, 0.05, baseline=float("nan"))
+
+
+def test_namedtuple_arguments_get_the_pruned_model_too():
+    from collections import namedtuple
+
+    Args = namedtuple("Args", "model scale")
+    model = zoo("lenet")
+    seen = []
+    analysis = SensitivityAnalysis(model, lambda packed: seen.append(packed.model) or logit_sum(packed.model) * packed.scale, sparsities=[0.5], progress=False)
+    analysis.analysis(val_args=[Args(model, 2.0)], specified_layers=["features.0"])
+    assert len(seen) == 2 and seen[0] is not model and seen[1] is not model
+
+
+def test_the_plot_takes_many_units(tmp_path):
+    from pipeline.sensitivity_plot import plot_sensitivity
+
+    many = {f"layer{i}": {0.1: 0.9 - i / 100, 0.5: 0.5} for i in range(45)}
+    assert plot_sensitivity({"pruned": many}, 0.9, tmp_path / "p.png", "45 units").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_ratios_by_loss_from_an_analysis_use_its_original_metric():
@@ -203,3 +240,126 @@ def test_a_val_func_that_does_not_receive_the_model_is_refused():
         analysis.analysis()
     with pytest.raises(PruningError, match="cannot be analysed"):
         SensitivityAnalysis(model, logit_sum, progress=False).analysis([model], specified_layers=["nonexistent"])
+
+
+# -- upstream reuse must never change a number: models built to break it (from an independent review) -----------------
+class Base(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean((2, 3)))
+
+
+class WritesAfterRead(Base):  # torch.relu_ changes y after c2 read it
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        z = self.c2(y)
+        torch.relu_(y)
+        return self.head(self.c3(z) + y)
+
+
+class AliasThroughModule(Base):  # Identity returns its input; the in-place ReLU then changes y
+    def __init__(self, alias: nn.Module) -> None:
+        super().__init__()
+        self.alias, self.act = alias, nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        z = self.c2(y)
+        return self.head(self.c3(z) + self.act(self.alias(y)))
+
+
+class DownstreamWriteThenUpstreamRead(Base):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        y.add_(self.c2(x[:, :1].expand(-1, 8, -1, -1).contiguous()))
+        return self.head(self.c3(y * 2))
+
+
+class MutatesItsInput(Base):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(0.5)
+        return self.head(self.c2(torch.relu(self.c1(x))))
+
+
+class TrainFlagInForward(Base):  # fx bakes self.training into the graph
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.dropout(torch.relu(self.c2(torch.relu(self.c1(x)))), 0.5, self.training)
+        return self.head(x)
+
+
+class ReturnsFeatures(Base):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.relu(self.c1(x))
+        return self.head(self.c2(features)), features
+
+
+SMALL = [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(10 + i)) for i in range(2)]
+TRICKY = {
+    "writes after read": WritesAfterRead,
+    "Identity alias": lambda: AliasThroughModule(nn.Identity()),
+    "Dropout alias": lambda: AliasThroughModule(nn.Dropout(0.3)),
+    "downstream write, upstream read": DownstreamWriteThenUpstreamRead,
+    "mutates its input": MutatesItsInput,
+    "train flag in forward": TrainFlagInForward,
+    "returns features": ReturnsFeatures,
+}
+
+
+def small_metric(model: nn.Module) -> float:
+    """Evaluates in eval mode on fresh copies of the batches, and scribbles on what the model returns."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for x in SMALL:
+            out = model(x.clone())
+            logits = out[0] if isinstance(out, tuple) else out
+            total += float(logits.double().sum()) + (float(out[1].double().sum()) if isinstance(out, tuple) else 0.0)
+            if isinstance(out, tuple):
+                out[1].zero_()  # a caller changing a returned tensor must not change the next evaluation
+    return total
+
+
+@pytest.mark.parametrize("case", TRICKY)
+@pytest.mark.parametrize("with_example", [True, False])
+def test_upstream_reuse_stays_exact_on_models_built_to_break_it(case, with_example):
+    torch.manual_seed(0)
+    model = TRICKY[case]()  # left in training mode, as constructed
+    example = {"example_input": SMALL[0][:1]} if with_example else {}
+    results = [SensitivityAnalysis(model, small_metric, sparsities=[0.25, 0.5], reuse_upstream=reuse, progress=False, **example) for reuse in (True, False)]
+    fast, plain = (analysis.analysis(val_args=[model]) for analysis in results)
+    assert fast == plain and results[0].ori_metric == results[1].ori_metric
+
+
+def test_a_val_func_that_fine_tunes_gets_the_plain_forward():
+    """Training inside val_func (gradients on) changes upstream weights: reuse must step aside, not serve stale values."""
+    torch.manual_seed(0)
+    model = ReturnsFeatures().eval()
+
+    def fine_tuned(candidate: nn.Module) -> float:
+        optimizer = torch.optim.SGD(candidate.parameters(), lr=0.1)
+        loss = sum(candidate(x)[0].pow(2).sum() for x in SMALL)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return small_metric(candidate)
+
+    results = [SensitivityAnalysis(model, fine_tuned, sparsities=[0.25, 0.5], reuse_upstream=reuse, example_input=SMALL[0][:1], progress=False)
+               for reuse in (True, False)]  # fmt: skip
+    assert results[0].analysis(val_args=[model]) == results[1].analysis(val_args=[model])
+
+
+def test_a_model_copied_during_evaluation_is_refused_not_silently_wrong():
+    model = zoo("lenet")
+
+    def copies(candidate: nn.Module) -> float:
+        import copy
+
+        return logit_sum(copy.deepcopy(candidate))
+
+    with pytest.raises(PruningError, match="reuse_upstream=False"):
+        SensitivityAnalysis(model, copies, sparsities=[0.5], progress=False).analysis([model], specified_layers=["features.0"])
+    assert SensitivityAnalysis(model, copies, sparsities=[0.5], reuse_upstream=False, progress=False).analysis([model], specified_layers=["features.0"])

@@ -1,0 +1,47 @@
+"""Sensitivity analysis: upstream reuse vs the straightforward scan, in one run
+(python -m pytest bench/benchmarks/test_sensitivity_time.py --benchmark-enable -s, ~4 min).
+
+Zoo vgg and resnet on digits (real 1x32x32 test images, 2 batches of 64), the default grid (0.1 .. 0.9) over every
+prunable unit, conv_all ranking. The straightforward scan prunes the same models and runs each one whole; the
+analysis reuses the values computed before each unit (recorded during the baseline evaluation). Both must give the
+same numbers to the last digit; the ratio of their wall times is the figure the README quotes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from algorithms import SensitivityAnalysis
+from models import build_model
+from pipeline.datasets import load_dataset
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet"])
+def test_sensitivity_scan_time(benchmark, name):
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model(name, data.input_shape, data.num_classes).eval()
+    batches = list(data.batches("test", 64, limit=2))
+
+    @torch.inference_mode()
+    def top1(candidate: torch.nn.Module) -> float:
+        candidate.eval()
+        return sum(int((candidate(x).argmax(1) == y).sum()) for x, y in batches) / sum(len(y) for _, y in batches)
+
+    def scan(reuse: bool) -> dict[str, dict[float, float]]:
+        analysis = SensitivityAnalysis(model, top1, reuse_upstream=reuse, example_input=batches[0][0][:1], progress=False)
+        return analysis.analysis(val_args=[model])
+
+    started = time.perf_counter()
+    straightforward = scan(False)
+    plain_seconds = time.perf_counter() - started
+    reused = benchmark.pedantic(lambda: scan(True), rounds=1, iterations=1)
+    ratio = plain_seconds / benchmark.stats.stats.median
+    benchmark.extra_info.update(straightforward_s=round(plain_seconds, 2), units=len(reused), points=sum(map(len, reused.values())),
+                                speedup=round(ratio, 2), threads=torch.get_num_threads())  # fmt: skip
+    print(f"\n{name}: straightforward {plain_seconds:.1f} s, with upstream reuse {benchmark.stats.stats.median:.1f} s: {ratio:.2f}x")
+    assert reused == straightforward  # the same numbers, to the last digit
+    assert ratio > 1.3, f"upstream reuse gained only {ratio:.2f}x on {name}"
