@@ -21,6 +21,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import StochasticDepth, stochastic_depth  # per-sample (N, 1, 1, 1) scaling: channel-wise
 
 from .modules import NORM_TYPES, is_depthwise
 from .tracing import propagate_shapes, trace
@@ -71,18 +72,28 @@ class ChannelGraph:
         return self.groups[self.group_of_producer[producer]]
 
 
-PASSTHROUGH_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh,
-    nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Dropout2d, nn.Identity,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample,
+# Every parameter-free activation of torch.nn / torch.nn.functional is channel-wise: channel c of the output depends on
+# channel c of the input alone, so it carries the channel layout through unchanged (GLU, Softmax, LogSoftmax, Softmin mix
+# or halve channels and are not here; PReLU is here only with one shared slope, see call_module).
+ELEMENTWISE_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid,
+    nn.Hardtanh, nn.Hardshrink, nn.Softshrink, nn.Tanhshrink, nn.Threshold, nn.Sigmoid, nn.LogSigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
 )  # fmt: skip
-PASSTHROUGH_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardtanh, F.sigmoid, F.tanh,
-    F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-    F.interpolate, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.max_pool2d,
-
+PASSTHROUGH_MODULES = (
+    *ELEMENTWISE_ACTIVATIONS, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, StochasticDepth,
+)  # fmt: skip
+ELEMENTWISE_ACTIVATION_FUNCTIONS = {
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.rrelu, F.rrelu_, F.elu, F.elu_, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.hardtanh_, F.hardshrink, F.softshrink, F.tanhshrink, F.threshold, F.threshold_, F.sigmoid, F.logsigmoid, F.tanh,
+    F.softplus, F.softsign, torch.relu, torch.relu_, torch.sigmoid, torch.sigmoid_, torch.tanh, torch.tanh_, torch.selu, torch.selu_, torch.celu,
+    torch.celu_, torch.rrelu, torch.rrelu_, torch.clamp, torch.clamp_,
 }  # fmt: skip
-PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_", "contiguous", "clone", "detach", "float", "to"}
+PASSTHROUGH_FUNCTIONS = {
+    *ELEMENTWISE_ACTIVATION_FUNCTIONS, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, torch.max_pool2d, stochastic_depth,
+}  # fmt: skip
+PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "contiguous", "clone", "detach", "float", "to"}
 ELEMENTWISE = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv,
                torch.add, torch.mul, torch.sub, torch.div}  # fmt: skip
 ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
@@ -222,7 +233,7 @@ class _Walker:
         elif isinstance(module, NORM_TYPES) and source is not None:
             self.consumers.append(Consumer(name, "norm", source))
             self.layouts[node] = source
-        elif isinstance(module, PASSTHROUGH_MODULES) and source is not None:
+        elif isinstance(module, PASSTHROUGH_MODULES) and source is not None and not (isinstance(module, nn.PReLU) and module.num_parameters > 1):
             self.layouts[node] = source
         elif isinstance(module, nn.Flatten):
             self.reshape(node)

@@ -52,3 +52,36 @@ def zoo(name: str) -> nn.Module:
     """A seeded 3x32x32 / 10-class zoo model with random BatchNorm statistics, built once per test session."""
     torch.manual_seed(0)
     return randomize_norms(build_model(name, (3, 32, 32), 10)).eval()
+
+
+def consumer_zeroed_reference(model: nn.Module, kept: dict[str, list[int]], x: torch.Tensor) -> torch.Tensor:
+    """The original model with the pruned channels zeroed in the input of every layer that mixes channels (conv, Linear).
+
+    This is what a physically pruned model computes: a removed channel takes with it everything that would have flowed
+    from it (its BatchNorm offset, an activation's f(0), a depthwise conv's bias), not only its own values.
+    """
+    from algorithms.graph import analyze
+    from algorithms.surgery import layout_index
+
+    graph = analyze(model, x)
+    kept_by_group = {graph.group_of_producer[layer]: torch.as_tensor(units) for layer, units in kept.items()}
+    modules = dict(model.named_modules())
+    hooks = []
+    for consumer in graph.consumers:
+        index = layout_index(consumer.layout, graph, kept_by_group) if consumer.kind in ("conv", "linear") else None
+        if index is None:
+            continue
+        width = modules[consumer.module].weight.shape[1]
+        mask = torch.zeros(width)
+        mask[index] = 1.0
+
+        def zero_inputs(_module: nn.Module, inputs: tuple[torch.Tensor, ...], mask: torch.Tensor = mask) -> tuple[torch.Tensor, ...]:
+            return (inputs[0] * mask.view((1, -1) + (1,) * (inputs[0].ndim - 2)),)
+
+        hooks.append(modules[consumer.module].register_forward_pre_hook(zero_inputs))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for handle in hooks:
+            handle.remove()

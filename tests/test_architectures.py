@@ -1,0 +1,111 @@
+"""The channel analysis on ops and architectures beyond the zoo: every channel-wise activation, stochastic depth (#11)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops import StochasticDepth, stochastic_depth
+
+from algorithms.graph import ELEMENTWISE_ACTIVATION_FUNCTIONS, ELEMENTWISE_ACTIVATIONS, analyze
+from backends import get_backend
+from tests.helpers import consumer_zeroed_reference, randomize_norms, relative_error
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+ARGUMENTS = {nn.Threshold: (0.1, 20.0), F.threshold: (0.1, 20.0), F.threshold_: (0.1, 20.0), torch.clamp: (-0.5, 0.5), torch.clamp_: (-0.5, 0.5)}
+
+
+class Sandwich(nn.Module):
+    """conv -> op -> BatchNorm-free conv -> classifier: the first conv is prunable exactly when the op is understood."""
+
+    def __init__(self, op: nn.Module | object) -> None:
+        super().__init__()
+        self.first, self.second, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6, 4)
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.op(self.first(x)) if isinstance(self.op, nn.Module) else self.op(self.first(x), *ARGUMENTS.get(self.op, ()))
+        return self.head(self.second(y).mean((2, 3)))
+
+
+def module_for(kind: type[nn.Module]) -> nn.Module:
+    return kind(*ARGUMENTS.get(kind, ()))
+
+
+def check_prunes_exactly(model: nn.Module) -> None:
+    model.eval()
+    result = get_backend("scratch").prune(model, "conv_all", 0.5, X, scope="layer")
+    assert result.kept.get("first") is not None and len(result.kept["first"]) == 4
+    with torch.no_grad():
+        assert relative_error(result.model(X), consumer_zeroed_reference(model, result.kept, X)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ELEMENTWISE_ACTIVATIONS, ids=lambda k: k.__name__)
+def test_every_channel_wise_activation_module_carries_channels(kind):
+    torch.manual_seed(0)
+    check_prunes_exactly(Sandwich(module_for(kind)))
+
+
+@pytest.mark.parametrize("function", sorted(ELEMENTWISE_ACTIVATION_FUNCTIONS, key=lambda f: f"{f.__module__}.{f.__name__}"), ids=lambda f: f.__name__)
+def test_every_channel_wise_activation_function_carries_channels(function):
+    torch.manual_seed(0)
+    check_prunes_exactly(Sandwich(function))
+
+
+def test_the_lists_cover_every_parameter_free_activation_torch_offers():
+    """The complete list: every activation class in torch.nn.modules.activation is either listed or mixes channels."""
+    import torch.nn.modules.activation as activations
+
+    mixing = {"GLU", "Softmax", "Softmax2d", "LogSoftmax", "Softmin", "MultiheadAttention", "Module", "NonDynamicallyQuantizableLinear"}
+    classes = {name for name, value in vars(activations).items() if isinstance(value, type) and issubclass(value, nn.Module)}
+    assert classes - mixing == {kind.__name__ for kind in ELEMENTWISE_ACTIVATIONS}
+
+
+@pytest.mark.parametrize("op", [nn.Softmax(dim=1), nn.GLU(dim=1), nn.PReLU(8)], ids=["softmax over channels", "GLU", "per-channel PReLU"])
+def test_ops_that_mix_channels_or_hold_per_channel_weights_still_block(op):
+    class Mixer(Sandwich):
+        def __init__(self) -> None:
+            super().__init__(op)
+            self.second = nn.Conv2d(4 if isinstance(op, nn.GLU) else 8, 6, 3, padding=1)
+
+    graph = analyze(Mixer().eval(), X)
+    assert not graph.group("first").prunable and "op" in graph.group("first").blocked_by[0]
+
+
+@pytest.mark.parametrize("op", [StochasticDepth(0.2, "row"), lambda x: stochastic_depth(x, 0.2, "row", training=False)], ids=["module", "function"])
+def test_stochastic_depth_carries_channels(op):
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.branch, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+            self.op = op
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            return self.head((x + self.op(self.branch(x))).mean((2, 3)))
+
+    model = Residual().eval()
+    graph = analyze(model, X)
+    assert graph.group("stem").prunable and graph.group("stem").members == ["stem", "branch"]
+    result = get_backend("scratch").prune(model, "conv_all", 0.5, X, scope="layer")
+    with torch.no_grad():
+        assert relative_error(result.model(X), consumer_zeroed_reference(model, result.kept, X)) < 1e-5
+
+
+# Torch-Pruning 1.6.1 (MagnitudePruner, L1, layer ratio 0.5) keeps exactly these counts on the same models (DESIGN.md section 6).
+TORCH_PRUNING_PARAMS = {"mobilenet_v3_small": 403_354, "efficientnet_b0": 1_066_856}
+
+
+@pytest.mark.parametrize("name", TORCH_PRUNING_PARAMS)
+def test_squeeze_excite_and_stochastic_depth_nets_prune_as_far_as_torch_pruning(name):
+    torch.manual_seed(0)
+    model = randomize_norms(getattr(torchvision.models, name)(num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    graph = analyze(model, x)
+    assert [group.blocked_by for group in graph.groups if not group.prunable] == [["it reaches the model output"]]  # only the classifier
+    result = get_backend("scratch").prune(model, "conv_all", 0.5, x, scope="layer")
+    assert sum(p.numel() for p in result.model.parameters()) == TORCH_PRUNING_PARAMS[name]
+    with torch.no_grad():
+        assert relative_error(result.model(x), consumer_zeroed_reference(model, result.kept, x)) < 1e-5
