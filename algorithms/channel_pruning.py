@@ -16,7 +16,7 @@ from .errors import PruningError
 from .graph import ChannelGraph, analyze
 from .masks import Masks, build_masks
 from .modules import eval_mode, has_norm
-from .selection import keep_all_but, removal_count, select_global, select_per_layer
+from .selection import keep_all_but, keep_in_blocks, removal_count, select_global, select_per_layer
 from .surgery import shrink
 
 SCOPES = ("global", "layer")
@@ -132,7 +132,8 @@ def prune_channels(
     for index, ratio in ratios.items():
         group = graph.groups[index]
         tensors = _group_tensors(spec, modules, graph, group.members)
-        if group.size > 1 and not excluded.intersection(group.members) and (tensors or spec.source == "random"):
+        greedy_blocked = spec.greedy and group.divisor > 1  # the greedy pair rule has no per-block form: such groups stay whole
+        if group.size > 1 and not excluded.intersection(group.members) and (tensors or spec.source == "random") and not greedy_blocked:
             candidates[index] = (ratio, tensors)
 
     generator = torch.Generator().manual_seed(seed)
@@ -155,6 +156,9 @@ def prune_channels(
                 kept = select_global(scores, float(sparsity)) if scores else {}
             else:
                 kept = select_per_layer(scores, {i: r for i, (r, _) in candidates.items()})
+            for index in kept:
+                if graph.groups[index].divisor > 1:
+                    kept[index] = keep_in_blocks(scores[index], kept[index], graph.groups[index].divisor)
     kept = {g: k for g, k in kept.items() if len(k) < graph.groups[g].size}
 
     pruned = shrink(model, graph, kept)

@@ -1,6 +1,6 @@
 """Channel dependency analysis on a torch.fx graph.
 
-Every Conv2d (ungrouped) and Linear opens a *channel space*: its output units.
+Every Conv2d (but a depthwise one) and Linear opens a *channel space*: its output units.
 Walking the graph in order, each tensor carries a *layout*: the spaces along
 its channel axis (dim 1), each with a `repeat` (columns per channel after an
 NCHW flatten). Elementwise ops unite spaces (residual adds couple layers),
@@ -53,6 +53,7 @@ class ChannelGroup:
     members: list[str]
     size: int
     blocked_by: list[str] = field(default_factory=list)
+    divisor: int = 1  # grouped convs read or write these channels in this many equal blocks: each block keeps the same count
 
     @property
     def prunable(self) -> bool:
@@ -164,6 +165,7 @@ class _Walker:
         self.layouts: dict[torch.fx.Node, Layout] = {}
         self.consumers: list[Consumer] = []
         self.producer_space: dict[str, int] = {}
+        self.divisors: dict[int, int] = {}  # space -> equal blocks a grouped conv imposes
         self.calls: dict[str, int] = {}
 
     # -- helpers --------------------------------------------------------------------------
@@ -221,11 +223,14 @@ class _Walker:
             self.producer_space[name] = self.spaces.new(size)
             self.layouts[node] = (Segment(self.producer_space[name], size),)
         elif isinstance(module, nn.Conv2d) and not is_depthwise(module) and source is not None:
-            # grouped: each output group reads only its own input group; recorded (GroupDependency) but never pruned
-            reason = f"{name} is a grouped convolution (groups={module.groups})"
+            # grouped: output block j reads input block j only; both sides stay prunable if every block keeps the same count
             self.consumers.append(Consumer(name, "grouped", source))
-            self.spaces.block(source, reason)
-            self.producer_space[name] = self.spaces.new(module.out_channels, reason)
+            if len(source) != 1 or source[0].repeat != 1:
+                self.spaces.block(source, f"{name} is a grouped convolution over concatenated channels")
+            else:
+                self.divisors[source[0].space] = math.lcm(self.divisors.get(source[0].space, 1), module.groups)
+            self.producer_space[name] = self.spaces.new(module.out_channels)
+            self.divisors[self.producer_space[name]] = module.groups
             self.layouts[node] = (Segment(self.producer_space[name], module.out_channels),)
         elif isinstance(module, nn.Conv2d) and is_depthwise(module) and source is not None:
             self.consumers.append(Consumer(name, "depthwise", source))
@@ -377,6 +382,10 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
         groups[roots[root]].members.append(producer)
         group_of_producer[producer] = roots[root]
     group_of_space = {space: roots[spaces.find(space)] for space in range(len(spaces.parent)) if spaces.find(space) in roots}
+    for space, divisor in walker.divisors.items():
+        if space in group_of_space:
+            group = groups[group_of_space[space]]
+            group.divisor = math.lcm(group.divisor, divisor)
     # the input-space blocks may sit on roots that hold no producer; spaces of blocked roots are already marked
     norm_after: dict[str, str] = {}
     for node in graph_module.graph.nodes:

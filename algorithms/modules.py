@@ -73,7 +73,26 @@ def sliced_module(module: nn.Module, out_index: torch.Tensor | None, in_index: t
     if isinstance(module, nn.Conv2d) and is_depthwise(module):
         out_index = in_index
         in_index = None
+    elif isinstance(module, nn.Conv2d) and module.groups > 1 and in_index is not None:
+        return _sliced_grouped_conv(module, new, out_index, in_index)
     weight = _take(_take(module.weight, out_index, 0), in_index, 1) if in_index is not None else _take(module.weight, out_index, 0)
+    new._parameters["weight"] = _param(weight, module.weight)
+    if module.bias is not None:
+        new._parameters["bias"] = _param(_take(module.bias, out_index, 0), module.bias)
+    _set_shape_attributes(new, module)
+    return new
+
+
+def _sliced_grouped_conv(module: nn.Conv2d, new: nn.Module, out_index: torch.Tensor | None, in_index: torch.Tensor) -> nn.Module:
+    """Output block j of a grouped conv reads input block j: each kept output row keeps its own block's kept inputs."""
+    groups, in_per, out_per = module.groups, module.in_channels // module.groups, module.out_channels // module.groups
+    outputs = torch.arange(module.out_channels) if out_index is None else out_index
+    blocks = (in_index // in_per).view(groups, -1) if len(in_index) % groups == 0 else None
+    if blocks is None or not bool((blocks == torch.arange(groups)[:, None]).all()):
+        raise ValueError(f"grouped conv input channels must keep the same count in each of its {groups} groups")
+    local = (in_index % in_per).view(groups, -1)[outputs // out_per]  # per kept output: its block's kept inputs
+    weight = module.weight.detach()[outputs]
+    weight = weight.gather(1, local[:, :, None, None].expand(-1, -1, *weight.shape[2:]).to(weight.device))
     new._parameters["weight"] = _param(weight, module.weight)
     if module.bias is not None:
         new._parameters["bias"] = _param(_take(module.bias, out_index, 0), module.bias)

@@ -47,3 +47,20 @@ def select_global(scores: dict[int, torch.Tensor], ratio: float) -> dict[int, to
         kept[group] = (~gone).nonzero().flatten()
         start += size
     return kept
+
+
+def keep_in_blocks(scores: torch.Tensor, kept: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Re-choose `kept` so each of `blocks` equal contiguous blocks keeps the same count (a grouped conv reads or writes them).
+
+    As many units go as `kept` removed, rounded down to a multiple of `blocks`; within each block the lowest-scoring
+    go (ties: lower index first), and every block keeps at least one.
+    """
+    size = len(scores)
+    per_block = size // blocks
+    removed_per_block = min((size - len(kept)) // blocks, per_block - 1)
+    if removed_per_block <= 0:
+        return torch.arange(size)
+    lowest = torch.argsort(scores.view(blocks, per_block), dim=1, stable=True)[:, :removed_per_block]
+    mask = torch.ones(blocks, per_block, dtype=torch.bool)
+    mask.scatter_(1, lowest, False)
+    return mask.flatten().nonzero().flatten()

@@ -68,10 +68,11 @@ def consumer_zeroed_reference(model: nn.Module, kept: dict[str, list[int]], x: t
     modules = dict(model.named_modules())
     hooks = []
     for consumer in graph.consumers:
-        index = layout_index(consumer.layout, graph, kept_by_group) if consumer.kind in ("conv", "linear") else None
+        index = layout_index(consumer.layout, graph, kept_by_group) if consumer.kind in ("conv", "linear", "grouped") else None
         if index is None:
             continue
-        width = modules[consumer.module].weight.shape[1]
+        module = modules[consumer.module]
+        width = module.in_channels if isinstance(module, nn.Conv2d) else module.weight.shape[1]
         mask = torch.zeros(width)
         mask[index] = 1.0
 

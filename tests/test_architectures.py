@@ -1,4 +1,4 @@
-"""The channel analysis on ops and architectures beyond the zoo: every channel-wise activation, stochastic depth (#11)."""
+"""The channel analysis on ops and architectures beyond the zoo: channel-wise activations, stochastic depth, grouped convs (#11)."""
 
 from __future__ import annotations
 
@@ -107,5 +107,70 @@ def test_squeeze_excite_and_stochastic_depth_nets_prune_as_far_as_torch_pruning(
     assert [group.blocked_by for group in graph.groups if not group.prunable] == [["it reaches the model output"]]  # only the classifier
     result = get_backend("scratch").prune(model, "conv_all", 0.5, x, scope="layer")
     assert sum(p.numel() for p in result.model.parameters()) == TORCH_PRUNING_PARAMS[name]
+    with torch.no_grad():
+        assert relative_error(result.model(x), consumer_zeroed_reference(model, result.kept, x)) < 1e-5
+
+
+class GroupedBlock(nn.Module):
+    """conv -> BN -> grouped conv (groups=4) -> BN -> conv: regnet's / resnext's pattern at toy size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16)
+        self.b, self.bn_b = nn.Conv2d(16, 24, 3, padding=1, groups=4), nn.BatchNorm2d(24)
+        self.c, self.head = nn.Conv2d(24, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn_a(self.a(x)))
+        x = torch.relu(self.bn_b(self.b(x)))
+        return self.head(self.c(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("method", ["conv_all", "bn", "random"])
+def test_grouped_convolutions_prune_within_each_group_exactly(scope, method):
+    torch.manual_seed(0)
+    model = randomize_norms(GroupedBlock()).eval()
+    graph = analyze(model, X)
+    assert graph.group("a").divisor == 4 and graph.group("b").divisor == 4 and graph.group("b").prunable
+    result = get_backend("scratch").prune(model, method, 0.5, X, scope=None if method == "random" else scope)
+    pruned_grouped = [layer for layer in ("a", "b") if layer in result.kept]  # global scope may leave one whole
+    assert pruned_grouped if scope == "layer" or method == "random" else result.kept
+    for layer in pruned_grouped:
+        kept = torch.as_tensor(result.kept[layer])
+        blocks = torch.bincount(kept // (result.original_units[layer] // 4), minlength=4)
+        assert len(set(blocks.tolist())) == 1 and blocks[0] > 0  # the same count in every group
+    pruned_b = result.model.b
+    assert (
+        pruned_b.groups == 4 and pruned_b.in_channels == len(result.kept.get("a", range(16))) and pruned_b.out_channels == len(result.kept.get("b", range(24)))
+    )
+    with torch.no_grad():
+        assert relative_error(result.model(X), consumer_zeroed_reference(model, result.kept, X)) < 1e-5
+
+
+def test_a_pruned_grouped_model_rebuilds_from_its_state_dict_alone():
+    from algorithms.modules import resize_to_state_dict
+
+    torch.manual_seed(0)
+    model = randomize_norms(GroupedBlock()).eval()
+    pruned = get_backend("scratch").prune(model, "conv_all", 0.5, X, scope="layer").model
+    rebuilt = resize_to_state_dict(GroupedBlock(), pruned.state_dict())
+    rebuilt.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(X), pruned(X))
+
+
+def test_greedy_methods_leave_grouped_channels_whole():
+    model = randomize_norms(GroupedBlock()).eval()
+    result = get_backend("scratch").prune(model, "conv_similarity", 0.5, X)
+    assert "a" not in result.kept and "b" not in result.kept and len(result.kept["c"]) == 4
+
+
+def test_regnet_prunes_as_far_as_torch_pruning():
+    torch.manual_seed(0)
+    model = randomize_norms(torchvision.models.regnet_x_400mf(num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    result = get_backend("scratch").prune(model, "conv_all", 0.5, x, scope="layer")
+    assert sum(p.numel() for p in result.model.parameters()) == 1_285_434  # Torch-Pruning 1.6.1's count (DESIGN.md section 6 / issue #11)
     with torch.no_grad():
         assert relative_error(result.model(x), consumer_zeroed_reference(model, result.kept, x)) < 1e-5
