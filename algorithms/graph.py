@@ -72,6 +72,10 @@ class ChannelGraph:
     def group(self, producer: str) -> ChannelGroup:
         return self.groups[self.group_of_producer[producer]]
 
+    def why_unprunable(self) -> dict[str, str]:
+        """Layer groups (named `a+b`) left whole because some op is not understood, with the first reason; the classifier is not listed."""
+        return {"+".join(g.members): g.blocked_by[0] for g in self.groups if not g.prunable and g.blocked_by[0] != OUTPUT_REASON}
+
 
 # Every parameter-free activation of torch.nn / torch.nn.functional is channel-wise: channel c of the output depends on
 # channel c of the input alone, so it carries the channel layout through unchanged (GLU, Softmax, LogSoftmax, Softmin mix
@@ -80,6 +84,7 @@ ELEMENTWISE_ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid,
     nn.Hardtanh, nn.Hardshrink, nn.Softshrink, nn.Tanhshrink, nn.Threshold, nn.Sigmoid, nn.LogSigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
 )  # fmt: skip
+OUTPUT_REASON = "it reaches the model output"  # the classifier: never pruned, by design rather than for want of understanding
 PASSTHROUGH_MODULES = (
     *ELEMENTWISE_ACTIVATIONS, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, StochasticDepth,
@@ -282,7 +287,7 @@ class _Walker:
         return  # constants carry no channel space; ops mixing them with channels are checked there
 
     def output(self, node: torch.fx.Node) -> None:
-        self.block_inputs(node, "it reaches the model output")
+        self.block_inputs(node, OUTPUT_REASON)
 
     # -- op families -----------------------------------------------------------------------
     def passthrough(self, node: torch.fx.Node) -> None:

@@ -43,7 +43,8 @@ class ScratchBackend:
         if options:
             raise ValueError(f"the scratch backend takes no option(s) {', '.join(sorted(options))}")
         result = prune_channels(model, method, sparsity, example_input, scope=scope, exclude=exclude, seed=seed, threshold=threshold)
-        return PruneResult(result.model, result.kept, result.masks, result.original_units, self.name, method, result.scope)
+        info = {"why_unprunable": result.graph.why_unprunable()}
+        return PruneResult(result.model, result.kept, result.masks, result.original_units, self.name, method, result.scope, info=info)
 
     def validate(self, model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None = None) -> None:
         """The request errors prune() would raise, found before any training is spent."""

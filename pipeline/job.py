@@ -128,6 +128,9 @@ class Job:
         result = backend.prune(base.eval(), method, c.percent, self.data.example_input(8), scope=c.scope, exclude=list(c.exclude), seed=c.seed,
                                **self.backend_options())  # fmt: skip
         seconds = time.perf_counter() - started
+        blocked = result.info.get("why_unprunable", {})
+        if blocked and c.echo_epochs:
+            print(f"note: {len(blocked)} layer group(s) left unpruned: " + "; ".join(f"{k}: {v}" for k, v in blocked.items()), file=sys.stderr)
         if not result.physical and c.echo_epochs:
             print(f"note: {method} is unstructured; the model is masked, not smaller: its size, MACs and latency are the dense model's", file=sys.stderr)
         base_figures = self.base_figures or self.figures(base, self.evaluate(base))
@@ -139,7 +142,7 @@ class Job:
                 "physical": result.physical}  # fmt: skip
         payload = {**figures, **info, "prune_seconds": round(seconds, 4), "prune_train_steps": result.info.get("train_steps", 0),
                    "masked_accuracy": round(masked.top1, 6),
-                   "masked_top_k_accuracy": round(masked.top_k, 6), "base": base_figures, "layers": result.kept_table()}  # fmt: skip
+                   "masked_top_k_accuracy": round(masked.top_k, 6), "base": base_figures, "layers": result.kept_table(), "why_unprunable": blocked}  # fmt: skip
         self.save("2", result.model, self.meta(STAGES["2"], **info), "pruning", payload)
         if c.echo_epochs:
             print(f"pruned with {c.backend}/{method} ({result.scope} scope) in {seconds:.3f} s; "

@@ -174,3 +174,18 @@ def test_regnet_prunes_as_far_as_torch_pruning():
     assert sum(p.numel() for p in result.model.parameters()) == 1_285_434  # Torch-Pruning 1.6.1's count (DESIGN.md section 6 / issue #11)
     with torch.no_grad():
         assert relative_error(result.model(x), consumer_zeroed_reference(model, result.kept, x)) < 1e-5
+
+
+def test_layers_left_whole_are_listed_with_the_op_that_stopped_them():
+    class ChannelsLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.b(torch.relu(self.a(x)))
+            return self.head(y.permute(0, 2, 3, 1).mean((1, 2)))
+
+    result = get_backend("scratch").prune(ChannelsLast().eval(), "conv_all", 0.5, X, scope="layer")
+    assert list(result.kept) == ["a"]
+    assert result.info["why_unprunable"] == {"b": "method .permute() (permute) is not understood by the channel analysis"}
