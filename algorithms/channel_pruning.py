@@ -124,6 +124,8 @@ def prune_channels(
             group = graph.group_of_producer[name]
             if not graph.groups[group].prunable:
                 raise PruningError(f"{name} cannot be pruned: {graph.groups[group].blocked_by[0]}")
+            if spec.greedy and graph.groups[group].divisor > 1:
+                raise PruningError(f"{name} feeds or is a grouped convolution, which {method} (a greedy pair method) cannot prune; use conv_all or bn")
             ratios[group] = max(ratios.get(group, 0.0), float(ratio))
     else:
         ratios = {g: float(sparsity) for g, group in enumerate(graph.groups) if group.prunable}

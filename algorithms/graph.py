@@ -215,6 +215,9 @@ class _Walker:
         if self.calls[name] > 1 and stateful:  # one module, two channel sets: cannot slice for both
             reason = f"{name} is called more than once"
             self.spaces.block(source, reason)
+            for consumer in self.consumers:  # the first call's input too: the module cannot be sliced for either
+                if consumer.module == name:
+                    self.spaces.block(consumer.layout, reason)
             if name in self.producer_space:
                 self.spaces.block((Segment(self.producer_space[name], 1),), reason)
             self.fresh(node, reason)
@@ -294,7 +297,8 @@ class _Walker:
         source = self.layout(node.args[0]) if node.args else None
         if source is not None and _channels(_shape(node)) == _channels(_shape(node.args[0])):
             others = _flat_nodes((node.args[1:], node.kwargs))
-            if not any(self.layout(o) for o in others):
+            per_channel = any(_shape(o) is not None and _broadcast_channels(_shape(o), _shape(node)) > 1 for o in others)  # e.g. clamp(x, min=tensor)
+            if not any(self.layout(o) for o in others) and not per_channel:
                 self.layouts[node] = source
                 return
         self.unknown(node, f"{getattr(node.target, '__name__', node.target)}")
@@ -391,6 +395,9 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
         if space in group_of_space:
             group = groups[group_of_space[space]]
             group.divisor = math.lcm(group.divisor, divisor)
+    for group in groups:
+        if group.divisor > 1 and group.size // group.divisor <= 1 and not group.blocked_by:
+            group.blocked_by.append(f"grouped convolutions split its {group.size} channels into {group.divisor} groups: one per group, none to prune")
     # the input-space blocks may sit on roots that hold no producer; spaces of blocked roots are already marked
     norm_after: dict[str, str] = {}
     for node in graph_module.graph.nodes:

@@ -161,3 +161,46 @@ def test_layers_left_whole_are_listed_with_the_op_that_stopped_them():
     result = get_backend("scratch").prune(ChannelsLast().eval(), "conv_all", 0.5, X, scope="layer")
     assert list(result.kept) == ["a"]
     assert result.info["why_unprunable"] == {"b": "method .permute() (permute) is not understood by the channel analysis"}
+
+
+def test_cases_an_independent_review_found():
+    """A grouped conv called twice, a clamp with per-channel bounds, a block per channel: blocked, never broken."""
+
+    class CalledTwice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.g, self.head = nn.Conv2d(3, 16, 1), nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 1, groups=4), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head((self.g(torch.relu(self.a(x))) + self.g(torch.relu(self.b(x)))).mean((2, 3)))
+
+    class ClampPerChannel(Sandwich):
+        def __init__(self) -> None:
+            super().__init__(nn.Identity())
+            self.low = nn.Parameter(torch.randn(8, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.second(torch.clamp(self.first(x), min=self.low)).mean((2, 3)))
+
+    class OnePerGroup(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.g, self.head = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 32, 1, groups=16), nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.g(torch.relu(self.a(x))).mean((2, 3)))
+
+    for model, layer, reason in [(CalledTwice(), "a", "called more than once"), (ClampPerChannel(), "first", "clamp"), (OnePerGroup(), "a", "one per group")]:
+        graph = analyze(model.eval(), X)
+        assert not graph.group(layer).prunable and reason in graph.group(layer).blocked_by[0]
+        result = get_backend("scratch").prune(model, "conv_all", 0.5, X, scope="layer")
+        assert layer not in result.kept and reason in " ".join(result.info["why_unprunable"].values())
+        with torch.no_grad():
+            assert relative_error(result.model(X), consumer_zeroed_reference(model, result.kept, X)) < 1e-5
+    with pytest.raises(Exception, match="grouped convolution"):
+        get_backend("scratch").prune(GroupedBlock().eval(), "conv_similarity", {"a": 0.5}, X)
+
+
+def test_the_nni_backend_leaves_grouped_channels_whole():
+    result = get_backend("nni").prune(randomize_norms(GroupedBlock()).eval(), "l1", 0.5, X, scope="layer")
+    assert list(result.kept) == ["c"]
