@@ -35,6 +35,11 @@ def zeroed_reference(model: nn.Module, kept: dict[str, list[int]], units: dict[s
             return output * mask.view((1, -1) + (1,) * (output.ndim - 2))
 
         hooks.append(modules[norm_after.get(layer, layer)].register_forward_hook(hook))
+    return _run_hooked(model, hooks, x)
+
+
+def _run_hooked(model: nn.Module, hooks: list, x: torch.Tensor) -> torch.Tensor:
+    """One no-grad forward with the given hooks installed, then the hooks removed whatever happens."""
     try:
         with torch.no_grad():
             return model(x)
@@ -80,9 +85,4 @@ def consumer_zeroed_reference(model: nn.Module, kept: dict[str, list[int]], x: t
             return (inputs[0] * mask.view((1, -1) + (1,) * (inputs[0].ndim - 2)),)
 
         hooks.append(modules[consumer.module].register_forward_pre_hook(zero_inputs))
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for handle in hooks:
-            handle.remove()
+    return _run_hooked(model, hooks, x)
