@@ -258,7 +258,7 @@ class UpstreamCache:
     def __init__(self, split: GraphSplit, limit_bytes: int = 2 << 30) -> None:
         self.split, self.limit_bytes = split, limit_bytes
         self.entries: list[_Entry] = []
-        self.position = self.stored_bytes = self.hits = self.misses = 0
+        self.position = self.stored_bytes = self.hits = 0
         self.verified = False
         self.enabled = split.reusable
 
@@ -304,7 +304,6 @@ class UpstreamCache:
         if position < len(self.entries) and _same_key(self.entries[position].inputs, args):
             self.hits += 1
             return self.entries[position].frontier
-        self.misses += 1
         key, private = tuple(_copy(a) for a in args), tuple(_copy(a) for a in args)  # neither is the caller's tensor
         with torch.inference_mode(False), torch.no_grad():
             frontier = tuple(part("upstream")(*private))
@@ -317,10 +316,6 @@ class UpstreamCache:
             self.entries.append(_Entry(key, frontier, size))
             self.stored_bytes += size
         return frontier
-
-
-def _snapshot(value: object) -> object:
-    return _copy(value)
 
 
 class FrontierRecorder:
@@ -345,7 +340,7 @@ class FrontierRecorder:
                 continue
             values[node] = graph.node_copy(node, lambda n: values[n])
             if node.name in self.names:
-                kept[node.name] = graph.call_function(_snapshot, (values[node],))
+                kept[node.name] = graph.call_function(_copy, (values[node],))  # a copy taken the moment the value is produced
         return graph
 
     def install(self, model: nn.Module) -> nn.Module:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,17 +71,16 @@ def check_outdir(outdir: str | Path) -> Path:
     return outdir
 
 
-def publish(files: dict[str, bytes], outdir: Path) -> list[Path]:
-    """Write every file under a temporary name first, then rename them all into `outdir`: a failure leaves no new file."""
+def publish(writers: dict[str, Callable[[Path], object]], outdir: Path) -> list[Path]:
+    """Each writer fills a temporary file in `outdir`; only once all have are they renamed into place, so a failure leaves no new file."""
     outdir.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
     try:
-        for name, data in files.items():
+        for name, write in writers.items():
             handle, temp = tempfile.mkstemp(prefix=f".{name}.", dir=outdir)
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
-            os.chmod(temp, 0o644)
+            os.close(handle)
             staged.append((Path(temp), outdir / name))
+            write(Path(temp))
         for temp, target in staged:
             os.replace(temp, target)
     finally:
@@ -108,7 +108,7 @@ def run_sensitivity(loaded: AnalysisModel, request: SensitivityRequest, outdir: 
             mode=mode,
             example_input=data.example_input(1),
             progress=request.progress,
-        )  # fmt: skip
+        )
         for mode in modes
     }
     specified = list(request.specified_layers) if request.specified_layers else None
@@ -118,19 +118,18 @@ def run_sensitivity(loaded: AnalysisModel, request: SensitivityRequest, outdir: 
     ratios = get_ratios_by_loss(first, request.max_loss) if request.max_loss is not None else None
 
     outcome = SensitivityOutcome(baseline, results, dict(first.skipped), ratios)
-    files = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for mode, sensitivity in results.items():
-            name = "sensitivity.csv" if mode == "pruned" else "sensitivity_masked.csv"
-            files[name] = export_sensitivity(sensitivity, Path(scratch) / name, first.sparsities).read_bytes()
-        title = f"{loaded.meta['model']} on {loaded.meta['data_type']} ({loaded.label}): {request.prune_method}"
-        files["sensitivity.png"] = plot_sensitivity(results, baseline, Path(scratch) / "sensitivity.png", title).read_bytes()
+    title = f"{loaded.meta['model']} on {loaded.meta['data_type']} ({loaded.label}): {request.prune_method}"
     settings = {"snapshot": loaded.label, "model": loaded.meta["model"], "data_type": loaded.meta["data_type"], "prune_method": request.prune_method,
                 "modes": modes, "sparsities": first.sparsities, "early_stop_mode": request.early_stop_mode, "early_stop_value": request.early_stop_value,
                 "metric": "top-1 accuracy on the test split", "baseline": baseline, "skipped": outcome.skipped,
                 "max_loss": request.max_loss, "ratios": ratios}  # fmt: skip
-    files["sensitivity.json"] = json.dumps(settings, indent=2, sort_keys=True).encode()
-    outcome.written = publish(files, Path(outdir))
+    writers: dict[str, Callable[[Path], object]] = {
+        "sensitivity.csv" if mode == "pruned" else "sensitivity_masked.csv": lambda path, rows=sensitivity: export_sensitivity(rows, path, first.sparsities)
+        for mode, sensitivity in results.items()
+    }
+    writers["sensitivity.png"] = lambda path: plot_sensitivity(results, baseline, path, title)
+    writers["sensitivity.json"] = lambda path: write_json(path, settings)
+    outcome.written = publish(writers, Path(outdir))
     return outcome
 
 
