@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +32,35 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def staged_files(folder: str | Path, names: Iterable[str]) -> Iterator[dict[str, Path]]:
+    """Temporary files in `folder`, one per name, for the caller to fill; on success all are renamed onto their names
+    together, on any error they vanish, with any folder made for them: readers never meet a half-written set."""
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    temps: dict[str, Path] = {}
+    try:
+        for name in names:
+            handle, temp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+            os.close(handle)
+            temps[name] = Path(temp)
+        yield temps
+        for name, temp in temps.items():
+            os.chmod(temp, 0o644)
+            os.replace(temp, folder / name)
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+        for made in created:  # deepest first; a folder that now holds the renamed files is not empty and stays
+            with contextlib.suppress(OSError):
+                made.rmdir()
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with staged_files(path.parent, [path.name]) as temps:
+        temps[path.name].write_bytes(data)
     return path
 
 

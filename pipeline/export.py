@@ -8,8 +8,6 @@ into place: a file at the target path has passed its check.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from algorithms.mask_conflict import unit_mask
 from algorithms.masks import Masks, unit_masks
 from algorithms.modules import eval_mode
 
+from .atomic import staged_files
 from .errors import UsageError
 
 FORMATS = ("onnx", "torchscript", "masks")
@@ -43,26 +42,15 @@ class ExportCheck:
 
 @contextlib.contextmanager
 def _staged_file(target: Path, what: str) -> Iterator[Path]:
-    """A temporary file beside `target`, renamed onto it on success; on failure it and any folder made for it vanish."""
-    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(handle)
+    """A temporary file beside `target`, renamed onto it once checked; on failure no file or folder is left, and the error is one line."""
     try:
-        yield Path(temp)
-        os.chmod(temp, 0o644)
-        os.replace(temp, target)
+        with staged_files(target.parent, [target.name]) as temps:
+            yield temps[target.name]
     except ExportMismatch:
         raise
     except Exception as error:  # exporters raise many types (unsupported op, checker, runtime): one line names it
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportMismatch(f"{what} failed: {first[:200]}; the file was not written") from None
-    finally:
-        Path(temp).unlink(missing_ok=True)
-        if not target.exists():
-            for folder in created:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
 
 
 def _compare(reference: torch.Tensor, produced: torch.Tensor, what: str) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from algorithms.errors import PruningError
 from algorithms.sensitivity import MODES, SensitivityAnalysis, check_early_stop, check_sparsities, export_sensitivity, get_ratios_by_loss, load_sensitivity
 
 from .analysis_inputs import AnalysisModel, dataset_for
-from .atomic import write_json
+from .atomic import staged_files, write_json
 from .sensitivity_plot import plot_sensitivity
 from .training import evaluate
 
@@ -73,20 +72,10 @@ def check_outdir(outdir: str | Path) -> Path:
 
 def publish(writers: dict[str, Callable[[Path], object]], outdir: Path) -> list[Path]:
     """Each writer fills a temporary file in `outdir`; only once all have are they renamed into place, so a failure leaves no new file."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[Path, Path]] = []
-    try:
+    with staged_files(outdir, writers) as temps:
         for name, write in writers.items():
-            handle, temp = tempfile.mkstemp(prefix=f".{name}.", dir=outdir)
-            os.close(handle)
-            staged.append((Path(temp), outdir / name))
-            write(Path(temp))
-        for temp, target in staged:
-            os.replace(temp, target)
-    finally:
-        for temp, _ in staged:
-            temp.unlink(missing_ok=True)
-    return [target for _, target in staged]
+            write(temps[name])
+    return [outdir / name for name in writers]
 
 
 def run_sensitivity(loaded: AnalysisModel, request: SensitivityRequest, outdir: str | Path) -> SensitivityOutcome:
