@@ -2,19 +2,23 @@
 
 Every Conv2d (but a depthwise one) and Linear opens a *channel space*: its output units.
 Walking the graph in order, each tensor carries a *layout*: the spaces along
-its channel axis (dim 1), each with a `repeat` (columns per channel after an
-NCHW flatten). Elementwise ops unite spaces (residual adds couple layers),
-`cat` concatenates layouts (channel offsets), and every module that reads
-channels (next conv, BatchNorm, depthwise conv, Linear after flatten) is
-recorded with the layout it reads. Anything the analysis does not understand
-blocks the spaces it touches, so pruning is never wrong, only more cautious.
-Spaces reaching the graph output are blocked: the classifier is never pruned.
+its channel axis, each with a `repeat` (consecutive columns per channel after an
+NCHW flatten or a channel shuffle), and which axis that is (dim 1 for NCHW maps,
+the last one after a permute to channels-last or for a Linear on (N, tokens, features)).
+Elementwise ops unite spaces (residual adds couple layers), `cat` concatenates
+layouts (channel offsets), permutes move the channel axis, and every module or
+parameter that reads channels (next conv, BatchNorm, LayerNorm, depthwise conv,
+Linear, a layer-scale parameter) is recorded with the layout it reads. Anything
+the analysis does not understand blocks the spaces it touches, so pruning is
+never wrong, only more cautious. Spaces reaching the graph output are blocked:
+the classifier is never pruned.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -41,9 +45,10 @@ Layout = tuple[Segment, ...]
 class Consumer:
     """A module whose input channels follow `layout` and must be sliced with it."""
 
-    module: str
-    kind: str  # "conv" | "linear" | "norm" | "depthwise" | "grouped"
+    module: str  # for kind "scale": the parameter's qualified name (a layer-scale vector), sliced along `dim`
+    kind: str  # "conv" | "linear" | "norm" | "layernorm" | "depthwise" | "grouped" | "scale"
     layout: Layout
+    dim: int = 0
 
 
 @dataclass
@@ -54,6 +59,7 @@ class ChannelGroup:
     size: int
     blocked_by: list[str] = field(default_factory=list)
     divisor: int = 1  # grouped convs read or write these channels in this many equal blocks: each block keeps the same count
+    layer_norms: list[str] = field(default_factory=list)  # LayerNorms over these channels: pruning changes their statistics
 
     @property
     def prunable(self) -> bool:
@@ -87,8 +93,9 @@ ELEMENTWISE_ACTIVATIONS = (
 OUTPUT_REASON = "it reaches the model output"  # the classifier: never pruned, by design rather than for want of understanding
 PASSTHROUGH_MODULES = (
     *ELEMENTWISE_ACTIVATIONS, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, StochasticDepth,
+    StochasticDepth,
 )  # fmt: skip
+SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)  # per channel over dims 2..: channels on dim 1 only
 ELEMENTWISE_ACTIVATION_FUNCTIONS = {
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.rrelu, F.rrelu_, F.elu, F.elu_, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
     F.hardsigmoid, F.hardtanh, F.hardtanh_, F.hardshrink, F.softshrink, F.tanhshrink, F.threshold, F.threshold_, F.sigmoid, F.logsigmoid, F.tanh,
@@ -96,9 +103,9 @@ ELEMENTWISE_ACTIVATION_FUNCTIONS = {
     torch.celu_, torch.rrelu, torch.rrelu_, torch.clamp, torch.clamp_,
 }  # fmt: skip
 PASSTHROUGH_FUNCTIONS = {
-    *ELEMENTWISE_ACTIVATION_FUNCTIONS, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, torch.max_pool2d, stochastic_depth,
+    *ELEMENTWISE_ACTIVATION_FUNCTIONS, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, stochastic_depth,
 }  # fmt: skip
+SPATIAL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, torch.max_pool2d}
 PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "contiguous", "clone", "detach", "float", "to"}
 ELEMENTWISE = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv,
                torch.add, torch.mul, torch.sub, torch.div}  # fmt: skip
@@ -107,6 +114,11 @@ RESHAPES = {torch.flatten, torch.reshape}
 RESHAPE_METHODS = {"view", "reshape", "flatten"}
 REDUCTIONS = {torch.mean, torch.sum, torch.amax}
 REDUCTION_METHODS = {"mean", "sum", "amax"}
+PERMUTES = {torch.permute, torch.transpose, torch.swapaxes, torch.swapdims}
+PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "swapdims"}
+SPLITS = {torch.chunk, torch.split}
+SPLIT_METHODS = {"chunk", "split"}
+SPLIT_AWARE = PERMUTES | RESHAPES | {"contiguous", "clone"} | PERMUTE_METHODS | RESHAPE_METHODS  # ops a channel shuffle passes through
 NON_TENSOR_METHODS = {"size", "dim"}
 
 
@@ -152,8 +164,37 @@ def _shape(node: object) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _channels(shape: tuple[int, ...] | None) -> int | None:
-    return shape[1] if shape is not None and len(shape) >= 2 else None
+def _channels(shape: tuple[int, ...] | None, axis: int = 1) -> int | None:
+    return shape[axis] if shape is not None and len(shape) > axis else None
+
+
+def _ndim(node: object) -> int:
+    return len(_shape(node) or ())
+
+
+@dataclass
+class _Split:
+    """A channel axis viewed as (groups, channels per group), as channel shuffles do: both axes tracked until merged back."""
+
+    group_axis: int
+    channel_axis: int
+    groups: int
+    layout: Layout  # of one group; every group's spaces are united with it, so any interleaving keeps them aligned
+
+
+def _cut(layout: Layout, sizes: list[int]) -> list[Layout] | None:
+    """The layout split into consecutive pieces of `sizes` columns; None when a cut falls inside a segment."""
+    pieces: list[Layout] = []
+    segments = list(layout)
+    for size in sizes:
+        piece: list[Segment] = []
+        while size > 0 and segments and segments[0].size * segments[0].repeat <= size:
+            size -= segments[0].size * segments[0].repeat
+            piece.append(segments.pop(0))
+        if size != 0:
+            return None
+        pieces.append(tuple(piece))
+    return pieces if not segments else None
 
 
 def _flat_nodes(args: object) -> list[torch.fx.Node]:
@@ -163,95 +204,176 @@ def _flat_nodes(args: object) -> list[torch.fx.Node]:
 
 
 class _Walker:
-    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
+    def __init__(self, graph_module: torch.fx.GraphModule, model: nn.Module) -> None:
         self.gm = graph_module
-        self.modules = dict(graph_module.named_modules())
+        self.modules = dict(model.named_modules())  # the user's classes: the graph module keeps traced-through ones as bare Modules
         self.spaces = _Spaces()
         self.layouts: dict[torch.fx.Node, Layout] = {}
+        self.axes: dict[torch.fx.Node, int] = {}  # channel axis of a tensor with a layout; 1 when absent
+        self.splits: dict[torch.fx.Node, _Split] = {}
+        self.pieces: dict[torch.fx.Node, list[tuple[Layout, int]]] = {}  # chunk / split results, read by getitem
         self.consumers: list[Consumer] = []
         self.producer_space: dict[str, int] = {}
         self.divisors: dict[int, int] = {}  # space -> equal blocks a grouped conv imposes
         self.calls: dict[str, int] = {}
+        nodes = graph_module.graph.nodes
+        self.attr_uses = Counter(str(n.target) for n in nodes if n.op == "get_attr")
+        self.called = {str(n.target) for n in nodes if n.op == "call_module"}
 
     # -- helpers --------------------------------------------------------------------------
     def layout(self, node: object) -> Layout | None:
         return self.layouts.get(node) if isinstance(node, torch.fx.Node) else None
 
+    def axis(self, node: object) -> int:
+        return self.axes.get(node, 1) if isinstance(node, torch.fx.Node) else 1
+
+    def set(self, node: torch.fx.Node, layout: Layout, axis: int = 1) -> None:
+        self.layouts[node] = layout
+        self.axes[node] = axis
+
+    def carry(self, node: torch.fx.Node, source: torch.fx.Node) -> None:
+        self.set(node, self.layouts[source], self.axis(source))
+
     def fresh(self, node: torch.fx.Node, reason: str) -> None:
         """An output whose channels we cannot relate to anything: a new, blocked space."""
         channels = _channels(_shape(node))
         if channels is not None:
-            self.layouts[node] = (Segment(self.spaces.new(channels, reason), channels),)
+            self.set(node, (Segment(self.spaces.new(channels, reason), channels),))
 
     def block_inputs(self, node: torch.fx.Node, reason: str) -> None:
         for arg in _flat_nodes((node.args, node.kwargs)):
             self.spaces.block(self.layout(arg), reason)
+            for layout, _ in self.pieces.get(arg, ()):
+                self.spaces.block(layout, reason)
 
     def unknown(self, node: torch.fx.Node, what: str) -> None:
         reason = f"{what} ({node.name}) is not understood by the channel analysis"
         self.block_inputs(node, reason)
         self.fresh(node, reason)
 
-    def unite(self, node: torch.fx.Node, layouts: list[Layout]) -> None:
+    def unite(self, node: torch.fx.Node, layouts: list[Layout], axis: int = 1) -> bool:
         """Elementwise op: all operands' channels line up one to one."""
         first = layouts[0]
         for other in layouts[1:]:
             if [(s.size, s.repeat) for s in other] != [(s.size, s.repeat) for s in first]:
                 self.unknown(node, "an elementwise op over differently split channels")
-                return
+                return False
             for a, b in zip(first, other, strict=True):
                 self.spaces.union(a.space, b.space)
-        self.layouts[node] = first
+        self.set(node, first, axis)
+        return True
+
+    def first_call(self, name: str, node: torch.fx.Node, source: Layout | None) -> bool:
+        """False (and everything it touches blocked) when a stateful module runs a second time: it cannot be sliced for both inputs."""
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.calls[name] == 1:
+            return True
+        reason = f"{name} is called more than once"
+        self.spaces.block(source, reason)
+        for consumer in self.consumers:  # the first call's input too: the module cannot be sliced for either
+            if consumer.module == name:
+                self.spaces.block(consumer.layout, reason)
+        if name in self.producer_space:
+            self.spaces.block((Segment(self.producer_space[name], 1),), reason)
+        self.fresh(node, reason)
+        return False
+
+    def own_parameter(self, node: torch.fx.Node) -> bool:
+        """A parameter or buffer read once, by this op only, and owned by no module that runs: safe to slice for this op."""
+        if node.op != "get_attr" or self.attr_uses[str(node.target)] != 1 or len(node.users) != 1:
+            return False
+        owner, _, attr = str(node.target).rpartition(".")
+        module = self.modules.get(owner)
+        return module is not None and owner not in self.called and (attr in module._parameters or attr in module._buffers)
 
     # -- node kinds ------------------------------------------------------------------------
+    def visit(self, node: torch.fx.Node) -> None:
+        if any(arg in self.splits for arg in node.all_input_nodes) and not (node.target in SPLIT_AWARE and node.op in ("call_function", "call_method")):
+            self.unknown(node, "an op on channels viewed as groups")
+            return
+        getattr(self, node.op)(node)
+
     def placeholder(self, node: torch.fx.Node) -> None:
         self.fresh(node, "the model input")
 
     def call_module(self, node: torch.fx.Node) -> None:
         name, module = str(node.target), self.modules[str(node.target)]
-        source = self.layout(node.args[0]) if node.args else None
-        self.calls[name] = self.calls.get(name, 0) + 1
-        stateful = isinstance(module, (nn.Conv2d, nn.Linear, *NORM_TYPES))
-        if self.calls[name] > 1 and stateful:  # one module, two channel sets: cannot slice for both
-            reason = f"{name} is called more than once"
-            self.spaces.block(source, reason)
-            for consumer in self.consumers:  # the first call's input too: the module cannot be sliced for either
-                if consumer.module == name:
-                    self.spaces.block(consumer.layout, reason)
-            if name in self.producer_space:
-                self.spaces.block((Segment(self.producer_space[name], 1),), reason)
-            self.fresh(node, reason)
+        source_node = node.args[0] if node.args else None
+        source, axis, ndim = self.layout(source_node), self.axis(source_node), _ndim(source_node)
+        stateful = isinstance(module, (nn.Conv2d, nn.Linear, nn.LayerNorm, *NORM_TYPES))
+        if stateful and not self.first_call(name, node, source):
             return
-        if isinstance(module, nn.Conv2d) and module.groups == 1 or isinstance(module, nn.Linear):
-            if source is None or (isinstance(module, nn.Linear) and len(_shape(node.args[0]) or ()) != 2):
-                self.unknown(node, f"{name} on an input of unexpected rank")
+        if source is None or axis != 1 and not isinstance(module, (nn.Linear, nn.LayerNorm, *PASSTHROUGH_MODULES)):
+            self.unknown(node, f"module {name} ({type(module).__name__}) on channels that are not on dim 1")
+        elif isinstance(module, nn.Conv2d):
+            self.conv(node, name, module, source)
+        elif isinstance(module, nn.Linear):
+            if ndim < 2:
+                self.unknown(node, f"{name} on an input without a feature axis")
                 return
-            self.consumers.append(Consumer(name, "conv" if isinstance(module, nn.Conv2d) else "linear", source))
-            size = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-            self.producer_space[name] = self.spaces.new(size)
-            self.layouts[node] = (Segment(self.producer_space[name], size),)
-        elif isinstance(module, nn.Conv2d) and not is_depthwise(module) and source is not None:
-            # grouped: output block j reads input block j only; both sides stay prunable if every block keeps the same count
+            if axis != ndim - 1:  # its features are not channels we track: they stay whole, its own outputs can still be pruned
+                reason = f"{name} reads a last axis that carries no tracked channels"
+                self.spaces.block(source, reason)
+                source = (Segment(self.spaces.new(module.in_features, reason), module.in_features),)
+            self.consumers.append(Consumer(name, "linear", source))
+            self.producer_space[name] = self.spaces.new(module.out_features)
+            self.set(node, (Segment(self.producer_space[name], module.out_features),), ndim - 1)
+        elif isinstance(module, NORM_TYPES):
+            self.consumers.append(Consumer(name, "norm", source))
+            self.carry(node, source_node)
+        elif isinstance(module, nn.LayerNorm):
+            self.layer_norm(node, name, module, source_node)
+        elif isinstance(module, (*PASSTHROUGH_MODULES, *SPATIAL_MODULES)) and not (isinstance(module, nn.PReLU) and module.num_parameters > 1):
+            self.carry(node, source_node)
+        elif isinstance(module, nn.Flatten):
+            self.reshape(node)
+        else:
+            self.unknown(node, f"module {name} ({type(module).__name__})")
+
+    def conv(self, node: torch.fx.Node, name: str, module: nn.Conv2d, source: Layout) -> None:
+        if module.groups == 1:
+            self.consumers.append(Consumer(name, "conv", source))
+        elif is_depthwise(module):
+            self.consumers.append(Consumer(name, "depthwise", source))
+            self.set(node, source)
+            return
+        else:  # grouped: output block j reads input block j only; both sides stay prunable if every block keeps the same count
             self.consumers.append(Consumer(name, "grouped", source))
             if len(source) != 1 or source[0].repeat != 1:
                 self.spaces.block(source, f"{name} is a grouped convolution over concatenated channels")
             else:
                 self.divisors[source[0].space] = math.lcm(self.divisors.get(source[0].space, 1), module.groups)
-            self.producer_space[name] = self.spaces.new(module.out_channels)
+        self.producer_space[name] = self.spaces.new(module.out_channels)
+        if module.groups > 1:
             self.divisors[self.producer_space[name]] = module.groups
-            self.layouts[node] = (Segment(self.producer_space[name], module.out_channels),)
-        elif isinstance(module, nn.Conv2d) and is_depthwise(module) and source is not None:
-            self.consumers.append(Consumer(name, "depthwise", source))
-            self.layouts[node] = source
-        elif isinstance(module, NORM_TYPES) and source is not None:
-            self.consumers.append(Consumer(name, "norm", source))
-            self.layouts[node] = source
-        elif isinstance(module, PASSTHROUGH_MODULES) and source is not None and not (isinstance(module, nn.PReLU) and module.num_parameters > 1):
-            self.layouts[node] = source
-        elif isinstance(module, nn.Flatten):
-            self.reshape(node)
-        else:
-            self.unknown(node, f"module {name} ({type(module).__name__})")
+        self.set(node, (Segment(self.producer_space[name], module.out_channels),))
+
+    def layer_norm(self, node: torch.fx.Node, name: str, module: nn.LayerNorm, source_node: torch.fx.Node) -> None:
+        """A LayerNorm over the channel axis alone: slice its weight and bias; the kept channels are normalised among themselves."""
+        source, ndim = self.layout(source_node), _ndim(source_node)
+        if source is None or len(module.normalized_shape) != 1 or ndim < 2 or self.axis(source_node) != ndim - 1:
+            self.unknown(node, f"LayerNorm {name} over more than, or other than, the channel axis")
+            return
+        self.consumers.append(Consumer(name, "layernorm", source))
+        self.carry(node, source_node)
+
+    def functional_layer_norm(self, node: torch.fx.Node) -> None:
+        """F.layer_norm(x, shape, self.weight, self.bias) inside a LayerNorm subclass (torchvision's LayerNorm2d): that module is sliced."""
+        args = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args, strict=False)) | node.kwargs
+        weight, bias = args.get("weight"), args.get("bias")
+        owner = str(weight.target).rpartition(".")[0] if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else None
+        module = self.modules.get(owner) if owner is not None else None
+        expected_bias = None if module is None or module.bias is None else f"{owner}.bias"
+        if (
+            not isinstance(module, nn.LayerNorm)
+            or str(weight.target) != f"{owner}.weight"
+            or (str(bias.target) if isinstance(bias, torch.fx.Node) else bias) != expected_bias
+            or tuple(args.get("normalized_shape", ())) != tuple(module.normalized_shape)
+        ):
+            self.unknown(node, "layer_norm with weights of no LayerNorm module")
+            return
+        if self.first_call(owner, node, self.layout(args["input"])):
+            self.layer_norm(node, owner, module, args["input"])
 
     def call_function(self, node: torch.fx.Node) -> None:
         target = node.target
@@ -259,8 +381,18 @@ class _Walker:
             self.elementwise(node)
         elif target in PASSTHROUGH_FUNCTIONS:
             self.passthrough(node)
+        elif target in SPATIAL_FUNCTIONS:
+            self.passthrough(node, spatial=True)
         elif target in RESHAPES:
             self.reshape(node)
+        elif target in PERMUTES:
+            self.permute(node)
+        elif target in SPLITS:
+            self.split(node)
+        elif target is operator.getitem:
+            self.getitem(node)
+        elif target is F.layer_norm:
+            self.functional_layer_norm(node)
         elif target is torch.cat:
             self.cat(node)
         elif target in REDUCTIONS:
@@ -279,6 +411,10 @@ class _Walker:
             self.passthrough(node)
         elif method in RESHAPE_METHODS:
             self.reshape(node)
+        elif method in PERMUTE_METHODS:
+            self.permute(node)
+        elif method in SPLIT_METHODS:
+            self.split(node)
         elif method in REDUCTION_METHODS:
             self.reduction(node)
         elif method in NON_TENSOR_METHODS:
@@ -293,88 +429,190 @@ class _Walker:
         self.block_inputs(node, OUTPUT_REASON)
 
     # -- op families -----------------------------------------------------------------------
-    def passthrough(self, node: torch.fx.Node) -> None:
-        source = self.layout(node.args[0]) if node.args else None
-        if source is not None and _channels(_shape(node)) == _channels(_shape(node.args[0])):
+    def passthrough(self, node: torch.fx.Node, spatial: bool = False) -> None:
+        source_node = node.args[0] if node.args else None
+        source, axis = self.layout(source_node), self.axis(source_node)
+        same = _ndim(node) == _ndim(source_node) and _channels(_shape(node), axis) == _channels(_shape(source_node), axis)
+        if source is not None and same and not (spatial and axis != 1):
+            if source_node in self.splits:  # .contiguous() / .clone() inside a channel shuffle
+                self.splits[node] = self.splits[source_node]
+                self.carry(node, source_node)
+                return
             others = _flat_nodes((node.args[1:], node.kwargs))
-            per_channel = any(_shape(o) is not None and _broadcast_channels(_shape(o), _shape(node)) > 1 for o in others)  # e.g. clamp(x, min=tensor)
+            per_channel = any(_shape(o) is not None and _broadcast_size(_shape(o), _shape(node), axis) > 1 for o in others)  # e.g. clamp(x, min=tensor)
             if not any(self.layout(o) for o in others) and not per_channel:
-                self.layouts[node] = source
+                self.carry(node, source_node)
                 return
         self.unknown(node, f"{getattr(node.target, '__name__', node.target)}")
 
     def elementwise(self, node: torch.fx.Node) -> None:
-        out_channels = _channels(_shape(node))
-        layouts: list[Layout] = []
         out_shape = _shape(node)
-        for arg in _flat_nodes((node.args, node.kwargs)):
-            layout, shape = self.layout(arg), _shape(arg)
-            if shape is None:
-                continue  # a Python number computed in the graph
-            if layout is not None and len(shape) == len(out_shape or ()):
-                layouts.append(layout)
-            elif layout is not None or _broadcast_channels(shape, out_shape) > 1:
-                self.unknown(node, "an elementwise op with a per-channel constant or mismatched ranks")
-                return
-        if not layouts or out_channels is None:
+        operands = [arg for arg in _flat_nodes((node.args, node.kwargs)) if _shape(arg) is not None]  # skip Python numbers computed in the graph
+        with_layout = [arg for arg in operands if self.layout(arg) is not None]
+        if not with_layout or out_shape is None or len(out_shape) < 2:
             self.unknown(node, "an elementwise op")
             return
-        self.unite(node, layouts)
+        axis = self.axis(with_layout[0])
+        if any(_ndim(arg) != len(out_shape) or self.axis(arg) != axis for arg in with_layout):
+            self.unknown(node, "an elementwise op over tensors whose channels sit on different axes")
+            return
+        scales = []
+        for arg in operands:
+            size = 1 if arg in with_layout else _broadcast_size(_shape(arg), out_shape, axis)
+            if size > 1 and self.own_parameter(arg) and size == out_shape[axis]:
+                scales.append(arg)  # layer scale, a per-channel bias: sliced with the channels it multiplies
+            elif size > 1:
+                self.unknown(node, "an elementwise op with a per-channel constant")
+                return
+        if self.unite(node, [self.layout(arg) for arg in with_layout], axis):
+            for arg in scales:
+                dim = axis - (len(out_shape) - _ndim(arg))
+                self.consumers.append(Consumer(str(arg.target), "scale", self.layouts[node], dim))
 
     def reshape(self, node: torch.fx.Node) -> None:
-        source, in_shape, out_shape = self.layout(node.args[0]), _shape(node.args[0]), _shape(node)
+        source_node = node.args[0] if node.args else None
+        source, in_shape, out_shape = self.layout(source_node), _shape(source_node), _shape(node)
+        if source_node in self.splits:
+            self.merge_groups(node)
+            return
         if source is None or in_shape is None or out_shape is None or len(out_shape) < 2 or out_shape[0] != in_shape[0]:
             self.unknown(node, "a reshape")
             return
+        axis = self.axis(source_node)
         in_rest, out_rest = math.prod(in_shape[2:]), math.prod(out_shape[2:])
-        if out_shape[1] == in_shape[1] and in_rest == out_rest and len(in_shape) in (2, 4) and len(out_shape) in (2, 4):
-            self.layouts[node] = source  # (N, C) <-> (N, C, 1, 1) and the like
-        elif len(out_shape) == 2 and out_shape[1] == in_shape[1] * in_rest:
-            self.layouts[node] = tuple(Segment(s.space, s.size, s.repeat * in_rest) for s in source)  # NCHW flatten
+        if axis == 1 and out_shape[1] == in_shape[1] and in_rest == out_rest:
+            self.set(node, source)  # (N, C) <-> (N, C, 1, 1), (N, C, H, W) -> (N, C, H*W) and the like
+        elif axis == 1 and len(out_shape) == 2 and out_shape[1] == in_shape[1] * in_rest:
+            self.set(node, tuple(Segment(s.space, s.size, s.repeat * in_rest) for s in source))  # NCHW flatten
+        elif axis == 1 and len(out_shape) == len(in_shape) + 1 and out_shape[1] * out_shape[2] == in_shape[1] and out_shape[3:] == in_shape[2:]:
+            self.view_as_groups(node, source, out_shape[1])
+        elif axis == len(in_shape) - 1 and out_shape[-1] == in_shape[-1]:
+            self.set(node, source, len(out_shape) - 1)  # channels-last: (N, H, W, C) -> (N, H*W, C)
         else:
             self.unknown(node, "a reshape that mixes channels")
+
+    def view_as_groups(self, node: torch.fx.Node, source: Layout, groups: int) -> None:
+        """(N, C, ...) -> (N, g, C/g, ...): the first half of a channel shuffle. The g groups are united so that they keep the same channels."""
+        pieces = _cut(source, [sum(s.size * s.repeat for s in source) // groups] * groups)
+        if pieces is None or any([(s.size, s.repeat) for s in piece] != [(s.size, s.repeat) for s in pieces[0]] for piece in pieces):
+            self.unknown(node, "a view of channels as groups that cuts through a layer's channels")
+            return
+        for piece in pieces[1:]:
+            for a, b in zip(pieces[0], piece, strict=True):
+                self.spaces.union(a.space, b.space)
+        self.splits[node] = _Split(1, 2, groups, pieces[0])
+        self.set(node, source)  # what an op that does not know about groups blocks
+
+    def merge_groups(self, node: torch.fx.Node) -> None:
+        """(N, g, C/g, ...) or, transposed, (N, C/g, g, ...) back to (N, C, ...): concatenated or interleaved groups."""
+        split, in_shape, out_shape = self.splits[node.args[0]], _shape(node.args[0]), _shape(node)
+        first = min(split.group_axis, split.channel_axis)
+        adjacent = abs(split.group_axis - split.channel_axis) == 1
+        merged = in_shape is not None and out_shape == in_shape[:first] + (in_shape[first] * in_shape[first + 1],) + in_shape[first + 2 :]
+        if not (adjacent and merged):
+            self.unknown(node, "a reshape of channels viewed as groups")
+            return
+        if split.group_axis < split.channel_axis:
+            self.set(node, split.layout * split.groups, first)
+        else:  # channel shuffle: each channel of the group layout now spans `groups` consecutive columns
+            self.set(node, tuple(Segment(s.space, s.size, s.repeat * split.groups) for s in split.layout), first)
+
+    def permute(self, node: torch.fx.Node) -> None:
+        source_node, ndim = node.args[0] if node.args else None, _ndim(node)
+        rest = list(node.args[1:]) or [node.kwargs.get(key) for key in ("dims", "dim0", "dim1") if key in node.kwargs]
+        if self.layout(source_node) is None or not ndim or any(not isinstance(d, (int, list, tuple)) for d in rest):
+            self.unknown(node, "a permute")
+            return
+        if str(getattr(node.target, "__name__", node.target)) in ("permute",):
+            order = [d % ndim for d in (rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest)]
+        else:  # transpose / swapaxes / swapdims
+            order = list(range(ndim))
+            a, b = (d % ndim for d in rest)
+            order[a], order[b] = order[b], order[a]
+        if source_node in self.splits:
+            split = self.splits[source_node]
+            self.splits[node] = _Split(order.index(split.group_axis), order.index(split.channel_axis), split.groups, split.layout)
+        self.set(node, self.layouts[source_node], order.index(self.axis(source_node)))
+
+    def split(self, node: torch.fx.Node) -> None:
+        """chunk / split: along the channel axis each piece keeps the segments it holds whole; along another axis all of them."""
+        source_node = node.args[0] if node.args else None
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        meta = node.meta.get("tensor_meta")
+        shapes = [tuple(m.shape) for m in meta] if isinstance(meta, (list, tuple)) and all(hasattr(m, "shape") for m in meta) else None
+        source, axis = self.layout(source_node), self.axis(source_node)
+        if source is None or shapes is None or not isinstance(dim, int):
+            self.unknown(node, "a split")
+            return
+        if dim % _ndim(source_node) != axis:
+            self.pieces[node] = [(source, axis)] * len(shapes)
+            return
+        pieces = _cut(source, [shape[axis] for shape in shapes])
+        if pieces is None:
+            self.unknown(node, "a split that cuts through a layer's channels")
+            return
+        self.pieces[node] = [(piece, axis) for piece in pieces]
+
+    def getitem(self, node: torch.fx.Node) -> None:
+        source_node, index = node.args
+        if source_node in self.pieces and isinstance(index, int):
+            self.set(node, *self.pieces[source_node][index])
+            return
+        source, axis = self.layout(source_node), self.axis(source_node)
+        index = index if isinstance(index, tuple) else (index,)
+        simple = all(isinstance(i, int) or i == slice(None) for i in index) and len(index) <= _ndim(source_node)
+        if source is not None and simple and (axis >= len(index) or index[axis] == slice(None)) and index[:1] == (slice(None),):
+            self.set(node, source, axis - sum(isinstance(i, int) for i in index[:axis]))  # x[:, 0] on (N, tokens, C): the class token
+            return
+        self.unknown(node, "indexing")
 
     def cat(self, node: torch.fx.Node) -> None:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        ndim = len(_shape(node) or ())
-        layouts = [self.layout(t) for t in tensors] if isinstance(tensors, (list, tuple)) else [None]
-        if ndim >= 2 and dim % ndim == 1 and all(layouts):
-            self.layouts[node] = tuple(s for layout in layouts for s in layout)
-        elif ndim >= 2 and dim % ndim != 1 and all(layouts):
-            self.unite(node, layouts)
-        else:
+        ndim = _ndim(node)
+        operands = list(tensors) if isinstance(tensors, (list, tuple)) else []
+        layouts = [self.layout(t) for t in operands]
+        axes = {self.axis(t) for t in operands}
+        if ndim < 2 or not operands or not all(layouts) or len(axes) != 1:
             self.unknown(node, "a concatenation")
+        elif dim % ndim == axes.copy().pop():
+            self.set(node, tuple(s for layout in layouts for s in layout), axes.pop())
+        else:
+            self.unite(node, layouts, axes.pop())
 
     def reduction(self, node: torch.fx.Node) -> None:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        in_shape, out_shape = _shape(node.args[0]), _shape(node)
-        if dims is None or in_shape is None or out_shape is None or len(out_shape) < 2:
+        source_node = node.args[0]
+        in_shape, out_shape, axis = _shape(source_node), _shape(node), self.axis(source_node)
+        if dims is None or in_shape is None or out_shape is None or len(out_shape) < 2 or self.layout(source_node) is None:
             self.unknown(node, "a reduction over channels")
             return
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        if any(d % len(in_shape) in (0, 1) for d in dims):
+        dims = [d % len(in_shape) for d in ([dims] if isinstance(dims, int) else list(dims))]
+        if any(d in (0, axis) for d in dims):
             self.unknown(node, "a reduction over channels")
             return
-        self.passthrough(node)
+        new_axis = axis if len(out_shape) == len(in_shape) else axis - sum(d < axis for d in dims)
+        if _channels(out_shape, new_axis) != in_shape[axis]:
+            self.unknown(node, "a reduction")
+            return
+        self.set(node, self.layouts[source_node], new_axis)
 
 
-def _broadcast_channels(shape: tuple[int, ...], out_shape: tuple[int, ...] | None) -> int:
+def _broadcast_size(shape: tuple[int, ...], out_shape: tuple[int, ...] | None, axis: int = 1) -> int:
     """Size of `shape` along the output's channel axis after broadcasting (1 if absent)."""
     if out_shape is None or len(out_shape) < 2:
         return 1
-    offset = len(out_shape) - len(shape)
-    axis = 1 - offset
-    return shape[axis] if 0 <= axis < len(shape) else 1
+    local = axis - (len(out_shape) - len(shape))
+    return shape[local] if 0 <= local < len(shape) else 1
 
 
 def analyze(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
     """Trace `model` and find its channel groups and channel consumers."""
     graph_module = trace(model)
     propagate_shapes(graph_module, example_input)
-    walker = _Walker(graph_module)
+    walker = _Walker(graph_module, model)
     for node in graph_module.graph.nodes:
-        getattr(walker, node.op)(node)
+        walker.visit(node)
     return _collect(walker, graph_module)
 
 
@@ -395,6 +633,10 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
         if space in group_of_space:
             group = groups[group_of_space[space]]
             group.divisor = math.lcm(group.divisor, divisor)
+    for consumer in walker.consumers:
+        if consumer.kind == "layernorm":
+            for index in {group_of_space.get(s.space) for s in consumer.layout} - {None}:
+                groups[index].layer_norms.append(consumer.module)
     for group in groups:
         if group.divisor > 1 and group.size // group.divisor <= 1 and not group.blocked_by:
             group.blocked_by.append(f"grouped convolutions split its {group.size} channels into {group.divisor} groups: one per group, none to prune")

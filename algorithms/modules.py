@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -53,12 +52,25 @@ def _take(tensor: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.T
     return tensor.detach().clone() if index is None else tensor.detach().index_select(dim, index)
 
 
-def sliced_module(module: nn.Module, out_index: torch.Tensor | None, in_index: torch.Tensor | None) -> nn.Module:
-    """A copy of a Conv2d / Linear / BatchNorm keeping the given output and input units.
+def sliced_tensor(module: nn.Module, attr: str, index: torch.Tensor, dim: int) -> None:
+    """Keep `index` along `dim` of one parameter or buffer of `module` (a copy already): a layer scale, a per-channel bias."""
+    if attr in module._parameters:
+        module._parameters[attr] = _param(_take(module._parameters[attr], index, dim), module._parameters[attr])
+    else:
+        module._buffers[attr] = _take(module._buffers[attr], index, dim)
 
-    For BatchNorm and depthwise convs the channels are one axis: `in_index` is used.
+
+def sliced_module(module: nn.Module, out_index: torch.Tensor | None, in_index: torch.Tensor | None) -> nn.Module:
+    """A copy of a Conv2d / Linear / BatchNorm / LayerNorm keeping the given output and input units.
+
+    For BatchNorm, LayerNorm and depthwise convs the channels are one axis: `in_index` is used.
     """
     new = _shallow_copy(module)
+    if isinstance(module, nn.LayerNorm):
+        for key, value in module._parameters.items():
+            new._parameters[key] = None if value is None else _param(_take(value, in_index, 0), value)
+        new.normalized_shape = (len(in_index),)
+        return new
     if isinstance(module, NORM_TYPES):
         index = in_index
         for key, value in module._parameters.items():
@@ -130,13 +142,12 @@ def clone_tree(model: nn.Module, replacements: dict[str, nn.Module], prefix: str
 
 
 def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """Shrink a freshly built model's Conv/Linear/BatchNorm modules, in place, to saved tensor shapes.
+    """Shrink a freshly built model's tensors, in place, to saved shapes, and the size attributes of the layers holding them.
 
-    This is how a pruned snapshot is rebuilt from shapes alone: no pickled modules.
+    This is how a pruned snapshot is rebuilt from shapes alone: no pickled modules. Tensors of other modules (a layer
+    scale) are resized as they are.
     """
     for name, module in list(model.named_modules()):
-        if not isinstance(module, PRUNABLE_TYPES + NORM_TYPES):
-            continue
         prefix = f"{name}." if name else ""
         current = {key: value for key, value in (*module._parameters.items(), *module._buffers.items()) if value is not None}
         changed = {
@@ -152,11 +163,13 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
                 module._buffers[key] = torch.zeros_like(value)
         if isinstance(module, NORM_TYPES):
             module.num_features = int(next(iter(changed.values())).shape[0])
+        elif isinstance(module, nn.LayerNorm):
+            module.normalized_shape = (int(next(iter(changed.values())).shape[0]),)
         elif isinstance(module, nn.Conv2d):
             module.out_channels = int(module.weight.shape[0])
             if old_depthwise:
                 module.groups = module.out_channels
             module.in_channels = int(module.weight.shape[1]) * module.groups
-        else:
+        elif isinstance(module, nn.Linear):
             module.out_features, module.in_features = (int(d) for d in module.weight.shape)
     return model

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .graph import ChannelGraph, Layout
-from .modules import clone_tree, sliced_module
+from .modules import clone_tree, sliced_module, sliced_tensor
 
 
 def layout_index(layout: Layout, graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> torch.Tensor | None:
@@ -26,11 +26,17 @@ def layout_index(layout: Layout, graph: ChannelGraph, kept: dict[int, torch.Tens
 def shrink(model: nn.Module, graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> nn.Module:
     """A new model with the kept channels of every pruned group; `model` is not modified."""
     modules = dict(model.named_modules())
-    in_index = {c.module: layout_index(c.layout, graph, kept) for c in graph.consumers}
+    in_index = {c.module: layout_index(c.layout, graph, kept) for c in graph.consumers if c.kind != "scale"}
     out_index = {p: kept[g] for p, g in graph.group_of_producer.items() if g in kept}
     replacements = {}
     for name in set(in_index) | set(out_index):
         if in_index.get(name) is None and name not in out_index:
             continue
         replacements[name] = sliced_module(modules[name], out_index.get(name), in_index.get(name))
-    return clone_tree(model, replacements)
+    pruned = clone_tree(model, replacements)
+    for consumer in graph.consumers:
+        index = layout_index(consumer.layout, graph, kept) if consumer.kind == "scale" else None
+        if index is not None:  # a layer-scale parameter of a module that is not itself sliced: the clone gets the kept entries
+            owner, _, attr = consumer.module.rpartition(".")
+            sliced_tensor(pruned.get_submodule(owner), attr, index, consumer.dim)
+    return pruned

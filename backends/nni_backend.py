@@ -130,9 +130,12 @@ class NNIBackend:
         graph = analyze(model, example_input)
         modules = dict(model.named_modules())
         excluded = excluded_producers(graph, set(modules), exclude)
-        # NNI's pruners do not keep equal counts per block of a grouped conv: such channels stay whole here (divisor 1 only)
+        # NNI's pruners do not keep equal counts per block of a grouped conv, and its speedup does not slice LayerNorms or layer-scale
+        # parameters: such channels stay whole here
+        sliced_apart = {graph.group_of_space.get(s.space) for c in graph.consumers if c.kind in ("layernorm", "scale") for s in c.layout}
         prunable = [p for p, g in graph.group_of_producer.items()
-                    if graph.groups[g].prunable and graph.groups[g].divisor == 1 and p not in excluded and graph.groups[g].size > 1]  # fmt: skip
+                    if graph.groups[g].prunable and graph.groups[g].divisor == 1 and g not in sliced_apart and p not in excluded
+                    and graph.groups[g].size > 1]  # fmt: skip
         working = clone_tree(model, {}).eval()
         coupled = any(len(graph.groups[graph.group_of_producer[p]].members) > 1 for p in prunable)
         if config_list is None:

@@ -63,7 +63,8 @@ def consumer_zeroed_reference(model: nn.Module, kept: dict[str, list[int]], x: t
     """The original model with the pruned channels zeroed in the input of every layer that mixes channels (conv, Linear).
 
     This is what a physically pruned model computes: a removed channel takes with it everything that would have flowed
-    from it (its BatchNorm offset, an activation's f(0), a depthwise conv's bias), not only its own values.
+    from it (its BatchNorm offset, an activation's f(0), a depthwise conv's bias), not only its own values. A LayerNorm over
+    pruned channels normalises over the kept channels only (what its pruned copy does); the others come out as zeros.
     """
     from algorithms.graph import analyze
     from algorithms.surgery import layout_index
@@ -73,16 +74,30 @@ def consumer_zeroed_reference(model: nn.Module, kept: dict[str, list[int]], x: t
     modules = dict(model.named_modules())
     hooks = []
     for consumer in graph.consumers:
-        index = layout_index(consumer.layout, graph, kept_by_group) if consumer.kind in ("conv", "linear", "grouped") else None
+        index = layout_index(consumer.layout, graph, kept_by_group) if consumer.kind in ("conv", "linear", "grouped", "layernorm") else None
         if index is None:
             continue
         module = modules[consumer.module]
+        if consumer.kind == "layernorm":
+            hooks.append(module.register_forward_hook(functools.partial(_kept_channel_layer_norm, index=index)))
+            continue
         width = module.in_channels if isinstance(module, nn.Conv2d) else module.weight.shape[1]
         mask = torch.zeros(width)
         mask[index] = 1.0
+        axis = -1 if consumer.kind == "linear" else 1  # a Linear reads its last axis: (N, C) or (N, tokens, C)
 
-        def zero_inputs(_module: nn.Module, inputs: tuple[torch.Tensor, ...], mask: torch.Tensor = mask) -> tuple[torch.Tensor, ...]:
-            return (inputs[0] * mask.view((1, -1) + (1,) * (inputs[0].ndim - 2)),)
+        def zero_inputs(_module: nn.Module, inputs: tuple[torch.Tensor, ...], mask: torch.Tensor = mask, axis: int = axis) -> tuple[torch.Tensor, ...]:
+            return (inputs[0] * mask.view([-1 if d == axis % inputs[0].ndim else 1 for d in range(inputs[0].ndim)]),)
 
-        hooks.append(modules[consumer.module].register_forward_pre_hook(zero_inputs))
+        hooks.append(module.register_forward_pre_hook(zero_inputs))
     return _run_hooked(model, hooks, x)
+
+
+def _kept_channel_layer_norm(module: nn.LayerNorm, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """LayerNorm statistics over the kept channels only; nn.LayerNorm normalises the last axis, its subclasses (LayerNorm2d) dim 1."""
+    x = inputs[0] if type(module) is nn.LayerNorm else inputs[0].movedim(1, -1)
+    out = torch.zeros_like(x)
+    weight = None if module.weight is None else module.weight[index]
+    bias = None if module.bias is None else module.bias[index]
+    out[..., index] = nn.functional.layer_norm(x[..., index], (len(index),), weight, bias, module.eps)
+    return out if type(module) is nn.LayerNorm else out.movedim(-1, 1)
