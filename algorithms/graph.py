@@ -60,6 +60,7 @@ class ChannelGroup:
     blocked_by: list[str] = field(default_factory=list)
     divisor: int = 1  # grouped convs read or write these channels in this many equal blocks: each block keeps the same count
     layer_norms: list[str] = field(default_factory=list)  # LayerNorms over these channels: pruning changes their statistics
+    rearranged: bool = False  # permuted, shuffled, chunked, renormalised or scaled on the way: only this analysis follows them
 
     @property
     def prunable(self) -> bool:
@@ -216,6 +217,8 @@ class _Walker:
         self.producer_space: dict[str, int] = {}
         self.divisors: dict[int, int] = {}  # space -> equal blocks a grouped conv imposes
         self.calls: dict[str, int] = {}
+        self.unrelated: dict[torch.fx.Node, str] = {}  # outputs of ops not understood, with the reason: their axis is a guess
+        self.rearranged: set[int] = set()  # spaces permuted, shuffled, split, renormalised or scaled somewhere (see ChannelGroup)
         nodes = graph_module.graph.nodes
         self.attr_uses = Counter(str(n.target) for n in nodes if n.op == "get_attr")
         self.called = {str(n.target) for n in nodes if n.op == "call_module"}
@@ -235,10 +238,21 @@ class _Walker:
         self.set(node, self.layouts[source], self.axis(source))
 
     def fresh(self, node: torch.fx.Node, reason: str) -> None:
-        """An output whose channels we cannot relate to anything: a new, blocked space."""
-        channels = _channels(_shape(node))
+        """An output whose channels we cannot relate to anything: a new, blocked space, on its input's channel axis where ranks agree
+        (so what it meets downstream reports this op, not a mismatch of axes)."""
+        shape = _shape(node)
+        inputs = [arg for arg in node.all_input_nodes if self.layout(arg) is not None and _ndim(arg) == len(shape or ())]
+        axis = self.axis(inputs[0]) if inputs else 1
+        channels = _channels(shape, axis)
         if channels is not None:
-            self.set(node, (Segment(self.spaces.new(channels, reason), channels),))
+            self.set(node, (Segment(self.spaces.new(channels, reason), channels),), axis)
+            self.unrelated[node] = reason
+
+    def reseat(self, node: torch.fx.Node, axis: int) -> None:
+        """Put an unrelated (blocked) output's channels on `axis` after all, keeping its reason: the op that made it gets the blame."""
+        channels = _channels(_shape(node), axis)
+        if node in self.unrelated and channels is not None and axis != self.axis(node):
+            self.set(node, (Segment(self.spaces.new(channels, self.unrelated[node]), channels),), axis)
 
     def block_inputs(self, node: torch.fx.Node, reason: str) -> None:
         for arg in _flat_nodes((node.args, node.kwargs)):
@@ -286,6 +300,15 @@ class _Walker:
         module = self.modules.get(owner)
         return module is not None and owner not in self.called and (attr in module._parameters or attr in module._buffers)
 
+    def read_directly(self, name: str) -> bool:
+        """Does the forward also read this module's tensors itself (`x * self.conv.bias`)? Then slicing them would change that read too."""
+        return any(target.rpartition(".")[0] == name for target in self.attr_uses)
+
+    def mark(self, *layouts: Layout | None) -> None:
+        for layout in layouts:
+            for segment in layout or ():
+                self.rearranged.add(segment.space)
+
     # -- node kinds ------------------------------------------------------------------------
     def visit(self, node: torch.fx.Node) -> None:
         if any(arg in self.splits for arg in node.all_input_nodes) and not (node.target in SPLIT_AWARE and node.op in ("call_function", "call_method")):
@@ -300,13 +323,23 @@ class _Walker:
         name, module = str(node.target), self.modules[str(node.target)]
         source_node = node.args[0] if node.args else None
         source, axis, ndim = self.layout(source_node), self.axis(source_node), _ndim(source_node)
+        known = isinstance(module, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.Flatten, *NORM_TYPES, *PASSTHROUGH_MODULES, *SPATIAL_MODULES))
+        if not known or isinstance(module, nn.PReLU) and module.num_parameters > 1:
+            self.unknown(node, f"module {name} ({type(module).__name__})")
+            return
         stateful = isinstance(module, (nn.Conv2d, nn.Linear, nn.LayerNorm, *NORM_TYPES))
         if stateful and not self.first_call(name, node, source):
             return
-        if source is None or axis != 1 and not isinstance(module, (nn.Linear, nn.LayerNorm, *PASSTHROUGH_MODULES)):
-            self.unknown(node, f"module {name} ({type(module).__name__}) on channels that are not on dim 1")
-        elif isinstance(module, nn.Conv2d):
-            self.conv(node, name, module, source)
+        if stateful and self.read_directly(name):
+            reason = f"{name}'s tensors are also read directly by the forward, so it cannot be sliced"
+            self.block_inputs(node, reason)
+            if isinstance(module, (nn.Conv2d, nn.Linear)):  # still a layer of the model: listed with the reason
+                self.producer_space[name] = self.spaces.new(_units(module), reason)
+                self.set(node, (Segment(self.producer_space[name], _units(module)),), _ndim(node) - 1 if isinstance(module, nn.Linear) else 1)
+            else:
+                self.fresh(node, reason)
+        elif source is None:
+            self.unknown(node, f"module {name} ({type(module).__name__}) on an input without tracked channels")
         elif isinstance(module, nn.Linear):
             if ndim < 2:
                 self.unknown(node, f"{name} on an input without a feature axis")
@@ -318,17 +351,25 @@ class _Walker:
             self.consumers.append(Consumer(name, "linear", source))
             self.producer_space[name] = self.spaces.new(module.out_features)
             self.set(node, (Segment(self.producer_space[name], module.out_features),), ndim - 1)
+            if ndim > 2:
+                self.mark(source, self.layouts[node])
+        elif isinstance(module, nn.LayerNorm):
+            self.layer_norm(node, name, module, source_node)
+        elif isinstance(module, PASSTHROUGH_MODULES):
+            self.carry(node, source_node)
+        elif axis != 1:
+            self.unknown(node, f"module {name} ({type(module).__name__}) on channels that are not on dim 1")
+        elif isinstance(module, nn.Flatten):
+            self.reshape(node)
+        elif ndim != (_ndim(node) if isinstance(module, NORM_TYPES) else 4):  # a 3-d input to a 2-d op is one unbatched image: dim 0 is channels
+            self.unknown(node, f"module {name} ({type(module).__name__}) on a {ndim}-d input")
+        elif isinstance(module, nn.Conv2d):
+            self.conv(node, name, module, source)
         elif isinstance(module, NORM_TYPES):
             self.consumers.append(Consumer(name, "norm", source))
             self.carry(node, source_node)
-        elif isinstance(module, nn.LayerNorm):
-            self.layer_norm(node, name, module, source_node)
-        elif isinstance(module, (*PASSTHROUGH_MODULES, *SPATIAL_MODULES)) and not (isinstance(module, nn.PReLU) and module.num_parameters > 1):
-            self.carry(node, source_node)
-        elif isinstance(module, nn.Flatten):
-            self.reshape(node)
         else:
-            self.unknown(node, f"module {name} ({type(module).__name__})")
+            self.carry(node, source_node)  # pooling, upsampling: per channel over H and W
 
     def conv(self, node: torch.fx.Node, name: str, module: nn.Conv2d, source: Layout) -> None:
         if module.groups == 1:
@@ -353,24 +394,31 @@ class _Walker:
         source, ndim = self.layout(source_node), _ndim(source_node)
         if source is None or len(module.normalized_shape) != 1 or ndim < 2 or self.axis(source_node) != ndim - 1:
             self.unknown(node, f"LayerNorm {name} over more than, or other than, the channel axis")
-            return
-        self.consumers.append(Consumer(name, "layernorm", source))
-        self.carry(node, source_node)
+        elif module.weight is None:  # its width lives in no tensor: a pruned snapshot could not be rebuilt from its state dict
+            self.unknown(node, f"LayerNorm {name} without elementwise weights")
+        else:
+            self.consumers.append(Consumer(name, "layernorm", source))
+            self.carry(node, source_node)
+            self.mark(source)
 
     def functional_layer_norm(self, node: torch.fx.Node) -> None:
         """F.layer_norm(x, shape, self.weight, self.bias) inside a LayerNorm subclass (torchvision's LayerNorm2d): that module is sliced."""
         args = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args, strict=False)) | node.kwargs
-        weight, bias = args.get("weight"), args.get("bias")
+        weight, bias, shape = args.get("weight"), args.get("bias"), args.get("normalized_shape")
         owner = str(weight.target).rpartition(".")[0] if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else None
         module = self.modules.get(owner) if owner is not None else None
-        expected_bias = None if module is None or module.bias is None else f"{owner}.bias"
+        tensors = [t for t in (weight, bias) if isinstance(t, torch.fx.Node)]
+        inside = list(node.meta.get("nn_module_stack") or {})[-1:] == [owner]  # in the owner's own forward, which passes self.normalized_shape
         if (
             not isinstance(module, nn.LayerNorm)
+            or not inside
             or str(weight.target) != f"{owner}.weight"
-            or (str(bias.target) if isinstance(bias, torch.fx.Node) else bias) != expected_bias
-            or tuple(args.get("normalized_shape", ())) != tuple(module.normalized_shape)
+            or [str(t.target) for t in tensors] != [f"{owner}.{key}" for key in ("weight", "bias") if getattr(module, key, None) is not None]
+            or any(self.attr_uses[str(t.target)] != 1 or len(t.users) != 1 for t in tensors)
+            or not isinstance(shape, (list, tuple))
+            or tuple(shape) != tuple(module.normalized_shape)
         ):
-            self.unknown(node, "layer_norm with weights of no LayerNorm module")
+            self.unknown(node, "layer_norm with weights of no LayerNorm module it runs in")
             return
         if self.first_call(owner, node, self.layout(args["input"])):
             self.layer_norm(node, owner, module, args["input"])
@@ -433,7 +481,7 @@ class _Walker:
         source_node = node.args[0] if node.args else None
         source, axis = self.layout(source_node), self.axis(source_node)
         same = _ndim(node) == _ndim(source_node) and _channels(_shape(node), axis) == _channels(_shape(source_node), axis)
-        if source is not None and same and not (spatial and axis != 1):
+        if source is not None and same and not (spatial and (axis != 1 or _ndim(source_node) != 4)):  # 3-d: one unbatched image
             if source_node in self.splits:  # .contiguous() / .clone() inside a channel shuffle
                 self.splits[node] = self.splits[source_node]
                 self.carry(node, source_node)
@@ -452,7 +500,10 @@ class _Walker:
         if not with_layout or out_shape is None or len(out_shape) < 2:
             self.unknown(node, "an elementwise op")
             return
-        axis = self.axis(with_layout[0])
+        related = [arg for arg in with_layout if arg not in self.unrelated]
+        axis = self.axis((related or with_layout)[0])
+        for arg in with_layout:
+            self.reseat(arg, axis)
         if any(_ndim(arg) != len(out_shape) or self.axis(arg) != axis for arg in with_layout):
             self.unknown(node, "an elementwise op over tensors whose channels sit on different axes")
             return
@@ -468,6 +519,7 @@ class _Walker:
             for arg in scales:
                 dim = axis - (len(out_shape) - _ndim(arg))
                 self.consumers.append(Consumer(str(arg.target), "scale", self.layouts[node], dim))
+                self.mark(self.layouts[node])
 
     def reshape(self, node: torch.fx.Node) -> None:
         source_node = node.args[0] if node.args else None
@@ -480,7 +532,12 @@ class _Walker:
             return
         axis = self.axis(source_node)
         in_rest, out_rest = math.prod(in_shape[2:]), math.prod(out_shape[2:])
-        if axis == 1 and out_shape[1] == in_shape[1] and in_rest == out_rest:
+        moved = _axis_after_unit_dims(in_shape, out_shape, axis)
+        if moved is not None:
+            self.set(node, source, moved)  # only dims of size 1 come or go: (N, C) -> (N, 1, C), (N, C, 1, 1) -> (N, C)
+            if moved != axis:
+                self.mark(source)
+        elif axis == 1 and out_shape[1] == in_shape[1] and in_rest == out_rest:
             self.set(node, source)  # (N, C) <-> (N, C, 1, 1), (N, C, H, W) -> (N, C, H*W) and the like
         elif axis == 1 and len(out_shape) == 2 and out_shape[1] == in_shape[1] * in_rest:
             self.set(node, tuple(Segment(s.space, s.size, s.repeat * in_rest) for s in source))  # NCHW flatten
@@ -488,6 +545,7 @@ class _Walker:
             self.view_as_groups(node, source, out_shape[1])
         elif axis == len(in_shape) - 1 and out_shape[-1] == in_shape[-1]:
             self.set(node, source, len(out_shape) - 1)  # channels-last: (N, H, W, C) -> (N, H*W, C)
+            self.mark(source)
         else:
             self.unknown(node, "a reshape that mixes channels")
 
@@ -501,6 +559,7 @@ class _Walker:
             for a, b in zip(pieces[0], piece, strict=True):
                 self.spaces.union(a.space, b.space)
         self.splits[node] = _Split(1, 2, groups, pieces[0])
+        self.mark(source)
         self.set(node, source)  # what an op that does not know about groups blocks
 
     def merge_groups(self, node: torch.fx.Node) -> None:
@@ -519,20 +578,15 @@ class _Walker:
 
     def permute(self, node: torch.fx.Node) -> None:
         source_node, ndim = node.args[0] if node.args else None, _ndim(node)
-        rest = list(node.args[1:]) or [node.kwargs.get(key) for key in ("dims", "dim0", "dim1") if key in node.kwargs]
-        if self.layout(source_node) is None or not ndim or any(not isinstance(d, (int, list, tuple)) for d in rest):
+        order = _permutation(node, ndim)
+        if self.layout(source_node) is None or order is None:
             self.unknown(node, "a permute")
             return
-        if str(getattr(node.target, "__name__", node.target)) in ("permute",):
-            order = [d % ndim for d in (rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest)]
-        else:  # transpose / swapaxes / swapdims
-            order = list(range(ndim))
-            a, b = (d % ndim for d in rest)
-            order[a], order[b] = order[b], order[a]
         if source_node in self.splits:
             split = self.splits[source_node]
             self.splits[node] = _Split(order.index(split.group_axis), order.index(split.channel_axis), split.groups, split.layout)
         self.set(node, self.layouts[source_node], order.index(self.axis(source_node)))
+        self.mark(self.layouts[source_node])
 
     def split(self, node: torch.fx.Node) -> None:
         """chunk / split: along the channel axis each piece keeps the segments it holds whole; along another axis all of them."""
@@ -547,11 +601,18 @@ class _Walker:
         if dim % _ndim(source_node) != axis:
             self.pieces[node] = [(source, axis)] * len(shapes)
             return
+        if getattr(node.target, "__name__", node.target) != "chunk":
+            self.unknown(node, "a split along channels into sizes fixed in forward")
+            return
         pieces = _cut(source, [shape[axis] for shape in shapes])
-        if pieces is None:
+        if pieces is None or any([(s.size, s.repeat) for s in piece] != [(s.size, s.repeat) for s in pieces[0]] for piece in pieces):
             self.unknown(node, "a split that cuts through a layer's channels")
             return
+        for piece in pieces[1:]:  # a pruned chunk() splits at its own size / n: every piece must keep as many channels
+            for a, b in zip(pieces[0], piece, strict=True):
+                self.spaces.union(a.space, b.space)
         self.pieces[node] = [(piece, axis) for piece in pieces]
+        self.mark(source)
 
     def getitem(self, node: torch.fx.Node) -> None:
         source_node, index = node.args
@@ -573,7 +634,7 @@ class _Walker:
         operands = list(tensors) if isinstance(tensors, (list, tuple)) else []
         layouts = [self.layout(t) for t in operands]
         axes = {self.axis(t) for t in operands}
-        if ndim < 2 or not operands or not all(layouts) or len(axes) != 1:
+        if ndim < 2 or not operands or not all(layouts) or len(axes) != 1 or not isinstance(dim, int):
             self.unknown(node, "a concatenation")
         elif dim % ndim == axes.copy().pop():
             self.set(node, tuple(s for layout in layouts for s in layout), axes.pop())
@@ -587,7 +648,11 @@ class _Walker:
         if dims is None or in_shape is None or out_shape is None or len(out_shape) < 2 or self.layout(source_node) is None:
             self.unknown(node, "a reduction over channels")
             return
-        dims = [d % len(in_shape) for d in ([dims] if isinstance(dims, int) else list(dims))]
+        dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (list, tuple)) else [None]
+        if not all(isinstance(d, int) for d in dims):
+            self.unknown(node, "a reduction over dims computed in forward")
+            return
+        dims = [d % len(in_shape) for d in dims]
         if any(d in (0, axis) for d in dims):
             self.unknown(node, "a reduction over channels")
             return
@@ -596,6 +661,41 @@ class _Walker:
             self.unknown(node, "a reduction")
             return
         self.set(node, self.layouts[source_node], new_axis)
+
+
+def _units(module: nn.Module) -> int:
+    return int(module.weight.shape[0])
+
+
+def _permutation(node: torch.fx.Node, ndim: int) -> list[int] | None:
+    """The dim order a permute / transpose / swapaxes produces (output dim i is input dim order[i]); None when not literal ints."""
+    if not ndim:
+        return None
+    name = getattr(node.target, "__name__", node.target)
+    if name == "permute":
+        dims = list(node.args[1:]) or [node.kwargs.get("dims")]
+        dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
+        if len(dims) != ndim or not all(isinstance(d, int) for d in dims) or sorted(d % ndim for d in dims) != list(range(ndim)):
+            return None
+        return [d % ndim for d in dims]
+    pair = list(node.args[1:]) + [node.kwargs[key] for key in ("dim0", "dim1", "axis0", "axis1") if key in node.kwargs]
+    if len(pair) != 2 or not all(isinstance(d, int) for d in pair):
+        return None
+    order = list(range(ndim))
+    a, b = (d % ndim for d in pair)
+    order[a], order[b] = order[b], order[a]
+    return order
+
+
+def _axis_after_unit_dims(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int) -> int | None:
+    """Where the channel axis lands when a reshape only adds or drops dims of size 1 (beside the batch dim); None otherwise."""
+    if in_shape[axis] == 1:
+        return None
+    kept_in = [i for i, size in enumerate(in_shape) if size != 1 or i == 0]
+    kept_out = [i for i, size in enumerate(out_shape) if size != 1 or i == 0]
+    if [in_shape[i] for i in kept_in] != [out_shape[i] for i in kept_out] or axis not in kept_in:
+        return None
+    return kept_out[kept_in.index(axis)]
 
 
 def _broadcast_size(shape: tuple[int, ...], out_shape: tuple[int, ...] | None, axis: int = 1) -> int:
@@ -633,6 +733,9 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
         if space in group_of_space:
             group = groups[group_of_space[space]]
             group.divisor = math.lcm(group.divisor, divisor)
+    for space in walker.rearranged:
+        if space in group_of_space:
+            groups[group_of_space[space]].rearranged = True
     for consumer in walker.consumers:
         if consumer.kind == "layernorm":
             for index in {group_of_space.get(s.space) for s in consumer.layout} - {None}:

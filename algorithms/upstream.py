@@ -314,7 +314,11 @@ class UpstreamCache:
                     self.enabled = False  # the split does not reproduce this model: plain forwards from now on
                     return reference
                 return output
-            return part("downstream")(*frontier)
+            try:
+                return part("downstream")(*frontier)
+            except Exception:  # a later variant the first one did not represent (it pruned nothing, say): the plain forward from now on
+                self.enabled = False
+                return plain(*args, **kwargs)
 
         return _install(model, forward)
 

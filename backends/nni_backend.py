@@ -130,11 +130,10 @@ class NNIBackend:
         graph = analyze(model, example_input)
         modules = dict(model.named_modules())
         excluded = excluded_producers(graph, set(modules), exclude)
-        # NNI's pruners do not keep equal counts per block of a grouped conv, and its speedup does not slice LayerNorms or layer-scale
-        # parameters: such channels stay whole here
-        sliced_apart = {graph.group_of_space.get(s.space) for c in graph.consumers if c.kind in ("layernorm", "scale") for s in c.layout}
+        # NNI's pruners do not keep equal counts per block of a grouped conv, and its dependency groups and speedup do not follow
+        # channels through permutes, shuffles, chunks, LayerNorms or layer scales: such channels stay whole here
         prunable = [p for p, g in graph.group_of_producer.items()
-                    if graph.groups[g].prunable and graph.groups[g].divisor == 1 and g not in sliced_apart and p not in excluded
+                    if graph.groups[g].prunable and graph.groups[g].divisor == 1 and not graph.groups[g].rearranged and p not in excluded
                     and graph.groups[g].size > 1]  # fmt: skip
         working = clone_tree(model, {}).eval()
         coupled = any(len(graph.groups[graph.group_of_producer[p]].members) > 1 for p in prunable)

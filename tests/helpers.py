@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -72,14 +74,14 @@ def consumer_zeroed_reference(model: nn.Module, kept: dict[str, list[int]], x: t
     graph = analyze(model, x)
     kept_by_group = {graph.group_of_producer[layer]: torch.as_tensor(units) for layer, units in kept.items()}
     modules = dict(model.named_modules())
-    hooks = []
+    hooks, renormalised = [], {}
     for consumer in graph.consumers:
         index = layout_index(consumer.layout, graph, kept_by_group) if consumer.kind in ("conv", "linear", "grouped", "layernorm") else None
         if index is None:
             continue
         module = modules[consumer.module]
         if consumer.kind == "layernorm":
-            hooks.append(module.register_forward_hook(functools.partial(_kept_channel_layer_norm, index=index)))
+            renormalised[id(module.weight)] = index
             continue
         width = module.in_channels if isinstance(module, nn.Conv2d) else module.weight.shape[1]
         mask = torch.zeros(width)
@@ -90,14 +92,26 @@ def consumer_zeroed_reference(model: nn.Module, kept: dict[str, list[int]], x: t
             return (inputs[0] * mask.view([-1 if d == axis % inputs[0].ndim else 1 for d in range(inputs[0].ndim)]),)
 
         hooks.append(module.register_forward_pre_hook(zero_inputs))
-    return _run_hooked(model, hooks, x)
+    with _kept_channel_layer_norms(renormalised):
+        return _run_hooked(model, hooks, x)
 
 
-def _kept_channel_layer_norm(module: nn.LayerNorm, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """LayerNorm statistics over the kept channels only; nn.LayerNorm normalises the last axis, its subclasses (LayerNorm2d) dim 1."""
-    x = inputs[0] if type(module) is nn.LayerNorm else inputs[0].movedim(1, -1)
-    out = torch.zeros_like(x)
-    weight = None if module.weight is None else module.weight[index]
-    bias = None if module.bias is None else module.bias[index]
-    out[..., index] = nn.functional.layer_norm(x[..., index], (len(index),), weight, bias, module.eps)
-    return out if type(module) is nn.LayerNorm else out.movedim(-1, 1)
+@contextlib.contextmanager
+def _kept_channel_layer_norms(kept_by_weight: dict[int, torch.Tensor]) -> Iterator[None]:
+    """F.layer_norm with one of these weights normalises over the kept channels of its last axis only (zeros elsewhere): every
+    LayerNorm, subclass (LayerNorm2d) or direct F.layer_norm call goes through it, whatever axis its module is handed."""
+    original = nn.functional.layer_norm
+
+    def layer_norm(x: torch.Tensor, shape: list[int], weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+        index = kept_by_weight.get(id(weight))
+        if index is None:
+            return original(x, shape, weight, bias, eps)
+        out = torch.zeros_like(x)
+        out[..., index] = original(x[..., index], (len(index),), weight[index], None if bias is None else bias[index], eps)
+        return out
+
+    nn.functional.layer_norm = layer_norm
+    try:
+        yield
+    finally:
+        nn.functional.layer_norm = original

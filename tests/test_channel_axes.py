@@ -214,11 +214,13 @@ class Chunked(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-def test_a_chunk_on_layer_boundaries_keeps_both_layers_prunable():
+@pytest.mark.parametrize("sparsity, scope", [(0.5, "layer"), ({"a": 0.5, "b": 0.25}, "layer"), (0.5, "global")])
+def test_a_chunk_on_layer_boundaries_keeps_its_pieces_equal(sparsity, scope):
+    """A pruned chunk(2) splits at half its own width: both pieces must keep as many channels, so they prune as one group."""
     torch.manual_seed(0)
     model = Chunked().eval()
-    result = prune(model)
-    assert {"a", "b"} <= set(result.kept) and result.model.c.in_channels == 4 and result.model.d.in_channels == 4
+    result = get_backend("scratch").prune(model, "conv_all", sparsity, X, scope=scope)
+    assert result.kept["a"] == result.kept["b"] and result.model.c.in_channels == result.model.d.in_channels == len(result.kept["a"])
     assert_exact(model, result)
 
 
@@ -248,3 +250,131 @@ def test_a_layer_scale_read_twice_blocks_its_channels():
     graph = analyze(model, X)
     assert not graph.group("a").prunable and "per-channel constant" in graph.group("a").blocked_by[0]
     assert_exact(model, prune(model))
+
+
+class Probe(nn.Module):
+    """conv `a` -> an op under test -> Linear `fc` -> classifier: `a` prunes exactly when the op is understood."""
+
+    def __init__(self, op, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.fc, self.head = nn.Conv2d(3, 8, 1), nn.Linear(8, 6), nn.Linear(6, 4)
+        self.ln = norm if norm is not None else nn.LayerNorm(8)
+        self.w = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc(self.op(self, F.relu(self.a(x))))))
+
+
+class KeepsItsOwnLayerNorm(nn.LayerNorm):
+    """A LayerNorm subclass nobody here wrote: fx traces through it to F.layer_norm."""
+
+
+BLOCKED = {
+    "max_pool2d on (N, C, L)": (lambda m, y: F.max_pool2d(y.flatten(2), (3, 1), 1, (1, 0)).mean(2), "max_pool2d"),
+    "AvgPool2d on (N, C, L)": (lambda m, y: nn.functional.avg_pool2d(y.flatten(2), (3, 1), 1, (1, 0)).mean(2), "avg_pool2d"),
+    "split into fixed sizes": (lambda m, y: torch.cat(torch.split(y, [5, 3], dim=1)[::-1], 1).mean((2, 3)), "sizes fixed in forward"),
+    "LayerNorm weight read elsewhere": (lambda m, y: m.ln(y.permute(0, 2, 3, 1)).mean((1, 2)) * m.ln.weight.mean(), "also read directly"),
+    "conv bias read elsewhere": (lambda m, y: (y * m.a.bias.view(1, -1, 1, 1)).mean((2, 3)), "also read directly"),
+    "layer_norm with a model parameter": (lambda m, y: F.layer_norm(y.permute(0, 2, 3, 1), (8,), m.w).mean((1, 2)), "layer_norm"),
+    "layer_norm outside its module": (
+        lambda m, y: F.layer_norm(y.permute(0, 2, 3, 1), m.ln.normalized_shape, m.ln.weight, m.ln.bias).mean((1, 2)),
+        "layer_norm",
+    ),
+    "layer_norm with a computed shape": (lambda m, y: F.layer_norm(y.permute(0, 2, 3, 1), y.shape[1:2], m.ln.weight).mean((1, 2)), "layer_norm"),
+    "LayerNorm without weights": (lambda m, y: nn.LayerNorm(8, elementwise_affine=False)(y.permute(0, 2, 3, 1)).mean((1, 2)), None),
+    "permute with a computed dim": (lambda m, y: y.permute([0, 2, 3, y.dim() - 3]).mean((1, 2)), "permute"),
+    "mean over dims computed in forward": (lambda m, y: y.mean(dim=(2, y.dim() - 1)), "reduction"),
+}
+
+
+@pytest.mark.parametrize("case", BLOCKED)
+def test_ops_that_cannot_follow_the_channels_block_them_and_say_which(case):
+    op, reason = BLOCKED[case]
+    model = Probe(op).eval()
+    if case == "LayerNorm without weights":
+        model.op = lambda m, y: m.bare(y.permute(0, 2, 3, 1)).mean((1, 2))
+        model.bare = nn.LayerNorm(8, elementwise_affine=False)
+        reason = "without elementwise weights"
+    result = prune(model)
+    assert "a" not in result.kept and "fc" in result.kept
+    assert reason in result.info["why_unprunable"]["a"]
+    assert_exact(model, result)
+
+
+UNDERSTOOD = {
+    "transpose(1, dim1=3)": lambda m, y: y.transpose(1, dim1=3).mean((1, 2)),
+    "swapaxes(axis0=1, axis1=-1)": lambda m, y: y.swapaxes(axis0=1, axis1=-1).mean((1, 2)),
+    "torch.permute(dims=...)": lambda m, y: torch.permute(y, dims=(0, 3, 2, 1)).mean((1, 2)),
+    "a LayerNorm subclass, channels-last": lambda m, y: m.ln(y.permute(0, 2, 3, 1)).mean((1, 2)),
+    "view (N, C) as (N, 1, C)": lambda m, y: y.mean((2, 3)).view(y.shape[0], 1, -1)[:, 0],
+}
+
+
+@pytest.mark.parametrize("case", UNDERSTOOD)
+def test_ops_that_move_the_channel_axis_keep_it_prunable(case):
+    torch.manual_seed(0)
+    model = randomize_layer_norms(Probe(UNDERSTOOD[case], KeepsItsOwnLayerNorm(8))).eval()
+    result = prune(model)
+    assert "a" in result.kept and not result.info["why_unprunable"]
+    assert_exact(model, result)
+
+
+def test_multi_head_attention_is_named_as_the_op_it_does_not_understand():
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attn, self.up, self.down, self.head = (
+                nn.Linear(12, 16),
+                nn.MultiheadAttention(16, 2, batch_first=True),
+                nn.Linear(16, 32),
+                nn.Linear(32, 16),
+                nn.Linear(16, 4),
+            )
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            x = self.embed(tokens)
+            x = x + self.attn(x, x, x, need_weights=False)[0]
+            x = x + self.down(F.gelu(self.up(x)))
+            return self.head(x.mean(1))
+
+    model = Attention().eval()
+    tokens = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(1))
+    result = prune(model, tokens)
+    assert set(result.kept) == {"up"}
+    assert set(result.info["why_unprunable"]) == {"embed+down"}  # the residual stream, blamed on the op that stops it
+    assert result.info["why_unprunable"]["embed+down"].startswith("module attn (MultiheadAttention) (attn)")
+    assert_exact(model, result, tokens)
+
+
+def test_nni_leaves_channels_it_cannot_follow_whole():
+    pytest.importorskip("nni")
+    torch.manual_seed(0)
+    model = Shuffled().eval()
+    result = get_backend("nni").prune(model, "l1", 0.5, X, scope="layer")
+    assert set(result.kept) == {"c"}  # `a` and `b` are coupled by the shuffle, which NNI's dependency groups do not see
+    assert_exact(model, result)
+
+
+def test_sensitivity_reuse_falls_back_when_a_later_variant_cannot_reuse():
+    """The first variant prunes nothing (2 channels at 0.25); the next breaks a size the graph baked in: plain forwards, same numbers."""
+
+    class BakedWidth(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 2, 1), nn.Linear(2, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(F.relu(self.a(x)).mean((2, 3)).view(-1, self.fc.in_features))
+
+    torch.manual_seed(0)
+    model = BakedWidth().eval()
+
+    def metric(candidate: nn.Module) -> float:
+        with torch.no_grad():
+            return float(candidate(X).double().sum())
+
+    results = [
+        SensitivityAnalysis(model, metric, sparsities=[0.25, 0.5], reuse_upstream=reuse, progress=False).analysis(val_args=[model]) for reuse in (True, False)
+    ]
+    assert results[0] == results[1]
