@@ -32,7 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune_scope", default="auto", choices=("auto", "global", "layer"), help="auto = the method's original scope")
     p.add_argument("--exclude", default="", help="comma-separated module names never pruned")
     p.add_argument("--threshold", type=float, default=0.06, help="weight threshold of conv_threshold (default 0.06)")
-    p.add_argument("--prune_steps", type=int, default=50, help="training steps of data-driven NNI methods: slim, taylor, agp, linear (default 50)")
+    p.add_argument(
+        "--prune_steps",
+        type=int,
+        default=50,
+        help="training steps of data-driven methods: NNI slim, taylor, agp, linear; tp group_norm, group_slim, slim (default 50)",
+    )
+    p.add_argument("--round_to", type=int, default=None, help="tp backend: round each layer's kept channels to a multiple of this (e.g. 8 for GPUs)")
     p.add_argument("--schedule_over", default="l1", choices=SCHEDULE_BASES, help="what NNI's agp / linear schedules (default l1)")
     p.add_argument("--verbose", action="store_true", help="let NNI's own log lines through")
     p.add_argument("--num_epochs", type=int, default=None, help="epochs of steps 1 and 3 (default 8 on digits, else 2)")
@@ -67,7 +73,9 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"unknown --backend {args.backend!r}; choose one of: {', '.join(BACKEND_NAMES)}")
     if not 0.0 <= args.percent < 1.0:
         raise UsageError(f"--percent {args.percent} is outside [0, 1): it is the fraction of channels removed")
-    for flag in ("num_epochs", "batch_size_per_device", "val_batch_size_per_device", "limit_batches", "limit_val_batches", "prune_steps"):
+    if args.round_to is not None and args.backend != "tp":
+        raise UsageError(f"--round_to is an option of the tp backend, not of {args.backend}; use --backend tp or leave it out")
+    for flag in ("num_epochs", "batch_size_per_device", "val_batch_size_per_device", "limit_batches", "limit_val_batches", "prune_steps", "round_to"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "num_epochs" else 1):
             raise UsageError(f"--{flag} must be {'non-negative' if flag == 'num_epochs' else 'positive'}, got {value}")
@@ -81,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return JobConfig(
         model=args.model, data_type=args.data_type, backend=args.backend, method=args.prune_method, percent=args.percent,
         scope=None if args.prune_scope == "auto" else args.prune_scope, exclude=tuple(name for name in args.exclude.split(",") if name),
-        threshold=args.threshold, prune_steps=args.prune_steps, schedule_over=args.schedule_over, verbose=args.verbose,
+        threshold=args.threshold, prune_steps=args.prune_steps, round_to=args.round_to, schedule_over=args.schedule_over, verbose=args.verbose,
         base_epochs=args.num_epochs, refine_epochs=args.num_epochs, batch_size=args.batch_size_per_device,
         val_batch_size=args.val_batch_size_per_device, learning_rate=args.learning_rate, optimizer=args.model_update, seed=args.seed,
         limit_batches=args.limit_batches, limit_val_batches=args.limit_val_batches, data_dir=args.data_dir, download=args.download,

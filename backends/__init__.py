@@ -9,6 +9,7 @@ from .base import Backend, PruneResult
 BACKENDS: dict[str, str] = {
     "scratch": "backends.scratch:ScratchBackend",
     "nni": "backends.nni_backend:NNIBackend",
+    "tp": "backends.tp_backend:TorchPruningBackend",
 }
 BACKEND_NAMES: tuple[str, ...] = tuple(BACKENDS)
 

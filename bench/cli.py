@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="-m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog=f"Methods: {offered_methods()}. Subcommands: merge DIR... --out DIR; report DIR.")  # fmt: skip
     p.add_argument("--models", type=_names, default=("lenet", "vgg"), help=f"comma-separated, from {', '.join(MODEL_NAMES)} (default lenet,vgg)")
-    p.add_argument("--backends", type=_names, default=("scratch", "nni"), help=f"comma-separated, from {', '.join(BACKEND_NAMES)} (default scratch,nni)")
+    p.add_argument(
+        "--backends", type=_names, default=("scratch", "nni", "tp"), help=f"comma-separated, from {', '.join(BACKEND_NAMES)} (default scratch,nni,tp)"
+    )
     p.add_argument("--methods", type=_names, default=(), help="method names (every listed backend that offers one) or backend:method pairs; "
                    "default: each backend's default set")  # fmt: skip
     p.add_argument("--percents", type=_numbers(float, "--percents"), default=(0.3, 0.5, 0.7), help="fractions of channels removed (default 0.3,0.5,0.7)")

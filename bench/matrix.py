@@ -24,7 +24,7 @@ class MatrixSpec:
     """The harness's settings. `fingerprint()` covers those that shape the numbers: runs that differ there do not mix."""
 
     models: tuple[str, ...] = ("lenet", "vgg")
-    backends: tuple[str, ...] = ("scratch", "nni")
+    backends: tuple[str, ...] = ("scratch", "nni", "tp")
     methods: tuple[str, ...] = ()  # empty: each backend's default set; else names or backend:method pairs
     percents: tuple[float, ...] = (0.3, 0.5, 0.7)
     seeds: tuple[int, ...] = (0,)
@@ -71,7 +71,7 @@ class Cell:
 
 def package_versions() -> dict[str, str]:
     versions = {"torch": torch.__version__}
-    for package in ("torchvision", "nni"):
+    for package in ("torchvision", "nni", "torch-pruning"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -25,7 +25,8 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             out["units_json"] = json.dumps(row["units"])
             out["layer_rank_json"] = json.dumps(row.get("layer_rank", {}))
         env = row.get("env", {})
-        out |= {"torch": env.get("torch"), "nni": env.get("nni"), "cpu": env.get("cpu"), "latency_threads": env.get("latency_threads")}
+        out |= {"torch": env.get("torch"), "nni": env.get("nni"), "torch_pruning": env.get("torch-pruning"), "cpu": env.get("cpu"),
+                "latency_threads": env.get("latency_threads")}  # fmt: skip
         flat.append(out)
     return pd.DataFrame(flat)
 

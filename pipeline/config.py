@@ -22,6 +22,7 @@ class JobConfig:
     exclude: tuple[str, ...] = ()
     threshold: float = 0.06
     prune_steps: int = 50
+    round_to: int | None = None  # tp backend: kept channel counts rounded to multiples of this
     schedule_over: str = "l1"
     verbose: bool = False
     base_epochs: int | None = None  # None: DEFAULT_EPOCHS for the dataset, else 2

@@ -39,7 +39,8 @@ def check_request(config: JobConfig, data: ImageDataset, steps: str = "123") -> 
         raise UsageError(f"{error} (dataset {config.data_type} has {data.input_shape} images)") from None
     if "2" in steps:
         backend = get_backend(config.backend)
-        backend.validate(probe, config.method or backend.default_method(probe), config.percent, config.scope)
+        extra = {"round_to": config.round_to, "exclude": config.exclude} if config.backend == "tp" else {}
+        backend.validate(probe, config.method or backend.default_method(probe), config.percent, config.scope, **extra)
 
 
 class Job:
@@ -110,6 +111,13 @@ class Job:
         if c.backend == "scratch":
             return {"threshold": c.threshold}
         generator = torch.Generator().manual_seed(c.seed)
+        if c.backend == "tp":
+            return {
+                "train_batches": lambda: self.data.batches("train", c.batch_size, generator),
+                "training_steps": c.prune_steps,
+                "learning_rate": c.learning_rate,
+                "round_to": c.round_to,
+            }
         return {
             "train_batches": lambda: self.data.batches("train", c.batch_size, generator),
             "training_steps": c.prune_steps,

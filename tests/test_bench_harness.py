@@ -18,7 +18,7 @@ from bench.matrix import Cell, MatrixSpec, expand, shard
 from pipeline.datasets import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(models=("lenet",), backends=("scratch", "nni"), percents=(0.5,), base_epochs=1, finetune_epochs=1, limit_batches=3, limit_val_batches=1)
+TINY = dict(models=("lenet",), backends=("scratch", "nni", "tp"), percents=(0.5,), base_epochs=1, finetune_epochs=1, limit_batches=3, limit_val_batches=1)
 TINY_FLAGS = ["--models", "lenet", "--percents", "0.5", "--base_epochs", "1", "--finetune_epochs", "1", "--limit_batches", "3", "--limit_val_batches", "1"]
 ROW_COLUMNS = {
     "cell", "model", "backend", "method", "percent", "seed", "scope", "status", "base_top1", "base_topk", "masked_top1", "masked_topk",
@@ -45,7 +45,8 @@ def test_tiny_matrix_records_every_figure_per_cell(tiny_run):
     root, rows = tiny_run
     cells = {row["cell"] for row in rows}
     assert cells == {f"lenet/{b}/{m}/0.5/seed0" for b, m in [("scratch", "bn"), ("scratch", "conv_all"), ("scratch", "random"),
-                                                             ("nni", "l1"), ("nni", "fpgm"), ("nni", "slim")]}  # fmt: skip
+                                                             ("nni", "l1"), ("nni", "fpgm"), ("nni", "slim"), ("tp", "l1"), ("tp", "lamp"),
+                                                             ("tp", "bn")]}  # fmt: skip
     for row in rows:
         assert row["status"] == "ok", row
         assert ROW_COLUMNS <= set(row), ROW_COLUMNS - set(row)
@@ -57,8 +58,9 @@ def test_tiny_matrix_records_every_figure_per_cell(tiny_run):
     # every cell started from the same base: one trained base checkpoint for the model and seed
     assert len([p for p in (root / "bases").iterdir() if p.is_dir()]) == 1
     # the shared JobConfig path: L1 at layer scope is the same criterion on both backends
-    by_method = {row["method"]: row for row in rows}
-    assert by_method["l1"]["params_after"] == by_method["random"]["params_after"]  # both layer scope, floor(C/2) per layer
+    by_method = {(row["backend"], row["method"]): row for row in rows}
+    assert by_method["nni", "l1"]["params_after"] == by_method["scratch", "random"]["params_after"]  # both layer scope, floor(C/2) per layer
+    assert by_method["tp", "l1"]["params_after"] == by_method["scratch", "random"]["params_after"]
     # per-layer widths are in network order, whatever order the backend listed them in (the kept-channels plot depends on it)
     saved = {row["cell"]: row for row in store.read_rows(root / "out")}
     assert list(saved["lenet/nni/l1/0.5/seed0"]["units"]) == ["features.0", "features.4", "classifier.0", "classifier.2"]
@@ -146,7 +148,7 @@ def test_ctrl_c_keeps_every_finished_cell_and_the_next_run_resumes(tmp_path, dig
 def test_no_random_control_leaves_the_random_cells_out(digits):
     spec = MatrixSpec(**{**TINY, "random_control": False})
     methods = {(c.backend, c.method) for c in expand(spec, digits.input_shape, digits.num_classes)}
-    assert methods == {("scratch", "bn"), ("scratch", "conv_all"), ("nni", "l1"), ("nni", "fpgm"), ("nni", "slim")}
+    assert methods == {("scratch", "bn"), ("scratch", "conv_all"), ("nni", "l1"), ("nni", "fpgm"), ("nni", "slim"), ("tp", "l1"), ("tp", "lamp"), ("tp", "bn")}
     assert ("scratch", "random") in {(c.backend, c.method) for c in expand(MatrixSpec(**TINY), digits.input_shape, digits.num_classes)}
 
 
@@ -200,13 +202,13 @@ def test_a_crashing_cell_is_recorded_and_the_matrix_goes_on(tmp_path, digits, mo
 def test_shards_merged_give_the_unsharded_rows(tmp_path, digits, capsys):
     spec = MatrixSpec(**{**TINY, "methods": ("conv_all", "l1")})
     cells = expand(spec, digits.input_shape, digits.num_classes)
-    assert len(cells) == 3 and sorted(shard(cells, 0, 2) + shard(cells, 1, 2)) == cells
+    assert len(cells) == 4 and sorted(shard(cells, 0, 2) + shard(cells, 1, 2)) == cells  # l1 on nni and tp
     whole = runner.run_matrix(spec, tmp_path / "whole", base_root=tmp_path / "bases", data=digits)
     for index in range(2):  # separate processes would do this; each shard with its own base cache
         flags = [*TINY_FLAGS, "--methods", "conv_all,l1", "--shard", f"{index}/2", "--out", str(tmp_path / f"shard{index}"),
                  "--base_dir", str(tmp_path / f"bases{index}")]  # fmt: skip
         assert main(flags) == 0
-    assert len(store.read_rows(tmp_path / "shard0")) == 2 and len(store.read_rows(tmp_path / "shard1")) == 1
+    assert len(store.read_rows(tmp_path / "shard0")) == 2 and len(store.read_rows(tmp_path / "shard1")) == 2
     capsys.readouterr()
     assert main(["merge", str(tmp_path / "shard0"), str(tmp_path / "shard1"), "--out", str(tmp_path / "merged")]) == 0
     assert "warning" not in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """The harness's wall-time targets (python -m pytest bench/benchmarks/test_matrix_time.py --benchmark-enable -m slow -s).
 
-The default matrix (lenet and vgg, both backends, their default methods plus the random control, percents
+The default matrix (lenet and vgg, the three backends, their default methods plus the random control, percents
 0.3 / 0.5 / 0.7, one seed), base models trained from nothing: under 15 minutes on digits and under 30 on
 mnist5k on this 2-core CPU. Minutes long, so marked slow.
 """

@@ -1,9 +1,10 @@
 """Prune time per backend and method (python -m pytest bench/benchmarks/test_prune_time.py --benchmark-enable).
 
 Whole call at 0.5 of channels, each method at its own default scope (as the harness runs it): scoring,
-selection and surgery (scratch) or masks, dependency groups and ModelSpeedup (nni; `level` masks only).
-Data-driven NNI methods train 4 steps on random batches. Compare backends by the ratio of medians within
-one run: the machine is shared.
+selection and surgery (scratch), masks, dependency groups and ModelSpeedup (nni; `level` masks only), or
+DepGraph, group importance and in-place pruning of a copy (tp). Data-driven NNI and Torch-Pruning methods train
+(or take gradients for) 4 steps on random batches. Compare backends by the ratio of medians within one run: the
+machine is shared. `-k "conv_all or l1"` times the one criterion all three share.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from algorithms.criteria import METHODS
 from .inputs import prune
 
 NNI = ["level", "l1", "l2", "fpgm", "slim", "taylor", "agp", "linear"]
-CASES = [("scratch", m) for m in METHODS] + [("nni", m) for m in NNI]
-ROUNDS = {"scratch": 10, "nni": 3}
+TP = ["l1", "l2", "lamp", "bn", "random", "taylor", "hessian", "group_norm", "slim"]
+CASES = [("scratch", m) for m in METHODS] + [("nni", m) for m in NNI] + [("tp", m) for m in TP]
+ROUNDS = {"scratch": 10, "nni": 3, "tp": 5}
 
 
 @pytest.mark.parametrize("name", ["lenet", "vgg", "resnet", "torchvision_resnet18"])

@@ -1,0 +1,271 @@
+"""The `tp` backend: Torch-Pruning 1.6 (DepGraph) importance criteria and pruners behind the common contract.
+
+The only module that imports `torch_pruning`. Torch-Pruning prunes in place, so it works on a copy; the channels it
+removes are read off the groups it prunes (its interactive step), so `kept` and `masks` say exactly what it cut. The
+prunable set is the other backends': every Conv2d and hidden Linear; layers whose outputs reach the model output (the
+classifier) and `exclude` go to `ignored_layers`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from algorithms.channel_pruning import check_scope, excluded_producers, validate_sparsity
+from algorithms.errors import PruningError
+from algorithms.graph import OUTPUT_REASON, analyze
+from algorithms.masks import apply_masks, unit_masks
+from algorithms.modules import clone_tree, has_norm
+
+from .base import PruneResult
+
+TrainBatches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class Method:
+    importance: str  # class in torch_pruning.importance
+    arguments: tuple[tuple[str, Any], ...] = ()
+    pruner: str = "BasePruner"  # class in torch_pruning.pruner
+    pruner_arguments: tuple[tuple[str, Any], ...] = ()
+    gradients: str | None = None  # "batch": summed loss gradients (Taylor), "sample": per-sample gradients (Hessian)
+    sparse_training: bool = False  # trains `training_steps` with the pruner's regulariser before pruning
+    needs_norm: bool = False
+
+    @property
+    def data_driven(self) -> bool:
+        return self.gradients is not None or self.sparse_training
+
+
+METHODS: dict[str, Method] = {
+    "l1": Method("MagnitudeImportance", (("p", 1),)),
+    "l2": Method("MagnitudeImportance", (("p", 2),)),
+    "bn": Method("BNScaleImportance", needs_norm=True),
+    "lamp": Method("LAMPImportance", (("p", 2),)),
+    "random": Method("RandomImportance"),
+    "taylor": Method("TaylorImportance", gradients="batch"),
+    "hessian": Method("HessianImportance", gradients="sample"),
+    "group_norm": Method("GroupMagnitudeImportance", (("p", 2),), pruner="GroupNormPruner", sparse_training=True),
+    "slim": Method("BNScaleImportance", pruner="BNScalePruner", sparse_training=True, needs_norm=True),  # network slimming: L1 on BN scales
+    "group_slim": Method("BNScaleImportance", pruner="BNScalePruner", pruner_arguments=(("group_lasso", True),), sparse_training=True, needs_norm=True),
+}
+
+
+def _import_tp() -> Any:
+    try:
+        import torch_pruning
+    except Exception as error:
+        raise PruningError(f"the tp backend needs Torch-Pruning ({type(error).__name__}: {error}); run: pip install torch-pruning==1.6.1") from None
+    return torch_pruning
+
+
+class TorchPruningBackend:
+    name = "tp"
+    methods: tuple[str, ...] = tuple(METHODS)
+
+    def default_method(self, model: nn.Module) -> str:
+        return "l1"
+
+    def default_methods(self, model: nn.Module) -> tuple[str, ...]:
+        """The harness's default set: Torch-Pruning's magnitude criterion and LAMP, and its BatchNorm scale where there is BatchNorm."""
+        return ("l1", "lamp", "bn") if has_norm(model) else ("l1", "lamp")
+
+    def validate(
+        self,
+        model: nn.Module,
+        method: str,
+        sparsity: float | Mapping[str, float],
+        scope: str | None = None,
+        *,
+        has_data: bool = True,
+        round_to: int | None = None,
+        exclude: Iterable[str] = (),
+    ) -> None:
+        """The request errors prune() would raise, found before any training is spent."""
+        if method not in METHODS:
+            raise PruningError(f"Torch-Pruning offers no method {method!r} here; choose one of: {', '.join(METHODS)}")
+        validate_sparsity(sparsity)
+        check_scope(scope, isinstance(sparsity, Mapping))
+        spec = METHODS[method]
+        if spec.needs_norm and not has_norm(model):
+            raise PruningError(f"{method} ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use l1, l2 or lamp")
+        if spec.data_driven and not has_data:
+            raise PruningError(f"{method} is data-driven: pass train_batches (a function returning (images, labels) batches)")
+        _check_round_to_value(round_to)
+        layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))][:-1]  # the last: the classifier
+        _check_round_to(round_to, [n for n in layers if not any(n == e or n.startswith(e + ".") for e in exclude)], dict(model.named_modules()))
+        _import_tp()
+
+    def prune(
+        self,
+        model: nn.Module,
+        method: str,
+        sparsity: float | Mapping[str, float],
+        example_input: torch.Tensor,
+        *,
+        scope: str | None = None,
+        exclude: Iterable[str] = (),
+        seed: int = 0,
+        round_to: int | None = None,
+        train_batches: TrainBatches | None = None,
+        training_steps: int = 50,
+        importance_batches: int = 4,
+        learning_rate: float = 1e-3,
+        **options: Any,
+    ) -> PruneResult:
+        if options:
+            raise PruningError(f"the tp backend takes no option(s) {', '.join(sorted(options))}")
+        self.validate(model, method, sparsity, scope, has_data=train_batches is not None)
+        _check_round_to_value(round_to)
+        tp = _import_tp()
+        spec = METHODS[method]
+        per_layer = isinstance(sparsity, Mapping)
+        scope = "layer" if per_layer or scope is None else scope
+        graph = analyze(model, example_input)
+        originals = dict(model.named_modules())
+        excluded = excluded_producers(graph, set(originals), exclude)
+        classifier = {p for p, g in graph.group_of_producer.items() if OUTPUT_REASON in graph.groups[g].blocked_by}
+        working = clone_tree(model, {})
+        modules = dict(working.named_modules())
+        prunable = [p for p in graph.group_of_producer if p not in classifier | excluded]
+        _check_round_to(round_to, prunable, originals)
+        ratio_dict = _ratio_dict(sparsity, prunable, modules) if per_layer else None
+        if method == "group_slim":
+            _check_every_group_has_a_norm(graph, prunable)
+
+        torch.manual_seed(seed)
+        importance = getattr(tp.importance, spec.importance)(**dict(spec.arguments))
+        ignored = [modules[name] for name in sorted(classifier | excluded)]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Torch-Pruning warns about every layer it cannot see through
+                pruner = getattr(tp.pruner, spec.pruner)(
+                    working, example_input, importance=importance, global_pruning=scope == "global",
+                    pruning_ratio=0.0 if per_layer else float(sparsity), pruning_ratio_dict=ratio_dict, ignored_layers=ignored, round_to=round_to,
+                    **dict(spec.pruner_arguments),
+                )  # fmt: skip
+                steps, trained = 0, None
+                if spec.sparse_training:
+                    steps = _sparse_train(working, pruner, _batches(train_batches), training_steps, learning_rate)
+                    trained = clone_tree(working, {})  # the weights Torch-Pruning then pruned: the masked figure comes from these
+                elif spec.gradients:
+                    _gradients(working, importance, _batches(train_batches), importance_batches, per_sample=spec.gradients == "sample")
+                removed = _prune(tp, pruner, {module: name for name, module in modules.items()})
+        except PruningError:
+            raise
+        except Exception as error:  # Torch-Pruning's own failures (e.g. ZeroDivisionError on a channel shuffle): one line
+            raise PruningError(f"Torch-Pruning {method} failed on {type(model).__name__}: {type(error).__name__}: {_first_line(error)}") from None
+        working.zero_grad(set_to_none=True)
+        _check_runs(working, example_input, method)
+        kept = {name: sorted(set(range(_units(originals[name]))) - set(indices)) for name, indices in removed.items() if indices}
+        masks = {name: unit_masks(originals[name], indices) for name, indices in kept.items()}  # shapes only: the same for a trained copy
+        units = {name: _units(originals[name]) for name in kept}
+        working.train(model.training)
+        info: dict[str, Any] = {"train_steps": steps, "round_to": round_to}
+        if trained is not None:
+            info["masked_model"] = apply_masks(trained, masks)
+        return PruneResult(working, kept, masks, units, self.name, method, scope, info=info)
+
+
+def _units(module: nn.Module) -> int:
+    return int(module.weight.shape[0])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def _check_round_to_value(round_to: int | None) -> None:
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise PruningError(f"round_to must be a positive whole number of channels, got {round_to!r}")
+
+
+def _check_round_to(round_to: int | None, prunable: list[str], modules: dict[str, nn.Module]) -> None:
+    narrow = [name for name in prunable if round_to is not None and _units(modules[name]) < round_to]
+    if narrow:
+        name = narrow[0]
+        raise PruningError(f"round_to={round_to} is larger than {name} ({_units(modules[name])} units); use a round_to of at most that, or exclude it")
+
+
+def _check_every_group_has_a_norm(graph: Any, prunable: list[str]) -> None:
+    """Torch-Pruning 1.6.1's group-lasso regulariser fails (None + float) on a group without BatchNorm: refuse it in words."""
+    bare = [name for name in prunable if not any(member in graph.norm_after for member in graph.group(name).members)]
+    if bare:
+        raise PruningError(f"group_slim needs a BatchNorm after every pruned layer, and {bare[0]} has none; use slim, or exclude {', '.join(bare)}")
+
+
+def _ratio_dict(sparsity: Mapping[str, float], prunable: list[str], modules: dict[str, nn.Module]) -> dict[nn.Module, float]:
+    for name in sparsity:
+        if name not in prunable:
+            raise PruningError(f"per-layer sparsity names {name!r}, which is not a prunable Conv2d / hidden Linear of this model")
+    return {modules[name]: float(ratio) for name, ratio in sparsity.items()}
+
+
+def _batches(train_batches: TrainBatches | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches without end: the data-driven methods may want more steps than one pass holds."""
+    assert train_batches is not None  # validate() refused the request otherwise
+    while True:
+        empty = True
+        for batch in train_batches():
+            empty = False
+            yield batch
+        if empty:
+            raise PruningError("train_batches yielded no batch")
+
+
+def _gradients(model: nn.Module, importance: Any, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], count: int, per_sample: bool) -> None:
+    """Taylor: loss gradients summed over `count` batches. Hessian (OBD): squared per-sample gradients, accumulated by the importance."""
+    model.eval()  # BatchNorm statistics stay those of the trained model
+    model.zero_grad()
+    if per_sample:
+        importance.zero_grad()
+    for images, labels in islice(batches, count):
+        if not per_sample:
+            F.cross_entropy(model(images), labels).backward()
+            continue
+        for image, label in zip(images, labels, strict=True):
+            model.zero_grad()
+            F.cross_entropy(model(image[None]), label[None]).backward()
+            importance.accumulate_grad(model)
+
+
+def _sparse_train(model: nn.Module, pruner: Any, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, learning_rate: float) -> int:
+    """Torch-Pruning's sparse training: the usual loss, then the pruner's group regulariser on the gradients, then a step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    model.train()
+    for images, labels in islice(batches, steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(images), labels).backward()
+        pruner.regularize(model)
+        optimizer.step()
+    model.eval()
+    return steps
+
+
+def _prune(tp: Any, pruner: Any, names: dict[nn.Module, str]) -> dict[str, list[int]]:
+    """Prune group by group, noting the output units each Conv2d / Linear loses (depthwise convs follow their producer)."""
+    out_handlers = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+    removed: dict[str, list[int]] = {}
+    for group in pruner.step(interactive=True):
+        for item in group.items:
+            if item.dep.handler in out_handlers and item.dep.target.module in names:
+                removed.setdefault(names[item.dep.target.module], []).extend(int(i) for i in item.idxs)
+        group.prune()
+    return removed
+
+
+def _check_runs(model: nn.Module, example_input: torch.Tensor, method: str) -> None:
+    """Torch-Pruning can leave a model that no longer runs (a hard-coded width in forward): say so instead of returning it."""
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    except Exception as error:
+        raise PruningError(f"the model Torch-Pruning {method} pruned no longer runs ({type(error).__name__}: {_first_line(error)})") from None
