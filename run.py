@@ -1,6 +1,7 @@
-"""prunebench main job: 1 = train the base model, 2 = prune it, 3 = fine-tune ("refine") it.
+"""prunebench main job: 1 = train the base model, 2 = prune it, 3 = fine-tune ("refine") it, 4 = quantize it to int8.
 
 python run.py --model vgg --data_type cifar10 --prune_method bn --percent 0.5 --step 123
+python run.py --model vgg --step 1234 --distill --quantize ptq
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_type", default="digits", help=f"{', '.join(BUILTIN_DATASETS)} or a custom dataset name (default digits)")
     p.add_argument("--prune_method", default=None, help="pruning method; default: bn for models with BatchNorm, neuron otherwise")
     p.add_argument("--percent", type=float, default=0.5, help="fraction of channels removed, in [0, 1) (default 0.5)")
-    p.add_argument("--step", default="123", help="steps to run, in order: 1 train, 2 prune, 3 refine (default 123)")
+    p.add_argument("--step", default="123", help="steps to run, in order: 1 train, 2 prune, 3 refine, 4 int8 (default 123)")
     p.add_argument("--backend", default="scratch", help=f"pruning backend: {', '.join(BACKEND_NAMES)} (default scratch)")
     p.add_argument("--prune_scope", default="auto", choices=("auto", "global", "layer"), help="auto = the method's original scope")
     p.add_argument("--exclude", default="", help="comma-separated module names never pruned")
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round_to", type=int, default=None, help="tp backend: round each layer's kept channels to a multiple of this (e.g. 8 for GPUs)")
     p.add_argument("--schedule_over", default="l1", choices=SCHEDULE_BASES, help="what NNI's agp / linear schedules (default l1)")
     p.add_argument("--verbose", action="store_true", help="let NNI's own log lines through")
+    p.add_argument("--distill", action="store_true", help="step 3 learns from the base model too (knowledge distillation)")
+    p.add_argument("--kd_alpha", type=float, default=0.9, help="weight of the teacher's soft targets in the step-3 loss (default 0.9)")
+    p.add_argument("--kd_temperature", type=float, default=4.0, help="softmax temperature of the distillation (default 4)")
+    p.add_argument("--quantize", default="ptq", help="step 4: ptq (calibrate, convert) or qat (quantization-aware fine-tuning) (default ptq)")
+    p.add_argument("--calib_batches", type=int, default=8, help="training batches step 4 calibrates ptq on (default 8)")
+    p.add_argument("--qat_epochs", type=int, default=1, help="epochs of quantization-aware training for --quantize qat (default 1)")
     p.add_argument("--num_epochs", type=int, default=None, help="epochs of steps 1 and 3 (default 8 on digits, else 2)")
     p.add_argument("--batch_size_per_device", type=int, default=32)
     p.add_argument("--val_batch_size_per_device", type=int, default=256)
@@ -60,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_steps(text: str) -> list[str]:
-    if not text or any(c not in "123" for c in text) or list(text) != sorted(set(text)):
-        raise UsageError(f"--step {text!r} must list steps 1, 2, 3 in increasing order without repeats, e.g. 123, 12, 23 or 3")
+    if not text or any(c not in "1234" for c in text) or list(text) != sorted(set(text)):
+        raise UsageError(f"--step {text!r} must list steps 1, 2, 3, 4 in increasing order without repeats, e.g. 123, 1234, 23 or 4")
     return list(text)
 
 
@@ -89,7 +96,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return JobConfig(
         model=args.model, data_type=args.data_type, backend=args.backend, method=args.prune_method, percent=args.percent,
         scope=None if args.prune_scope == "auto" else args.prune_scope, exclude=tuple(name for name in args.exclude.split(",") if name),
-        threshold=args.threshold, prune_steps=args.prune_steps, round_to=args.round_to, schedule_over=args.schedule_over, verbose=args.verbose,
+        threshold=args.threshold, prune_steps=args.prune_steps, round_to=args.round_to, distill=args.distill, kd_alpha=args.kd_alpha,
+        kd_temperature=args.kd_temperature, quantize=args.quantize, calib_batches=args.calib_batches, qat_epochs=args.qat_epochs,
+        schedule_over=args.schedule_over, verbose=args.verbose,
         base_epochs=args.num_epochs, refine_epochs=args.num_epochs, batch_size=args.batch_size_per_device,
         val_batch_size=args.val_batch_size_per_device, learning_rate=args.learning_rate, optimizer=args.model_update, seed=args.seed,
         limit_batches=args.limit_batches, limit_val_batches=args.limit_val_batches, data_dir=args.data_dir, download=args.download,

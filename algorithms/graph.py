@@ -75,6 +75,7 @@ class ChannelGraph:
     consumers: list[Consumer]
     norm_after: dict[str, str]  # producer -> BatchNorm that reads its output directly
     producer_space: dict[str, int]
+    output_producers: list[str] = field(default_factory=list)  # layers whose outputs reach the model output through no other layer: the classifier
 
     def group(self, producer: str) -> ChannelGroup:
         return self.groups[self.group_of_producer[producer]]
@@ -750,4 +751,23 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
             user = next(iter(node.users))
             if user.op == "call_module" and isinstance(walker.modules[str(user.target)], NORM_TYPES):
                 norm_after[str(node.target)] = str(user.target)
-    return ChannelGraph(groups, group_of_producer, group_of_space, walker.consumers, norm_after, dict(walker.producer_space))
+    return ChannelGraph(groups, group_of_producer, group_of_space, walker.consumers, norm_after, dict(walker.producer_space),
+                        _output_producers(graph_module, walker.producer_space))  # fmt: skip
+
+
+def _output_producers(graph_module: torch.fx.GraphModule, producers: dict[str, int]) -> list[str]:
+    """Walk back from the output through every op that is not a producing layer (softmax, squeeze, BatchNorm, ...): the layers met."""
+    found: list[str] = []
+    seen: set[torch.fx.Node] = set()
+    stack = [node for node in graph_module.graph.nodes if node.op == "output"]
+    while stack:
+        node = stack.pop()
+        for arg in node.all_input_nodes:
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if arg.op == "call_module" and str(arg.target) in producers:
+                found.append(str(arg.target))
+            else:
+                stack.append(arg)
+    return sorted(found)

@@ -2,8 +2,10 @@
 
 The only module that imports `torch_pruning`. Torch-Pruning prunes in place, so it works on a copy; the channels it
 removes are read off the groups it prunes (its interactive step), so `kept` and `masks` say exactly what it cut. The
-prunable set is the other backends': every Conv2d and hidden Linear; layers whose outputs reach the model output (the
-classifier) and `exclude` go to `ignored_layers`.
+prunable set is the other backends': every Conv2d and hidden Linear as a root (Torch-Pruning's default would add
+ConvTranspose, Conv1d and LSTM); layers whose outputs reach the model output through no other layer (the classifier) and
+`exclude` go to `ignored_layers`. Our fx analysis finds those, and resolves a coupled group's per-layer ratios as scratch
+does (the largest); everything else is Torch-Pruning's own DepGraph.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from torch import nn
 
 from algorithms.channel_pruning import check_scope, excluded_producers, validate_sparsity
 from algorithms.errors import PruningError
-from algorithms.graph import OUTPUT_REASON, analyze
+from algorithms.graph import analyze
 from algorithms.masks import apply_masks, unit_masks
-from algorithms.modules import clone_tree, has_norm
+from algorithms.modules import clone_tree, eval_mode, has_norm
 
 from .base import PruneResult
 
@@ -98,6 +100,8 @@ class TorchPruningBackend:
             raise PruningError(f"{method} ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use l1, l2 or lamp")
         if spec.data_driven and not has_data:
             raise PruningError(f"{method} is data-driven: pass train_batches (a function returning (images, labels) batches)")
+        if method == "group_slim":
+            _check_norms_follow(model)
         _check_round_to_value(round_to)
         layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))][:-1]  # the last: the classifier
         _check_round_to(round_to, [n for n in layers if not any(n == e or n.startswith(e + ".") for e in exclude)], dict(model.named_modules()))
@@ -124,6 +128,9 @@ class TorchPruningBackend:
             raise PruningError(f"the tp backend takes no option(s) {', '.join(sorted(options))}")
         self.validate(model, method, sparsity, scope, has_data=train_batches is not None)
         _check_round_to_value(round_to)
+        if training_steps < 0 or importance_batches < 1:
+            raise PruningError(f"training_steps must be >= 0 and importance_batches >= 1, got {training_steps} and {importance_batches}")
+        example_input = example_input.clone()  # a model may change its input in place: never the caller's
         tp = _import_tp()
         spec = METHODS[method]
         per_layer = isinstance(sparsity, Mapping)
@@ -131,14 +138,20 @@ class TorchPruningBackend:
         graph = analyze(model, example_input)
         originals = dict(model.named_modules())
         excluded = excluded_producers(graph, set(originals), exclude)
-        classifier = {p for p, g in graph.group_of_producer.items() if OUTPUT_REASON in graph.groups[g].blocked_by}
+        classifier = set(graph.output_producers)
         working = clone_tree(model, {})
         modules = dict(working.named_modules())
         prunable = [p for p in graph.group_of_producer if p not in classifier | excluded]
         _check_round_to(round_to, prunable, originals)
-        ratio_dict = _ratio_dict(sparsity, prunable, modules) if per_layer else None
+        if scope == "layer":
+            _check_nothing_emptied(sparsity, round_to, prunable, originals, graph)
+        ratio_dict = _ratio_dict(sparsity, prunable, modules, graph) if per_layer else None
         if method == "group_slim":
             _check_every_group_has_a_norm(graph, prunable)
+        trainable = {name: p.requires_grad for name, p in working.named_parameters()}
+        modes = {name: m.training for name, m in model.named_modules()}
+        for parameter in working.parameters():  # Torch-Pruning traces through autograd: frozen layers would be invisible to it
+            parameter.requires_grad_(True)
 
         torch.manual_seed(seed)
         importance = getattr(tp.importance, spec.importance)(**dict(spec.arguments))
@@ -149,7 +162,7 @@ class TorchPruningBackend:
                 pruner = getattr(tp.pruner, spec.pruner)(
                     working, example_input, importance=importance, global_pruning=scope == "global",
                     pruning_ratio=0.0 if per_layer else float(sparsity), pruning_ratio_dict=ratio_dict, ignored_layers=ignored, round_to=round_to,
-                    **dict(spec.pruner_arguments),
+                    root_module_types=[nn.Conv2d, nn.Linear], **dict(spec.pruner_arguments),
                 )  # fmt: skip
                 steps, trained = 0, None
                 if spec.sparse_training:
@@ -163,11 +176,14 @@ class TorchPruningBackend:
         except Exception as error:  # Torch-Pruning's own failures (e.g. ZeroDivisionError on a channel shuffle): one line
             raise PruningError(f"Torch-Pruning {method} failed on {type(model).__name__}: {type(error).__name__}: {_first_line(error)}") from None
         working.zero_grad(set_to_none=True)
-        _check_runs(working, example_input, method)
+        for name, parameter in working.named_parameters():
+            parameter.requires_grad_(trainable.get(name, True))
+        _check_runs(working, example_input, method, _output_shape(model, example_input))
         kept = {name: sorted(set(range(_units(originals[name]))) - set(indices)) for name, indices in removed.items() if indices}
         masks = {name: unit_masks(originals[name], indices) for name, indices in kept.items()}  # shapes only: the same for a trained copy
         units = {name: _units(originals[name]) for name in kept}
-        working.train(model.training)
+        for name, module in working.named_modules():
+            module.__dict__["training"] = modes.get(name, model.training)
         info: dict[str, Any] = {"train_steps": steps, "round_to": round_to}
         if trained is not None:
             info["masked_model"] = apply_masks(trained, masks)
@@ -195,6 +211,33 @@ def _check_round_to(round_to: int | None, prunable: list[str], modules: dict[str
         raise PruningError(f"round_to={round_to} is larger than {name} ({_units(modules[name])} units); use a round_to of at most that, or exclude it")
 
 
+def _check_norms_follow(model: nn.Module) -> None:
+    """group_slim before any training: every Conv2d / Linear but the last (the classifier) registered right before a BatchNorm."""
+    named = list(model.named_modules())
+    layers = [i for i, (_, module) in enumerate(named) if isinstance(module, (nn.Conv2d, nn.Linear))][:-1]
+    bare = [named[i][0] for i in layers if i + 1 >= len(named) or not isinstance(named[i + 1][1], nn.modules.batchnorm._BatchNorm)]
+    if bare:
+        raise PruningError(f"group_slim needs a BatchNorm after every pruned layer, and {bare[0]} has none; use slim, or exclude {', '.join(bare)}")
+
+
+def _check_nothing_emptied(sparsity: float | Mapping[str, float], round_to: int | None, prunable: list[str], modules: dict[str, nn.Module],
+                           graph: Any) -> None:  # fmt: skip
+    """Torch-Pruning keeps floor(n * (1 - ratio)) channels, rounded down to round_to, and silently skips a layer that would keep none."""
+    for name in prunable:
+        ratio = max((sparsity.get(m, 0.0) for m in graph.group(name).members), default=0.0) if isinstance(sparsity, Mapping) else sparsity
+        units = _units(modules[name])
+        keep = int(units * (1 - ratio))
+        if ratio > 0 and (keep // round_to * round_to if round_to else keep) == 0:
+            hint = f"a round_to of at most {keep}" if round_to and keep else "a lower ratio"
+            raise PruningError(f"at ratio {ratio:g} Torch-Pruning would keep no channel of {name} ({units} units) and skip it silently; use {hint}")
+
+
+def _output_shape(model: nn.Module, example_input: torch.Tensor) -> torch.Size | None:
+    with eval_mode(model), torch.no_grad():
+        output = model(example_input.clone())
+    return output.shape if isinstance(output, torch.Tensor) else None
+
+
 def _check_every_group_has_a_norm(graph: Any, prunable: list[str]) -> None:
     """Torch-Pruning 1.6.1's group-lasso regulariser fails (None + float) on a group without BatchNorm: refuse it in words."""
     bare = [name for name in prunable if not any(member in graph.norm_after for member in graph.group(name).members)]
@@ -202,11 +245,17 @@ def _check_every_group_has_a_norm(graph: Any, prunable: list[str]) -> None:
         raise PruningError(f"group_slim needs a BatchNorm after every pruned layer, and {bare[0]} has none; use slim, or exclude {', '.join(bare)}")
 
 
-def _ratio_dict(sparsity: Mapping[str, float], prunable: list[str], modules: dict[str, nn.Module]) -> dict[nn.Module, float]:
+def _ratio_dict(sparsity: Mapping[str, float], prunable: list[str], modules: dict[str, nn.Module], graph: Any) -> dict[nn.Module, float]:
+    """Every member of a coupled group gets the group's largest ratio, as in scratch (Torch-Pruning takes the first member it meets)."""
     for name in sparsity:
         if name not in prunable:
             raise PruningError(f"per-layer sparsity names {name!r}, which is not a prunable Conv2d / hidden Linear of this model")
-    return {modules[name]: float(ratio) for name, ratio in sparsity.items()}
+    ratios: dict[nn.Module, float] = {}
+    for name in sparsity:
+        members = graph.group(name).members
+        largest = max(float(sparsity.get(member, 0.0)) for member in members)
+        ratios |= {modules[member]: largest for member in members if member in prunable}
+    return ratios
 
 
 def _batches(train_batches: TrainBatches | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -222,11 +271,15 @@ def _batches(train_batches: TrainBatches | None) -> Iterator[tuple[torch.Tensor,
 
 
 def _gradients(model: nn.Module, importance: Any, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], count: int, per_sample: bool) -> None:
-    """Taylor: loss gradients summed over `count` batches. Hessian (OBD): squared per-sample gradients, accumulated by the importance."""
+    """Taylor: loss gradients summed over `count` batches. Hessian (OBD): the mean squared per-sample gradient, handed to the importance.
+
+    We accumulate the squares ourselves: Torch-Pruning 1.6.1's accumulate_grad checks the parameter's name but stores under
+    the parameter, so it keeps only the last sample's gradient.
+    """
     model.eval()  # BatchNorm statistics stay those of the trained model
     model.zero_grad()
-    if per_sample:
-        importance.zero_grad()
+    squares: dict[nn.Parameter, torch.Tensor] = {}
+    samples: dict[nn.Parameter, int] = {}
     for images, labels in islice(batches, count):
         if not per_sample:
             F.cross_entropy(model(images), labels).backward()
@@ -234,7 +287,12 @@ def _gradients(model: nn.Module, importance: Any, batches: Iterator[tuple[torch.
         for image, label in zip(images, labels, strict=True):
             model.zero_grad()
             F.cross_entropy(model(image[None]), label[None]).backward()
-            importance.accumulate_grad(model)
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    squares[parameter] = squares.get(parameter, 0) + parameter.grad.detach().pow(2)
+                    samples[parameter] = samples.get(parameter, 0) + 1
+    if per_sample:
+        importance._accu_grad, importance._counter = squares, samples  # what its own accumulate_grad means to fill
 
 
 def _sparse_train(model: nn.Module, pruner: Any, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, learning_rate: float) -> int:
@@ -256,16 +314,21 @@ def _prune(tp: Any, pruner: Any, names: dict[nn.Module, str]) -> dict[str, list[
     removed: dict[str, list[int]] = {}
     for group in pruner.step(interactive=True):
         for item in group.items:
-            if item.dep.handler in out_handlers and item.dep.target.module in names:
+            module = item.dep.target.module
+            if item.dep.handler in out_handlers and module in names and type(module) in (nn.Conv2d, nn.Linear):
                 removed.setdefault(names[item.dep.target.module], []).extend(int(i) for i in item.idxs)
         group.prune()
     return removed
 
 
-def _check_runs(model: nn.Module, example_input: torch.Tensor, method: str) -> None:
-    """Torch-Pruning can leave a model that no longer runs (a hard-coded width in forward): say so instead of returning it."""
+def _check_runs(model: nn.Module, example_input: torch.Tensor, method: str, expected_shape: torch.Size | None) -> None:
+    """Torch-Pruning can leave a model that no longer runs (a hard-coded width in forward) or answers in fewer classes: say so."""
     try:
         with torch.no_grad():
-            model.eval()(example_input)
+            output = model.eval()(example_input.clone())
     except Exception as error:
         raise PruningError(f"the model Torch-Pruning {method} pruned no longer runs ({type(error).__name__}: {_first_line(error)})") from None
+    if expected_shape is not None and isinstance(output, torch.Tensor) and output.shape != expected_shape:
+        raise PruningError(
+            f"Torch-Pruning {method} changed the model's output from {tuple(expected_shape)} to {tuple(output.shape)}; exclude the layer it pruned there"
+        )

@@ -99,6 +99,17 @@ def latency_figures(spec: MatrixSpec, dense: nn.Module, pruned: nn.Module, examp
     return out
 
 
+def int8_figures(spec: MatrixSpec, dense: nn.Module, int8: nn.Module, example: torch.Tensor, figures: dict[str, Any], base_mb: float) -> dict[str, Any]:
+    """The int8 stage of a cell: its accuracy, size and latency against the dense fp32 base (deployable form), timed interleaved."""
+    dense = deployable(dense)
+    out: dict[str, Any] = {"int8_top1": figures["accuracy"], "int8_topk": figures["top_k_accuracy"], "size_mb_int8": figures["modelSize"],
+                           "size_ratio_int8": round(base_mb / figures["modelSize"], 4)}  # fmt: skip
+    for batch in LATENCY_BATCHES:
+        before, after = measure_latency(dense, int8, example_input=example, batch=batch, runs=spec.latency_runs, threads=spec.threads)
+        out |= {f"latency_b{batch}_int8_ms": round(after * 1e3, 4), f"speedup_int8_b{batch}": round(before / after, 4)}
+    return out
+
+
 def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, cell_dir: Path, keep_snapshots: bool = False) -> dict[str, Any]:
     """Prune -> fine-tune -> measure one cell. Raises on failure; the caller records the error and goes on."""
     started = time.perf_counter()
@@ -107,11 +118,13 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
     snapshots = cell_dir / "snapshots" if keep_snapshots else Path(tempfile.mkdtemp(prefix=".snapshots-", dir=cell_dir.parent))
     try:
         config = job_config(spec, cell.model, cell.seed, backend=cell.backend, method=cell.method, percent=cell.percent, load_dir=str(base_dir),
-                            save_dir=str(snapshots), log_dir=str(cell_dir / "log"), result_dir=str(cell_dir / "results"))  # fmt: skip
+                            save_dir=str(snapshots), log_dir=str(cell_dir / "log"), result_dir=str(cell_dir / "results"), distill=cell.distill,
+                            quantize=cell.quantize if cell.quantize != "none" else "ptq")  # fmt: skip
         job = Job(config, data)
         job.base_figures = base_figures
         pruned = job.step_prune()
         refined = job.step_refine()
+        quantized = job.step_quantize() if cell.quantize != "none" else None
     finally:
         if not keep_snapshots:
             shutil.rmtree(snapshots, ignore_errors=True)
@@ -119,6 +132,7 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
     base = pruned["base"]
     row: dict[str, Any] = {
         "cell": cell.key, "model": cell.model, "backend": cell.backend, "method": pruned["method"], "percent": cell.percent, "seed": cell.seed,
+        "distill": cell.distill, "quantize": cell.quantize,
         "scope": pruned["scope"], "physical": pruned["physical"], "status": "ok", "error": "", "top_k": base["top_k"],
         "base_top1": base["accuracy"], "base_topk": base["top_k_accuracy"],
         "masked_top1": pruned["masked_accuracy"], "masked_topk": pruned["masked_top_k_accuracy"],
@@ -133,6 +147,8 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
     if pruned["physical"]:
         row |= latency_figures(spec, base_model, final_model, data.example_input(1))
         row["speedup_per_mac"] = round(row["speedup_b64"] / row["mac_ratio"], 4)
+    if quantized is not None:
+        row |= int8_figures(spec, base_model, job.models["4"], data.example_input(1), quantized, base["modelSize"])
     if spec.scratch_control and pruned["physical"]:
         control = reinitialised(final_model, cell.seed)
         history = train(control, data, epochs=spec.base_epoch_count + spec.finetune_epochs, batch_size=spec.batch_size,

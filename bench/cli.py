@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency_runs", type=int, default=20, help="timed runs per latency figure, after warm-up (default 20, the minimum)")
     p.add_argument("--scratch_control", action="store_true", help="also train each pruned architecture from scratch for base + fine-tune epochs")
     p.add_argument("--no_random_control", action="store_true", help="leave out the scratch:random control cells")
+    p.add_argument("--distill", type=_names, default=("off",), help="axis: off, on or off,on: refine with the base model as teacher (default off)")
+    p.add_argument("--quantize", type=_names, default=("none",), help="axis: none, ptq, qat, comma-separated: add int8 step 4 (default none)")
     p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n deterministic slices (0-based), e.g. $SLURM_ARRAY_TASK_ID/8")
     p.add_argument("--out", default=None, help="results directory (default bench/results/<data_type>)")
     p.add_argument("--base_dir", default="output/bench_bases", help="cache of trained base models, shared across runs (default output/bench_bases)")
@@ -89,8 +91,15 @@ def spec_from_args(args: argparse.Namespace) -> MatrixSpec:
         base_epochs=args.base_epochs, finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, val_batch_size=args.val_batch_size,
         learning_rate=args.learning_rate, optimizer=args.optimizer, limit_batches=args.limit_batches, limit_val_batches=args.limit_val_batches,
         prune_steps=args.prune_steps, scope=None if args.scope == "auto" else args.scope, threads=args.threads, latency_runs=args.latency_runs,
-        random_control=not args.no_random_control, scratch_control=args.scratch_control,
+        random_control=not args.no_random_control, scratch_control=args.scratch_control, distill=_switches(args.distill), quantize=args.quantize,
     )  # fmt: skip
+
+
+def _switches(values: tuple[str, ...]) -> tuple[bool, ...]:
+    unknown = [v for v in values if v not in ("off", "on")]
+    if unknown or not values:
+        raise UsageError(f"--distill takes off, on or off,on, got {','.join(values)!r}")
+    return tuple(v == "on" for v in values)
 
 
 def run_command(argv: list[str]) -> int:

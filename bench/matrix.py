@@ -15,6 +15,7 @@ from backends import BACKEND_NAMES, get_backend
 from models import MODEL_NAMES, build_model
 from pipeline.config import DEFAULT_EPOCHS
 from pipeline.errors import UsageError
+from pipeline.quantize import MODES as QUANTIZE_MODES
 
 RANDOM_CONTROL = ("scratch", "random")
 
@@ -43,6 +44,8 @@ class MatrixSpec:
     latency_runs: int = 20
     random_control: bool = True
     scratch_control: bool = False
+    distill: tuple[bool, ...] = (False,)  # axis: refine plainly and / or with the base model as teacher
+    quantize: tuple[str, ...] = ("none",)  # axis: stop at fp32 and / or add step 4 (ptq, qat)
     versions: dict[str, str] = field(default_factory=lambda: package_versions())
 
     @property
@@ -51,7 +54,7 @@ class MatrixSpec:
 
     def fingerprint(self) -> dict[str, object]:
         """Everything two result sets must share to sit in one table (the matrix's extent may differ)."""
-        extent = {"models", "backends", "methods", "percents", "seeds", "random_control", "scratch_control"}
+        extent = {"models", "backends", "methods", "percents", "seeds", "random_control", "scratch_control", "distill", "quantize"}
         settings = {k: v for k, v in asdict(self).items() if k not in extent}
         return {**settings, "base_epochs": self.base_epoch_count}  # 8 and "the default for digits" are the same run
 
@@ -63,10 +66,14 @@ class Cell:
     backend: str
     method: str
     percent: float
+    distill: bool = False
+    quantize: str = "none"
 
     @property
     def key(self) -> str:
-        return f"{self.model}/{self.backend}/{self.method}/{self.percent}/seed{self.seed}"
+        """Prune-only cells keep the keys they always had; the compression axes add a suffix."""
+        suffix = ("/kd" if self.distill else "") + (f"/int8-{self.quantize}" if self.quantize != "none" else "")
+        return f"{self.model}/{self.backend}/{self.method}/{self.percent}/seed{self.seed}{suffix}"
 
 
 def package_versions() -> dict[str, str]:
@@ -117,6 +124,9 @@ def check_names(spec: MatrixSpec) -> None:
     for percent in spec.percents:
         if not 0.0 <= percent < 1.0:
             raise UsageError(f"percent {percent:g} in --percents is outside [0, 1): it is the fraction of channels removed")
+    unknown = [mode for mode in spec.quantize if mode not in ("none", *QUANTIZE_MODES)]
+    if unknown or not spec.quantize or not spec.distill:
+        raise UsageError(f"--quantize takes none, {', '.join(QUANTIZE_MODES)} (comma-separated), got {','.join(spec.quantize)!r}; --distill takes off, on")
 
 
 def expand(spec: MatrixSpec, input_shape: tuple[int, ...], num_classes: int) -> list[Cell]:
@@ -135,7 +145,7 @@ def expand(spec: MatrixSpec, input_shape: tuple[int, ...], num_classes: int) -> 
                     get_backend(backend).validate(probe, method, percent, spec.scope)
                 except PruningError as error:
                     raise UsageError(f"{backend}:{method} cannot prune {model}: {error}. {offered_methods()}") from None
-            cells += [Cell(model, seed, backend, method, p) for seed in spec.seeds for p in spec.percents]
+            cells += [Cell(model, seed, backend, method, p, kd, q) for seed in spec.seeds for p in spec.percents for kd in spec.distill for q in spec.quantize]
     return sorted(set(cells))
 
 

@@ -55,10 +55,10 @@ def accuracy_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
     figure, axes = _panels(models, "Fine-tuned accuracy vs cost (Pareto front dashed)")
     for ax, model in zip(axes, models, strict=True):
         per = stats[stats.model == model]
-        for (backend, method), group in per.groupby(["backend", "method"], sort=True):
+        for (backend, method, distill), group in per.groupby(["backend", "method", "distill"], sort=True):
             group = group.sort_values("macs_after")
             ax.errorbar(group.macs_after / 1e6, group.finetuned_top1, yerr=group.get("finetuned_top1_std"), marker=MARKERS.get(backend, "x"),
-                        capsize=3, label=f"{backend}:{method}")  # fmt: skip
+                        capsize=3, label=f"{backend}:{method}" + (" +KD" if distill else ""))  # fmt: skip
         front = pareto_front(per)
         ax.plot(front.macs_after / 1e6, front.finetuned_top1, "k--", linewidth=1, label="Pareto front")
         base = per.iloc[0]
@@ -122,6 +122,8 @@ def masked_vs_pruned(stats: pd.DataFrame, path: Path) -> Path:
 def draw_all(directory: Path, stats: pd.DataFrame, ok_rows: pd.DataFrame) -> list[Path]:
     if stats.empty:
         return []
+    # int8 comes after the same fine-tuning: one point per fp32 configuration (the tables carry the int8 figures)
+    stats = stats.drop_duplicates(subset=["model", "backend", "method", "scope", "percent", "distill"])
     return [
         accuracy_vs_macs(stats, directory / "accuracy_vs_macs.png"),
         speedup_vs_macs(stats, directory / "speedup_vs_macs.png"),

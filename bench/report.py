@@ -11,7 +11,7 @@ from tabulate import tabulate
 
 from pipeline.atomic import write_text
 
-CONFIG = ["model", "backend", "method", "scope", "percent"]
+CONFIG = ["model", "backend", "method", "scope", "percent", "distill", "quantize"]
 MAC_BUDGETS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 
 
@@ -24,6 +24,8 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             out["kept_channels"] = json.dumps(row["kept"])
             out["units_json"] = json.dumps(row["units"])
             out["layer_rank_json"] = json.dumps(row.get("layer_rank", {}))
+        out.setdefault("distill", False)  # rows from before the compression axes
+        out.setdefault("quantize", "none")
         env = row.get("env", {})
         out |= {"torch": env.get("torch"), "nni": env.get("nni"), "torch_pruning": env.get("torch-pruning"), "cpu": env.get("cpu"),
                 "latency_threads": env.get("latency_threads")}  # fmt: skip
@@ -53,7 +55,8 @@ def model_table(stats: pd.DataFrame, has_scratch_control: bool) -> str:
     rows = []
     for _, s in stats.iterrows():
         row = {
-            "backend": s.backend, "method": s.method, "scope": s.scope, "percent": f"{s.percent:g}", "seeds": int(s.seeds),
+            "backend": s.backend, "method": s.method, "scope": s.scope, "percent": f"{s.percent:g}",
+            "refine": "KD" if s.distill else "plain", "int8": s.quantize, "seeds": int(s.seeds),
             "top-1 fine-tuned": mean_std(s.finetuned_top1, s.get("finetuned_top1_std"), s.seeds),
             "Δ vs base": f"{s.finetuned_top1 - s.base_top1:+.4f}",
             "masked top-1": mean_std(s.masked_top1, s.get("masked_top1_std"), s.seeds),
@@ -63,6 +66,9 @@ def model_table(stats: pd.DataFrame, has_scratch_control: bool) -> str:
             row["from scratch top-1"] = mean_std(s.get("scratch_top1"), s.get("scratch_top1_std"), s.seeds)
         row |= {"params ÷": ratio(s.params_ratio), "MACs ÷": ratio(s.mac_ratio), "speedup b64": ratio(s.get("speedup_b64")),
                 "speedup b1": ratio(s.get("speedup_b1")), "prune s": f"{s.prune_seconds:.3f}"}  # fmt: skip
+        if s.quantize != "none":
+            row |= {"int8 top-1": mean_std(s.get("int8_top1"), s.get("int8_top1_std"), s.seeds), "int8 size ÷": ratio(s.get("size_ratio_int8")),
+                    "int8 speedup b64": ratio(s.get("speedup_int8_b64"))}  # fmt: skip
         rows.append(row)
     return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_EPOCHS = {"digits": 8}  # digits is small: more epochs, still about a minute; others: the original's 2
-STAGES = {"1": "model_base", "2": "model_prune", "3": "model_refine"}
+STAGES = {"1": "model_base", "2": "model_prune", "3": "model_refine", "4": "model_quant"}
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,12 @@ class JobConfig:
     threshold: float = 0.06
     prune_steps: int = 50
     round_to: int | None = None  # tp backend: kept channel counts rounded to multiples of this
+    distill: bool = False  # step 3 learns from the base model's logits too
+    kd_alpha: float = 0.9
+    kd_temperature: float = 4.0
+    quantize: str = "ptq"  # step 4: "ptq" (calibrate and convert) or "qat" (fake-quantised fine-tuning, then convert)
+    calib_batches: int = 8
+    qat_epochs: int = 1
     schedule_over: str = "l1"
     verbose: bool = False
     base_epochs: int | None = None  # None: DEFAULT_EPOCHS for the dataset, else 2

@@ -1,4 +1,4 @@
-"""The job: 1 = train the base model, 2 = prune it, 3 = fine-tune ("refine") it.
+"""The job: 1 = train the base model, 2 = prune it, 3 = fine-tune ("refine") it, 4 = quantize it to int8.
 
 run.py drives it from flags, the comparison harness once per cell; both through a JobConfig.
 Each step writes a snapshot, a results JSON (and steps 1 and 3 a per-epoch log) and returns its figures.
@@ -19,15 +19,18 @@ from algorithms.masks import apply_masks
 from backends import get_backend
 from models import build_model
 
+from . import quantize
 from .config import STAGES, JobConfig
 from .data import ImageDataset
+from .distill import Distillation
 from .errors import UsageError
-from .metrics import count_macs, count_params, model_size_mb
+from .metrics import count_macs, count_params, deployable, measure_latency, model_size_mb
 from .reporting import EpochLog, results_payload, write_results
 from .snapshots import load_model, save_snapshot
 from .training import EvalResult, evaluate, train
 
-STEP_NAMES = {"1": "base", "2": "prune", "3": "refine"}
+STEP_NAMES = {"1": "base", "2": "prune", "3": "refine", "4": "quantize"}
+LATENCY_RUNS = 10
 
 
 def check_request(config: JobConfig, data: ImageDataset, steps: str = "123") -> None:
@@ -37,10 +40,31 @@ def check_request(config: JobConfig, data: ImageDataset, steps: str = "123") -> 
             probe = build_model(config.model, data.input_shape, data.num_classes)
     except ValueError as error:
         raise UsageError(f"{error} (dataset {config.data_type} has {data.input_shape} images)") from None
+    check_compression(config, steps)
     if "2" in steps:
         backend = get_backend(config.backend)
         extra = {"round_to": config.round_to, "exclude": config.exclude} if config.backend == "tp" else {}
         backend.validate(probe, config.method or backend.default_method(probe), config.percent, config.scope, **extra)
+
+
+def check_compression(config: JobConfig, steps: str) -> None:
+    """Distillation and quantization settings, and that step 4 will find a model, before anything trains."""
+    if config.distill and "3" not in steps:
+        raise UsageError("--distill applies to step 3 (refine); add 3 to --step")
+    if not 0.0 <= config.kd_alpha <= 1.0:
+        raise UsageError(f"--kd_alpha must be in [0, 1] (the weight of the teacher's soft targets), got {config.kd_alpha}")
+    if not config.kd_temperature > 0:
+        raise UsageError(f"--kd_temperature must be positive, got {config.kd_temperature}")
+    if "4" not in steps:
+        return
+    if config.quantize not in quantize.MODES:
+        raise UsageError(f"unknown --quantize {config.quantize!r}; choose one of: {', '.join(quantize.MODES)}")
+    if config.quantize == "qat" and config.qat_epochs < 1:
+        raise UsageError(f"--quantize qat needs at least one --qat_epochs of quantization-aware training, got {config.qat_epochs}")
+    if config.quantize == "ptq" and config.calib_batches < 1:
+        raise UsageError(f"--calib_batches must be at least 1, got {config.calib_batches}")
+    if "2" not in steps and "3" not in steps and not any((config.load_root / STAGES[s]).is_dir() for s in ("2", "3")):
+        raise UsageError(f"step 4 needs a pruned or refined model and {config.load_root} has neither; run --step 2 (and 3) first, or pass --model_load_dir")
 
 
 class Job:
@@ -54,10 +78,12 @@ class Job:
         self.models: dict[str, nn.Module] = {}  # step -> the model it produced
         self.written: dict[str, list[Path]] = {"snapshots": [], "logs": [], "results": []}
         self.base_figures: dict[str, Any] | None = None  # a caller that already evaluated the base (the harness) sets them
+        self.timed = False  # rows carry batch-1 / batch-64 latency: the whole-pipeline table of a run that quantizes
 
     def run(self, steps: str) -> None:
+        self.timed = "4" in steps
         for step in steps:
-            {"1": self.step_train, "2": self.step_prune, "3": self.step_refine}[step]()
+            {"1": self.step_train, "2": self.step_prune, "3": self.step_refine, "4": self.step_quantize}[step]()
 
     def load(self, stage: str) -> tuple[nn.Module, dict[str, Any]]:
         root = self.config.save_root if self.first_step_done else self.config.load_root
@@ -74,10 +100,17 @@ class Job:
     def evaluate(self, model: nn.Module) -> EvalResult:
         return evaluate(model, self.data, self.config.val_batch_size, self.config.limit_val_batches)
 
-    def record(self, stage: str, figures: dict[str, Any]) -> None:
-        self.rows.append({"stage": stage, "params": figures["params"], "MACs": figures["macs"], "size MB": figures["modelSize"],
-                          "top-1": figures["accuracy"], f"top-{figures['top_k']}": figures["top_k_accuracy"],
-                          "samples/s": round(figures["reasoningTime"])})  # fmt: skip
+    def record(self, stage: str, figures: dict[str, Any], model: nn.Module | None = None) -> None:
+        row = {"stage": stage, "params": figures["params"], "MACs": figures["macs"], "size MB": figures["modelSize"],
+               "top-1": figures["accuracy"], f"top-{figures['top_k']}": figures["top_k_accuracy"], "samples/s": round(figures["reasoningTime"])}  # fmt: skip
+        if self.timed and model is not None:
+            row.update(self.latency(model))
+        self.rows.append(row)
+
+    def latency(self, model: nn.Module) -> dict[str, float]:
+        """Batch-1 and batch-64 milliseconds, as deployed: float models with BatchNorm folded (int8 models have it fused already)."""
+        runnable = model if isinstance(model, torch.fx.GraphModule) else deployable(model)
+        return {f"b{batch} ms": round(measure_latency(runnable, example_input=self.example, batch=batch, runs=LATENCY_RUNS)[0] * 1000, 3) for batch in (1, 64)}
 
     def save(self, step: str, model: nn.Module, meta: dict[str, Any], log_type: str, figures: dict[str, Any]) -> None:
         c = self.config
@@ -86,14 +119,16 @@ class Job:
         self.models[step] = model
         self.first_step_done = True  # later steps load what this one saved
 
-    def fit(self, model: nn.Module, step: str, log_type: str, after_step: Callable[[nn.Module], None] | None = None) -> EvalResult:
+    def fit(self, model: nn.Module, step: str, log_type: str, after_step: Callable[[nn.Module], None] | None = None,
+            loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None, epochs: int | None = None) -> EvalResult:  # fmt: skip
         c = self.config
         prefix = f"step {step} {STEP_NAMES[step]}:" if c.echo_epochs else None
         log = EpochLog(c.log_dir, c.model, c.data_type, log_type, terminal_prefix=prefix)
         self.written["logs"].append(log.path)
-        history = train(model, self.data, epochs=c.epochs(step), batch_size=c.batch_size, val_batch_size=c.val_batch_size, lr=c.learning_rate,
+        epochs = c.epochs(step) if epochs is None else epochs
+        history = train(model, self.data, epochs=epochs, batch_size=c.batch_size, val_batch_size=c.val_batch_size, lr=c.learning_rate,
                         optimizer_name=c.optimizer, seed=c.seed, limit_batches=c.limit_batches, limit_val_batches=c.limit_val_batches,
-                        desc=STEP_NAMES[step], on_epoch=log, after_step=after_step)  # fmt: skip
+                        desc=STEP_NAMES[step], on_epoch=log, after_step=after_step, loss_fn=loss_fn)  # fmt: skip
         return history[-1] if history else self.evaluate(model)
 
     def step_train(self) -> dict[str, Any]:
@@ -102,7 +137,7 @@ class Job:
         model = build_model(c.model, self.data.input_shape, self.data.num_classes)
         figures = self.figures(model, self.fit(model, "1", "base_model"))
         self.save("1", model, self.meta(STAGES["1"], epochs=c.epochs("1")), "base_model", figures)
-        self.record("1 base", figures)
+        self.record("1 base", figures, model)
         return figures
 
     def backend_options(self) -> dict[str, Any]:
@@ -156,16 +191,55 @@ class Job:
             print(f"pruned with {c.backend}/{method} ({result.scope} scope) in {seconds:.3f} s; "
                   f"masked model top-1 {masked.top1:.4f}, physically pruned top-1 {figures['accuracy']:.4f}", file=sys.stderr)  # fmt: skip
         if not self.rows:
-            self.record("  base (loaded)", base_figures)
-        self.record(f"2 pruned ({method} {c.percent:g})", figures)
+            self.record("  base (loaded)", base_figures, base)
+        self.record(f"2 pruned ({method} {c.percent:g})", figures, result.model)
         return payload
 
     def step_refine(self) -> dict[str, Any]:
+        c = self.config
         model, meta = self.load(STAGES["2"])
-        result = self.fit(model, "3", "prune_model", after_step=None if meta.get("physical", True) else keep_zeros(model))
+        teacher = Distillation(self.base_model(), c.kd_alpha, c.kd_temperature) if c.distill else None
+        result = self.fit(model, "3", "prune_model", after_step=None if meta.get("physical", True) else keep_zeros(model), loss_fn=teacher)
         figures = self.figures(model, result)
-        self.save("3", model, {**meta, "stage": STAGES["3"], "refine_epochs": self.config.epochs("3")}, "prune_model", figures)
-        self.record("3 refined", figures)
+        distilled = {"distill": {"alpha": c.kd_alpha, "temperature": c.kd_temperature}} if c.distill else {"distill": None}
+        self.save("3", model, {**meta, "stage": STAGES["3"], "refine_epochs": c.epochs("3"), **distilled}, "prune_model", {**figures, **distilled})
+        self.record("3 refined" + (" (KD)" if c.distill else ""), figures, model)
+        return figures
+
+    def base_model(self) -> nn.Module:
+        """Step 1's model: the one this job trained or pruned from (the harness keeps it outside save_root), else its snapshot."""
+        return self.models["1"] if "1" in self.models else self.load(STAGES["1"])[0]
+
+    def quantization_source(self) -> tuple[str, nn.Module, dict[str, Any]]:
+        """The model step 4 quantizes: the refined one if there is one, else the pruned one."""
+        for step in ("3", "2"):
+            if step in self.models:
+                return step, self.models[step], self.load(STAGES[step])[1]
+        root = self.config.save_root if self.first_step_done else self.config.load_root
+        for step in ("3", "2"):
+            if (root / STAGES[step]).is_dir():
+                model, meta = self.load(STAGES[step])
+                return step, model, meta
+        raise UsageError(f"step 4 needs a pruned or refined model and {root} has neither; run --step 2 (and 3) first, or pass --model_load_dir")
+
+    def step_quantize(self) -> dict[str, Any]:
+        c = self.config
+        step, model, meta = self.quantization_source()
+        example = self.data.example_input(1)
+        generator = torch.Generator().manual_seed(c.seed)
+        if c.quantize == "ptq":
+            batches = (images for images, _ in self.data.batches("train", c.batch_size, generator, c.calib_batches))
+            quantized = quantize.post_training(model, batches, example)
+        else:
+            prepared = quantize.prepare(model, "qat", example)
+            self.fit(prepared, "4", "quant_model", epochs=c.qat_epochs)
+            quantized = quantize.convert(prepared, example)
+        result = self.evaluate(quantized)
+        figures = results_payload(result, model_size_mb(quantized), count_params(model), count_macs(model, example),
+                                  quantize=c.quantize, quantized_from=STAGES[step], float_size_mb=round(model_size_mb(model), 4))  # fmt: skip
+        extra = {"quantize": c.quantize, "quantized_from": STAGES[step], "float_shapes": quantize.float_shapes(model)}
+        self.save("4", quantized, {**meta, "stage": STAGES["4"], **extra}, "quant_model", figures)
+        self.record(f"4 int8 ({c.quantize})", figures, quantized)
         return figures
 
     def summary_lines(self) -> list[str]:

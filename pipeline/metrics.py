@@ -18,8 +18,19 @@ def count_params(model: nn.Module) -> int:
 
 
 def model_size_mb(model: nn.Module) -> float:
-    """Bytes of the state_dict (parameters and buffers) in MiB: what a snapshot weighs."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    """Bytes of the state_dict's tensors (parameters and buffers; an int8 model's packed weights too) in MiB: what a snapshot weighs."""
+    return sum(t.numel() * t.element_size() for t in _tensors(list(model.state_dict().values()))) / 2**20
+
+
+def _tensors(values: list[object]) -> list[torch.Tensor]:
+    """Tensors among state_dict values, looking inside the tuples an int8 Linear packs its weight and bias into."""
+    found: list[torch.Tensor] = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (tuple, list)):
+            found.extend(_tensors(list(value)))
+    return found
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:

@@ -8,6 +8,7 @@ interrupted run never leaves a half-written snapshot for a later step to load.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ META_FILE = "meta.json"
 
 def save_snapshot(directory: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     with staged_directory(directory) as staging:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, staging / WEIGHTS_FILE)
+        state = model.state_dict()
+        saved = OrderedDict((k, v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items())  # int8 Linears: packed tuples
+        saved._metadata = getattr(state, "_metadata", None)  # module versions: int8 modules read their state by version
+        torch.save(saved, staging / WEIGHTS_FILE)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return Path(directory)
 
@@ -45,8 +49,13 @@ def load_snapshot(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def rebuild_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> nn.Module:
-    """Build the zoo model named in `meta` and shrink it to the saved (possibly pruned) shapes."""
+    """Build the zoo model named in `meta` and shrink it to the saved (possibly pruned) shapes; an int8 snapshot is then
+    prepared and converted as step 4 did, and its int8 state loaded."""
     model = build_model(meta["model"], tuple(meta["input_shape"]), int(meta["num_classes"]))
+    if meta.get("quantize"):
+        from .quantize import rebuild
+
+        return rebuild(model, meta["float_shapes"], state_dict, meta["quantize"], torch.zeros(1, *meta["input_shape"]))
     resize_to_state_dict(model, state_dict)
     try:
         model.load_state_dict(state_dict)

@@ -322,3 +322,24 @@ def test_cli_process_prints_no_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench", "--shard", "5/2", "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_distillation_and_int8_are_axes_of_the_matrix(tmp_path, digits):
+    spec = MatrixSpec(**{**TINY, "backends": ("scratch",), "methods": ("conv_all",), "random_control": False, "distill": (False, True),
+                         "quantize": ("none", "ptq")})  # fmt: skip
+    rows = runner.run_matrix(spec, tmp_path / "out", base_root=tmp_path / "bases", data=digits)
+    assert {row["cell"] for row in rows} == {f"lenet/scratch/conv_all/0.5/seed0{suffix}" for suffix in ("", "/kd", "/int8-ptq", "/kd/int8-ptq")}
+    by_key = {(row["distill"], row["quantize"]): row for row in rows}
+    assert all(row["status"] == "ok" for row in rows)
+    assert "int8_top1" not in by_key[False, "none"] and by_key[True, "ptq"]["size_ratio_int8"] > 3.5
+    assert by_key[False, "ptq"]["finetuned_top1"] == by_key[False, "none"]["finetuned_top1"]  # int8 is added after the same refine
+    assert by_key[True, "none"]["finetuned_top1"] == by_key[True, "ptq"]["finetuned_top1"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| KD " in report and "int8 top-1" in report
+
+
+def test_bad_compression_axes_are_refused(capsys):
+    assert main([*TINY_FLAGS, "--quantize", "int4"]) == 2
+    assert "--quantize takes none, ptq, qat" in capsys.readouterr().err
+    assert main([*TINY_FLAGS, "--distill", "maybe"]) == 2
+    assert "--distill takes off, on or off,on" in capsys.readouterr().err

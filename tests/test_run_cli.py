@@ -86,7 +86,7 @@ BAD_INPUTS = [
     (["--prune_method", "magic"], "unknown pruning method 'magic'"),
     (["--percent", "1.0"], r"--percent 1.0 is outside \[0, 1\)"),
     (["--percent", "-0.2"], "is outside"),
-    (["--step", "14"], "--step '14' must list steps 1, 2, 3"),
+    (["--step", "15"], "--step '15' must list steps 1, 2, 3, 4"),
     (["--step", "21"], "in increasing order"),
     (["--step", "2"], "no snapshot in .*model_base"),
     (["--step", "3"], "no snapshot in .*model_prune"),

@@ -170,3 +170,63 @@ def test_run_py_refuses_bad_tp_requests_before_training(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "output").exists()
+
+
+class SoftmaxHead(torch.nn.Module):
+    """conv -> a hidden Linear -> the classifier behind a log_softmax, and a frozen BatchNorm'd first layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.hidden, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 16), torch.nn.Linear(16, 10)
+        self.up = torch.nn.ConvTranspose2d(8, 8, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x)))
+        y = self.up(y).mean((2, 3))
+        return torch.log_softmax(self.fc(torch.relu(self.hidden(y))), 1)
+
+
+def test_the_classifier_stays_whole_behind_a_softmax_and_only_conv2d_and_linear_are_roots():
+    model = randomize_norms(SoftmaxHead()).eval()
+    model.conv.requires_grad_(False)
+    model.bn.train()  # a per-module mode the result must keep
+    result = TP.prune(model, "l1", 0.5, X)
+    assert set(result.kept) == {"conv", "hidden"}  # not fc (the output), not the ConvTranspose2d
+    assert result.model(X).shape == (4, 10)
+    assert not result.model.conv.weight.requires_grad and result.model.hidden.weight.requires_grad
+    assert result.model.bn.training and not result.model.training
+
+
+def test_coupled_layers_take_their_largest_ratio_as_in_scratch():
+    model = zoo("resnet")
+    members = ["layer2.0.conv2", "layer2.0.shortcut.0"]
+    tp_kept = TP.prune(model, "l1", {members[0]: 0.25, members[1]: 0.75}, X).kept
+    scratch_kept = SCRATCH.prune(model, "conv_all", {members[0]: 0.25, members[1]: 0.75}, X).kept
+    assert len(tp_kept[members[0]]) == len(tp_kept[members[1]]) == len(scratch_kept[members[0]]) == 32  # 128 channels, 0.75 removed
+
+
+def test_hessian_uses_every_sample():
+    """Torch-Pruning 1.6.1 alone keeps only the last sample's gradient; with ours, changing the others changes the choice."""
+    model = zoo("vgg")
+    labels = torch.arange(8) % 10
+    batches = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in (5, 6)]
+    batches[1][-1] = batches[0][-1]  # the same last sample
+
+    def kept(images: torch.Tensor) -> dict[str, list[int]]:
+        return TP.prune(model, "hessian", 0.5, X, train_batches=lambda: iter([(images, labels)]), importance_batches=1).kept
+
+    assert kept(batches[0]) != kept(batches[1])
+
+
+def test_a_layer_torch_pruning_would_silently_skip_is_refused():
+    with pytest.raises(PruningError, match=r"would keep no channel of features.0 \(6 units\) and skip it silently; use a lower ratio"):
+        TP.prune(zoo("lenet"), "l1", 0.9, X)
+    with pytest.raises(PruningError, match="would keep no channel of features.0 .* use a round_to of at most 3"):
+        TP.prune(zoo("lenet"), "l1", 0.5, X, round_to=4)
+
+
+def test_run_py_refuses_group_slim_on_layers_without_batchnorm_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["--backend", "tp", "--prune_method", "group_slim", "--model", "lenet", "--step", "12", *QUICK]) == 2
+    assert "group_slim needs a BatchNorm after every pruned layer, and classifier.0 has none" in capsys.readouterr().err
+    assert not (tmp_path / "output").exists()

@@ -1,0 +1,111 @@
+"""int8 quantization (step 4) with real int8 kernels on CPU: PyTorch's FX graph mode, x86 engine, per-channel weights.
+
+Why FX graph mode rather than torchao's PT2E flow: it ships with torch (no extra package to pin), it fuses Conv + BatchNorm
++ ReLU itself, and its converted model is a plain nn.Module whose state_dict holds int8 weights, so a snapshot reloads the
+way every other stage does: rebuild the float model, repeat prepare + convert, load the state_dict. DESIGN.md section 6
+has the speedups measured with it here. PT2E is the newer route; switching is local to this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from algorithms.modules import clone_tree, eval_mode, resize_to_state_dict
+
+from .errors import UsageError
+
+MODES = ("ptq", "qat")
+ENGINE = "x86"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """FX quantization warns that it is in maintenance mode on every call: one note in the README is enough."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _use_engine() -> None:
+    if ENGINE not in torch.backends.quantized.supported_engines:
+        raise UsageError(f"this torch build has no {ENGINE} int8 engine (it has {', '.join(torch.backends.quantized.supported_engines)})")
+    torch.backends.quantized.engine = ENGINE
+
+
+def prepare(model: nn.Module, mode: str, example: torch.Tensor) -> torch.fx.GraphModule:
+    """A copy of `model` with observers (ptq) or fake-quantisation (qat) inserted; `model` itself is left as it is."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
+
+    _use_engine()
+    copy = clone_tree(model, {})
+    try:
+        with _quiet():
+            if mode == "ptq":
+                return prepare_fx(copy.eval(), get_default_qconfig_mapping(ENGINE), example_inputs=(example,))
+            return prepare_qat_fx(copy.train(), get_default_qat_qconfig_mapping(ENGINE), example_inputs=(example,))
+    except Exception as error:  # fx cannot trace it, or a pattern the quantizer does not know
+        raise UsageError(f"the int8 quantizer cannot prepare {type(model).__name__}: {type(error).__name__}: {_first_line(error)}") from None
+
+
+def convert(prepared: torch.fx.GraphModule, example: torch.Tensor) -> nn.Module:
+    """The int8 model, checked to run: an op without an int8 kernel shows here, named."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    try:
+        with _quiet():
+            quantized = convert_fx(prepared.eval())
+        with torch.inference_mode():
+            quantized(example)
+    except Exception as error:
+        raise UsageError(f"the int8 model does not run: {type(error).__name__}: {_first_line(error)}; that op has no int8 CPU kernel") from None
+    return quantized
+
+
+def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[torch.Tensor]) -> int:
+    """Feed calibration batches through the observers; returns how many."""
+    count = 0
+    with eval_mode(prepared), torch.inference_mode():
+        for images in batches:
+            prepared(images)
+            count += 1
+    if count == 0:
+        raise UsageError("no calibration batch: the training split is empty or --calib_batches is 0")
+    return count
+
+
+def post_training(model: nn.Module, batches: Iterable[torch.Tensor], example: torch.Tensor) -> nn.Module:
+    prepared = prepare(model, "ptq", example)
+    calibrate(prepared, batches)
+    return convert(prepared, example)
+
+
+def float_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """The float model's tensor shapes: what a pruned int8 model is rebuilt from (its packed weights hide some of them)."""
+    return {key: list(value.shape) for key, value in model.state_dict().items()}
+
+
+def rebuild(float_model: nn.Module, shapes: dict[str, list[int]], state_dict: dict[str, Any], mode: str, example: torch.Tensor) -> nn.Module:
+    """A freshly built float model, shrunk to the saved shapes, prepared and converted the same way, then the int8 state loaded."""
+    resize_to_state_dict(float_model, {key: torch.empty(shape) for key, shape in shapes.items()})
+    prepared = prepare(float_model, mode, example)
+    with _quiet():
+        from torch.ao.quantization.quantize_fx import convert_fx
+
+        quantized = convert_fx(prepared.eval())
+    try:
+        quantized.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise UsageError(f"the int8 snapshot does not fit its model: {_first_line(error)}") from None
+    return quantized
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else ""

@@ -1,0 +1,125 @@
+"""prune -> distil -> int8 (#14): the distillation loss, step 3 with a teacher, step 4 with real int8 kernels, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import run
+from algorithms.modules import clone_tree
+from pipeline import quantize
+from pipeline.datasets import load_dataset
+from pipeline.distill import Distillation, kd_loss
+from pipeline.errors import UsageError
+from pipeline.metrics import model_size_mb
+from pipeline.snapshots import load_model
+from pipeline.training import evaluate
+from tests.helpers import relative_error, zoo
+
+QUICK = ["--num_epochs", "1", "--limit_batches", "3", "--limit_val_batches", "1", "--batch_size_per_device", "16", "--val_batch_size_per_device", "64"]
+X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def test_kd_loss_is_hintons_mix_of_hard_and_soft_targets():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 10, generator=generator), torch.randn(6, 10, generator=generator)
+    labels = torch.randint(0, 10, (6,), generator=generator)
+    assert torch.allclose(kd_loss(student, teacher, labels, 0.0, 4.0), F.cross_entropy(student, labels))
+    p_teacher = F.softmax(teacher / 4.0, dim=1)
+    kl = (p_teacher * (p_teacher.log() - F.log_softmax(student / 4.0, dim=1))).sum(1).mean()
+    assert torch.allclose(kd_loss(student, teacher, labels, 1.0, 4.0), 16.0 * kl, atol=1e-6)
+    assert torch.allclose(kd_loss(student, teacher, labels, 0.9, 4.0), 0.1 * F.cross_entropy(student, labels) + 0.9 * 16.0 * kl, atol=1e-6)
+    assert float(kd_loss(teacher, teacher, labels, 1.0, 2.0)) == pytest.approx(0.0, abs=1e-6)  # a student that matches its teacher
+
+
+def test_the_teacher_is_frozen_and_stays_in_eval_mode():
+    teacher, student = zoo("lenet"), clone_tree(zoo("lenet"), {})
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    distillation = Distillation(teacher, alpha=0.9, temperature=4.0)
+    student.train()
+    loss = distillation(student, X, torch.arange(8) % 10)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters()) and any(p.grad is not None for p in student.parameters())
+    assert not teacher.training and all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # BatchNorm stats too
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet"])
+def test_post_training_int8_is_real_int8_and_close_to_fp32(name):
+    model = zoo(name)
+    quantized = quantize.post_training(model, [X[:4], X[4:]], X[:1])
+    weights = [v for k, v in quantized.state_dict().items() if isinstance(v, torch.Tensor) and k.endswith("weight")]
+    assert weights and all(w.dtype == torch.qint8 for w in weights)
+    assert model_size_mb(quantized) <= 0.27 * model_size_mb(model)
+    with torch.no_grad():
+        assert relative_error(quantized(X), model(X)) < 0.05
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the float model is left as it was
+
+
+def test_a_model_the_quantizer_cannot_trace_is_named_in_one_line():
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return y if y.sum() > 0 else -y
+
+    with pytest.raises(UsageError, match="the int8 quantizer cannot prepare DataDependent: TraceError"):
+        quantize.prepare(DataDependent(), "ptq", X[:1])
+
+
+def test_run_py_prune_distil_int8_writes_every_stage_and_one_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["--model", "vgg", "--step", "1234", "--distill", "--percent", "0.7", *QUICK]) == 0
+    table = capsys.readouterr().out
+    for stage in ("1 base", "2 pruned", "3 refined (KD)", "4 int8 (ptq)"):
+        assert stage in table
+    assert "b1 ms" in table and "b64 ms" in table
+    snapshots = tmp_path / "output/snapshots/vgg/digits"
+    refine_meta = json.loads((snapshots / "model_refine/meta.json").read_text())
+    assert refine_meta["distill"] == {"alpha": 0.9, "temperature": 4.0}
+    report = json.loads((tmp_path / "output/results/results_vgg_digits_quant_model.json").read_text())
+    assert report["quantize"] == "ptq" and report["quantized_from"] == "model_refine"
+    assert report["modelSize"] <= 0.27 * report["float_size_mb"]
+    reloaded, meta = load_model(snapshots / "model_quant", "vgg", "digits")  # rebuilt from shapes, prepared, converted, int8 state loaded
+    assert meta["stage"] == "model_quant"
+    data = load_dataset("digits")
+    result = evaluate(reloaded, data, 64, 1)
+    assert result.top1 == pytest.approx(report["accuracy"], abs=1e-6)
+    assert (tmp_path / "log/log_vgg_digits_prune_model.txt").is_file()
+
+
+def test_run_py_quantization_aware_training_from_an_earlier_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["--model", "lenet", "--step", "12", *QUICK]) == 0
+    assert run.main(["--model", "lenet", "--step", "4", "--quantize", "qat", "--qat_epochs", "1", *QUICK]) == 0
+    report = json.loads((tmp_path / "output/results/results_lenet_digits_quant_model.json").read_text())
+    assert report["quantize"] == "qat" and report["quantized_from"] == "model_prune"
+    assert (tmp_path / "log/log_lenet_digits_quant_model.txt").read_text().startswith("epoch0 top_1_accuracy")
+    reloaded, _ = load_model(tmp_path / "output/snapshots/lenet/digits/model_quant", "lenet", "digits")
+    assert evaluate(reloaded, load_dataset("digits"), 64, 1).top1 == pytest.approx(report["accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--step", "4"], "step 4 needs a pruned or refined model"),
+        (["--step", "1234", "--quantize", "qat", "--qat_epochs", "0"], "--quantize qat needs at least one --qat_epochs"),
+        (["--step", "1234", "--quantize", "int4"], "unknown --quantize 'int4'; choose one of: ptq, qat"),
+        (["--step", "123", "--distill", "--kd_alpha", "1.5"], "--kd_alpha must be in [0, 1]"),
+        (["--step", "123", "--distill", "--kd_temperature", "0"], "--kd_temperature must be positive"),
+        (["--step", "12", "--distill"], "--distill applies to step 3"),
+        (["--step", "1243"], "must list steps 1, 2, 3, 4 in increasing order"),
+    ],
+)
+def test_bad_compression_requests_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    assert run.main([*flags, "--model", "lenet", *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "output").exists() and not (tmp_path / "log").exists()
