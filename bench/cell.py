@@ -175,4 +175,5 @@ def layer_widths(model: nn.Module, layers: list[dict[str, Any]]) -> dict[str, di
 def failed_row(cell: Cell, error: BaseException, spec: MatrixSpec) -> dict[str, Any]:
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return {"cell": cell.key, "model": cell.model, "backend": cell.backend, "method": cell.method, "percent": cell.percent, "seed": cell.seed,
-            "status": "error", "error": f"{type(error).__name__}: {message}"[:500], "env": environment(spec)}  # fmt: skip
+            "distill": cell.distill, "quantize": cell.quantize, "status": "error", "error": f"{type(error).__name__}: {message}"[:500],
+            "env": environment(spec)}  # fmt: skip

@@ -73,8 +73,8 @@ def speedup_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
     figure, axes = _panels(models, "Measured batch-64 latency speedup vs MAC reduction")
     for ax, model in zip(axes, models, strict=True):
         per = timed[timed.model == model]
-        for (backend, method), group in per.groupby(["backend", "method"], sort=True):
-            ax.scatter(group.mac_ratio, group.speedup_b64, marker=MARKERS.get(backend, "x"), label=f"{backend}:{method}")
+        for (backend, method, distill), group in per.groupby(["backend", "method", "distill"], sort=True):
+            ax.scatter(group.mac_ratio, group.speedup_b64, marker=MARKERS.get(backend, "x"), label=f"{backend}:{method}" + (" +KD" if distill else ""))
         values = [*per.mac_ratio.tolist(), *per.speedup_b64.tolist()]
         low, top = min([0.9, *values]) * 0.9, max([1.0, *values]) * 1.1  # a pruned model slower than dense stays in view
         ax.plot([low, top], [low, top], "k--", linewidth=1, label="y = x (speedup = MAC reduction)")

@@ -94,7 +94,8 @@ def budget_table(stats: pd.DataFrame) -> str:
                     continue
                 best = candidates.loc[candidates.finetuned_top1.idxmax()]
                 accuracy = mean_std(best.finetuned_top1, best.get("finetuned_top1_std"), best.seeds)
-                row[name] = f"{accuracy} ({best.method} {best.percent:g}, {best.mac_ratio:.1f}x)"
+                extras = (" +KD" if best.distill else "") + (f" int8-{best.quantize}" if best.quantize != "none" else "")
+                row[name] = f"{accuracy} ({best.method}{extras} {best.percent:g}, {best.mac_ratio:.1f}x)"
             rows.append(row)
     return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True) if rows else "(no configuration reaches 1.5x fewer MACs)"
 

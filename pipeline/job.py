@@ -55,10 +55,12 @@ def check_compression(config: JobConfig, steps: str) -> None:
         raise UsageError(f"--kd_alpha must be in [0, 1] (the weight of the teacher's soft targets), got {config.kd_alpha}")
     if not config.kd_temperature > 0:
         raise UsageError(f"--kd_temperature must be positive, got {config.kd_temperature}")
-    if "4" not in steps:
-        return
     if config.quantize not in quantize.MODES:
         raise UsageError(f"unknown --quantize {config.quantize!r}; choose one of: {', '.join(quantize.MODES)}")
+    if "4" not in steps:
+        return
+    if "1" in steps and "2" not in steps and "3" not in steps:
+        raise UsageError(f"--step {steps} would quantize an older pruned model, not one pruned from the base this run trains; add 2 (and 3)")
     if config.quantize == "qat" and config.qat_epochs < 1:
         raise UsageError(f"--quantize qat needs at least one --qat_epochs of quantization-aware training, got {config.qat_epochs}")
     if config.quantize == "ptq" and config.calib_batches < 1:
@@ -108,9 +110,13 @@ class Job:
         self.rows.append(row)
 
     def latency(self, model: nn.Module) -> dict[str, float]:
-        """Batch-1 and batch-64 milliseconds, as deployed: float models with BatchNorm folded (int8 models have it fused already)."""
+        """Batch-1 and batch-64 milliseconds, as deployed: float models with BatchNorm folded (int8 models have it fused already).
+
+        One thread, as the harness times by default: more threads than a shared machine has free time oversubscription, not the model.
+        """
         runnable = model if isinstance(model, torch.fx.GraphModule) else deployable(model)
-        return {f"b{batch} ms": round(measure_latency(runnable, example_input=self.example, batch=batch, runs=LATENCY_RUNS)[0] * 1000, 3) for batch in (1, 64)}
+        timings = {batch: measure_latency(runnable, example_input=self.example, batch=batch, runs=LATENCY_RUNS, threads=1)[0] for batch in (1, 64)}
+        return {f"b{batch} ms": round(seconds * 1000, 3) for batch, seconds in timings.items()}
 
     def save(self, step: str, model: nn.Module, meta: dict[str, Any], log_type: str, figures: dict[str, Any]) -> None:
         c = self.config
@@ -225,6 +231,8 @@ class Job:
     def step_quantize(self) -> dict[str, Any]:
         c = self.config
         step, model, meta = self.quantization_source()
+        if c.quantize == "qat" and not meta.get("physical", True):
+            raise UsageError(f"--quantize qat would retrain the zeroed weights of {meta.get('method')} (masked, not smaller); use --quantize ptq")
         example = self.data.example_input(1)
         generator = torch.Generator().manual_seed(c.seed)
         if c.quantize == "ptq":

@@ -115,6 +115,8 @@ def test_run_py_quantization_aware_training_from_an_earlier_run(tmp_path, monkey
         (["--step", "123", "--distill", "--kd_temperature", "0"], "--kd_temperature must be positive"),
         (["--step", "12", "--distill"], "--distill applies to step 3"),
         (["--step", "1243"], "must list steps 1, 2, 3, 4 in increasing order"),
+        (["--step", "14"], "would quantize an older pruned model"),
+        (["--step", "123", "--quantize", "int4"], "unknown --quantize 'int4'"),
     ],
 )
 def test_bad_compression_requests_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, flags, message):
@@ -123,3 +125,13 @@ def test_bad_compression_requests_are_refused_before_anything_runs(tmp_path, mon
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "output").exists() and not (tmp_path / "log").exists()
+
+
+def test_qat_refuses_a_masked_prune_it_would_undo(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("nni")
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["--model", "lenet", "--step", "12", "--backend", "nni", "--prune_method", "level", *QUICK]) == 0
+    capsys.readouterr()
+    assert run.main(["--model", "lenet", "--step", "4", "--quantize", "qat", *QUICK]) == 2
+    assert "--quantize qat would retrain the zeroed weights of level" in capsys.readouterr().err
+    assert not (tmp_path / "output/snapshots/lenet/digits/model_quant").exists()
