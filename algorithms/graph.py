@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth, stochastic_depth  # per-sample (N, 1, 1, 1) scaling: channel-wise
 
-from .modules import NORM_TYPES, is_depthwise
+from .modules import NORM_TYPES, is_depthwise, output_units
 from .tracing import propagate_shapes, trace
 
 
@@ -335,8 +335,8 @@ class _Walker:
             reason = f"{name}'s tensors are also read directly by the forward, so it cannot be sliced"
             self.block_inputs(node, reason)
             if isinstance(module, (nn.Conv2d, nn.Linear)):  # still a layer of the model: listed with the reason
-                self.producer_space[name] = self.spaces.new(_units(module), reason)
-                self.set(node, (Segment(self.producer_space[name], _units(module)),), _ndim(node) - 1 if isinstance(module, nn.Linear) else 1)
+                self.producer_space[name] = self.spaces.new(output_units(module), reason)
+                self.set(node, (Segment(self.producer_space[name], output_units(module)),), _ndim(node) - 1 if isinstance(module, nn.Linear) else 1)
             else:
                 self.fresh(node, reason)
         elif source is None:
@@ -662,10 +662,6 @@ class _Walker:
             self.unknown(node, "a reduction")
             return
         self.set(node, self.layouts[source_node], new_axis)
-
-
-def _units(module: nn.Module) -> int:
-    return int(module.weight.shape[0])
 
 
 def _permutation(node: torch.fx.Node, ndim: int) -> list[int] | None:

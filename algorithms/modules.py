@@ -33,6 +33,11 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             module.__dict__["training"] = mode  # plain attribute; skips nn.Module.__setattr__
 
 
+def output_units(layer: nn.Module) -> int:
+    """Output channels of a Conv2d / units of a Linear: the rows of its weight."""
+    return int(layer.weight.shape[0])
+
+
 def is_depthwise(conv: nn.Conv2d) -> bool:
     """A conv whose every output channel reads exactly its own input channel."""
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.channel_pruning import check_scope, excluded_producers, validate_sparsity
-from algorithms.errors import PruningError
+from algorithms.errors import PruningError, first_line
 from algorithms.graph import analyze
 from algorithms.masks import apply_masks, mask_in_place, unit_masks
-from algorithms.modules import clone_tree, has_norm
+from algorithms.modules import clone_tree, has_norm, output_units
 
 from .base import PruneResult
 
@@ -149,7 +149,7 @@ class NNIBackend:
             except PruningError:
                 raise
             except Exception as error:  # NNI's own failures: say what NNI said, without its traceback
-                raise PruningError(f"NNI {method} failed: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}") from None
+                raise PruningError(f"NNI {method} failed: {type(error).__name__}: {first_line(error)}") from None
             masks = {name: {k: v.detach().cpu() for k, v in m.items() if v is not None} for name, m in masks.items()}
             kept, units = _kept_from_masks(masks, graph.norm_after, modules)
             emptied = [name for name, indices in kept.items() if not indices]
@@ -177,8 +177,8 @@ class NNIBackend:
                 raise PruningError(f"NNI ModelSpeedup failed after {method}: {type(error).__name__}: {str(error).strip()[:200]}") from None
         pruned_modules = dict(pruned.named_modules())
         for producer, indices in kept.items():
-            if _units(pruned_modules[producer]) != len(indices):
-                raise PruningError(f"NNI's speedup kept {_units(pruned_modules[producer])} units of {producer}, its masks {len(indices)}: masks conflict")
+            if output_units(pruned_modules[producer]) != len(indices):
+                raise PruningError(f"NNI's speedup kept {output_units(pruned_modules[producer])} units of {producer}, its masks {len(indices)}: masks conflict")
         pruned.train(model.training)
         return PruneResult(pruned, kept, masks, units, self.name, method, scope or "layer", info=info)
 
@@ -197,7 +197,7 @@ def _config_list(
                 raise PruningError(f"per-layer sparsity names {name!r}, which is not a prunable Conv2d / hidden Linear of this model")
         return [{"op_names": targets([name]), "sparse_ratio": float(ratio)} for name, ratio in sparsity.items() if targets([name])]
     if scope == "global" and method != "level":  # one group; each layer may lose all but one unit
-        sizes = {name: _units(modules[name]) for name in prunable}
+        sizes = {name: output_units(modules[name]) for name in prunable}
         return [
             {"op_names": targets([name]), "sparse_ratio": float(sparsity), "global_group_id": "all", "max_sparse_ratio": (sizes[name] - 1) / sizes[name]}
             for name in prunable
@@ -209,10 +209,6 @@ def _config_list(
     if scope == "global":
         config["global_group_id"] = "all"
     return [config]
-
-
-def _units(module: nn.Module) -> int:
-    return int(module.weight.shape[0])
 
 
 def _with_dependency_groups(

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.channel_pruning import check_scope, excluded_producers, validate_sparsity
-from algorithms.errors import PruningError
+from algorithms.errors import PruningError, first_line
 from algorithms.graph import analyze
 from algorithms.masks import apply_masks, unit_masks
-from algorithms.modules import clone_tree, eval_mode, has_norm
+from algorithms.modules import clone_tree, eval_mode, has_norm, output_units
 
 from .base import PruneResult
 
@@ -174,14 +174,14 @@ class TorchPruningBackend:
         except PruningError:
             raise
         except Exception as error:  # Torch-Pruning's own failures (e.g. ZeroDivisionError on a channel shuffle): one line
-            raise PruningError(f"Torch-Pruning {method} failed on {type(model).__name__}: {type(error).__name__}: {_first_line(error)}") from None
+            raise PruningError(f"Torch-Pruning {method} failed on {type(model).__name__}: {type(error).__name__}: {first_line(error)[:200]}") from None
         working.zero_grad(set_to_none=True)
         for name, parameter in working.named_parameters():
             parameter.requires_grad_(trainable.get(name, True))
         _check_runs(working, example_input, method, _output_shape(model, example_input))
-        kept = {name: sorted(set(range(_units(originals[name]))) - set(indices)) for name, indices in removed.items() if indices}
+        kept = {name: sorted(set(range(output_units(originals[name]))) - set(indices)) for name, indices in removed.items() if indices}
         masks = {name: unit_masks(originals[name], indices) for name, indices in kept.items()}  # shapes only: the same for a trained copy
-        units = {name: _units(originals[name]) for name in kept}
+        units = {name: output_units(originals[name]) for name in kept}
         for name, module in working.named_modules():
             module.__dict__["training"] = modes.get(name, model.training)
         info: dict[str, Any] = {"train_steps": steps, "round_to": round_to}
@@ -190,25 +190,16 @@ class TorchPruningBackend:
         return PruneResult(working, kept, masks, units, self.name, method, scope, info=info)
 
 
-def _units(module: nn.Module) -> int:
-    return int(module.weight.shape[0])
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else ""
-
-
 def _check_round_to_value(round_to: int | None) -> None:
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise PruningError(f"round_to must be a positive whole number of channels, got {round_to!r}")
 
 
 def _check_round_to(round_to: int | None, prunable: list[str], modules: dict[str, nn.Module]) -> None:
-    narrow = [name for name in prunable if round_to is not None and _units(modules[name]) < round_to]
+    narrow = [name for name in prunable if round_to is not None and output_units(modules[name]) < round_to]
     if narrow:
         name = narrow[0]
-        raise PruningError(f"round_to={round_to} is larger than {name} ({_units(modules[name])} units); use a round_to of at most that, or exclude it")
+        raise PruningError(f"round_to={round_to} is larger than {name} ({output_units(modules[name])} units); use a round_to of at most that, or exclude it")
 
 
 def _check_norms_follow(model: nn.Module) -> None:
@@ -225,7 +216,7 @@ def _check_nothing_emptied(sparsity: float | Mapping[str, float], round_to: int 
     """Torch-Pruning keeps floor(n * (1 - ratio)) channels, rounded down to round_to, and silently skips a layer that would keep none."""
     for name in prunable:
         ratio = max((sparsity.get(m, 0.0) for m in graph.group(name).members), default=0.0) if isinstance(sparsity, Mapping) else sparsity
-        units = _units(modules[name])
+        units = output_units(modules[name])
         keep = int(units * (1 - ratio))
         if ratio > 0 and (keep // round_to * round_to if round_to else keep) == 0:
             hint = f"a round_to of at most {keep}" if round_to and keep else "a lower ratio"
@@ -327,7 +318,7 @@ def _check_runs(model: nn.Module, example_input: torch.Tensor, method: str, expe
         with torch.no_grad():
             output = model.eval()(example_input.clone())
     except Exception as error:
-        raise PruningError(f"the model Torch-Pruning {method} pruned no longer runs ({type(error).__name__}: {_first_line(error)})") from None
+        raise PruningError(f"the model Torch-Pruning {method} pruned no longer runs ({type(error).__name__}: {first_line(error)[:200]})") from None
     if expected_shape is not None and isinstance(output, torch.Tensor) and output.shape != expected_shape:
         raise PruningError(
             f"Torch-Pruning {method} changed the model's output from {tuple(expected_shape)} to {tuple(output.shape)}; exclude the layer it pruned there"

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from algorithms.errors import first_line
 from pipeline.atomic import write_json
 from pipeline.config import STAGES, JobConfig
 from pipeline.data import ImageDataset
@@ -173,7 +174,7 @@ def layer_widths(model: nn.Module, layers: list[dict[str, Any]]) -> dict[str, di
 
 
 def failed_row(cell: Cell, error: BaseException, spec: MatrixSpec) -> dict[str, Any]:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    message = first_line(error)
     return {"cell": cell.key, "model": cell.model, "backend": cell.backend, "method": cell.method, "percent": cell.percent, "seed": cell.seed,
             "distill": cell.distill, "quantize": cell.quantize, "status": "error", "error": f"{type(error).__name__}: {message}"[:500],
             "env": environment(spec)}  # fmt: skip

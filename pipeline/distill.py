@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -10,8 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.modules import eval_mode
-
-LossFunction = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
@@ -38,7 +35,3 @@ class Distillation:
         with eval_mode(self.teacher), torch.no_grad():
             teacher_logits = self.teacher(images)
         return kd_loss(student(images), teacher_logits, labels, self.alpha, self.temperature)
-
-
-def cross_entropy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(images), labels)

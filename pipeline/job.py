@@ -27,7 +27,7 @@ from .errors import UsageError
 from .metrics import count_macs, count_params, deployable, measure_latency, model_size_mb
 from .reporting import EpochLog, results_payload, write_results
 from .snapshots import load_model, save_snapshot
-from .training import EvalResult, evaluate, train
+from .training import EvalResult, LossFunction, cross_entropy, evaluate, train
 
 STEP_NAMES = {"1": "base", "2": "prune", "3": "refine", "4": "quantize"}
 LATENCY_RUNS = 10
@@ -78,6 +78,7 @@ class Job:
         self.first_step_done = False
         self.rows: list[dict[str, Any]] = []  # one per finished step, for the terminal table
         self.models: dict[str, nn.Module] = {}  # step -> the model it produced
+        self.metas: dict[str, dict[str, Any]] = {}  # step -> the meta its snapshot was saved with
         self.written: dict[str, list[Path]] = {"snapshots": [], "logs": [], "results": []}
         self.base_figures: dict[str, Any] | None = None  # a caller that already evaluated the base (the harness) sets them
         self.timed = False  # rows carry batch-1 / batch-64 latency: the whole-pipeline table of a run that quantizes
@@ -122,11 +123,11 @@ class Job:
         c = self.config
         self.written["snapshots"].append(save_snapshot(c.save_root / STAGES[step], model, meta))
         self.written["results"].append(write_results(c.result_dir, c.model, c.data_type, log_type, figures))
-        self.models[step] = model
+        self.models[step], self.metas[step] = model, meta
         self.first_step_done = True  # later steps load what this one saved
 
     def fit(self, model: nn.Module, step: str, log_type: str, after_step: Callable[[nn.Module], None] | None = None,
-            loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None, epochs: int | None = None) -> EvalResult:  # fmt: skip
+            loss_fn: LossFunction = cross_entropy, epochs: int | None = None) -> EvalResult:  # fmt: skip
         c = self.config
         prefix = f"step {step} {STEP_NAMES[step]}:" if c.echo_epochs else None
         log = EpochLog(c.log_dir, c.model, c.data_type, log_type, terminal_prefix=prefix)
@@ -204,8 +205,8 @@ class Job:
     def step_refine(self) -> dict[str, Any]:
         c = self.config
         model, meta = self.load(STAGES["2"])
-        teacher = Distillation(self.base_model(), c.kd_alpha, c.kd_temperature) if c.distill else None
-        result = self.fit(model, "3", "prune_model", after_step=None if meta.get("physical", True) else keep_zeros(model), loss_fn=teacher)
+        loss = Distillation(self.base_model(), c.kd_alpha, c.kd_temperature) if c.distill else cross_entropy
+        result = self.fit(model, "3", "prune_model", after_step=None if meta.get("physical", True) else keep_zeros(model), loss_fn=loss)
         figures = self.figures(model, result)
         distilled = {"distill": {"alpha": c.kd_alpha, "temperature": c.kd_temperature}} if c.distill else {"distill": None}
         self.save("3", model, {**meta, "stage": STAGES["3"], "refine_epochs": c.epochs("3"), **distilled}, "prune_model", {**figures, **distilled})
@@ -219,8 +220,8 @@ class Job:
     def quantization_source(self) -> tuple[str, nn.Module, dict[str, Any]]:
         """The model step 4 quantizes: the refined one if there is one, else the pruned one."""
         for step in ("3", "2"):
-            if step in self.models:
-                return step, self.models[step], self.load(STAGES[step])[1]
+            if step in self.metas:  # saved by this job: model and meta are in memory
+                return step, self.models[step], self.metas[step]
         root = self.config.save_root if self.first_step_done else self.config.load_root
         for step in ("3", "2"):
             if (root / STAGES[step]).is_dir():

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from algorithms.errors import first_line
 from algorithms.modules import clone_tree, eval_mode, resize_to_state_dict
 
 from .errors import UsageError
@@ -51,20 +52,24 @@ def prepare(model: nn.Module, mode: str, example: torch.Tensor) -> torch.fx.Grap
                 return prepare_fx(copy.eval(), get_default_qconfig_mapping(ENGINE), example_inputs=(example,))
             return prepare_qat_fx(copy.train(), get_default_qat_qconfig_mapping(ENGINE), example_inputs=(example,))
     except Exception as error:  # fx cannot trace it, or a pattern the quantizer does not know
-        raise UsageError(f"the int8 quantizer cannot prepare {type(model).__name__}: {type(error).__name__}: {_first_line(error)}") from None
+        raise UsageError(f"the int8 quantizer cannot prepare {type(model).__name__}: {type(error).__name__}: {first_line(error)[:200]}") from None
+
+
+def _converted(prepared: torch.fx.GraphModule) -> nn.Module:
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    with _quiet():
+        return convert_fx(prepared.eval())
 
 
 def convert(prepared: torch.fx.GraphModule, example: torch.Tensor) -> nn.Module:
     """The int8 model, checked to run: an op without an int8 kernel shows here, named."""
-    from torch.ao.quantization.quantize_fx import convert_fx
-
     try:
-        with _quiet():
-            quantized = convert_fx(prepared.eval())
+        quantized = _converted(prepared)
         with torch.inference_mode():
             quantized(example)
     except Exception as error:
-        raise UsageError(f"the int8 model does not run: {type(error).__name__}: {_first_line(error)}; that op has no int8 CPU kernel") from None
+        raise UsageError(f"the int8 model does not run: {type(error).__name__}: {first_line(error)[:200]}; that op has no int8 CPU kernel") from None
     return quantized
 
 
@@ -94,18 +99,9 @@ def float_shapes(model: nn.Module) -> dict[str, list[int]]:
 def rebuild(float_model: nn.Module, shapes: dict[str, list[int]], state_dict: dict[str, Any], mode: str, example: torch.Tensor) -> nn.Module:
     """A freshly built float model, shrunk to the saved shapes, prepared and converted the same way, then the int8 state loaded."""
     resize_to_state_dict(float_model, {key: torch.empty(shape) for key, shape in shapes.items()})
-    prepared = prepare(float_model, mode, example)
-    with _quiet():
-        from torch.ao.quantization.quantize_fx import convert_fx
-
-        quantized = convert_fx(prepared.eval())
+    quantized = _converted(prepare(float_model, mode, example))
     try:
         quantized.load_state_dict(state_dict)
     except RuntimeError as error:
-        raise UsageError(f"the int8 snapshot does not fit its model: {_first_line(error)}") from None
+        raise UsageError(f"the int8 snapshot does not fit its model: {first_line(error)[:200]}") from None
     return quantized
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else ""

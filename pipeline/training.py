@@ -17,6 +17,11 @@ from .data import ImageDataset, num_batches
 from .errors import UsageError
 
 OPTIMIZERS = ("adam", "momentum", "sgd")
+LossFunction = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, images, labels) -> loss
+
+
+def cross_entropy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(images), labels)
 
 
 @dataclass
@@ -75,7 +80,7 @@ def train(
     desc: str = "train",
     on_epoch: Callable[[int, EvalResult], None] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: LossFunction = cross_entropy,
 ) -> list[EvalResult]:
     """Train with a seeded shuffle; evaluate after every epoch. Deterministic for a seed."""
     torch.manual_seed(seed)  # dropout masks
@@ -90,7 +95,7 @@ def train(
         )
         for images, labels in bar:
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(images), labels) if loss_fn is None else loss_fn(model, images, labels)
+            loss = loss_fn(model, images, labels)
             loss.backward()
             optimizer.step()
             if after_step is not None:
