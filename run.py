@@ -2,23 +2,29 @@
 
 python run.py --model vgg --data_type cifar10 --prune_method bn --percent 0.5 --step 123
 python run.py --model vgg --step 1234 --distill --quantize ptq
+torchrun --nproc_per_node 2 run.py --model vgg --step 123     (steps 1 and 3 on two processes, DistributedDataParallel)
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 
 from tabulate import tabulate
 
+from algorithms.errors import first_line
 from backends import BACKEND_NAMES
 from backends.nni_backend import SCHEDULE_BASES
 from models import MODEL_NAMES
 from pipeline.cli import OneLineParser, guarded
 from pipeline.config import JobConfig
 from pipeline.datasets import BUILTIN_DATASETS, load_dataset
+from pipeline.distributed import JOIN_TIMEOUT_S, join, launched_by_torchrun, leave
 from pipeline.errors import UsageError
 from pipeline.job import Job, check_request
+from pipeline.runtime import AMP_DTYPES, Runtime, check_amp, resolve_device
 from pipeline.training import OPTIMIZERS
 
 
@@ -39,15 +45,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=50,
         help="training steps of data-driven methods: NNI slim, taylor, agp, linear; tp group_norm, group_slim, slim (default 50)",
     )
-    p.add_argument("--round_to", type=int, default=None, help="tp backend: round each layer's kept channels to a multiple of this (e.g. 8 for GPUs)")
+    p.add_argument("--round_to", type=int, default=None, help="each pruned layer keeps a multiple of this many channels (e.g. 8 for GPU kernels)")
     p.add_argument("--schedule_over", default="l1", choices=SCHEDULE_BASES, help="what NNI's agp / linear schedules (default l1)")
     p.add_argument("--verbose", action="store_true", help="let NNI's own log lines through")
     p.add_argument("--distill", action="store_true", help="step 3 learns from the base model too (knowledge distillation)")
     p.add_argument("--kd_alpha", type=float, default=0.9, help="weight of the teacher's soft targets in the step-3 loss (default 0.9)")
     p.add_argument("--kd_temperature", type=float, default=4.0, help="softmax temperature of the distillation (default 4)")
-    p.add_argument("--quantize", default="ptq", help="step 4: ptq (calibrate, convert) or qat (quantization-aware fine-tuning) (default ptq)")
+    p.add_argument(
+        "--kd_features",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="also match intermediate outputs (MSE through learned projections): auto (4 layers spread over depth) or comma-separated layer names",
+    )
+    p.add_argument("--kd_feature_weight", type=float, default=1.0, help="weight of the feature term in the step-3 loss (default 1)")
+    p.add_argument(
+        "--quantize",
+        default="ptq",
+        help="step 4: ptq (calibrate, convert) or qat (quantization-aware fine-tuning) to real int8 kernels; "
+        "nni-ptq, nni-qat, nni-lsq: NNI's simulated int8, accuracy only (default ptq)",
+    )
     p.add_argument("--calib_batches", type=int, default=8, help="training batches step 4 calibrates ptq on (default 8)")
     p.add_argument("--qat_epochs", type=int, default=1, help="epochs of quantization-aware training for --quantize qat (default 1)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES), help="mixed precision for training and evaluation: bf16, fp16 (CUDA) (default off)")
+    p.add_argument("--channels_last", action="store_true", help="NHWC memory format for models and batches (often faster, CPU and GPU)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0: load in the training process)")
+    p.add_argument("--sync_bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over all processes' batches")
+    p.add_argument("--join_timeout", type=float, default=JOIN_TIMEOUT_S, help=f"seconds to wait for the other processes (default {JOIN_TIMEOUT_S})")
+    p.add_argument("--gpu_num_per_node", type=int, default=1, help="the original's flag: processes per machine; prints the torchrun command")
+    p.add_argument("--num_nodes", type=int, default=1, help="the original's flag: machines; prints the torchrun command for each")
+    p.add_argument("--node_ips", default="", help="the original's flag: comma-separated machine addresses, the first is the master")
     p.add_argument("--num_epochs", type=int, default=None, help="epochs of steps 1 and 3 (default 8 on digits, else 2)")
     p.add_argument("--batch_size_per_device", type=int, default=32)
     p.add_argument("--val_batch_size_per_device", type=int, default=256)
@@ -80,11 +108,21 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"unknown --backend {args.backend!r}; choose one of: {', '.join(BACKEND_NAMES)}")
     if not 0.0 <= args.percent < 1.0:
         raise UsageError(f"--percent {args.percent} is outside [0, 1): it is the fraction of channels removed")
-    if args.round_to is not None and args.backend != "tp":
-        raise UsageError(f"--round_to is an option of the tp backend, not of {args.backend}; use --backend tp or leave it out")
-    for flag in ("num_epochs", "batch_size_per_device", "val_batch_size_per_device", "limit_batches", "limit_val_batches", "prune_steps", "round_to"):
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    for flag in (
+        "gpu_num_per_node",
+        "num_nodes",
+        "num_epochs",
+        "batch_size_per_device",
+        "val_batch_size_per_device",
+        "limit_batches",
+        "limit_val_batches",
+        "prune_steps",
+        "round_to",
+    ):
         value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "num_epochs" else 1):
+        if value is not None and value < (0 if flag == "num_epochs" else 1):  # the launcher flags and batch sizes start at 1
             raise UsageError(f"--{flag} must be {'non-negative' if flag == 'num_epochs' else 'positive'}, got {value}")
     if args.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
@@ -97,7 +135,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         model=args.model, data_type=args.data_type, backend=args.backend, method=args.prune_method, percent=args.percent,
         scope=None if args.prune_scope == "auto" else args.prune_scope, exclude=tuple(name for name in args.exclude.split(",") if name),
         threshold=args.threshold, prune_steps=args.prune_steps, round_to=args.round_to, distill=args.distill, kd_alpha=args.kd_alpha,
-        kd_temperature=args.kd_temperature, quantize=args.quantize, calib_batches=args.calib_batches, qat_epochs=args.qat_epochs,
+        kd_temperature=args.kd_temperature, kd_features=args.kd_features, kd_feature_weight=args.kd_feature_weight,
+        quantize=args.quantize, calib_batches=args.calib_batches, qat_epochs=args.qat_epochs,
         schedule_over=args.schedule_over, verbose=args.verbose,
         base_epochs=args.num_epochs, refine_epochs=args.num_epochs, batch_size=args.batch_size_per_device,
         val_batch_size=args.val_batch_size_per_device, learning_rate=args.learning_rate, optimizer=args.model_update, seed=args.seed,
@@ -106,21 +145,91 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     )  # fmt: skip
 
 
+LAUNCHER_FLAGS = ("--gpu_num_per_node", "--num_nodes", "--node_ips")
+MASTER_PORT = 29500
+
+
+def torchrun_commands(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """The original's --gpu_num_per_node / --num_nodes / --node_ips as the torchrun command line(s) that do the same."""
+    ips = [ip for ip in args.node_ips.split(",") if ip]
+    if args.num_nodes > 1 and len(ips) != args.num_nodes:
+        raise UsageError(
+            f"--num_nodes {args.num_nodes} needs --node_ips with {args.num_nodes} comma-separated addresses (the first is the master), got {len(ips)}"
+        )
+    rest, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in LAUNCHER_FLAGS:
+            skip = True
+        elif not token.startswith(tuple(f"{flag}=" for flag in LAUNCHER_FLAGS)):
+            rest.append(token)
+    command = f"torchrun --nproc_per_node {args.gpu_num_per_node}"
+    if args.num_nodes == 1:
+        return [f"{command} run.py {shlex.join(rest)}".rstrip()]
+    return [f"{command} --nnodes {args.num_nodes} --node_rank {rank} --master_addr {ips[0]} --master_port {MASTER_PORT} run.py {shlex.join(rest)}".rstrip()
+            + f"    # on {ip}" for rank, ip in enumerate(ips)]  # fmt: skip
+
+
+def runtime_from_args(args: argparse.Namespace) -> Runtime:
+    """Device, precision and process group; under torchrun this process joins the others (bounded by --join_timeout)."""
+    device = resolve_device(args.device)
+    check_amp(args.amp, device)
+    if args.sync_bn and device.type != "cuda":
+        raise UsageError("--sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs); leave it out on the CPU")
+    if args.join_timeout <= 0:
+        raise UsageError(f"--join_timeout must be positive, got {args.join_timeout}")
+    rank, world_size = 0, 1
+    if launched_by_torchrun():
+        rank, world_size, device = join(device, args.join_timeout)
+        signal.signal(signal.SIGTERM, _stop)  # torchrun stops the others when one process fails: unwind, so nothing is left half-written
+    return Runtime(device=device, amp=args.amp, channels_last=args.channels_last, workers=args.workers, rank=rank, world_size=world_size,
+                   sync_bn=args.sync_bn)  # fmt: skip
+
+
+def _stop(_signal: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    joined: list[Runtime] = []  # this process's runtime once it has joined a torchrun job
 
     def run_job() -> int:
         steps = "".join(validate_args(args))
+        processes = args.gpu_num_per_node * args.num_nodes
+        if processes > 1 and not launched_by_torchrun():
+            print("This run has several processes; start it with torchrun (PyTorch's launcher), on each machine:")
+            print("\n".join(torchrun_commands(args, argv)))
+            return 0
         config = config_from_args(args)
-        data = load_dataset(config.data_type, config.data_dir, config.download, dataset_dir=config.dataset_dir)
-        check_request(config, data, steps)
-        job = Job(config, data)
-        job.run(steps)
-        print(tabulate(job.rows, headers="keys", tablefmt="github", intfmt=",", floatfmt=".4f"))
-        print("\n".join(job.summary_lines()))
-        return 0
+        runtime = runtime_from_args(args)
+        joined.append(runtime)
+        try:
+            if processes > 1 and processes != runtime.world_size:
+                raise UsageError(f"--gpu_num_per_node x --num_nodes = {processes}, but torchrun started {runtime.world_size} processes; make them agree")
+            data = load_dataset(config.data_type, config.data_dir, config.download, dataset_dir=config.dataset_dir)
+            check_request(config, data, steps)
+            job = Job(config, data, runtime)
+            try:
+                job.run(steps)
+            except RuntimeError as error:
+                if not runtime.distributed:
+                    raise
+                raise SystemExit(
+                    f"error: a process of this job failed or stopped ({first_line(error)[:160]}); snapshots already written are complete"
+                ) from None
+            if runtime.is_main:
+                print(tabulate(job.rows, headers="keys", tablefmt="github", intfmt=",", floatfmt=".4f"))
+                print("\n".join(job.summary_lines()))
+            return 0
+        finally:
+            leave()
 
-    return guarded(run_job, "interrupted; snapshots already written are complete, the step in progress wrote nothing")
+    # once the processes have joined, rank 0 alone reports what went wrong: one copy of each message
+    return guarded(run_job, "interrupted; snapshots already written are complete, the step in progress wrote nothing",
+                   quiet=lambda: bool(joined) and not joined[0].is_main)  # fmt: skip
 
 
 if __name__ == "__main__":

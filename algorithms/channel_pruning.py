@@ -16,7 +16,7 @@ from .errors import PruningError
 from .graph import ChannelGraph, analyze
 from .masks import Masks, build_masks
 from .modules import eval_mode, has_norm
-from .selection import keep_all_but, keep_in_blocks, removal_count, select_global, select_per_layer
+from .selection import keep_all_but, keep_in_blocks, removal_count, round_up_kept, select_global, select_per_layer
 from .surgery import shrink
 
 SCOPES = ("global", "layer")
@@ -73,6 +73,11 @@ def check_scope(scope: str | None, per_layer: bool) -> None:
         raise PruningError("per-layer sparsity ratios cannot use scope='global'; use scope='layer'")
 
 
+def check_round_to(round_to: int | None) -> None:
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise PruningError(f"round_to must be a positive whole number of channels, got {round_to!r}")
+
+
 def check_request(
     model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None, methods: Mapping[str, Method] = METHODS
 ) -> tuple[Method, str]:
@@ -104,13 +109,18 @@ def prune_channels(
     methods: Mapping[str, Method] = METHODS,
     graph: ChannelGraph | None = None,
     verify: bool = True,
+    round_to: int | None = None,
 ) -> ChannelPruning:
     """Prune output channels of every prunable Conv2d / hidden Linear; `model` is left untouched.
+
+    `round_to=N`: every pruned group keeps a multiple of N channels (the count rounded up; a group that would round up
+    to its full size stays whole).
 
     A caller that prunes one model many times (sensitivity analysis) passes `graph=analyze(model, example_input)` once, and
     `verify=False` (skip the check that the pruned model runs) once the same structure has passed it.
     """
     spec, scope = check_request(model, method, sparsity, scope, methods)
+    check_round_to(round_to)
     modules = dict(model.named_modules())
     per_layer = isinstance(sparsity, Mapping)
     graph = analyze(model, example_input) if graph is None else graph
@@ -147,6 +157,8 @@ def prune_channels(
                 importance = torch.stack([(t.detach().abs().double() if t.ndim == 1 else unit_sum(t)) for t in tensors]).mean(0)
                 removed = greedy_redundant(distances, importance, removal_count(graph.groups[index].size, ratio))
                 kept[index] = keep_all_but(graph.groups[index].size, removed)
+                if round_to:
+                    kept[index] = round_up_kept(importance, kept[index], round_to)
         else:
             scores = {
                 index: torch.rand(graph.groups[index].size, generator=generator, dtype=torch.float64)
@@ -161,6 +173,8 @@ def prune_channels(
             for index in kept:
                 if graph.groups[index].divisor > 1:
                     kept[index] = keep_in_blocks(scores[index], kept[index], graph.groups[index].divisor)
+                if round_to:
+                    kept[index] = round_up_kept(scores[index], kept[index], round_to, graph.groups[index].divisor)
     kept = {g: k for g, k in kept.items() if len(k) < graph.groups[g].size}
 
     pruned = shrink(model, graph, kept)

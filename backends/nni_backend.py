@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.channel_pruning import check_scope, excluded_producers, validate_sparsity
+from algorithms.channel_pruning import check_round_to, check_scope, excluded_producers, validate_sparsity
+from algorithms.criteria import unit_sum
 from algorithms.errors import PruningError, first_line
 from algorithms.graph import analyze
 from algorithms.masks import apply_masks, mask_in_place, unit_masks
 from algorithms.modules import clone_tree, has_norm, output_units
+from algorithms.selection import round_up_kept
 
 from .base import PruneResult
 
@@ -84,11 +86,15 @@ class NNIBackend:
         physical: bool | None = None,
         has_data: bool = True,
         schedule_over: str = "l1",
+        round_to: int | None = None,
     ) -> None:
         """The request errors prune() would raise, found before any training is spent."""
         if method not in METHODS:
             raise PruningError(f"unknown NNI pruning method {method!r}; choose one of: {', '.join(METHODS)}")
         validate_sparsity(sparsity)
+        check_round_to(round_to)
+        if round_to and method == "level":
+            raise PruningError("round_to rounds channel counts; level prunes single weights: leave round_to out")
         check_scope(scope, isinstance(sparsity, Mapping))
         if method == "level" and physical:  # None = the method's own default: level masks, the rest shrink
             raise PruningError("level is unstructured (single weights): it cannot shrink the model physically; pass physical=False")
@@ -118,13 +124,17 @@ class NNIBackend:
         schedule_over: str = "l1",
         schedule_times: int = 4,
         verbose: bool = False,
+        round_to: int | None = None,
         **options: Any,
     ) -> PruneResult:
+        """`round_to=N`: NNI's pruners have no such option, so their masks are rounded up afterwards: each pruned group keeps
+        a multiple of N channels, the channels coming back being those with the largest L1 norm (the group stays whole
+        when the rounded count reaches its size)."""
         if options:
             raise PruningError(f"the nni backend takes no option(s) {', '.join(sorted(options))}")
         physical = method != "level" if physical is None else physical
         self.validate(model, method, sparsity if config_list is None else 0.0, scope, physical=physical,
-                      has_data=train_batches is not None, schedule_over=schedule_over)  # fmt: skip
+                      has_data=train_batches is not None, schedule_over=schedule_over, round_to=round_to)  # fmt: skip
         nni = _import_nni()
         torch.manual_seed(seed)
         graph = analyze(model, example_input)
@@ -158,10 +168,18 @@ class NNIBackend:
                     f"NNI {method} removed every unit of {', '.join(emptied)} (NNI 3.0 does not keep one unit per layer in a global group); "
                     "use scope='layer' or a lower sparsity"
                 )
+            if round_to:
+                kept = _rounded_up(kept, round_to, graph, modules)
+                units = {name: count for name, count in units.items() if name in kept}
+                masks = {name: unit_masks(modules[name], indices) for name, indices in kept.items()}
+                if method == "slim":
+                    masks |= {graph.norm_after[n]: unit_masks(modules[graph.norm_after[n]], i) for n, i in kept.items() if n in graph.norm_after}
             if method == "slim":  # NNI's speedup does not carry BatchNorm masks back to the conv: give it the conv masks too
                 masks = {**masks, **{name: unit_masks(modules[name], indices) for name, indices in kept.items()}}
+            if round_to or method == "slim":  # unit_masks are broadcast views; NNI's speedup writes into the masks it is given
+                masks = {name: {key: mask.clone() for key, mask in layer.items()} for name, layer in masks.items()}
             trained = method in TRAINS_WHILE_PRUNING
-            info: dict[str, Any] = {"train_steps": training_steps if trained else 0}
+            info: dict[str, Any] = {"train_steps": training_steps if trained else 0, "round_to": round_to}
             if trained:  # NNI trained `working` while scoring: its masked figure must come from those weights, not the input model's
                 info["masked_model"] = apply_masks(working, masks)
             if not physical:
@@ -181,6 +199,18 @@ class NNIBackend:
                 raise PruningError(f"NNI's speedup kept {output_units(pruned_modules[producer])} units of {producer}, its masks {len(indices)}: masks conflict")
         pruned.train(model.training)
         return PruneResult(pruned, kept, masks, units, self.name, method, scope or "layer", info=info)
+
+
+def _rounded_up(kept: dict[str, list[int]], multiple: int, graph: Any, modules: dict[str, nn.Module]) -> dict[str, list[int]]:
+    """Kept units per producer with every group's count rounded up to a multiple; coupled producers move together."""
+    rounded: dict[str, list[int]] = {}
+    for group_index in {graph.group_of_producer[name] for name in kept}:
+        members = [name for name in graph.groups[group_index].members if name in kept]
+        score = torch.stack([unit_sum(modules[name].weight) for name in members]).mean(0)
+        indices = round_up_kept(score, torch.tensor(kept[members[0]]), multiple).tolist()
+        if len(indices) < len(score):
+            rounded |= dict.fromkeys(members, indices)
+    return rounded
 
 
 def _config_list(

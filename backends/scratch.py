@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from algorithms.channel_pruning import check_request, prune_channels
+from algorithms.channel_pruning import check_request, check_round_to, prune_channels
 from algorithms.criteria import DEFAULT_THRESHOLD, METHODS
 from algorithms.modules import has_norm
 
@@ -38,14 +38,17 @@ class ScratchBackend:
         exclude: Iterable[str] = (),
         seed: int = 0,
         threshold: float = DEFAULT_THRESHOLD,
+        round_to: int | None = None,
         **options: Any,
     ) -> PruneResult:
         if options:
             raise ValueError(f"the scratch backend takes no option(s) {', '.join(sorted(options))}")
-        result = prune_channels(model, method, sparsity, example_input, scope=scope, exclude=exclude, seed=seed, threshold=threshold)
-        info = {"why_unprunable": result.graph.why_unprunable()}
+        result = prune_channels(model, method, sparsity, example_input, scope=scope, exclude=exclude, seed=seed, threshold=threshold, round_to=round_to)
+        info = {"why_unprunable": result.graph.why_unprunable(), "round_to": round_to}
         return PruneResult(result.model, result.kept, result.masks, result.original_units, self.name, method, result.scope, info=info)
 
-    def validate(self, model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None = None) -> None:
+    def validate(self, model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None = None, *,
+                 round_to: int | None = None) -> None:  # fmt: skip
         """The request errors prune() would raise, found before any training is spent."""
         check_request(model, method, sparsity, scope)
+        check_round_to(round_to)

@@ -65,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scratch_control", action="store_true", help="also train each pruned architecture from scratch for base + fine-tune epochs")
     p.add_argument("--no_random_control", action="store_true", help="leave out the scratch:random control cells")
     p.add_argument("--distill", type=_names, default=("off",), help="axis: off, on or off,on: refine with the base model as teacher (default off)")
-    p.add_argument("--quantize", type=_names, default=("none",), help="axis: none, ptq, qat, comma-separated: add int8 step 4 (default none)")
+    p.add_argument(
+        "--quantize",
+        type=_names,
+        default=("none",),
+        help="axis: none, ptq, qat (real int8), nni-ptq, nni-qat, nni-lsq (NNI's simulated int8, accuracy only), comma-separated: add step 4 (default none)",
+    )
     p.add_argument("--shard", default="0/1", help="i/n: run the i-th of n deterministic slices (0-based), e.g. $SLURM_ARRAY_TASK_ID/8")
     p.add_argument("--out", default=None, help="results directory (default bench/results/<data_type>)")
     p.add_argument("--base_dir", default="output/bench_bases", help="cache of trained base models, shared across runs (default output/bench_bases)")

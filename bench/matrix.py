@@ -15,7 +15,7 @@ from backends import BACKEND_NAMES, get_backend
 from models import MODEL_NAMES, build_model
 from pipeline.config import DEFAULT_EPOCHS
 from pipeline.errors import UsageError
-from pipeline.quantize import MODES as QUANTIZE_MODES
+from pipeline.job import QUANTIZE_MODES
 
 RANDOM_CONTROL = ("scratch", "random")
 
@@ -45,7 +45,7 @@ class MatrixSpec:
     random_control: bool = True
     scratch_control: bool = False
     distill: tuple[bool, ...] = (False,)  # axis: refine plainly and / or with the base model as teacher
-    quantize: tuple[str, ...] = ("none",)  # axis: stop at fp32 and / or add step 4 (ptq, qat)
+    quantize: tuple[str, ...] = ("none",)  # axis: stop at fp32 and / or add step 4 (ptq, qat; nni-*: simulated)
     versions: dict[str, str] = field(default_factory=lambda: package_versions())
 
     @property

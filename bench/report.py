@@ -116,6 +116,8 @@ def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list
         "of the fine-tuning every cell gets (`prune_train_steps` in results.csv); their masked figure uses those trained weights.",
         "Accuracy columns: mean ± std over seeds (std shown when more than one seed). `masked` = base weights x mask with BatchNorm "
         "untouched (what NNI reports); `pruned` = the physically smaller model before fine-tuning; `fine-tuned` = after fine-tuning.",
+        "int8 columns (cells with step 4): `ptq` / `qat` run real int8 kernels (PyTorch FX, x86), sized and timed against the dense fp32 base; "
+        "`nni-ptq` / `nni-qat` / `nni-lsq` are NNI's simulated int8 (fake quantization in float): accuracy only, no size or speedup.",
     ]
 
 

@@ -19,20 +19,29 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see python {self.prog} --help\n")
 
 
-def guarded(action: Callable[[], int], interrupted: str) -> int:
-    """Run a CLI's body: bad input is one stderr line and exit 2, Ctrl-C a one-line note and exit 130; never a traceback for either."""
+def guarded(action: Callable[[], int], interrupted: str, quiet: Callable[[], bool] = lambda: False) -> int:
+    """Run a CLI's body: bad input is one stderr line and exit 2, Ctrl-C a one-line note and exit 130; never a traceback for either.
+
+    `quiet()`, asked when something goes wrong: keep the exit status, drop the line (the processes of a torchrun job
+    other than rank 0, once they have joined it: rank 0 says it once).
+    """
+
+    def say(line: str) -> None:
+        if not quiet():
+            print(line, file=sys.stderr)
+
     try:
         return action()
     except (UsageError, PruningError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}")
         return 2
     except OSError as error:  # a path that cannot be read or written (permissions, a file where a folder should be, a full disk)
         if isinstance(error, BrokenPipeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or error}; check the path and its permissions", file=sys.stderr)
+        say(f"error: {where}{error.strerror or error}; check the path and its permissions")
         return 2
     except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
+        say(interrupted)
         return 130

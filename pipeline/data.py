@@ -1,4 +1,4 @@
-"""In-memory image datasets and the batch iterator the train/eval loops use.
+"""In-memory image datasets and the DataLoader the train/eval loops read them through.
 
 Images stay on the 0..255 scale (uint8 where the source is uint8) and are
 normalised per batch, so a 50,000-image CIFAR split costs 150 MB, not 600 MB.
@@ -6,10 +6,12 @@ normalised per batch, so a 50,000-image CIFAR split costs 150 MB, not 600 MB.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 
 @dataclass
@@ -39,21 +41,91 @@ class ImageDataset:
         generator: torch.Generator | None = None,
         limit: int | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield normalised (images, labels); shuffled when a generator is given."""
+        """Normalised (images, labels) batches, in this process; shuffled when a generator is given."""
+        return iter(self.loader(split, batch_size, generator, limit))
+
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        limit: int | None = None,
+        *,
+        workers: int = 0,
+        pin_memory: bool = False,
+        shard: tuple[int, int, int] | None = None,
+    ) -> Batches:
+        """A DataLoader over one split, iterable once per epoch.
+
+        Shuffled from `generator` when one is given: each pass draws a new order from it, so a seeded run repeats.
+        `shard=(rank, world_size, seed)`: this process's share, through a DistributedSampler when training (shuffled
+        from `seed` and the epoch, padded to equal shares so every process takes the same number of steps), and as
+        every world_size-th test sample when evaluating (no padding, so reduced counts are exact).
+        """
         images, labels = (self.train_images, self.train_labels) if split == "train" else (self.test_images, self.test_labels)
-        order = torch.randperm(len(labels), generator=generator) if generator is not None else torch.arange(len(labels))
-        count = num_batches(len(labels), batch_size, limit)
-        for index in range(count):
-            chosen = order[index * batch_size : (index + 1) * batch_size]
-            yield self.normalize(images[chosen]), labels[chosen]
+        split_data = _Split(images, labels, self.normalize)
+        order: Sampler[int] | list[int]
+        if shard is not None and split == "train":
+            rank, world_size, seed = shard
+            order = DistributedSampler(split_data, num_replicas=world_size, rank=rank, shuffle=generator is not None, seed=seed)
+        elif shard is not None:
+            order = list(range(shard[0], len(labels), shard[1]))
+        else:
+            order = _SeededOrder(len(labels), generator) if generator is not None else list(range(len(labels)))
+        loader = DataLoader(split_data, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None, num_workers=workers,
+                            pin_memory=pin_memory, persistent_workers=workers > 0)  # fmt: skip
+        return Batches(loader, limit)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return self.normalize(self.test_images[:batch])
 
 
-def num_batches(num_samples: int, batch_size: int, limit: int | None) -> int:
-    total = -(-num_samples // batch_size)
-    return total if limit is None else min(total, limit)
+class _Split(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """One split, fetched a batch at a time (the sampler hands over index lists): one tensor index, one normalisation per batch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.images, self.labels, self.normalize = images, labels, normalize
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = torch.as_tensor(indices, dtype=torch.long)
+        return self.normalize(self.images[chosen]), self.labels[chosen]
+
+
+class _SeededOrder(Sampler[int]):
+    """A fresh permutation from the caller's generator on every pass: one draw per epoch, so epoch k's order depends only
+    on the seed (RandomSampler also draws once more at the end of a pass, which a pass cut short by a batch limit skips)."""
+
+    def __init__(self, size: int, generator: torch.Generator) -> None:
+        self.size, self.generator = size, generator
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.size, generator=self.generator).tolist())
+
+
+@dataclass
+class Batches:
+    """A DataLoader cut to at most `limit` batches per pass."""
+
+    loader: DataLoader
+    limit: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader) if self.limit is None else min(len(self.loader), self.limit)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return itertools.islice(iter(self.loader), self.limit)
+
+    def set_epoch(self, epoch: int) -> None:
+        """A DistributedSampler shuffles by epoch; every process must be told the same one."""
+        sampler = self.loader.batch_sampler.sampler if self.loader.batch_sampler is not None else None
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

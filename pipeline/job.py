@@ -6,9 +6,11 @@ Each step writes a snapshot, a results JSON (and steps 1 and 3 a per-epoch log) 
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +19,27 @@ from torch import nn
 
 from algorithms.masks import apply_masks
 from backends import get_backend
+from backends.nni_quantize import QUANTIZERS as NNI_QUANTIZERS
+from backends.nni_quantize import RETRAINS as NNI_RETRAINS
+from backends.nni_quantize import fake_quantize
 from models import build_model
 
 from . import quantize
 from .config import STAGES, JobConfig
 from .data import ImageDataset
-from .distill import Distillation
+from .distill import Distillation, FeatureDistillation, feature_layers
+from .distributed import barrier
 from .errors import UsageError
 from .metrics import count_macs, count_params, deployable, measure_latency, model_size_mb
 from .reporting import EpochLog, results_payload, write_results
+from .runtime import CPU, Runtime
 from .snapshots import load_model, save_snapshot
-from .training import EvalResult, LossFunction, cross_entropy, evaluate, train
+from .training import EvalResult, LossFunction, cross_entropy, evaluate, make_optimizer, train
 
 STEP_NAMES = {"1": "base", "2": "prune", "3": "refine", "4": "quantize"}
 LATENCY_RUNS = 10
+QUANTIZE_MODES = (*quantize.MODES, *NNI_QUANTIZERS)  # real int8 kernels, then NNI's simulated int8 (accuracy only)
+RETRAINING_QUANTIZERS = ("qat", *NNI_RETRAINS)
 
 
 def check_request(config: JobConfig, data: ImageDataset, steps: str = "123") -> None:
@@ -41,9 +50,11 @@ def check_request(config: JobConfig, data: ImageDataset, steps: str = "123") -> 
     except ValueError as error:
         raise UsageError(f"{error} (dataset {config.data_type} has {data.input_shape} images)") from None
     check_compression(config, steps)
+    if config.distill and config.kd_features:
+        feature_layers(probe, config.kd_features)  # names checked before any training
     if "2" in steps:
         backend = get_backend(config.backend)
-        extra = {"round_to": config.round_to, "exclude": config.exclude} if config.backend == "tp" else {}
+        extra = {"round_to": config.round_to, "exclude": config.exclude} if config.backend == "tp" else {"round_to": config.round_to}
         backend.validate(probe, config.method or backend.default_method(probe), config.percent, config.scope, **extra)
 
 
@@ -55,25 +66,34 @@ def check_compression(config: JobConfig, steps: str) -> None:
         raise UsageError(f"--kd_alpha must be in [0, 1] (the weight of the teacher's soft targets), got {config.kd_alpha}")
     if not config.kd_temperature > 0:
         raise UsageError(f"--kd_temperature must be positive, got {config.kd_temperature}")
-    if config.quantize not in quantize.MODES:
-        raise UsageError(f"unknown --quantize {config.quantize!r}; choose one of: {', '.join(quantize.MODES)}")
+    if config.kd_features and not config.distill:
+        raise UsageError("--kd_features adds feature maps to knowledge distillation; add --distill")
+    if not config.kd_feature_weight >= 0:
+        raise UsageError(f"--kd_feature_weight must be non-negative, got {config.kd_feature_weight}")
+    if config.quantize not in QUANTIZE_MODES:
+        raise UsageError(f"unknown --quantize {config.quantize!r}; choose one of: {', '.join(QUANTIZE_MODES)}")
     if "4" not in steps:
         return
     if "1" in steps and "2" not in steps and "3" not in steps:
         raise UsageError(f"--step {steps} would quantize an older pruned model, not one pruned from the base this run trains; add 2 (and 3)")
-    if config.quantize == "qat" and config.qat_epochs < 1:
-        raise UsageError(f"--quantize qat needs at least one --qat_epochs of quantization-aware training, got {config.qat_epochs}")
-    if config.quantize == "ptq" and config.calib_batches < 1:
+    if config.quantize in RETRAINING_QUANTIZERS and config.qat_epochs < 1:
+        raise UsageError(f"--quantize {config.quantize} needs at least one --qat_epochs of quantization-aware training, got {config.qat_epochs}")
+    if config.quantize in ("ptq", "nni-ptq") and config.calib_batches < 1:
         raise UsageError(f"--calib_batches must be at least 1, got {config.calib_batches}")
     if "2" not in steps and "3" not in steps and not any((config.load_root / STAGES[s]).is_dir() for s in ("2", "3")):
         raise UsageError(f"step 4 needs a pruned or refined model and {config.load_root} has neither; run --step 2 (and 3) first, or pass --model_load_dir")
 
 
 class Job:
-    """One train / prune / refine sequence over one dataset; remembers its models, figures and files."""
+    """One train / prune / refine sequence over one dataset; remembers its models, figures and files.
 
-    def __init__(self, config: JobConfig, data: ImageDataset) -> None:
-        self.config, self.data = config, data
+    Under several processes (torchrun) every process trains steps 1 and 3 together; rank 0 alone prunes (step 2),
+    quantizes (step 4) and writes every file, and the others wait for it at a barrier, then read what it wrote.
+    """
+
+    def __init__(self, config: JobConfig, data: ImageDataset, runtime: Runtime = CPU) -> None:
+        self.config, self.data, self.runtime = config, data, runtime
+        self.alone = replace(runtime, rank=0, world_size=1)  # rank 0's view when it works while the others wait
         self.example = data.example_input(1)
         self.first_step_done = False
         self.rows: list[dict[str, Any]] = []  # one per finished step, for the terminal table
@@ -98,12 +118,16 @@ class Job:
                 "mean": list(d.mean), "std": list(d.std), "stage": stage, "seed": c.seed, **extra}  # fmt: skip
 
     def figures(self, model: nn.Module, result: EvalResult) -> dict[str, Any]:
-        return results_payload(result, model_size_mb(model), count_params(model), count_macs(model, self.example))
+        example = self.example.to(next(model.parameters()).device)
+        return results_payload(result, model_size_mb(model), count_params(model), count_macs(model, example), measured_on=self.runtime.describe())
 
-    def evaluate(self, model: nn.Module) -> EvalResult:
-        return evaluate(model, self.data, self.config.val_batch_size, self.config.limit_val_batches)
+    def evaluate(self, model: nn.Module, runtime: Runtime | None = None) -> EvalResult:
+        """Test-split figures; every process takes part unless a single-process `runtime` is given."""
+        return evaluate(model, self.data, self.config.val_batch_size, self.config.limit_val_batches, runtime or self.runtime)
 
     def record(self, stage: str, figures: dict[str, Any], model: nn.Module | None = None) -> None:
+        if not self.runtime.is_main:  # the table is printed by rank 0
+            return
         row = {"stage": stage, "params": figures["params"], "MACs": figures["macs"], "size MB": figures["modelSize"],
                "top-1": figures["accuracy"], f"top-{figures['top_k']}": figures["top_k_accuracy"], "samples/s": round(figures["reasoningTime"])}  # fmt: skip
         if self.timed and model is not None:
@@ -116,32 +140,44 @@ class Job:
         One thread, as the harness times by default: more threads than a shared machine has free time oversubscription, not the model.
         """
         runnable = model if isinstance(model, torch.fx.GraphModule) else deployable(model)
-        timings = {batch: measure_latency(runnable, example_input=self.example, batch=batch, runs=LATENCY_RUNS, threads=1)[0] for batch in (1, 64)}
+        example = self.example.to(next(model.parameters(), torch.empty(0)).device)
+        timings = {batch: measure_latency(runnable, example_input=example, batch=batch, runs=LATENCY_RUNS, threads=1)[0] for batch in (1, 64)}
         return {f"b{batch} ms": round(seconds * 1000, 3) for batch, seconds in timings.items()}
 
     def save(self, step: str, model: nn.Module, meta: dict[str, Any], log_type: str, figures: dict[str, Any]) -> None:
+        """Rank 0 writes (snapshots hold CPU tensors whatever the device); then everyone meets, so the files are complete for all."""
         c = self.config
-        self.written["snapshots"].append(save_snapshot(c.save_root / STAGES[step], model, meta))
-        self.written["results"].append(write_results(c.result_dir, c.model, c.data_type, log_type, figures))
+        if self.runtime.is_main:
+            self.written["snapshots"].append(save_snapshot(c.save_root / STAGES[step], model, meta))
+            self.written["results"].append(write_results(c.result_dir, c.model, c.data_type, log_type, figures))
+        barrier(self.runtime)
         self.models[step], self.metas[step] = model, meta
         self.first_step_done = True  # later steps load what this one saved
 
+    def wait_for(self, step: str) -> dict[str, Any]:
+        """A process other than rank 0, in a step rank 0 does alone: wait until it has saved, then take its model from disk."""
+        barrier(self.runtime)
+        self.first_step_done = True
+        self.models[step], self.metas[step] = self.load(STAGES[step])
+        return {}
+
     def fit(self, model: nn.Module, step: str, log_type: str, after_step: Callable[[nn.Module], None] | None = None,
-            loss_fn: LossFunction = cross_entropy, epochs: int | None = None) -> EvalResult:  # fmt: skip
-        c = self.config
-        prefix = f"step {step} {STEP_NAMES[step]}:" if c.echo_epochs else None
-        log = EpochLog(c.log_dir, c.model, c.data_type, log_type, terminal_prefix=prefix)
-        self.written["logs"].append(log.path)
+            loss_fn: LossFunction = cross_entropy, epochs: int | None = None, runtime: Runtime | None = None) -> EvalResult:  # fmt: skip
+        c, runtime = self.config, runtime or self.runtime
+        log = None
+        if runtime.is_main:
+            log = EpochLog(c.log_dir, c.model, c.data_type, log_type, terminal_prefix=f"step {step} {STEP_NAMES[step]}:" if c.echo_epochs else None)
+            self.written["logs"].append(log.path)
         epochs = c.epochs(step) if epochs is None else epochs
         history = train(model, self.data, epochs=epochs, batch_size=c.batch_size, val_batch_size=c.val_batch_size, lr=c.learning_rate,
                         optimizer_name=c.optimizer, seed=c.seed, limit_batches=c.limit_batches, limit_val_batches=c.limit_val_batches,
-                        desc=STEP_NAMES[step], on_epoch=log, after_step=after_step, loss_fn=loss_fn)  # fmt: skip
-        return history[-1] if history else self.evaluate(model)
+                        desc=STEP_NAMES[step], on_epoch=log, after_step=after_step, loss_fn=loss_fn, runtime=runtime)  # fmt: skip
+        return history[-1] if history else self.evaluate(model, runtime)
 
     def step_train(self) -> dict[str, Any]:
         c = self.config
-        torch.manual_seed(c.seed)
-        model = build_model(c.model, self.data.input_shape, self.data.num_classes)
+        torch.manual_seed(c.seed)  # every process builds the same initial weights
+        model = self.runtime.place(build_model(c.model, self.data.input_shape, self.data.num_classes))
         figures = self.figures(model, self.fit(model, "1", "base_model"))
         self.save("1", model, self.meta(STAGES["1"], epochs=c.epochs("1")), "base_model", figures)
         self.record("1 base", figures, model)
@@ -151,7 +187,7 @@ class Job:
         """What each backend needs beyond the common contract; the job's data feeds NNI's data-driven methods."""
         c = self.config
         if c.backend == "scratch":
-            return {"threshold": c.threshold}
+            return {"threshold": c.threshold, "round_to": c.round_to}
         generator = torch.Generator().manual_seed(c.seed)
         if c.backend == "tp":
             return {
@@ -166,10 +202,14 @@ class Job:
             "learning_rate": c.learning_rate,
             "schedule_over": c.schedule_over,
             "verbose": c.verbose,
+            "round_to": c.round_to,
         }
 
     def step_prune(self) -> dict[str, Any]:
-        c = self.config
+        """Pruning runs on rank 0, on the CPU (a one-off graph rewrite); the models it evaluates go to the job's device."""
+        if not self.runtime.is_main:
+            return self.wait_for("2")
+        c, device = self.config, self.runtime.place
         base, _ = self.load(STAGES["1"])
         self.models.setdefault("1", base)
         backend = get_backend(c.backend)
@@ -183,39 +223,49 @@ class Job:
             print(f"note: {len(blocked)} layer group(s) left unpruned: " + "; ".join(f"{k}: {v}" for k, v in blocked.items()), file=sys.stderr)
         if not result.physical and c.echo_epochs:
             print(f"note: {method} is unstructured; the model is masked, not smaller: its size, MACs and latency are the dense model's", file=sys.stderr)
-        base_figures = self.base_figures or self.figures(base, self.evaluate(base))
+        pruned = device(result.model)
+        base_figures = self.base_figures or self.figures(device(base), self.evaluate(base, self.alone))
         # data-driven NNI methods train while pruning: their masked model is their trained copy, masked
         trained_copy = result.info.get("masked_model")
-        masked = self.evaluate(trained_copy if trained_copy is not None else apply_masks(base, result.masks))
-        figures = self.figures(result.model, self.evaluate(result.model))
+        masked = self.evaluate(device(trained_copy if trained_copy is not None else apply_masks(base, result.masks)), self.alone)
+        figures = self.figures(pruned, self.evaluate(pruned, self.alone))
         info = {"backend": c.backend, "method": method, "percent": c.percent, "scope": result.scope, "exclude": list(c.exclude), "kept": result.kept,
                 "physical": result.physical}  # fmt: skip
         payload = {**figures, **info, "prune_seconds": round(seconds, 4), "prune_train_steps": result.info.get("train_steps", 0),
                    "masked_accuracy": round(masked.top1, 6),
                    "masked_top_k_accuracy": round(masked.top_k, 6), "base": base_figures, "layers": result.kept_table(), "why_unprunable": blocked}  # fmt: skip
-        self.save("2", result.model, self.meta(STAGES["2"], **info), "pruning", payload)
+        self.save("2", pruned, self.meta(STAGES["2"], **info), "pruning", payload)
         if c.echo_epochs:
             print(f"pruned with {c.backend}/{method} ({result.scope} scope) in {seconds:.3f} s; "
                   f"masked model top-1 {masked.top1:.4f}, physically pruned top-1 {figures['accuracy']:.4f}", file=sys.stderr)  # fmt: skip
         if not self.rows:
             self.record("  base (loaded)", base_figures, base)
-        self.record(f"2 pruned ({method} {c.percent:g})", figures, result.model)
+        self.record(f"2 pruned ({method} {c.percent:g})", figures, pruned)
         return payload
 
     def step_refine(self) -> dict[str, Any]:
         c = self.config
         model, meta = self.load(STAGES["2"])
-        loss = Distillation(self.base_model(), c.kd_alpha, c.kd_temperature) if c.distill else cross_entropy
+        model = self.runtime.place(model)
+        loss: LossFunction = cross_entropy
+        distilled: dict[str, Any] = {"distill": None}
+        if c.distill:
+            loss = Distillation(self.base_model(), c.kd_alpha, c.kd_temperature)
+            distilled = {"distill": {"alpha": c.kd_alpha, "temperature": c.kd_temperature}}
+        if c.distill and c.kd_features:
+            layers = feature_layers(model, c.kd_features)
+            loss = FeatureDistillation.build(self.base_model(), model, layers, self.example.to(self.runtime.device), c.kd_alpha, c.kd_temperature,
+                                             c.kd_feature_weight)  # fmt: skip
+            distilled["distill"] |= {"features": layers, "feature_weight": c.kd_feature_weight}
         result = self.fit(model, "3", "prune_model", after_step=None if meta.get("physical", True) else keep_zeros(model), loss_fn=loss)
         figures = self.figures(model, result)
-        distilled = {"distill": {"alpha": c.kd_alpha, "temperature": c.kd_temperature}} if c.distill else {"distill": None}
         self.save("3", model, {**meta, "stage": STAGES["3"], "refine_epochs": c.epochs("3"), **distilled}, "prune_model", {**figures, **distilled})
-        self.record("3 refined" + (" (KD)" if c.distill else ""), figures, model)
+        self.record("3 refined" + (" (KD + features)" if c.distill and c.kd_features else " (KD)" if c.distill else ""), figures, model)
         return figures
 
     def base_model(self) -> nn.Module:
         """Step 1's model: the one this job trained or pruned from (the harness keeps it outside save_root), else its snapshot."""
-        return self.models["1"] if "1" in self.models else self.load(STAGES["1"])[0]
+        return self.runtime.place(self.models["1"] if "1" in self.models else self.load(STAGES["1"])[0])
 
     def quantization_source(self) -> tuple[str, nn.Module, dict[str, Any]]:
         """The model step 4 quantizes: the refined one if there is one, else the pruned one."""
@@ -230,10 +280,17 @@ class Job:
         raise UsageError(f"step 4 needs a pruned or refined model and {root} has neither; run --step 2 (and 3) first, or pass --model_load_dir")
 
     def step_quantize(self) -> dict[str, Any]:
+        """int8 kernels run on the CPU: rank 0 quantizes a CPU copy, in one process."""
+        if not self.runtime.is_main:
+            return self.wait_for("4")
         c = self.config
         step, model, meta = self.quantization_source()
-        if c.quantize == "qat" and not meta.get("physical", True):
-            raise UsageError(f"--quantize qat would retrain the zeroed weights of {meta.get('method')} (masked, not smaller); use --quantize ptq")
+        model = copy.deepcopy(model).cpu()
+        on_cpu = replace(self.alone, device=torch.device("cpu"), amp="off", channels_last=False)
+        if c.quantize in RETRAINING_QUANTIZERS and not meta.get("physical", True):
+            raise UsageError(f"--quantize {c.quantize} would retrain the zeroed weights of {meta.get('method')} (masked, not smaller); use --quantize ptq")
+        if c.quantize in NNI_QUANTIZERS:
+            return self.step_simulate_int8(step, model, meta, on_cpu)
         example = self.data.example_input(1)
         generator = torch.Generator().manual_seed(c.seed)
         if c.quantize == "ptq":
@@ -241,14 +298,39 @@ class Job:
             quantized = quantize.post_training(model, batches, example)
         else:
             prepared = quantize.prepare(model, "qat", example)
-            self.fit(prepared, "4", "quant_model", epochs=c.qat_epochs)
+            self.fit(prepared, "4", "quant_model", epochs=c.qat_epochs, runtime=on_cpu)
             quantized = quantize.convert(prepared, example)
-        result = self.evaluate(quantized)
+        result = self.evaluate(quantized, on_cpu)
         figures = results_payload(result, model_size_mb(quantized), count_params(model), count_macs(model, example),
                                   quantize=c.quantize, quantized_from=STAGES[step], float_size_mb=round(model_size_mb(model), 4))  # fmt: skip
         extra = {"quantize": c.quantize, "quantized_from": STAGES[step], "float_shapes": quantize.float_shapes(model)}
         self.save("4", quantized, {**meta, "stage": STAGES["4"], **extra}, "quant_model", figures)
         self.record(f"4 int8 ({c.quantize})", figures, quantized)
+        return figures
+
+    def step_simulate_int8(self, step: str, model: nn.Module, meta: dict[str, Any], on_cpu: Runtime) -> dict[str, Any]:
+        """Step 4 through NNI's quantizers: simulated int8, so the row has accuracy only; the snapshot keeps float weights + NNI's calibration."""
+        c = self.config
+        generator = torch.Generator().manual_seed(c.seed)
+        limit = c.calib_batches if c.quantize == "nni-ptq" else c.limit_batches
+        log = EpochLog(c.log_dir, c.model, c.data_type, "quant_model", terminal_prefix="step 4 quantize:" if c.echo_epochs else None)
+        self.written["logs"].append(log.path)
+        torch.manual_seed(c.seed)
+        float_model, calibration, result = fake_quantize(
+            model, c.quantize, lambda: self.data.batches("train", c.batch_size, generator, limit), epochs=c.qat_epochs,
+            make_optimizer=lambda params, wrap: make_optimizer(c.optimizer, params, c.learning_rate, wrap),
+            measure=lambda simulated: self.evaluate(simulated, on_cpu), verbose=c.verbose,
+        )  # fmt: skip
+        log(max(c.qat_epochs - 1, 0) if c.quantize in NNI_RETRAINS else 0, result)
+        note = "NNI fake quantization: accuracy of simulated int8; no int8 kernel runs, so size and latency are not int8 figures and are left out"
+        figures = {**results_payload(result, model_size_mb(float_model), count_params(float_model), count_macs(float_model, self.example)),
+                   "modelSize": None, "reasoningTime": None, "quantize": c.quantize, "quantized_from": STAGES[step],
+                   "simulated": True, "note": note}  # fmt: skip
+        self.save("4", float_model, {**meta, "stage": STAGES["4"], "quantize": c.quantize, "simulated": True, "calibration": calibration},
+                  "quant_model", figures)  # fmt: skip
+        self.rows.append({"stage": f"4 simulated int8 ({c.quantize}, accuracy only)", "params": figures["params"], "MACs": figures["macs"],
+                          "size MB": None, "top-1": figures["accuracy"], f"top-{figures['top_k']}": figures["top_k_accuracy"],
+                          "samples/s": None})  # fmt: skip
         return figures
 
     def summary_lines(self) -> list[str]:

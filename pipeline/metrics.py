@@ -12,6 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from algorithms.modules import eval_mode
 
+from .runtime import synchronize
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -55,6 +57,7 @@ def measure_latency(*models: nn.Module, example_input: torch.Tensor, batch: int,
 
     Inference mode, eval, warm-up, median of `runs`. Several models are timed in
     interleaved rounds, so drift on a shared machine hits them alike and their ratio is fair.
+    On CUDA (the example input's device) each run is bracketed by a synchronisation.
     """
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -65,8 +68,10 @@ def measure_latency(*models: nn.Module, example_input: torch.Tensor, batch: int,
         with eval_mode(*models), torch.inference_mode():
             for index in range(warmup + runs):
                 for model, times in zip(models, timings, strict=True):
+                    synchronize(x.device)
                     start = time.perf_counter()
                     model(x)
+                    synchronize(x.device)
                     if index >= warmup:
                         times.append(time.perf_counter() - start)
     finally:

@@ -52,7 +52,7 @@ def rebuild_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
     """Build the zoo model named in `meta` and shrink it to the saved (possibly pruned) shapes; an int8 snapshot is then
     prepared and converted as step 4 did, and its int8 state loaded."""
     model = build_model(meta["model"], tuple(meta["input_shape"]), int(meta["num_classes"]))
-    if meta.get("quantize"):
+    if meta.get("quantize") and not meta.get("simulated"):  # NNI's simulated int8 saved float weights (and its calibration in meta)
         from .quantize import rebuild
 
         return rebuild(model, meta["float_shapes"], state_dict, meta["quantize"], torch.zeros(1, *meta["input_shape"]))

@@ -338,6 +338,18 @@ def test_distillation_and_int8_are_axes_of_the_matrix(tmp_path, digits):
     assert "| KD " in report and "int8 top-1" in report
 
 
+def test_an_nni_quantizer_cell_reports_simulated_int8_accuracy_only(tmp_path, digits):
+    pytest.importorskip("nni")
+    spec = MatrixSpec(**{**TINY, "backends": ("scratch",), "methods": ("conv_all",), "random_control": False, "quantize": ("nni-ptq",)})
+    (row,) = runner.run_matrix(spec, tmp_path / "out", base_root=tmp_path / "bases", data=digits)
+    assert row["status"] == "ok" and row["cell"].endswith("/int8-nni-ptq") and 0 <= row["int8_top1"] <= 1
+    assert not any(key in row for key in ("size_mb_int8", "size_ratio_int8", "latency_b64_int8_ms", "speedup_int8_b64"))
+    report = (tmp_path / "out" / "report.md").read_text()
+    line = next(line for line in report.splitlines() if "| nni-ptq" in line)
+    assert line.count("| -") >= 2  # int8 size and speedup: not measured for simulated int8
+    assert "NNI's simulated int8 (fake quantization in float): accuracy only" in report
+
+
 def test_bad_compression_axes_are_refused(capsys):
     assert main([*TINY_FLAGS, "--quantize", "int4"]) == 2
     assert "--quantize takes none, ptq, qat" in capsys.readouterr().err

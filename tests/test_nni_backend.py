@@ -72,6 +72,23 @@ def digits_batches():
     return data, lambda: data.batches("train", 32, generator)
 
 
+@pytest.mark.parametrize("name, method", [("vgg", "l1"), ("resnet", "l1"), ("vgg", "fpgm")])
+def test_round_to_rounds_nni_masks_up_to_multiples_and_stays_exact(name, method):
+    model = zoo(name)
+    plain = NNI.prune(model, method, 0.3, X)
+    rounded = NNI.prune(model, method, 0.3, X, round_to=8)
+    assert rounded.kept and rounded.info["round_to"] == 8
+    for layer, keep in rounded.kept.items():
+        assert len(keep) % 8 == 0 and len(keep) < rounded.original_units[layer] and set(plain.kept[layer]) <= set(keep)
+        assert rounded.masks[layer]["weight"].flatten(1).abs().sum(1).nonzero().flatten().tolist() == keep
+    graph = analyze(model, X)
+    with torch.no_grad():
+        expected = zeroed_reference(model, rounded.kept, rounded.original_units, graph.norm_after, X)
+        assert relative_error(rounded.model.eval()(X), expected) < 1e-4
+    if name == "resnet":  # coupled layers round together
+        assert rounded.kept["layer2.0.conv2"] == rounded.kept["layer2.0.shortcut.0"] == rounded.kept["layer2.1.conv2"]
+
+
 @pytest.mark.parametrize("method, options", [("slim", {}), ("taylor", {}), ("agp", {}), ("linear", {"schedule_over": "taylor"})])
 def test_data_driven_methods_prune_physically(digits_batches, method, options):
     data, batches = digits_batches

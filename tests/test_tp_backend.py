@@ -160,7 +160,7 @@ def test_run_py_tp_round_trip(tmp_path, monkeypatch, method):
     [
         (["--backend", "tp", "--prune_method", "fpgm"], "Torch-Pruning offers no method 'fpgm'"),
         (["--backend", "tp", "--round_to", "8"], "round_to=8 is larger than features.0"),
-        (["--backend", "scratch", "--round_to", "8"], "--round_to is an option of the tp backend"),
+        (["--backend", "nni", "--prune_method", "level", "--round_to", "8"], "round_to rounds channel counts; level prunes single weights"),
         (["--backend", "tp", "--round_to", "0"], "--round_to must be positive"),
     ],
 )

@@ -3,8 +3,11 @@
 * int8 (ptq) of the zoo vgg and resnet, trained on digits (run.py's default 8 epochs): size <= 0.27x of fp32, batch-64
   latency >= 2x faster than fp32 at the same architecture (BatchNorm folded, as deployed; 2 threads, interleaved rounds),
   top-1 within 1 point.
-* Distillation: vgg at 70% of channels removed (conv_all, layer scope), refined with and without the base model as teacher,
-  same epochs, three seeds: mean +- std of each, reported with no target on the sign.
+* Distillation: vgg at 70% of channels removed (conv_all, layer scope), refined with and without the base model as teacher
+  (logits only, and logits + feature maps through learned projections), same epochs, three seeds: mean +- std of each,
+  reported with no target on the sign.
+* NNI's quantizers beside the real int8 path, on the same refined vgg: top-1 of NNI's simulated int8 (ptq, qat, lsq; one
+  epoch for the trained ones) against FX ptq / qat with real int8 kernels. Accuracy only: NNI's models are float.
 """
 
 from __future__ import annotations
@@ -48,23 +51,42 @@ def test_int8_size_speed_and_accuracy(benchmark, tmp_path, name):
 
 
 def test_distillation_against_plain_refine_over_three_seeds(benchmark, tmp_path):
-    plain, distilled = [], []
+    plain, distilled, features = [], [], []
 
     def refine_both() -> None:
         for seed in range(3):
             job, _ = trained_base("vgg", tmp_path / f"seed{seed}", seed)
             job.config = replace(job.config, percent=0.7, method="conv_all", scope="layer")  # global L1 at 0.7 collapses vgg on digits
             job.run("2")
-            for distill, scores in ((False, plain), (True, distilled)):
-                job.config = replace(job.config, distill=distill)
+            for distill, kd_features, scores in ((False, None, plain), (True, None, distilled), (True, "auto", features)):
+                job.config = replace(job.config, distill=distill, kd_features=kd_features)
                 scores.append(job.step_refine()["accuracy"])
 
     benchmark.pedantic(refine_both, rounds=1, iterations=1)
-    summary = {label: (statistics.mean(s), statistics.stdev(s)) for label, s in (("plain", plain), ("kd", distilled))}
+    summary = {label: (statistics.mean(s), statistics.stdev(s)) for label, s in (("plain", plain), ("kd", distilled), ("kd_features", features))}
     benchmark.extra_info.update({f"{label}_top1": [round(m, 4), round(s, 4)] for label, (m, s) in summary.items()})
     print(f"\nvgg 70% channels removed, refined {job_epochs()} epochs: plain {summary['plain'][0]:.4f} +- {summary['plain'][1]:.4f}, "
-          f"KD {summary['kd'][0]:.4f} +- {summary['kd'][1]:.4f} (seeds 0-2; per seed plain {plain}, KD {distilled})")  # fmt: skip
+          f"KD {summary['kd'][0]:.4f} +- {summary['kd'][1]:.4f}, KD + features {summary['kd_features'][0]:.4f} +- {summary['kd_features'][1]:.4f} "
+          f"(seeds 0-2; per seed plain {plain}, KD {distilled}, KD + features {features})")  # fmt: skip
 
 
 def job_epochs() -> int:
     return JobConfig(data_type="digits").epochs("3")
+
+
+def test_nni_simulated_int8_beside_real_int8(benchmark, tmp_path):
+    pytest.importorskip("nni")
+    job, _ = trained_base("vgg", tmp_path)
+    job.config = replace(job.config, percent=0.5, method="conv_all", scope="layer")
+    job.run("23")
+    top1: dict[str, float] = {"fp32 refined": job.rows[-1]["top-1"]}
+
+    def quantize_all() -> None:
+        for mode in ("ptq", "qat", "nni-ptq", "nni-qat", "nni-lsq"):
+            job.config = replace(job.config, quantize=mode)
+            top1[mode] = job.step_quantize()["accuracy"]
+
+    benchmark.pedantic(quantize_all, rounds=1, iterations=1)
+    benchmark.extra_info.update({mode: round(value, 4) for mode, value in top1.items()})
+    print("\nvgg conv_all 0.5, refined, top-1: " + ", ".join(f"{mode} {value:.4f}" for mode, value in top1.items()))
+    assert abs(top1["nni-ptq"] - top1["fp32 refined"]) <= 0.02  # NNI's simulated ptq is a faithful int8 simulation
