@@ -8,20 +8,19 @@ torchrun --nproc_per_node 2 run.py --model vgg --step 123     (steps 1 and 3 on 
 from __future__ import annotations
 
 import argparse
-import shlex
 import signal
 import sys
 
 from tabulate import tabulate
 
-from algorithms.errors import first_line
+from algorithms.errors import PruningError, first_line
 from backends import BACKEND_NAMES
 from backends.nni_backend import SCHEDULE_BASES
 from models import MODEL_NAMES
 from pipeline.cli import OneLineParser, guarded
 from pipeline.config import JobConfig
 from pipeline.datasets import BUILTIN_DATASETS, load_dataset
-from pipeline.distributed import JOIN_TIMEOUT_S, join, launched_by_torchrun, leave
+from pipeline.distributed import JOIN_TIMEOUT_S, barrier, join, launched_by_torchrun, leave, peer_failed, torchrun_commands
 from pipeline.errors import UsageError
 from pipeline.job import Job, check_request
 from pipeline.runtime import AMP_DTYPES, Runtime, check_amp, resolve_device
@@ -145,32 +144,6 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     )  # fmt: skip
 
 
-LAUNCHER_FLAGS = ("--gpu_num_per_node", "--num_nodes", "--node_ips")
-MASTER_PORT = 29500
-
-
-def torchrun_commands(args: argparse.Namespace, argv: list[str]) -> list[str]:
-    """The original's --gpu_num_per_node / --num_nodes / --node_ips as the torchrun command line(s) that do the same."""
-    ips = [ip for ip in args.node_ips.split(",") if ip]
-    if args.num_nodes > 1 and len(ips) != args.num_nodes:
-        raise UsageError(
-            f"--num_nodes {args.num_nodes} needs --node_ips with {args.num_nodes} comma-separated addresses (the first is the master), got {len(ips)}"
-        )
-    rest, skip = [], False
-    for token in argv:
-        if skip:
-            skip = False
-        elif token in LAUNCHER_FLAGS:
-            skip = True
-        elif not token.startswith(tuple(f"{flag}=" for flag in LAUNCHER_FLAGS)):
-            rest.append(token)
-    command = f"torchrun --nproc_per_node {args.gpu_num_per_node}"
-    if args.num_nodes == 1:
-        return [f"{command} run.py {shlex.join(rest)}".rstrip()]
-    return [f"{command} --nnodes {args.num_nodes} --node_rank {rank} --master_addr {ips[0]} --master_port {MASTER_PORT} run.py {shlex.join(rest)}".rstrip()
-            + f"    # on {ip}" for rank, ip in enumerate(ips)]  # fmt: skip
-
-
 def runtime_from_args(args: argparse.Namespace) -> Runtime:
     """Device, precision and process group; under torchrun this process joins the others (bounded by --join_timeout)."""
     device = resolve_device(args.device)
@@ -179,15 +152,16 @@ def runtime_from_args(args: argparse.Namespace) -> Runtime:
         raise UsageError("--sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs); leave it out on the CPU")
     if args.join_timeout <= 0:
         raise UsageError(f"--join_timeout must be positive, got {args.join_timeout}")
-    rank, world_size = 0, 1
+    rank, world_size, group = 0, 1, None
     if launched_by_torchrun():
-        rank, world_size, device = join(device, args.join_timeout)
+        rank, world_size, device, group = join(device, args.join_timeout)
         signal.signal(signal.SIGTERM, _stop)  # torchrun stops the others when one process fails: unwind, so nothing is left half-written
     return Runtime(device=device, amp=args.amp, channels_last=args.channels_last, workers=args.workers, rank=rank, world_size=world_size,
-                   sync_bn=args.sync_bn)  # fmt: skip
+                   sync_bn=args.sync_bn, group=group)  # fmt: skip
 
 
 def _stop(_signal: int, _frame: object) -> None:
+    """SIGTERM as Ctrl-C: `finally` blocks run, so a snapshot being staged is removed rather than left half-written."""
     raise KeyboardInterrupt
 
 
@@ -195,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     joined: list[Runtime] = []  # this process's runtime once it has joined a torchrun job
+    running: list[bool] = []  # set once the job runs: from then on an error can be this process's own
 
     def run_job() -> int:
         steps = "".join(validate_args(args))
         processes = args.gpu_num_per_node * args.num_nodes
         if processes > 1 and not launched_by_torchrun():
             print("This run has several processes; start it with torchrun (PyTorch's launcher), on each machine:")
-            print("\n".join(torchrun_commands(args, argv)))
+            print("\n".join(torchrun_commands(args.gpu_num_per_node, args.num_nodes, [ip for ip in args.node_ips.split(",") if ip], argv)))
             return 0
         config = config_from_args(args)
         runtime = runtime_from_args(args)
@@ -209,17 +184,23 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if processes > 1 and processes != runtime.world_size:
                 raise UsageError(f"--gpu_num_per_node x --num_nodes = {processes}, but torchrun started {runtime.world_size} processes; make them agree")
+            if not runtime.is_main:  # rank 0 downloads a missing dataset first; the others then read its files
+                barrier(runtime)
             data = load_dataset(config.data_type, config.data_dir, config.download, dataset_dir=config.dataset_dir)
+            if runtime.is_main:
+                barrier(runtime)
             check_request(config, data, steps)
             job = Job(config, data, runtime)
+            running.append(True)
             try:
                 job.run(steps)
+            except (UsageError, PruningError) as error:
+                raise UsageError(f"process {runtime.rank}: {error}" if runtime.distributed else str(error)) from None
             except RuntimeError as error:
-                if not runtime.distributed:
+                if not (runtime.distributed and peer_failed(error)):
                     raise
-                raise SystemExit(
-                    f"error: a process of this job failed or stopped ({first_line(error)[:160]}); snapshots already written are complete"
-                ) from None
+                raise SystemExit(f"error: process {runtime.rank}: another process of this job failed or stopped ({first_line(error)[:160]}); "
+                                 "snapshots already written are complete") from None  # fmt: skip
             if runtime.is_main:
                 print(tabulate(job.rows, headers="keys", tablefmt="github", intfmt=",", floatfmt=".4f"))
                 print("\n".join(job.summary_lines()))
@@ -227,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             leave()
 
-    # once the processes have joined, rank 0 alone reports what went wrong: one copy of each message
+    # between joining and running, every process meets the same bad input: rank 0 alone says it; a failure while the job
+    # runs can be one process's own (a file it cannot read), so each process reports its own, naming itself
     return guarded(run_job, "interrupted; snapshots already written are complete, the step in progress wrote nothing",
-                   quiet=lambda: bool(joined) and not joined[0].is_main)  # fmt: skip
+                   quiet=lambda: bool(joined) and not joined[0].is_main and not running)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ SCHEDULE_BASES = ("l1", "taylor")
 TrainBatches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
-def _import_nni() -> Any:
+def import_nni() -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NNI's own imports warn about torch APIs it uses
@@ -51,7 +51,7 @@ def _import_nni() -> Any:
 
 
 @contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
+def quiet_nni(verbose: bool) -> Iterator[None]:
     """NNI logs every replaced module in colour; keep that out of the terminal unless asked."""
     if verbose:
         yield
@@ -104,7 +104,7 @@ class NNIBackend:
             raise PruningError(f"{method} is data-driven: pass train_batches (a function returning (images, labels) batches) and training_steps")
         if method == "slim" and not has_norm(model):
             raise PruningError(f"slim ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use l1, l2 or fpgm")
-        _import_nni()
+        import_nni()
 
     def prune(
         self,
@@ -135,7 +135,7 @@ class NNIBackend:
         physical = method != "level" if physical is None else physical
         self.validate(model, method, sparsity if config_list is None else 0.0, scope, physical=physical,
                       has_data=train_batches is not None, schedule_over=schedule_over, round_to=round_to)  # fmt: skip
-        nni = _import_nni()
+        nni = import_nni()
         torch.manual_seed(seed)
         graph = analyze(model, example_input)
         modules = dict(model.named_modules())
@@ -149,7 +149,7 @@ class NNIBackend:
         coupled = any(len(graph.groups[graph.group_of_producer[p]].members) > 1 for p in prunable)
         if config_list is None:
             config_list = _config_list(method, sparsity, scope, prunable, graph.norm_after, modules)
-        with _quiet(verbose):
+        with quiet_nni(verbose):
             try:
                 if coupled and method != "level":
                     config_list = _with_dependency_groups(working, config_list, example_input, graph.norm_after if method == "slim" else None)
@@ -169,7 +169,7 @@ class NNIBackend:
                     "use scope='layer' or a lower sparsity"
                 )
             if round_to:
-                kept = _rounded_up(kept, round_to, graph, modules)
+                kept = _rounded_up(kept, round_to, graph, dict(working.named_modules()))  # the weights NNI scored (trained, for data-driven methods)
                 units = {name: count for name, count in units.items() if name in kept}
                 masks = {name: unit_masks(modules[name], indices) for name, indices in kept.items()}
                 if method == "slim":

@@ -17,7 +17,7 @@ from torch import nn
 from algorithms.errors import PruningError, first_line
 from algorithms.modules import clone_tree
 
-from .nni_backend import _import_nni, _quiet
+from .nni_backend import import_nni, quiet_nni
 
 QUANTIZERS = {"nni-ptq": "PtqQuantizer", "nni-qat": "QATQuantizer", "nni-lsq": "LsqQuantizer"}
 RETRAINS = ("nni-qat", "nni-lsq")  # these fine-tune the weights while they learn the grid; nni-ptq only observes
@@ -50,13 +50,13 @@ def fake_quantize(
     """
     if mode not in QUANTIZERS:
         raise PruningError(f"unknown NNI quantizer {mode!r}; choose one of: {', '.join(QUANTIZERS)}")
-    nni = _import_nni()
+    nni = import_nni()
     from nni.compression import TorchEvaluator, quantization
 
     working = clone_tree(model, {})
     optimizer = make_optimizer(list(working.parameters()), nni.trace)
     evaluator = TorchEvaluator(_loop(batches, calibrate_only=mode not in RETRAINS), optimizer, _cross_entropy_step, evaluating_func=lambda _: None)
-    with _quiet(verbose):
+    with quiet_nni(verbose):
         try:
             quantizer = getattr(quantization, QUANTIZERS[mode])(working, CONFIG_LIST, evaluator)
             _, calibration = quantizer.compress(None, 1 if mode not in RETRAINS else epochs)

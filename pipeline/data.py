@@ -60,7 +60,8 @@ class ImageDataset:
         Shuffled from `generator` when one is given: each pass draws a new order from it, so a seeded run repeats.
         `shard=(rank, world_size, seed)`: this process's share, through a DistributedSampler when training (shuffled
         from `seed` and the epoch, padded to equal shares so every process takes the same number of steps), and as
-        every world_size-th test sample when evaluating (no padding, so reduced counts are exact).
+        every world_size-th test sample when evaluating (no padding, so reduced counts are exact; a `limit` then
+        applies to the split as one process would read it, so the processes together see the same images).
         """
         images, labels = (self.train_images, self.train_labels) if split == "train" else (self.test_images, self.test_labels)
         split_data = _Split(images, labels, self.normalize)
@@ -69,7 +70,8 @@ class ImageDataset:
             rank, world_size, seed = shard
             order = DistributedSampler(split_data, num_replicas=world_size, rank=rank, shuffle=generator is not None, seed=seed)
         elif shard is not None:
-            order = list(range(shard[0], len(labels), shard[1]))
+            order = list(range(len(labels) if limit is None else min(len(labels), limit * batch_size)))[shard[0] :: shard[1]]
+            limit = None
         else:
             order = _SeededOrder(len(labels), generator) if generator is not None else list(range(len(labels)))
         loader = DataLoader(split_data, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None, num_workers=workers,
@@ -112,7 +114,7 @@ class _SeededOrder(Sampler[int]):
 class Batches:
     """A DataLoader cut to at most `limit` batches per pass."""
 
-    loader: DataLoader
+    loader: DataLoader[tuple[torch.Tensor, torch.Tensor]]
     limit: int | None = None
 
     def __len__(self) -> int:
@@ -123,9 +125,10 @@ class Batches:
 
     def set_epoch(self, epoch: int) -> None:
         """A DistributedSampler shuffles by epoch; every process must be told the same one."""
-        sampler = self.loader.batch_sampler.sampler if self.loader.batch_sampler is not None else None
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
+        batches = self.loader.sampler  # with batch_size=None the DataLoader keeps our BatchSampler as its sampler
+        order = batches.sampler if isinstance(batches, BatchSampler) else batches
+        if isinstance(order, DistributedSampler):
+            order.set_epoch(epoch)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -73,7 +73,8 @@ def _outputs_of(model: nn.Module, layers: list[str]) -> Iterator[dict[str, torch
     captured: dict[str, torch.Tensor] = {}
     own = model.module if isinstance(model, DistributedDataParallel) else model  # the model's own layer names, not DDP's "module.*"
     modules = dict(own.named_modules())
-    handles = [modules[name].register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out)) for name in layers]
+    # a copy: an in-place activation after the layer (ReLU(inplace=True)) would otherwise overwrite what was captured
+    handles = [modules[name].register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out.clone())) for name in layers]
     try:
         yield captured
     finally:
@@ -117,9 +118,11 @@ class FeatureDistillation:
         return cls(Distillation(teacher, alpha, temperature), layers, projections, weight)
 
     def parameters(self) -> Iterator[nn.Parameter]:
+        """The projections': what train() optimises besides the student."""
         return self.projections.parameters()
 
     def __call__(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The logit loss plus the weighted feature term, for one batch."""
         with eval_mode(self.logits.teacher), torch.no_grad(), _outputs_of(self.logits.teacher, self.layers) as wanted:
             teacher_logits = self.logits.teacher(images)
         with _outputs_of(student, self.layers) as given:

@@ -19,6 +19,7 @@ from torch import nn
 
 from algorithms.masks import apply_masks
 from backends import get_backend
+from backends.nni_backend import import_nni
 from backends.nni_quantize import QUANTIZERS as NNI_QUANTIZERS
 from backends.nni_quantize import RETRAINS as NNI_RETRAINS
 from backends.nni_quantize import fake_quantize
@@ -28,7 +29,7 @@ from . import quantize
 from .config import STAGES, JobConfig
 from .data import ImageDataset
 from .distill import Distillation, FeatureDistillation, feature_layers
-from .distributed import barrier
+from .distributed import barrier, broadcast_parameters
 from .errors import UsageError
 from .metrics import count_macs, count_params, deployable, measure_latency, model_size_mb
 from .reporting import EpochLog, results_payload, write_results
@@ -74,6 +75,10 @@ def check_compression(config: JobConfig, steps: str) -> None:
         raise UsageError(f"unknown --quantize {config.quantize!r}; choose one of: {', '.join(QUANTIZE_MODES)}")
     if "4" not in steps:
         return
+    if config.quantize in NNI_QUANTIZERS:
+        import_nni()  # a missing NNI is found now, not after three steps of training
+    if "2" in steps and config.quantize in RETRAINING_QUANTIZERS and config.backend == "nni" and config.method == "level":
+        raise UsageError(f"--quantize {config.quantize} would retrain the zeroed weights of level (masked, not smaller); use --quantize ptq")
     if "1" in steps and "2" not in steps and "3" not in steps:
         raise UsageError(f"--step {steps} would quantize an older pruned model, not one pruned from the base this run trains; add 2 (and 3)")
     if config.quantize in RETRAINING_QUANTIZERS and config.qat_epochs < 1:
@@ -117,9 +122,11 @@ class Job:
         return {"model": c.model, "data_type": c.data_type, "input_shape": list(d.input_shape), "num_classes": d.num_classes,
                 "mean": list(d.mean), "std": list(d.std), "stage": stage, "seed": c.seed, **extra}  # fmt: skip
 
-    def figures(self, model: nn.Module, result: EvalResult) -> dict[str, Any]:
+    def figures(self, model: nn.Module, result: EvalResult, runtime: Runtime | None = None) -> dict[str, Any]:
+        """The results JSON's figures; `measured_on` says under which runtime (device, dtype, layout, processes) `result` was taken."""
         example = self.example.to(next(model.parameters()).device)
-        return results_payload(result, model_size_mb(model), count_params(model), count_macs(model, example), measured_on=self.runtime.describe())
+        measured_on = (runtime or self.runtime).describe()
+        return results_payload(result, model_size_mb(model), count_params(model), count_macs(model, example), measured_on=measured_on)
 
     def evaluate(self, model: nn.Module, runtime: Runtime | None = None) -> EvalResult:
         """Test-split figures; every process takes part unless a single-process `runtime` is given."""
@@ -155,10 +162,12 @@ class Job:
         self.first_step_done = True  # later steps load what this one saved
 
     def wait_for(self, step: str) -> dict[str, Any]:
-        """A process other than rank 0, in a step rank 0 does alone: wait until it has saved, then take its model from disk."""
+        """A process other than rank 0, in a step rank 0 does alone: wait until it has saved, then take its model from disk
+        (the int8 model of step 4 is the last thing a job makes: nothing after it needs it)."""
         barrier(self.runtime)
         self.first_step_done = True
-        self.models[step], self.metas[step] = self.load(STAGES[step])
+        if step != "4":
+            self.models[step], self.metas[step] = self.load(STAGES[step])
         return {}
 
     def fit(self, model: nn.Module, step: str, log_type: str, after_step: Callable[[nn.Module], None] | None = None,
@@ -223,12 +232,13 @@ class Job:
             print(f"note: {len(blocked)} layer group(s) left unpruned: " + "; ".join(f"{k}: {v}" for k, v in blocked.items()), file=sys.stderr)
         if not result.physical and c.echo_epochs:
             print(f"note: {method} is unstructured; the model is masked, not smaller: its size, MACs and latency are the dense model's", file=sys.stderr)
-        pruned = device(result.model)
-        base_figures = self.base_figures or self.figures(device(base), self.evaluate(base, self.alone))
-        # data-driven NNI methods train while pruning: their masked model is their trained copy, masked
+        # data-driven NNI methods train while pruning: their masked model is their trained copy, masked (built while base is on the CPU, as the masks are)
         trained_copy = result.info.get("masked_model")
-        masked = self.evaluate(device(trained_copy if trained_copy is not None else apply_masks(base, result.masks)), self.alone)
-        figures = self.figures(pruned, self.evaluate(pruned, self.alone))
+        masked_model = device(trained_copy if trained_copy is not None else apply_masks(base, result.masks))
+        pruned = device(result.model)
+        base_figures = self.base_figures or self.figures(device(base), self.evaluate(base, self.alone), self.alone)
+        masked = self.evaluate(masked_model, self.alone)
+        figures = self.figures(pruned, self.evaluate(pruned, self.alone), self.alone)
         info = {"backend": c.backend, "method": method, "percent": c.percent, "scope": result.scope, "exclude": list(c.exclude), "kept": result.kept,
                 "physical": result.physical}  # fmt: skip
         payload = {**figures, **info, "prune_seconds": round(seconds, 4), "prune_train_steps": result.info.get("train_steps", 0),
@@ -249,13 +259,18 @@ class Job:
         model = self.runtime.place(model)
         loss: LossFunction = cross_entropy
         distilled: dict[str, Any] = {"distill": None}
-        if c.distill:
-            loss = Distillation(self.base_model(), c.kd_alpha, c.kd_temperature)
+        teacher = self.base_model() if c.distill else None
+        if teacher is not None:
+            loss = Distillation(teacher, c.kd_alpha, c.kd_temperature)
             distilled = {"distill": {"alpha": c.kd_alpha, "temperature": c.kd_temperature}}
-        if c.distill and c.kd_features:
+        if teacher is not None and c.kd_features:
             layers = feature_layers(model, c.kd_features)
-            loss = FeatureDistillation.build(self.base_model(), model, layers, self.example.to(self.runtime.device), c.kd_alpha, c.kd_temperature,
-                                             c.kd_feature_weight)  # fmt: skip
+            torch.manual_seed(c.seed)  # the projections start the same whatever ran before in this process
+            features = FeatureDistillation.build(teacher, model, layers, self.example.to(self.runtime.device), c.kd_alpha, c.kd_temperature,
+                                                 c.kd_feature_weight)  # fmt: skip
+            if self.runtime.distributed:
+                broadcast_parameters(list(features.parameters()), self.runtime)
+            loss = features
             distilled["distill"] |= {"features": layers, "feature_weight": c.kd_feature_weight}
         result = self.fit(model, "3", "prune_model", after_step=None if meta.get("physical", True) else keep_zeros(model), loss_fn=loss)
         figures = self.figures(model, result)
@@ -301,7 +316,7 @@ class Job:
             self.fit(prepared, "4", "quant_model", epochs=c.qat_epochs, runtime=on_cpu)
             quantized = quantize.convert(prepared, example)
         result = self.evaluate(quantized, on_cpu)
-        figures = results_payload(result, model_size_mb(quantized), count_params(model), count_macs(model, example),
+        figures = results_payload(result, model_size_mb(quantized), count_params(model), count_macs(model, example), measured_on=on_cpu.describe(),
                                   quantize=c.quantize, quantized_from=STAGES[step], float_size_mb=round(model_size_mb(model), 4))  # fmt: skip
         extra = {"quantize": c.quantize, "quantized_from": STAGES[step], "float_shapes": quantize.float_shapes(model)}
         self.save("4", quantized, {**meta, "stage": STAGES["4"], **extra}, "quant_model", figures)
@@ -323,7 +338,8 @@ class Job:
         )  # fmt: skip
         log(max(c.qat_epochs - 1, 0) if c.quantize in NNI_RETRAINS else 0, result)
         note = "NNI fake quantization: accuracy of simulated int8; no int8 kernel runs, so size and latency are not int8 figures and are left out"
-        figures = {**results_payload(result, model_size_mb(float_model), count_params(float_model), count_macs(float_model, self.example)),
+        figures = {**results_payload(result, model_size_mb(float_model), count_params(float_model), count_macs(float_model, self.example),
+                                     measured_on=on_cpu.describe()),
                    "modelSize": None, "reasoningTime": None, "quantize": c.quantize, "quantized_from": STAGES[step],
                    "simulated": True, "note": note}  # fmt: skip
         self.save("4", float_model, {**meta, "stage": STAGES["4"], "quantize": c.quantize, "simulated": True, "calibration": calibration},

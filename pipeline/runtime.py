@@ -62,6 +62,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     sync_bn: bool = False  # BatchNorm statistics over every process's batch (SyncBatchNorm; CUDA only)
+    group: Any = None  # the job's process group (torch.distributed), when there are several processes
 
     @property
     def distributed(self) -> bool:
@@ -81,11 +82,13 @@ class Runtime:
         return model.to(self.device, memory_format=torch.channels_last) if self.channels_last else model.to(self.device)
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch on this device, in this memory format; copied asynchronously from pinned memory on CUDA."""
         if self.channels_last and images.ndim == 4:
             return images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         return images.to(self.device, non_blocking=True)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Mixed precision for the forward passes inside (loss included); a no-op when --amp is off."""
         dtype = AMP_DTYPES[self.amp]
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 

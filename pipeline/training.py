@@ -113,6 +113,7 @@ def train(
     history: list[EvalResult] = []
     for epoch in range(epochs):
         model.train()
+        trained.train()  # a SyncBatchNorm view keeps its own mode flags
         batches.set_epoch(epoch)
         bar = tqdm(batches, total=len(batches), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=None if runtime.is_main else True)
         for images, labels in bar:

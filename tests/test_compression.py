@@ -240,12 +240,12 @@ def test_feature_distillation_adds_the_projected_mse_and_trains_its_projections(
     loss = loss_fn(student, images, labels)
     # by hand: the logit term plus weight x the mean of the per-layer MSEs through the projections
     captured: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: captured.__setitem__(n, out)) for n, m in student.named_modules() if n in layers]
+    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: captured.__setitem__(n, out.clone())) for n, m in student.named_modules() if n in layers]
     student_logits = student(images)
     for hook in hooks:
         hook.remove()
     wanted: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: wanted.__setitem__(n, out)) for n, m in teacher.named_modules() if n in layers]
+    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: wanted.__setitem__(n, out.clone())) for n, m in teacher.named_modules() if n in layers]
     with torch.no_grad():
         teacher_logits = teacher(images)
     for hook in hooks:
@@ -253,12 +253,14 @@ def test_feature_distillation_adds_the_projected_mse_and_trains_its_projections(
     mse = torch.stack([F.mse_loss(loss_fn.projections[n.replace(".", "/")](captured[n]), wanted[n]) for n in layers]).mean()
     assert torch.allclose(loss, kd_loss(student_logits, teacher_logits, labels, 0.9, 4.0) + 0.5 * mse, atol=1e-5)
     assert not student._forward_hooks and all(not m._forward_hooks for m in teacher.modules())  # hooks live only during a call
+    assert any(bool((wanted[n] < 0).any()) for n in layers)  # the layers' own outputs, before the in-place ReLU that follows them
     projections = {k: v.clone() for k, v in loss_fn.projections.state_dict().items()}
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     assert projections  # conv_all 0.5 narrows these layers: there is something to learn
     train(student, data, epochs=1, batch_size=16, val_batch_size=64, lr=1e-3, optimizer_name="adam", seed=0, limit_batches=2,
           limit_val_batches=1, loss_fn=loss_fn)  # fmt: skip
     assert all(not torch.equal(projections[k], v) for k, v in loss_fn.projections.state_dict().items())
-    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items())  # the teacher is never trained, BatchNorm stats included
 
 
 def test_run_py_feature_distillation_records_its_layers(tmp_path, monkeypatch, capsys):

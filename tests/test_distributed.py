@@ -50,6 +50,24 @@ def _one_ddp_step(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def test_each_epoch_shards_a_new_permutation_and_every_process_agrees_on_it():
+    data = load_dataset("digits")
+    loaders = [data.loader("train", 16, torch.Generator().manual_seed(0), shard=(rank, 2, 0)) for rank in (0, 1)]
+    epochs = []
+    for epoch in (0, 1):
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        shares = []
+        for rank, loader in enumerate(loaders):
+            expected = DistributedSampler(range(len(data.train_labels)), num_replicas=2, rank=rank, shuffle=True, seed=0)
+            expected.set_epoch(epoch)
+            labels = torch.cat([batch for _, batch in loader])
+            assert torch.equal(labels, data.train_labels[list(expected)])
+            shares.append(labels)
+        epochs.append(torch.cat(shares))
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled between epochs
+
+
 def test_one_ddp_step_of_two_processes_equals_one_process_on_both_batches(tmp_path):
     out = tmp_path / "ddp.pt"
     # spawn, not fork: a process forked after torch has started its thread pools can hang in them
@@ -120,21 +138,21 @@ def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc (Linux)")
 def test_a_killed_process_ends_the_job_with_a_message_and_no_half_written_snapshot(tmp_path):
-    launcher = torchrun(tmp_path, "--model", "vgg", "--step", "123", "--num_epochs", "30", "--batch_size_per_device", "16", wait=False)
-    base_log = tmp_path / "log/log_vgg_digits_base_model.txt"
+    launcher = torchrun(tmp_path, "--model", "lenet", "--step", "123", "--num_epochs", "40", "--limit_batches", "20", "--batch_size_per_device", "16",
+                        wait=False)  # fmt: skip
+    refine_log = tmp_path / "log/log_lenet_digits_prune_model.txt"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (base_log.is_file() and base_log.read_text()):  # training is under way: one epoch logged
+    while time.monotonic() < deadline and not (refine_log.is_file() and refine_log.read_text()):  # steps 1 and 2 saved, step 3 under way
         assert launcher.poll() is None, launcher.communicate()[1]
-        time.sleep(0.5)
+        time.sleep(0.2)
     os.kill(_rank_pids(launcher)[1], signal.SIGKILL)
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode != 0
-    assert "a process of this job failed or stopped" in err or "interrupted; snapshots already written are complete" in err
-    snapshots = tmp_path / "output/snapshots/vgg/digits"
-    leftovers = [p.name for p in snapshots.iterdir()] if snapshots.exists() else []
-    assert all(name.startswith("model_") and not name.endswith(".tmp") for name in leftovers), leftovers  # no staging folder left behind
-    for name in leftovers:  # whatever was written is a whole snapshot
-        load_model(snapshots / name, "vgg", "digits")
+    assert "another process of this job failed or stopped" in err or "interrupted; snapshots already written are complete" in err
+    snapshots = tmp_path / "output/snapshots/lenet/digits"
+    assert {p.name for p in snapshots.iterdir()} == {"model_base", "model_prune"}  # no staging folder, no refine snapshot of an unfinished step
+    for name in ("model_base", "model_prune"):  # what was written is whole
+        load_model(snapshots / name, "lenet", "digits")
 
 
 def test_a_master_that_cannot_be_reached_is_one_line_after_a_bounded_wait(tmp_path):
