@@ -1,6 +1,6 @@
 """The `nni` backend: Microsoft NNI 3.0 pruners and ModelSpeedup behind the common contract.
 
-The only module that imports `nni`. Workarounds from DESIGN.md section 6: NNI's own
+With backends/nni_quantize.py, the only modules that import `nni`. Workarounds from DESIGN.md section 6: NNI's own
 tracer breaks on this torch, so ModelSpeedup gets `graph_module=torch.fx.symbolic_trace(model)`;
 residual models get NNI's dependency groups (jit based, needs tensorboard) so masks agree.
 """
