@@ -13,15 +13,16 @@ import sys
 
 from tabulate import tabulate
 
-from algorithms.errors import PruningError, first_line
+from algorithms.errors import first_line
 from backends import BACKEND_NAMES
 from backends.nni_backend import SCHEDULE_BASES
 from models import MODEL_NAMES
 from pipeline.cli import OneLineParser, guarded
 from pipeline.config import JobConfig
+from pipeline.data import ImageDataset
 from pipeline.datasets import BUILTIN_DATASETS, load_dataset
 from pipeline.distributed import JOIN_TIMEOUT_S, barrier, join, launched_by_torchrun, leave, peer_failed, torchrun_commands
-from pipeline.errors import UsageError
+from pipeline.errors import ProcessError, UsageError
 from pipeline.job import Job, check_request
 from pipeline.runtime import AMP_DTYPES, Runtime, check_amp, resolve_device
 from pipeline.training import OPTIMIZERS
@@ -152,12 +153,30 @@ def runtime_from_args(args: argparse.Namespace) -> Runtime:
         raise UsageError("--sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs); leave it out on the CPU")
     if args.join_timeout <= 0:
         raise UsageError(f"--join_timeout must be positive, got {args.join_timeout}")
-    rank, world_size, group = 0, 1, None
+    rank, world_size, group, wait_group = 0, 1, None, None
     if launched_by_torchrun():
-        rank, world_size, device, group = join(device, args.join_timeout)
+        rank, world_size, device, group, wait_group = join(device, args.join_timeout)
         signal.signal(signal.SIGTERM, _stop)  # torchrun stops the others when one process fails: unwind, so nothing is left half-written
     return Runtime(device=device, amp=args.amp, channels_last=args.channels_last, workers=args.workers, rank=rank, world_size=world_size,
-                   sync_bn=args.sync_bn, group=group)  # fmt: skip
+                   sync_bn=args.sync_bn, group=group, wait_group=wait_group)  # fmt: skip
+
+
+def load_data(config: JobConfig, runtime: Runtime) -> ImageDataset:
+    """The dataset; with --download under torchrun, rank 0 fetches it first and the others read its files (never two
+    downloads into one folder at once). Rank 0 releases the others even when it fails, and they then meet the same error."""
+
+    def load(download: bool) -> ImageDataset:
+        return load_dataset(config.data_type, config.data_dir, download, dataset_dir=config.dataset_dir)
+
+    if not (runtime.distributed and config.download):
+        return load(config.download)
+    if not runtime.is_main:
+        barrier(runtime)
+        return load(False)
+    try:
+        return load(True)
+    finally:
+        barrier(runtime)
 
 
 def _stop(_signal: int, _frame: object) -> None:
@@ -169,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     joined: list[Runtime] = []  # this process's runtime once it has joined a torchrun job
-    running: list[bool] = []  # set once the job runs: from then on an error can be this process's own
+    own_error: list[bool] = []  # set when this process met a problem the others may not have (ProcessError)
 
     def run_job() -> int:
         steps = "".join(validate_args(args))
@@ -184,18 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if processes > 1 and processes != runtime.world_size:
                 raise UsageError(f"--gpu_num_per_node x --num_nodes = {processes}, but torchrun started {runtime.world_size} processes; make them agree")
-            if not runtime.is_main:  # rank 0 downloads a missing dataset first; the others then read its files
-                barrier(runtime)
-            data = load_dataset(config.data_type, config.data_dir, config.download, dataset_dir=config.dataset_dir)
-            if runtime.is_main:
-                barrier(runtime)
+            data = load_data(config, runtime)
             check_request(config, data, steps)
             job = Job(config, data, runtime)
-            running.append(True)
             try:
                 job.run(steps)
-            except (UsageError, PruningError) as error:
-                raise UsageError(f"process {runtime.rank}: {error}" if runtime.distributed else str(error)) from None
+            except ProcessError:
+                own_error.append(True)
+                raise
             except RuntimeError as error:
                 if not (runtime.distributed and peer_failed(error)):
                     raise
@@ -208,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             leave()
 
-    # between joining and running, every process meets the same bad input: rank 0 alone says it; a failure while the job
-    # runs can be one process's own (a file it cannot read), so each process reports its own, naming itself
+    # once the processes have joined, bad input that every process meets is said once, by rank 0; a problem one process
+    # alone meets (ProcessError) is said by that process, naming itself
     return guarded(run_job, "interrupted; snapshots already written are complete, the step in progress wrote nothing",
-                   quiet=lambda: bool(joined) and not joined[0].is_main and not running)  # fmt: skip
+                   quiet=lambda: bool(joined) and not joined[0].is_main and not own_error)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -74,12 +74,16 @@ def _outputs_of(model: nn.Module, layers: list[str]) -> Iterator[dict[str, torch
     own = model.module if isinstance(model, DistributedDataParallel) else model  # the model's own layer names, not DDP's "module.*"
     modules = dict(own.named_modules())
     # a copy: an in-place activation after the layer (ReLU(inplace=True)) would otherwise overwrite what was captured
-    handles = [modules[name].register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out.clone())) for name in layers]
+    handles = [modules[name].register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, _copied(out))) for name in layers]
     try:
         yield captured
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _copied(output: object) -> object:
+    return output.clone() if isinstance(output, torch.Tensor) else output  # a layer returning a tuple is refused by build()
 
 
 def _projection(student_width: int, teacher_width: int, ndim: int) -> nn.Module:

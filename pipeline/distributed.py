@@ -26,9 +26,11 @@ from .errors import UsageError
 from .runtime import Runtime
 
 JOIN_TIMEOUT_S = 120  # how long a process waits to join the others before giving up with a message
+# How long a training collective (DDP, the metric reductions) may wait for a slow process before failing.
+COLLECTIVE_TIMEOUT_S = 30 * 60
 # How long a process waits at a barrier while rank 0 prunes or quantizes alone (a CPU QAT epoch on CIFAR takes long).
-# A process that dies does not make the others wait this long: torchrun stops them, and gloo / nccl report a closed peer.
-COLLECTIVE_TIMEOUT_S = 6 * 3600
+# A process that dies does not make the others wait this long: torchrun stops them, and gloo reports a closed peer.
+WAIT_TIMEOUT_S = 6 * 3600
 LAUNCHER_FLAGS = ("--gpu_num_per_node", "--num_nodes", "--node_ips")
 MASTER_PORT = 29500
 
@@ -38,11 +40,13 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def join(device: torch.device, timeout_s: float = JOIN_TIMEOUT_S) -> tuple[int, int, torch.device, Any]:
-    """Join the processes torchrun started; returns (rank, world size, this process's device, the job's process group).
+def join(device: torch.device, timeout_s: float = JOIN_TIMEOUT_S) -> tuple[int, int, torch.device, Any, Any]:
+    """Join the processes torchrun started; returns (rank, world size, this process's device, the group for training
+    collectives, the group for barriers).
 
     A master that cannot be reached within `timeout_s` is one clear error, not an endless wait. The job's collectives
-    run in a group of their own with a long timeout, so a slow step of rank 0's does not count as a failure.
+    run in groups of their own with longer timeouts, so a slow step of rank 0's does not count as a failure. Each group
+    meets once here, while every process is present: NCCL connects a group at its first collective.
     """
     rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -60,8 +64,10 @@ def join(device: torch.device, timeout_s: float = JOIN_TIMEOUT_S) -> tuple[int, 
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             raise UsageError(f"process {rank} could not join the job's process group at {where} within {timeout_s:g} s "
                              f"({type(error).__name__}); check --master_addr / --master_port and that rank 0 is running") from None  # fmt: skip
-    group = dist.new_group(timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    return rank, world_size, device, group
+    groups = [dist.new_group(timeout=datetime.timedelta(seconds=seconds)) for seconds in (COLLECTIVE_TIMEOUT_S, WAIT_TIMEOUT_S)]
+    for group in groups:
+        dist.barrier(group=group)
+    return rank, world_size, device, groups[0], groups[1]
 
 
 @contextlib.contextmanager
@@ -92,7 +98,7 @@ def peer_failed(error: BaseException) -> bool:
 def barrier(runtime: Runtime) -> None:
     """Everyone waits here: rank 0 has finished writing what the others are about to read."""
     if runtime.distributed:
-        dist.barrier(group=runtime.group)
+        dist.barrier(group=runtime.wait_group)
 
 
 def data_parallel(model: nn.Module, runtime: Runtime) -> nn.Module:
@@ -109,7 +115,9 @@ def data_parallel(model: nn.Module, runtime: Runtime) -> nn.Module:
 def _sync_batchnorm_view(module: nn.Module, group: Any) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return nn.SyncBatchNorm.convert_sync_batchnorm(module, group)  # a new module around the same tensors
-    view = copy.copy(module)  # shares the parameter and buffer tensors; gets its own child table below
+    # shares the parameter and buffer tables (so the tensors) and the hook tables (a hook on the model fires in the view);
+    # gets its own child table below, so the model's children stay as they are
+    view = copy.copy(module)
     view._modules = OrderedDict((name, None if child is None else _sync_batchnorm_view(child, group)) for name, child in module._modules.items())
     return view
 

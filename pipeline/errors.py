@@ -3,3 +3,8 @@
 
 class UsageError(ValueError):
     """Bad input from the user: the message names the problem and the fix."""
+
+
+class ProcessError(UsageError):
+    """A problem one process of a torchrun job met that the others may not have (it cannot read what rank 0 wrote):
+    that process reports it, where bad input that every process meets is reported once, by rank 0."""

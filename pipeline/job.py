@@ -30,7 +30,7 @@ from .config import STAGES, JobConfig
 from .data import ImageDataset
 from .distill import Distillation, FeatureDistillation, feature_layers
 from .distributed import barrier, broadcast_parameters
-from .errors import UsageError
+from .errors import ProcessError, UsageError
 from .metrics import count_macs, count_params, deployable, measure_latency, model_size_mb
 from .reporting import EpochLog, results_payload, write_results
 from .runtime import CPU, Runtime
@@ -167,7 +167,11 @@ class Job:
         barrier(self.runtime)
         self.first_step_done = True
         if step != "4":
-            self.models[step], self.metas[step] = self.load(STAGES[step])
+            try:
+                self.models[step], self.metas[step] = self.load(STAGES[step])
+            except UsageError as error:
+                raise ProcessError(f"process {self.runtime.rank} cannot read the snapshot rank 0 wrote ({error}); on several machines, "
+                                   "--model_save_dir must be on a filesystem all of them share") from None  # fmt: skip
         return {}
 
     def fit(self, model: nn.Module, step: str, log_type: str, after_step: Callable[[nn.Module], None] | None = None,

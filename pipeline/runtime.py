@@ -62,7 +62,8 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     sync_bn: bool = False  # BatchNorm statistics over every process's batch (SyncBatchNorm; CUDA only)
-    group: Any = None  # the job's process group (torch.distributed), when there are several processes
+    group: Any = None  # the process group of the job's training collectives (torch.distributed), when there are several processes
+    wait_group: Any = None  # the same processes, for barriers that wait while rank 0 works alone (a longer timeout)
 
     @property
     def distributed(self) -> bool:

@@ -145,6 +145,7 @@ def test_a_killed_process_ends_the_job_with_a_message_and_no_half_written_snapsh
     while time.monotonic() < deadline and not (refine_log.is_file() and refine_log.read_text()):  # steps 1 and 2 saved, step 3 under way
         assert launcher.poll() is None, launcher.communicate()[1]
         time.sleep(0.2)
+    assert time.monotonic() < deadline and launcher.poll() is None, "the job must still be refining when a process is killed"
     os.kill(_rank_pids(launcher)[1], signal.SIGKILL)
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode != 0
@@ -153,6 +154,30 @@ def test_a_killed_process_ends_the_job_with_a_message_and_no_half_written_snapsh
     assert {p.name for p in snapshots.iterdir()} == {"model_base", "model_prune"}  # no staging folder, no refine snapshot of an unfinished step
     for name in ("model_base", "model_prune"):  # what was written is whole
         load_model(snapshots / name, "lenet", "digits")
+
+
+def test_bad_input_every_process_meets_is_said_once_by_rank_0(tmp_path):
+    done = torchrun(tmp_path, "--data_type", "cifar10", "--data_dir", str(tmp_path / "nothing-here"), *QUICK)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "cifar10" in ours[0], done.stderr
+    assert "[rank1]" not in done.stderr and "[rank0]" not in done.stderr  # no worker printed a traceback
+    assert not (tmp_path / "output").exists() and not (tmp_path / "log").exists()
+
+
+def test_sync_batchnorm_view_trains_the_models_own_tensors_and_leaves_its_batchnorms():
+    from pipeline.distributed import _sync_batchnorm_view
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    view = _sync_batchnorm_view(model, None)
+    assert isinstance(view[1], torch.nn.SyncBatchNorm) and type(model[1]) is torch.nn.BatchNorm2d
+    assert view[1].weight is model[1].weight and view[1].running_mean is model[1].running_mean and view[0].weight is model[0].weight
+    view.train()
+    model.eval()
+    view(torch.randn(2, 3, 8, 8)).sum().backward()  # without a process group SyncBatchNorm computes plain batch norm
+    assert int(model[1].num_batches_tracked) == 1 and not torch.equal(model[1].running_mean, torch.zeros(4))
+    assert model[0].weight.grad is not None and not model[1].training  # the view's modes are its own
 
 
 def test_a_master_that_cannot_be_reached_is_one_line_after_a_bounded_wait(tmp_path):
