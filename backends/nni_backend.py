@@ -275,6 +275,13 @@ def _make_pruner(nni: Any, method: str, model: nn.Module, config_list: list[dict
 
 
 def _evaluator(nni: Any, model: nn.Module, train_batches: TrainBatches | None, lr: float) -> Any:
+    return torch_evaluator(train_batches, nni.trace(torch.optim.Adam)(model.parameters(), lr=lr))
+
+
+def torch_evaluator(train_batches: TrainBatches | None, optimizer: torch.optim.Optimizer, observe_only: bool = False) -> Any:
+    """NNI's TorchEvaluator over our batches, with cross-entropy steps. Pruners and QAT / LSQ quantizers train through it
+    (NNI patches `optimizer`, which must come from nni.trace); `observe_only` feeds the batches in eval mode without
+    gradients, which is all a post-training quantizer's observers need."""
     from nni.compression import TorchEvaluator
 
     def training_step(batch: tuple[torch.Tensor, torch.Tensor], model: nn.Module) -> torch.Tensor:
@@ -284,13 +291,17 @@ def _evaluator(nni: Any, model: nn.Module, train_batches: TrainBatches | None, l
     def training_func(model: nn.Module, optimizers: Any, training_step: Any, lr_schedulers: Any = None, max_steps: int | None = None,
                       max_epochs: int | None = None) -> None:  # fmt: skip
         optimizer = optimizers[0] if isinstance(optimizers, list) else optimizers
-        model.train()
+        model.train(not observe_only)
         done, epochs = 0, 0
         while (max_steps is None or done < max_steps) and (max_epochs is None or epochs < max_epochs):
             for batch in train_batches():
-                optimizer.zero_grad()
-                training_step(batch, model).backward()
-                optimizer.step()
+                if observe_only:
+                    with torch.no_grad():
+                        model(batch[0])
+                else:
+                    optimizer.zero_grad()
+                    training_step(batch, model).backward()
+                    optimizer.step()
                 done += 1
                 if max_steps is not None and done >= max_steps:
                     break
@@ -298,8 +309,8 @@ def _evaluator(nni: Any, model: nn.Module, train_batches: TrainBatches | None, l
             if max_steps is None and max_epochs is None:
                 break
 
-    optimizer = nni.trace(torch.optim.Adam)(model.parameters(), lr=lr)
-    return TorchEvaluator(training_func, optimizer, training_step)
+    # NNI's post-training quantizer calls evaluate() once it has calibrated; the job takes its figures itself
+    return TorchEvaluator(training_func, optimizer, training_step, evaluating_func=lambda _: None)
 
 
 def _kept_from_masks(

@@ -17,7 +17,7 @@ from torch import nn
 from algorithms.errors import PruningError, first_line
 from algorithms.modules import clone_tree
 
-from .nni_backend import import_nni, quiet_nni
+from .nni_backend import import_nni, quiet_nni, torch_evaluator
 
 QUANTIZERS = {"nni-ptq": "PtqQuantizer", "nni-qat": "QATQuantizer", "nni-lsq": "LsqQuantizer"}
 RETRAINS = ("nni-qat", "nni-lsq")  # these fine-tune the weights while they learn the grid; nni-ptq only observes
@@ -51,11 +51,11 @@ def fake_quantize(
     if mode not in QUANTIZERS:
         raise PruningError(f"unknown NNI quantizer {mode!r}; choose one of: {', '.join(QUANTIZERS)}")
     nni = import_nni()
-    from nni.compression import TorchEvaluator, quantization
+    from nni.compression import quantization
 
     working = clone_tree(model, {})
     optimizer = make_optimizer(list(working.parameters()), nni.trace)
-    evaluator = TorchEvaluator(_loop(batches, calibrate_only=mode not in RETRAINS), optimizer, _cross_entropy_step, evaluating_func=lambda _: None)
+    evaluator = torch_evaluator(batches, optimizer, observe_only=mode not in RETRAINS)
     with quiet_nni(verbose):
         try:
             quantizer = getattr(quantization, QUANTIZERS[mode])(working, CONFIG_LIST, evaluator)
@@ -66,31 +66,6 @@ def fake_quantize(
         measured = measure(working)
         quantizer.unwrap_model()
     return working, _json_ready(calibration), measured
-
-
-def _cross_entropy_step(batch: tuple[torch.Tensor, torch.Tensor], model: nn.Module) -> torch.Tensor:
-    images, labels = batch
-    return nn.functional.cross_entropy(model(images), labels)
-
-
-def _loop(batches: Batches, calibrate_only: bool) -> Callable[..., None]:
-    """NNI's training_func: observers see every batch; QAT / LSQ also step the optimizer NNI patched with its scale parameters."""
-
-    def training_func(model: nn.Module, optimizers: Any, training_step: Any, lr_schedulers: Any = None, max_steps: int | None = None,
-                      max_epochs: int | None = None) -> None:  # fmt: skip
-        optimizer = optimizers[0] if isinstance(optimizers, list) else optimizers
-        for _ in range(max_epochs or 1):
-            model.train(not calibrate_only)
-            for batch in batches():
-                if calibrate_only:
-                    with torch.no_grad():
-                        model(batch[0])
-                    continue
-                optimizer.zero_grad()
-                training_step(batch, model).backward()
-                optimizer.step()
-
-    return training_func
 
 
 def _json_ready(calibration: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.channel_pruning import check_scope, excluded_producers, validate_sparsity
+from algorithms.channel_pruning import check_round_to, check_scope, excluded_producers, validate_sparsity
 from algorithms.errors import PruningError, first_line
 from algorithms.graph import analyze
 from algorithms.masks import apply_masks, unit_masks
@@ -102,7 +102,7 @@ class TorchPruningBackend:
             raise PruningError(f"{method} is data-driven: pass train_batches (a function returning (images, labels) batches)")
         if method == "group_slim":
             _check_norms_follow(model)
-        _check_round_to_value(round_to)
+        check_round_to(round_to)
         layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))][:-1]  # the last: the classifier
         _check_round_to(round_to, [n for n in layers if not any(n == e or n.startswith(e + ".") for e in exclude)], dict(model.named_modules()))
         _import_tp()
@@ -127,7 +127,7 @@ class TorchPruningBackend:
         if options:
             raise PruningError(f"the tp backend takes no option(s) {', '.join(sorted(options))}")
         self.validate(model, method, sparsity, scope, has_data=train_batches is not None)
-        _check_round_to_value(round_to)
+        check_round_to(round_to)
         if training_steps < 0 or importance_batches < 1:
             raise PruningError(f"training_steps must be >= 0 and importance_batches >= 1, got {training_steps} and {importance_batches}")
         example_input = example_input.clone()  # a model may change its input in place: never the caller's
@@ -188,11 +188,6 @@ class TorchPruningBackend:
         if trained is not None:
             info["masked_model"] = apply_masks(trained, masks)
         return PruneResult(working, kept, masks, units, self.name, method, scope, info=info)
-
-
-def _check_round_to_value(round_to: int | None) -> None:
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise PruningError(f"round_to must be a positive whole number of channels, got {round_to!r}")
 
 
 def _check_round_to(round_to: int | None, prunable: list[str], modules: dict[str, nn.Module]) -> None:

@@ -126,18 +126,20 @@ def _collective_tensor(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return values.to(runtime.device) if runtime.device.type == "cuda" else values.clone()  # nccl reduces CUDA tensors only
 
 
+def _all_reduced(values: torch.Tensor, runtime: Runtime, op: Any) -> torch.Tensor:
+    reduced = _collective_tensor(values, runtime)
+    dist.all_reduce(reduced, op=op, group=runtime.group)
+    return reduced.cpu()
+
+
 def all_reduce_sum(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """The element-wise sum over every process (every process gets it)."""
-    reduced = _collective_tensor(values, runtime)
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=runtime.group)
-    return reduced.cpu()
+    return _all_reduced(values, runtime, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """The element-wise maximum over every process (every process gets it)."""
-    reduced = _collective_tensor(values, runtime)
-    dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=runtime.group)
-    return reduced.cpu()
+    return _all_reduced(values, runtime, dist.ReduceOp.MAX)
 
 
 def average_gradients(parameters: list[nn.Parameter], runtime: Runtime) -> None:

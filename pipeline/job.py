@@ -124,9 +124,13 @@ class Job:
 
     def figures(self, model: nn.Module, result: EvalResult, runtime: Runtime | None = None) -> dict[str, Any]:
         """The results JSON's figures; `measured_on` says under which runtime (device, dtype, layout, processes) `result` was taken."""
-        example = self.example.to(next(model.parameters()).device)
+        example = self.example_on(model)
         measured_on = (runtime or self.runtime).describe()
         return results_payload(result, model_size_mb(model), count_params(model), count_macs(model, example), measured_on=measured_on)
+
+    def example_on(self, model: nn.Module) -> torch.Tensor:
+        """The one-image example on the model's device (an int8 model without parameters: the CPU)."""
+        return self.example.to(next(model.parameters(), torch.empty(0)).device)
 
     def evaluate(self, model: nn.Module, runtime: Runtime | None = None) -> EvalResult:
         """Test-split figures; every process takes part unless a single-process `runtime` is given."""
@@ -136,7 +140,8 @@ class Job:
         if not self.runtime.is_main:  # the table is printed by rank 0
             return
         row = {"stage": stage, "params": figures["params"], "MACs": figures["macs"], "size MB": figures["modelSize"],
-               "top-1": figures["accuracy"], f"top-{figures['top_k']}": figures["top_k_accuracy"], "samples/s": round(figures["reasoningTime"])}  # fmt: skip
+               "top-1": figures["accuracy"], f"top-{figures['top_k']}": figures["top_k_accuracy"],
+               "samples/s": None if figures["reasoningTime"] is None else round(figures["reasoningTime"])}  # fmt: skip
         if self.timed and model is not None:
             row.update(self.latency(model))
         self.rows.append(row)
@@ -147,7 +152,7 @@ class Job:
         One thread, as the harness times by default: more threads than a shared machine has free time oversubscription, not the model.
         """
         runnable = model if isinstance(model, torch.fx.GraphModule) else deployable(model)
-        example = self.example.to(next(model.parameters(), torch.empty(0)).device)
+        example = self.example_on(model)
         timings = {batch: measure_latency(runnable, example_input=example, batch=batch, runs=LATENCY_RUNS, threads=1)[0] for batch in (1, 64)}
         return {f"b{batch} ms": round(seconds * 1000, 3) for batch, seconds in timings.items()}
 
@@ -348,9 +353,7 @@ class Job:
                    "simulated": True, "note": note}  # fmt: skip
         self.save("4", float_model, {**meta, "stage": STAGES["4"], "quantize": c.quantize, "simulated": True, "calibration": calibration},
                   "quant_model", figures)  # fmt: skip
-        self.rows.append({"stage": f"4 simulated int8 ({c.quantize}, accuracy only)", "params": figures["params"], "MACs": figures["macs"],
-                          "size MB": None, "top-1": figures["accuracy"], f"top-{figures['top_k']}": figures["top_k_accuracy"],
-                          "samples/s": None})  # fmt: skip
+        self.record(f"4 simulated int8 ({c.quantize}, accuracy only)", figures)  # no model: nothing to time
         return figures
 
     def summary_lines(self) -> list[str]:
