@@ -60,9 +60,10 @@ def _group_tensors(method: Method, modules: dict[str, nn.Module], graph: Channel
 
 
 def _score(method: Method, tensors: list[torch.Tensor], threshold: float) -> torch.Tensor:
-    """A group's score: the mean of its members' scores (members are coupled channel for channel)."""
+    """A group's score: the mean of its members' scores (members are coupled channel for channel), on the CPU, where the
+    selection runs whatever device the model is on (one number per channel)."""
     extra = (threshold,) if method.takes_threshold else ()
-    return torch.stack([method.score(t, *extra) for t in tensors]).mean(0)
+    return torch.stack([method.score(t, *extra) for t in tensors]).mean(0).cpu()
 
 
 def check_scope(scope: str | None, per_layer: bool) -> None:
@@ -153,8 +154,8 @@ def prune_channels(
         if spec.greedy:
             kept = {}
             for index, (ratio, tensors) in candidates.items():
-                distances = torch.stack([spec.score(t) for t in tensors]).sum(0)
-                importance = torch.stack([(t.detach().abs().double() if t.ndim == 1 else unit_sum(t)) for t in tensors]).mean(0)
+                distances = torch.stack([spec.score(t) for t in tensors]).sum(0).cpu()
+                importance = torch.stack([(t.detach().abs().double() if t.ndim == 1 else unit_sum(t)) for t in tensors]).mean(0).cpu()
                 removed = greedy_redundant(distances, importance, removal_count(graph.groups[index].size, ratio))
                 kept[index] = keep_all_but(graph.groups[index].size, removed)
                 if round_to:

@@ -72,7 +72,7 @@ def unit_mask(name: str, module: nn.Module, layer_masks: Mapping[str, torch.Tens
             raise PruningError(f"mask {name}.{key} has shape {tuple(mask.shape)} but the layer's {key} is {tuple(target.shape)}")
     if "weight" not in layer_masks:
         raise PruningError(f"masks for {name} lack 'weight'")
-    rows = layer_masks["weight"].detach().flatten(1) != 0
+    rows = layer_masks["weight"].detach().flatten(1).cpu() != 0  # the fix is worked out on the CPU, whatever device the masks are on
     kept, partial = rows.any(1), rows.any(1) & ~rows.all(1)
     if bool(partial.any()):
         raise PruningError(f"mask {name}.weight zeroes part of unit {int(partial.nonzero()[0])}: not a channel mask; only whole output units can be fixed")
@@ -117,7 +117,7 @@ def resolve_mask_conflict(masks_or_path: Masks | str | Path, model: nn.Module, d
         groups = math.lcm(*(grouping.dependency.get(layer, 1) for layer in dependency_set.layers))
         if groups > 1 and not bool(kept.all()):
             weights = [modules[layer].weight for layer in dependency_set.layers]
-            kept = _equalise(kept, groups, torch.stack([unit_sum(w) for w in weights]).mean(0))
+            kept = _equalise(kept, groups, torch.stack([unit_sum(w) for w in weights]).mean(0).cpu())
         for layer in asked:
             fixed[layer] = unit_masks(modules[layer], kept.nonzero().flatten())
         pruned = int((~kept).sum())

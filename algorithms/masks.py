@@ -29,12 +29,13 @@ def build_masks(model: nn.Module, graph: ChannelGraph, kept: dict[int, torch.Ten
 
 
 def mask_in_place(model: nn.Module, masks: Masks) -> nn.Module:
-    """weights x mask on `model` itself; BatchNorm is left as it is (what NNI measures)."""
+    """weights x mask on `model` itself, on its device; BatchNorm is left as it is (what NNI measures)."""
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, layer_masks in masks.items():
             for key, mask in layer_masks.items():
-                getattr(modules[name], key).mul_(mask)
+                tensor = getattr(modules[name], key)
+                tensor.mul_(mask.to(tensor.device))
     return model
 
 

@@ -54,7 +54,8 @@ def _param(tensor: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.Tensor:
-    return tensor.detach().clone() if index is None else tensor.detach().index_select(dim, index)
+    """The entries `index` keeps along `dim`, on the tensor's device (indices are computed on the CPU)."""
+    return tensor.detach().clone() if index is None else tensor.detach().index_select(dim, index.to(tensor.device))
 
 
 def sliced_tensor(module: nn.Module, attr: str, index: torch.Tensor, dim: int) -> None:
@@ -108,7 +109,7 @@ def _sliced_grouped_conv(module: nn.Conv2d, new: nn.Module, out_index: torch.Ten
     if blocks is None or not bool((blocks == torch.arange(groups)[:, None]).all()):
         raise ValueError(f"grouped conv input channels must keep the same count in each of its {groups} groups")
     local = (in_index % in_per).view(groups, -1)[outputs // out_per]  # per kept output: its block's kept inputs
-    weight = module.weight.detach()[outputs]
+    weight = module.weight.detach()[outputs.to(module.weight.device)]
     weight = weight.gather(1, local[:, :, None, None].expand(-1, -1, *weight.shape[2:]).to(weight.device))
     new._parameters["weight"] = _param(weight, module.weight)
     if module.bias is not None:

@@ -190,7 +190,9 @@ class NNIBackend:
             from nni.compression.speedup import ModelSpeedup
 
             try:
-                pruned = ModelSpeedup(working, example_input, masks, graph_module=torch.fx.symbolic_trace(working)).speedup_model()
+                device = next(working.parameters()).device  # the masks are kept on the CPU; the speedup applies them to the weights
+                on_model = {name: {key: mask.to(device) for key, mask in layer.items()} for name, layer in masks.items()}
+                pruned = ModelSpeedup(working, example_input, on_model, graph_module=torch.fx.symbolic_trace(working)).speedup_model()
             except Exception as error:
                 raise PruningError(f"NNI ModelSpeedup failed after {method}: {type(error).__name__}: {str(error).strip()[:200]}") from None
         pruned_modules = dict(pruned.named_modules())
@@ -206,7 +208,7 @@ def _rounded_up(kept: dict[str, list[int]], multiple: int, graph: Any, modules: 
     rounded: dict[str, list[int]] = {}
     for group_index in {graph.group_of_producer[name] for name in kept}:
         members = [name for name in graph.groups[group_index].members if name in kept]
-        score = torch.stack([unit_sum(modules[name].weight) for name in members]).mean(0)
+        score = torch.stack([unit_sum(modules[name].weight) for name in members]).mean(0).cpu()
         indices = round_up_kept(score, torch.tensor(kept[members[0]]), multiple).tolist()
         if len(indices) < len(score):
             rounded |= dict.fromkeys(members, indices)
@@ -285,7 +287,7 @@ def torch_evaluator(train_batches: TrainBatches | None, optimizer: torch.optim.O
     from nni.compression import TorchEvaluator
 
     def training_step(batch: tuple[torch.Tensor, torch.Tensor], model: nn.Module) -> torch.Tensor:
-        images, labels = batch
+        images, labels = on_device(batch, model)
         return F.cross_entropy(model(images), labels)
 
     def training_func(model: nn.Module, optimizers: Any, training_step: Any, lr_schedulers: Any = None, max_steps: int | None = None,
@@ -297,7 +299,7 @@ def torch_evaluator(train_batches: TrainBatches | None, optimizer: torch.optim.O
             for batch in train_batches():
                 if observe_only:
                     with torch.no_grad():
-                        model(batch[0])
+                        model(on_device(batch, model)[0])
                 else:
                     optimizer.zero_grad()
                     training_step(batch, model).backward()
@@ -311,6 +313,12 @@ def torch_evaluator(train_batches: TrainBatches | None, optimizer: torch.optim.O
 
     # NNI's post-training quantizer calls evaluate() once it has calibrated; the job takes its figures itself
     return TorchEvaluator(training_func, optimizer, training_step, evaluating_func=lambda _: None)
+
+
+def on_device(batch: tuple[torch.Tensor, torch.Tensor], model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (CPU) batch where the model is: the caller's batches do not know whether it lives on a GPU."""
+    device = next(model.parameters()).device
+    return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
 
 
 def _kept_from_masks(

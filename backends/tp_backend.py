@@ -166,10 +166,10 @@ class TorchPruningBackend:
                 )  # fmt: skip
                 steps, trained = 0, None
                 if spec.sparse_training:
-                    steps = _sparse_train(working, pruner, _batches(train_batches), training_steps, learning_rate)
+                    steps = _sparse_train(working, pruner, _batches(train_batches, example_input.device), training_steps, learning_rate)
                     trained = clone_tree(working, {})  # the weights Torch-Pruning then pruned: the masked figure comes from these
                 elif spec.gradients:
-                    _gradients(working, importance, _batches(train_batches), importance_batches, per_sample=spec.gradients == "sample")
+                    _gradients(working, importance, _batches(train_batches, example_input.device), importance_batches, per_sample=spec.gradients == "sample")
                 removed = _prune(tp, pruner, {module: name for name, module in modules.items()})
         except PruningError:
             raise
@@ -244,14 +244,14 @@ def _ratio_dict(sparsity: Mapping[str, float], prunable: list[str], modules: dic
     return ratios
 
 
-def _batches(train_batches: TrainBatches | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches without end: the data-driven methods may want more steps than one pass holds."""
+def _batches(train_batches: TrainBatches | None, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches without end, on the model's device: the data-driven methods may want more steps than one pass holds."""
     assert train_batches is not None  # validate() refused the request otherwise
     while True:
         empty = True
-        for batch in train_batches():
+        for images, labels in train_batches():
             empty = False
-            yield batch
+            yield images.to(device), labels.to(device)
         if empty:
             raise PruningError("train_batches yielded no batch")
 

@@ -24,13 +24,13 @@ from pipeline.atomic import write_json
 from pipeline.config import STAGES, JobConfig
 from pipeline.data import ImageDataset
 from pipeline.job import Job
-from pipeline.metrics import deployable, measure_latency
+from pipeline.metrics import DEPLOYED_LAYOUT, LAYOUT_NAMES, LAYOUT_SUFFIXES, deployable, latency_by_layout
 from pipeline.training import evaluate, train
 
 from .matrix import Cell, MatrixSpec, base_key
 
 LATENCY_BATCHES = (1, 64)
-LATENCY_FORM = "eval mode, BatchNorm folded into the conv before it (torch.fx fuse), NCHW, float32"
+LATENCY_FORM = "eval mode, BatchNorm folded into the conv before it (torch.fx fuse), float32 (int8 columns: int8 kernels on the CPU)"
 
 
 def job_config(spec: MatrixSpec, model: str, seed: int, **where: Any) -> JobConfig:
@@ -57,7 +57,7 @@ def ensure_base(spec: MatrixSpec, model: str, seed: int, data: ImageDataset, bas
             pass
         if (root / STAGES["1"]).is_dir() and figures_path.is_file():
             return root, json.loads(figures_path.read_text())
-        job = Job(job_config(spec, model, seed, save_dir=str(root), log_dir=str(root / "log"), result_dir=str(root / "results")), data)
+        job = Job(job_config(spec, model, seed, save_dir=str(root), log_dir=str(root / "log"), result_dir=str(root / "results")), data, spec.runtime())
         figures = job.step_train()
         write_json(figures_path, figures)  # written last: its presence marks a complete base
     return root, figures
@@ -83,32 +83,52 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_name(device: str) -> str:
+    """The processor a figure was measured on: the GPU's name on CUDA, else the CPU's."""
+    return torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else cpu_model()
+
+
 def environment(spec: MatrixSpec) -> dict[str, Any]:
-    return {**spec.versions, "python": platform.python_version(), "cpu": cpu_model(), "device": "cpu", "dtype": "float32",
-            "memory_format": "contiguous (NCHW)", "latency_form": LATENCY_FORM, "latency_threads": spec.threads,
-            "train_threads": torch.get_num_threads()}  # fmt: skip
+    return {**spec.versions, "python": platform.python_version(), "cpu": cpu_model(), "device": spec.device, "device_name": device_name(spec.device),
+            "dtype": "float32",
+            "memory_format": LAYOUT_NAMES[DEPLOYED_LAYOUT],
+            "other_memory_formats": {LAYOUT_SUFFIXES[layout]: LAYOUT_NAMES[layout] for layout in spec.layouts[1:]},
+            "latency_form": LATENCY_FORM, "latency_threads": spec.threads, "train_threads": torch.get_num_threads()}  # fmt: skip
+
+
+def column(name: str, layout: str) -> str:
+    """A latency column: the deployed layout's keeps the plain name; another layout's carries its suffix (speedup_b64_nchw)."""
+    return name if layout == DEPLOYED_LAYOUT else f"{name}_{LAYOUT_SUFFIXES[layout]}"
+
+
+def timed_pair(spec: MatrixSpec, reference: nn.Module, candidate: nn.Module, example: torch.Tensor, candidate_name: str) -> dict[str, float]:
+    """Reference and candidate (deployable copies: timing converts their layout) in interleaved rounds (DESIGN.md section 7),
+    at each latency batch size, in each timed layout: both times and the speedup, per layout. The pruned model's reference is
+    `latency_b{batch}_before_ms`; int8's is `latency_b{batch}_int8_reference_ms`, the dense base re-timed on the CPU, where int8 runs."""
+    out: dict[str, float] = {}
+    for batch in LATENCY_BATCHES:
+        timings = latency_by_layout(reference, candidate, example_input=example, batch=batch, runs=spec.latency_runs, threads=spec.threads,
+                                    layouts=spec.layouts)  # fmt: skip
+        speedup = f"speedup_b{batch}" if candidate_name == "after" else f"speedup_{candidate_name}_b{batch}"
+        for layout, (before, after) in timings.items():
+            reference_name = "before" if candidate_name == "after" else f"{candidate_name}_reference"  # int8: the dense base on the CPU
+            out[column(f"latency_b{batch}_{reference_name}_ms", layout)] = round(before * 1e3, 4)
+            out[column(f"latency_b{batch}_{candidate_name}_ms", layout)] = round(after * 1e3, 4)
+            out[column(speedup, layout)] = round(before / after, 4)
+    return out
 
 
 def latency_figures(spec: MatrixSpec, dense: nn.Module, pruned: nn.Module, example: torch.Tensor) -> dict[str, float]:
-    """Dense and pruned, both in their deployable form, timed in interleaved rounds (DESIGN.md section 7), at each latency batch size."""
-    dense, pruned = deployable(dense), deployable(pruned)
-    out: dict[str, float] = {}
-    for batch in LATENCY_BATCHES:
-        before, after = measure_latency(dense, pruned, example_input=example, batch=batch, runs=spec.latency_runs, threads=spec.threads)
-        out |= {f"latency_b{batch}_before_ms": round(before * 1e3, 4), f"latency_b{batch}_after_ms": round(after * 1e3, 4),
-                f"speedup_b{batch}": round(before / after, 4)}  # fmt: skip
-    return out
+    """Dense and pruned, both in their deployable form on the example's device, timed interleaved, in the deployed layout and
+    (suffixed columns) the other."""
+    return timed_pair(spec, deployable(dense).to(example.device), deployable(pruned).to(example.device), example, "after")
 
 
 def int8_figures(spec: MatrixSpec, dense: nn.Module, int8: nn.Module, example: torch.Tensor, figures: dict[str, Any], base_mb: float) -> dict[str, Any]:
-    """The int8 stage of a cell: its accuracy, size and latency against the dense fp32 base (deployable form), timed interleaved."""
-    dense = deployable(dense)
+    """The int8 stage of a cell: its accuracy, size and latency against the dense fp32 base (deployable form, on the CPU), timed interleaved."""
     out: dict[str, Any] = {"int8_top1": figures["accuracy"], "int8_topk": figures["top_k_accuracy"], "size_mb_int8": figures["modelSize"],
                            "size_ratio_int8": round(base_mb / figures["modelSize"], 4)}  # fmt: skip
-    for batch in LATENCY_BATCHES:
-        before, after = measure_latency(dense, int8, example_input=example, batch=batch, runs=spec.latency_runs, threads=spec.threads)
-        out |= {f"latency_b{batch}_int8_ms": round(after * 1e3, 4), f"speedup_int8_b{batch}": round(before / after, 4)}
-    return out
+    return out | timed_pair(spec, deployable(dense).cpu(), deployable(int8), example.cpu(), "int8")
 
 
 def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, cell_dir: Path, keep_snapshots: bool = False) -> dict[str, Any]:
@@ -121,7 +141,7 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
         config = job_config(spec, cell.model, cell.seed, backend=cell.backend, method=cell.method, percent=cell.percent, load_dir=str(base_dir),
                             save_dir=str(snapshots), log_dir=str(cell_dir / "log"), result_dir=str(cell_dir / "results"), distill=cell.distill,
                             quantize=cell.quantize if cell.quantize != "none" else "ptq")  # fmt: skip
-        job = Job(config, data)
+        job = Job(config, data, spec.runtime())
         job.base_figures = base_figures
         pruned = job.step_prune()
         refined = job.step_refine()
@@ -145,19 +165,20 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
         "prune_seconds": pruned["prune_seconds"], "prune_train_steps": pruned["prune_train_steps"],
         **layer_widths(base_model, pruned["layers"]),
     }  # fmt: skip
+    example = job.example_on(final_model)
     if pruned["physical"]:
-        row |= latency_figures(spec, base_model, final_model, data.example_input(1))
+        row |= latency_figures(spec, base_model, final_model, example)
         row["speedup_per_mac"] = round(row["speedup_b64"] / row["mac_ratio"], 4)
     if quantized is not None and quantized.get("simulated"):  # NNI's fake quantization: no int8 kernel to time or size
         row |= {"int8_top1": quantized["accuracy"], "int8_topk": quantized["top_k_accuracy"]}
     elif quantized is not None:
-        row |= int8_figures(spec, base_model, job.models["4"], data.example_input(1), quantized, base["modelSize"])
+        row |= int8_figures(spec, base_model, job.models["4"], example, quantized, base["modelSize"])
     if spec.scratch_control and pruned["physical"]:
         control = reinitialised(final_model, cell.seed)
         history = train(control, data, epochs=spec.base_epoch_count + spec.finetune_epochs, batch_size=spec.batch_size,
                         val_batch_size=spec.val_batch_size, lr=spec.learning_rate, optimizer_name=spec.optimizer, seed=cell.seed,
-                        limit_batches=spec.limit_batches, limit_val_batches=spec.limit_val_batches, desc="from scratch")  # fmt: skip
-        result = history[-1] if history else evaluate(control, data, spec.val_batch_size, spec.limit_val_batches)
+                        limit_batches=spec.limit_batches, limit_val_batches=spec.limit_val_batches, desc="from scratch", runtime=spec.runtime())  # fmt: skip
+        result = history[-1] if history else evaluate(control, data, spec.val_batch_size, spec.limit_val_batches, spec.runtime())
         row |= {"scratch_top1": round(result.top1, 6), "scratch_topk": round(result.top_k, 6)}
     row["cell_seconds"] = round(time.perf_counter() - started, 3)
     row["env"] = environment(spec)

@@ -16,6 +16,8 @@ from models import MODEL_NAMES, build_model
 from pipeline.config import DEFAULT_EPOCHS
 from pipeline.errors import UsageError
 from pipeline.job import QUANTIZE_MODES
+from pipeline.metrics import DEPLOYED_LAYOUT, TIMED_LAYOUTS
+from pipeline.runtime import Runtime
 
 RANDOM_CONTROL = ("scratch", "random")
 
@@ -42,21 +44,42 @@ class MatrixSpec:
     scope: str | None = None  # None: each method's own scope
     threads: int = 1  # latency is timed at this many threads
     latency_runs: int = 20
+    other_layouts: bool = True  # also time latency in NCHW, beside the deployed channels_last (the `_nchw` columns)
     random_control: bool = True
     scratch_control: bool = False
     distill: tuple[bool, ...] = (False,)  # axis: refine plainly and / or with the base model as teacher
     quantize: tuple[str, ...] = ("none",)  # axis: stop at fp32 and / or add step 4 (ptq, qat; nni-*: simulated)
+    device: str = "cpu"  # where cells train and are timed (resolved: cpu, cuda:N); int8 kernels run on the CPU whatever it is
     versions: dict[str, str] = field(default_factory=lambda: package_versions())
 
     @property
     def base_epoch_count(self) -> int:
         return self.base_epochs if self.base_epochs is not None else DEFAULT_EPOCHS.get(self.data_type, 2)
 
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        """The layouts latency is timed in, the deployed one first."""
+        return TIMED_LAYOUTS if self.other_layouts else (DEPLOYED_LAYOUT,)
+
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
+
+    def runtime(self) -> Runtime:
+        """The cells' compute settings: one process on the spec's device, fp32 without autocast (the harness compares methods, not
+        precisions; CUDA's default TF32 convolutions apply on GPUs that have them)."""
+        return Runtime(device=torch.device(self.device))
+
     def fingerprint(self) -> dict[str, object]:
-        """Everything two result sets must share to sit in one table (the matrix's extent may differ)."""
-        extent = {"models", "backends", "methods", "percents", "seeds", "random_control", "scratch_control", "distill", "quantize"}
+        """Everything two result sets must share to sit in one table (the matrix's extent may differ).
+
+        The device counts by kind (shards on cuda:0 and cuda:1 of one node mix); `latency_layout` is the layout latency is timed in.
+        """
+        # what a run adds or leaves out, not what its figures mean
+        extent = {"models", "backends", "methods", "percents", "seeds", "random_control", "scratch_control", "distill", "quantize", "other_layouts"}
         settings = {k: v for k, v in asdict(self).items() if k not in extent}
-        return {**settings, "base_epochs": self.base_epoch_count}  # 8 and "the default for digits" are the same run
+        # 8 and "the default for digits" are the same run
+        return {**settings, "base_epochs": self.base_epoch_count, "device": self.device_type, "latency_layout": DEPLOYED_LAYOUT}
 
 
 @dataclass(frozen=True, order=True)
@@ -174,5 +197,7 @@ def base_key(spec: MatrixSpec, model: str, seed: int, input_shape: tuple[int, ..
                "limit_batches": spec.limit_batches, "torch": spec.versions.get("torch"),
                # the cached base figures are measured on this many test images
                "limit_val_batches": spec.limit_val_batches, "val_batch_size": spec.val_batch_size}  # fmt: skip
+    if spec.device_type != "cpu":  # a GPU trains other weights (other kernels); CPU bases keep the keys they always had
+        shaping["device"] = spec.device_type
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
     return f"{model}-{spec.data_type}-seed{seed}-{digest}"

@@ -64,8 +64,10 @@ def model_table(stats: pd.DataFrame, has_scratch_control: bool) -> str:
         }  # fmt: skip
         if has_scratch_control:
             row["from scratch top-1"] = mean_std(s.get("scratch_top1"), s.get("scratch_top1_std"), s.seeds)
-        row |= {"params ÷": ratio(s.params_ratio), "MACs ÷": ratio(s.mac_ratio), "speedup b64": ratio(s.get("speedup_b64")),
-                "speedup b1": ratio(s.get("speedup_b1")), "prune s": f"{s.prune_seconds:.3f}"}  # fmt: skip
+        row |= {"params ÷": ratio(s.params_ratio), "MACs ÷": ratio(s.mac_ratio), "speedup b64": ratio(s.get("speedup_b64"))}
+        if "speedup_b64_nchw" in stats.columns:  # runs from before channels_last timing have one layout only
+            row["speedup b64 NCHW"] = ratio(s.get("speedup_b64_nchw"))
+        row |= {"speedup b1": ratio(s.get("speedup_b1")), "prune s": f"{s.prune_seconds:.3f}"}
         if s.quantize != "none":
             row |= {"int8 top-1": mean_std(s.get("int8_top1"), s.get("int8_top1_std"), s.seeds), "int8 size ÷": ratio(s.get("size_ratio_int8")),
                     "int8 speedup b64": ratio(s.get("speedup_int8_b64"))}  # fmt: skip
@@ -100,6 +102,18 @@ def budget_table(stats: pd.DataFrame) -> str:
     return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True) if rows else "(no configuration reaches 1.5x fewer MACs)"
 
 
+def latency_where(manifest: dict[str, Any]) -> str:
+    """Device and layout latency was timed in; runs from before the layout was recorded were timed NCHW on the CPU."""
+    env = manifest.get("env", {})
+    others = env.get("other_memory_formats")
+    if "other_memory_formats" not in env:
+        return f"{env.get('device', 'cpu')}, {env.get('memory_format', 'contiguous (NCHW)')}"
+    if not others:  # --deployed_layout_only
+        return f"{env.get('device')} ({env.get('device_name')}), {env.get('memory_format')} as deployed"
+    beside = ", ".join(f"{name} in the `_{suffix}` columns" for suffix, name in others.items())
+    return f"{env.get('device')} ({env.get('device_name')}), {env.get('memory_format')} as deployed ({beside})"
+
+
 def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     spec = manifest.get("spec", {})
     cpus = sorted({r.get("env", {}).get("cpu", "?") for r in rows})
@@ -108,8 +122,9 @@ def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list
         f"Data `{spec.get('data_type')}`; base model trained {spec.get('base_epochs_resolved', spec.get('base_epochs'))} epochs, "
         f"each pruned model fine-tuned {spec.get('finetune_epochs')} epochs ({spec.get('optimizer')}, lr {spec.get('learning_rate')}, "
         f"batch {spec.get('batch_size')}); every cell starts from the same base per model and seed; seeds {', '.join(str(x) for x in spec.get('seeds', []))}.",
-        f"Latency: CPU, float32, NCHW, BatchNorm folded into the preceding conv (as inference runtimes run it), {spec.get('threads')} thread(s), "
-        f"median of {spec.get('latency_runs')} runs after warm-up, dense and pruned interleaved; speedup = dense / pruned time. "
+        f"Latency: {latency_where(manifest)}, float32, BatchNorm folded into the preceding conv (as inference runtimes run it), "
+        f"{spec.get('threads')} thread(s), median of {spec.get('latency_runs')} runs after warm-up, dense and pruned interleaved; "
+        "speedup = dense / pruned time. int8 kernels run on the CPU. "
         "MACs = Conv + Linear multiply-accumulates per sample (torch FlopCounterMode).",
         f"Environment: {versions}; CPU {', '.join(cpus)}.",
         f"NNI's data-driven methods (slim, taylor, agp, linear) train {spec.get('prune_steps')} steps on the training data while pruning, on top "

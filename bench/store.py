@@ -32,8 +32,13 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     write_json(directory / MANIFEST, manifest)
 
 
+# what runs made before a setting was recorded used: their fingerprints lack it
+FINGERPRINT_DEFAULTS = {"device": "cpu", "latency_layout": "contiguous"}
+
+
 def incompatibility(expected: dict[str, Any], found: dict[str, Any]) -> str | None:
     """The first setting two runs disagree on, in words; None when their rows may share a table."""
+    expected, found = {**FINGERPRINT_DEFAULTS, **expected}, {**FINGERPRINT_DEFAULTS, **found}
     for key in sorted(set(expected) | set(found)):
         if expected.get(key) != found.get(key):
             return f"{key} is {found.get(key)!r} there but {expected.get(key)!r} here"

@@ -31,14 +31,15 @@ from .data import ImageDataset
 from .distill import Distillation, FeatureDistillation, feature_layers
 from .distributed import barrier, broadcast_parameters
 from .errors import ProcessError, UsageError
-from .metrics import count_macs, count_params, deployable, measure_latency, model_size_mb
+from .metrics import DEPLOYED_LAYOUT, LAYOUT_NAMES, LAYOUT_SUFFIXES, TIMED_LAYOUTS, count_macs, count_params, deployable, latency_by_layout, model_size_mb
 from .reporting import EpochLog, results_payload, write_results
 from .runtime import CPU, Runtime
 from .snapshots import load_model, save_snapshot
 from .training import EvalResult, LossFunction, cross_entropy, evaluate, make_optimizer, train
 
 STEP_NAMES = {"1": "base", "2": "prune", "3": "refine", "4": "quantize"}
-LATENCY_RUNS = 10
+LATENCY_RUNS = 20
+LATENCY_BATCHES = (1, 64)
 QUANTIZE_MODES = (*quantize.MODES, *NNI_QUANTIZERS)  # real int8 kernels, then NNI's simulated int8 (accuracy only)
 RETRAINING_QUANTIZERS = ("qat", *NNI_RETRAINS)
 
@@ -104,9 +105,10 @@ class Job:
         self.rows: list[dict[str, Any]] = []  # one per finished step, for the terminal table
         self.models: dict[str, nn.Module] = {}  # step -> the model it produced
         self.metas: dict[str, dict[str, Any]] = {}  # step -> the meta its snapshot was saved with
+        self.results: dict[str, dict[str, Any]] = {}  # step -> the figures its results JSON holds
         self.written: dict[str, list[Path]] = {"snapshots": [], "logs": [], "results": []}
         self.base_figures: dict[str, Any] | None = None  # a caller that already evaluated the base (the harness) sets them
-        self.timed = False  # rows carry batch-1 / batch-64 latency: the whole-pipeline table of a run that quantizes
+        self.timed = False  # figures carry batch-1 / batch-64 latency: the whole-pipeline table of a run that quantizes
 
     def run(self, steps: str) -> None:
         self.timed = "4" in steps
@@ -126,7 +128,8 @@ class Job:
         """The results JSON's figures; `measured_on` says under which runtime (device, dtype, layout, processes) `result` was taken."""
         example = self.example_on(model)
         measured_on = (runtime or self.runtime).describe()
-        return results_payload(result, model_size_mb(model), count_params(model), count_macs(model, example), measured_on=measured_on)
+        payload = results_payload(result, model_size_mb(model), count_params(model), count_macs(model, example), measured_on=measured_on)
+        return payload | self.latency(model)
 
     def example_on(self, model: nn.Module) -> torch.Tensor:
         """The one-image example on the model's device (an int8 model without parameters: the CPU)."""
@@ -136,25 +139,35 @@ class Job:
         """Test-split figures; every process takes part unless a single-process `runtime` is given."""
         return evaluate(model, self.data, self.config.val_batch_size, self.config.limit_val_batches, runtime or self.runtime)
 
-    def record(self, stage: str, figures: dict[str, Any], model: nn.Module | None = None) -> None:
+    def record(self, stage: str, figures: dict[str, Any]) -> None:
         if not self.runtime.is_main:  # the table is printed by rank 0
             return
         row = {"stage": stage, "params": figures["params"], "MACs": figures["macs"], "size MB": figures["modelSize"],
                "top-1": figures["accuracy"], f"top-{figures['top_k']}": figures["top_k_accuracy"],
                "samples/s": None if figures["reasoningTime"] is None else round(figures["reasoningTime"])}  # fmt: skip
-        if self.timed and model is not None:
-            row.update(self.latency(model))
+        if "latency" in figures:
+            timed = figures["latency"]
+            other = next(layout for layout in TIMED_LAYOUTS if layout != DEPLOYED_LAYOUT)
+            row |= {f"b{batch} ms": timed[DEPLOYED_LAYOUT][f"b{batch}_ms"] for batch in LATENCY_BATCHES}
+            row[f"b64 ms {LAYOUT_SUFFIXES[other].upper()}"] = timed[other]["b64_ms"]
         self.rows.append(row)
 
-    def latency(self, model: nn.Module) -> dict[str, float]:
-        """Batch-1 and batch-64 milliseconds, as deployed: float models with BatchNorm folded (int8 models have it fused already).
+    def latency(self, model: nn.Module, dtype: str = "float32") -> dict[str, Any]:
+        """{"latency": ...} for a timed job's rank 0, else {}: batch-1 and batch-64 milliseconds on the model's device, as deployed
+        (BatchNorm folded; int8 models have it fused already), in the deployed layout and in the other, each named.
 
-        One thread, as the harness times by default: more threads than a shared machine has free time oversubscription, not the model.
+        One thread on the CPU, as the harness times by default: more threads than a shared machine has free time oversubscription, not the model.
         """
-        runnable = model if isinstance(model, torch.fx.GraphModule) else deployable(model)
+        if not (self.timed and self.runtime.is_main):
+            return {}
         example = self.example_on(model)
-        timings = {batch: measure_latency(runnable, example_input=example, batch=batch, runs=LATENCY_RUNS, threads=1)[0] for batch in (1, 64)}
-        return {f"b{batch} ms": round(seconds * 1000, 3) for batch, seconds in timings.items()}
+        threads = 1 if example.device.type == "cpu" else None
+        runnable = deployable(model)  # a copy: timing converts its layout
+        timings = {batch: latency_by_layout(runnable, example_input=example, batch=batch, runs=LATENCY_RUNS, threads=threads) for batch in LATENCY_BATCHES}
+        by_layout = {layout: {f"b{batch}_ms": round(timings[batch][layout][0] * 1000, 3) for batch in LATENCY_BATCHES} for layout in TIMED_LAYOUTS}
+        return {"latency": {"deployed_layout": DEPLOYED_LAYOUT, "layouts": {layout: LAYOUT_NAMES[layout] for layout in TIMED_LAYOUTS},
+                            "device": str(example.device), "dtype": dtype, "threads": threads, "runs": LATENCY_RUNS,
+                            "form": "eval, inference mode, BatchNorm folded, median after warm-up", **by_layout}}  # fmt: skip
 
     def save(self, step: str, model: nn.Module, meta: dict[str, Any], log_type: str, figures: dict[str, Any]) -> None:
         """Rank 0 writes (snapshots hold CPU tensors whatever the device); then everyone meets, so the files are complete for all."""
@@ -163,7 +176,7 @@ class Job:
             self.written["snapshots"].append(save_snapshot(c.save_root / STAGES[step], model, meta))
             self.written["results"].append(write_results(c.result_dir, c.model, c.data_type, log_type, figures))
         barrier(self.runtime)
-        self.models[step], self.metas[step] = model, meta
+        self.models[step], self.metas[step], self.results[step] = model, meta, figures
         self.first_step_done = True  # later steps load what this one saved
 
     def wait_for(self, step: str) -> dict[str, Any]:
@@ -198,7 +211,7 @@ class Job:
         model = self.runtime.place(build_model(c.model, self.data.input_shape, self.data.num_classes))
         figures = self.figures(model, self.fit(model, "1", "base_model"))
         self.save("1", model, self.meta(STAGES["1"], epochs=c.epochs("1")), "base_model", figures)
-        self.record("1 base", figures, model)
+        self.record("1 base", figures)
         return figures
 
     def backend_options(self) -> dict[str, Any]:
@@ -245,7 +258,8 @@ class Job:
         trained_copy = result.info.get("masked_model")
         masked_model = device(trained_copy if trained_copy is not None else apply_masks(base, result.masks))
         pruned = device(result.model)
-        base_figures = self.base_figures or self.figures(device(base), self.evaluate(base, self.alone), self.alone)
+        # the base's figures: the harness's, or this job's step 1 (already evaluated and timed), or measured now
+        base_figures = self.base_figures or self.results.get("1") or self.figures(device(base), self.evaluate(base, self.alone), self.alone)
         masked = self.evaluate(masked_model, self.alone)
         figures = self.figures(pruned, self.evaluate(pruned, self.alone), self.alone)
         info = {"backend": c.backend, "method": method, "percent": c.percent, "scope": result.scope, "exclude": list(c.exclude), "kept": result.kept,
@@ -258,8 +272,8 @@ class Job:
             print(f"pruned with {c.backend}/{method} ({result.scope} scope) in {seconds:.3f} s; "
                   f"masked model top-1 {masked.top1:.4f}, physically pruned top-1 {figures['accuracy']:.4f}", file=sys.stderr)  # fmt: skip
         if not self.rows:
-            self.record("  base (loaded)", base_figures, base)
-        self.record(f"2 pruned ({method} {c.percent:g})", figures, pruned)
+            self.record("  base (loaded)", base_figures)
+        self.record(f"2 pruned ({method} {c.percent:g})", figures)
         return payload
 
     def step_refine(self) -> dict[str, Any]:
@@ -284,7 +298,7 @@ class Job:
         result = self.fit(model, "3", "prune_model", after_step=None if meta.get("physical", True) else keep_zeros(model), loss_fn=loss)
         figures = self.figures(model, result)
         self.save("3", model, {**meta, "stage": STAGES["3"], "refine_epochs": c.epochs("3"), **distilled}, "prune_model", {**figures, **distilled})
-        self.record("3 refined" + (" (KD + features)" if c.distill and c.kd_features else " (KD)" if c.distill else ""), figures, model)
+        self.record("3 refined" + (" (KD + features)" if c.distill and c.kd_features else " (KD)" if c.distill else ""), figures)
         return figures
 
     def base_model(self) -> nn.Module:
@@ -327,9 +341,10 @@ class Job:
         result = self.evaluate(quantized, on_cpu)
         figures = results_payload(result, model_size_mb(quantized), count_params(model), count_macs(model, example), measured_on=on_cpu.describe(),
                                   quantize=c.quantize, quantized_from=STAGES[step], float_size_mb=round(model_size_mb(model), 4))  # fmt: skip
+        figures |= self.latency(quantized, dtype="int8")
         extra = {"quantize": c.quantize, "quantized_from": STAGES[step], "float_shapes": quantize.float_shapes(model)}
         self.save("4", quantized, {**meta, "stage": STAGES["4"], **extra}, "quant_model", figures)
-        self.record(f"4 int8 ({c.quantize})", figures, quantized)
+        self.record(f"4 int8 ({c.quantize})", figures)
         return figures
 
     def step_simulate_int8(self, step: str, model: nn.Module, meta: dict[str, Any], on_cpu: Runtime) -> dict[str, Any]:
@@ -353,7 +368,7 @@ class Job:
                    "simulated": True, "note": note}  # fmt: skip
         self.save("4", float_model, {**meta, "stage": STAGES["4"], "quantize": c.quantize, "simulated": True, "calibration": calibration},
                   "quant_model", figures)  # fmt: skip
-        self.record(f"4 simulated int8 ({c.quantize}, accuracy only)", figures)  # no model: nothing to time
+        self.record(f"4 simulated int8 ({c.quantize}, accuracy only)", figures)  # no int8 kernel: nothing to time
         return figures
 
     def summary_lines(self) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import matplotlib.image
 import pandas as pd
 import pytest
+import torch
 
 from bench import runner, store
 from bench.cli import main
@@ -25,6 +26,7 @@ ROW_COLUMNS = {
     "pruned_top1", "pruned_topk", "finetuned_top1", "finetuned_topk", "params_before", "params_after", "params_ratio", "macs_before", "macs_after",
     "mac_ratio", "size_mb_before", "size_mb_after", "size_ratio", "latency_b1_before_ms", "latency_b1_after_ms", "speedup_b1", "latency_b64_before_ms",
     "latency_b64_after_ms", "speedup_b64", "speedup_per_mac", "prune_seconds", "kept", "units", "env",
+    "latency_b1_before_ms_nchw", "latency_b1_after_ms_nchw", "speedup_b1_nchw", "latency_b64_before_ms_nchw", "latency_b64_after_ms_nchw", "speedup_b64_nchw",
 }  # fmt: skip
 DETERMINISTIC = ["cell", "status", "base_top1", "masked_top1", "pruned_top1", "finetuned_top1", "finetuned_topk", "params_after", "macs_after", "kept"]
 
@@ -53,6 +55,9 @@ def test_tiny_matrix_records_every_figure_per_cell(tiny_run):
         assert row["params_after"] < row["params_before"] and row["macs_after"] < row["macs_before"]
         assert row["mac_ratio"] == pytest.approx(row["macs_before"] / row["macs_after"], rel=1e-3)
         assert row["speedup_b64"] == pytest.approx(row["latency_b64_before_ms"] / row["latency_b64_after_ms"], rel=1e-3)
+        assert row["speedup_b64_nchw"] == pytest.approx(row["latency_b64_before_ms_nchw"] / row["latency_b64_after_ms_nchw"], rel=1e-3)
+        assert row["env"]["memory_format"] == "channels_last (NHWC)" and row["env"]["other_memory_formats"] == {"nchw": "contiguous (NCHW)"}
+        assert row["env"]["device"] == "cpu"
         assert set(row["kept"]) == set(row["units"]) and all(row["kept"][k] < row["units"][k] for k in row["kept"])
         assert {"torch", "nni", "cpu", "latency_threads"} <= set(row["env"])
     # every cell started from the same base: one trained base checkpoint for the model and seed
@@ -92,8 +97,9 @@ def test_reports_tables_and_plots(tiny_run):
     report = (out / "report.md").read_text()
     assert "## lenet" in report and "## Best fine-tuned accuracy per MAC budget" in report
     header = next(line for line in report.splitlines() if line.startswith("| backend"))
-    for column in ("top-1 fine-tuned", "Δ vs base", "masked top-1", "pruned top-1", "params ÷", "MACs ÷", "speedup b64", "prune s"):
+    for column in ("top-1 fine-tuned", "Δ vs base", "masked top-1", "pruned top-1", "params ÷", "MACs ÷", "speedup b64", "speedup b64 NCHW", "prune s"):
         assert column in header
+    assert "Latency: cpu (" in report and "channels_last (NHWC) as deployed (contiguous (NCHW) in the `_nchw` columns)" in report
     assert report.count("| scratch ") + report.count("| nni ") >= 6
     for name in ("accuracy_vs_macs", "speedup_vs_macs", "kept_channels", "masked_vs_pruned"):
         image = matplotlib.image.imread(out / f"{name}.png")
@@ -166,6 +172,39 @@ def test_fingerprint_compares_resolved_settings():
 
     keys = {base_key(MatrixSpec(val_batch_size=v, limit_val_batches=1), "lenet", 0, (1, 32, 32), 100) for v in (64, 256)}
     assert len(keys) == 2, "the cached base figures depend on how many test images were evaluated"
+    # the device counts by kind: shards on two GPUs of a node mix, a GPU run does not mix with a CPU one (nor shares its bases)
+    on = {device: MatrixSpec(device=device) for device in ("cpu", "cuda:0", "cuda:1")}
+    assert on["cuda:0"].fingerprint() == on["cuda:1"].fingerprint() != on["cpu"].fingerprint()
+    keys = {device: base_key(spec, "lenet", 0, (1, 32, 32), 100) for device, spec in on.items()}
+    assert keys["cuda:0"] == keys["cuda:1"] != keys["cpu"]
+
+
+def test_results_timed_before_the_layout_was_recorded_do_not_mix_with_new_ones(tmp_path, capsys):
+    """Old run.json files lack device and latency_layout: they were CPU runs timed NCHW, and are refused as such, by name."""
+    out = tmp_path / "out"
+    old = {k: v for k, v in MatrixSpec(**TINY).fingerprint().items() if k not in ("device", "latency_layout")}
+    store.write_manifest(out, {"fingerprint": old, "spec": {}})
+    assert store.incompatibility(old, {**old, "device": "cpu", "latency_layout": "contiguous"}) is None
+    assert main([*TINY_FLAGS, "--out", str(out), "--base_dir", str(tmp_path / "bases"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "latency_layout is 'contiguous' there but 'channels_last' here" in err and len(err.splitlines()) == 1
+
+
+def test_deployed_layout_only_leaves_the_nchw_columns_out(tmp_path, capsys):
+    out = tmp_path / "out"
+    flags = [*TINY_FLAGS, "--backends", "scratch", "--methods", "conv_all", "--no_random_control", "--deployed_layout_only"]
+    assert main([*flags, "--out", str(out), "--base_dir", str(tmp_path / "bases")]) == 0
+    (row,) = store.read_rows(out)
+    assert row["speedup_b64"] > 0 and not any(key.endswith("_nchw") for key in row) and row["env"]["other_memory_formats"] == {}
+    report = (out / "report.md").read_text()
+    assert "speedup b64 NCHW" not in report and "channels_last (NHWC) as deployed, float32" in report
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the GPU path is checked where one is")
+def test_a_matrix_runs_on_cuda_and_times_there(tmp_path, digits):
+    spec = MatrixSpec(**{**TINY, "backends": ("scratch",), "methods": ("conv_all",), "random_control": False, "device": "cuda:0"})
+    (row,) = runner.run_matrix(spec, tmp_path / "out", base_root=tmp_path / "bases", data=digits)
+    assert row["status"] == "ok" and row["env"]["device"] == "cuda:0" and row["speedup_b64"] > 0
 
 
 def test_report_command_rerenders_from_saved_rows(tiny_run, capsys):
@@ -270,6 +309,8 @@ BAD = [
     (["--percents", "1.0"], r"percent 1 in --percents is outside \[0, 1\)"),
     (["--percents", "a,b"], r"--percents takes comma-separated float values"),
     (["--latency_runs", "5"], r"below 20"),
+    *([(["--device", "cuda"], r"--device cuda: this machine has no usable CUDA device")] if not torch.cuda.is_available() else []),
+    (["--device", "tpu"], r"--device .tpu. is not a device; use auto, cpu, cuda or cuda:N"),
 ]
 
 
@@ -332,6 +373,10 @@ def test_distillation_and_int8_are_axes_of_the_matrix(tmp_path, digits):
     by_key = {(row["distill"], row["quantize"]): row for row in rows}
     assert all(row["status"] == "ok" for row in rows)
     assert "int8_top1" not in by_key[False, "none"] and by_key[True, "ptq"]["size_ratio_int8"] > 3.5
+    int8 = by_key[True, "ptq"]  # its speedup is against the dense base re-timed on the CPU, recorded beside it, per layout
+    for suffix in ("", "_nchw"):
+        expected = int8[f"latency_b64_int8_reference_ms{suffix}"] / int8[f"latency_b64_int8_ms{suffix}"]
+        assert int8[f"speedup_int8_b64{suffix}"] == pytest.approx(expected, rel=1e-3)
     assert by_key[False, "ptq"]["finetuned_top1"] == by_key[False, "none"]["finetuned_top1"]  # int8 is added after the same refine
     assert by_key[True, "none"]["finetuned_top1"] == by_key[True, "ptq"]["finetuned_top1"]
     report = (tmp_path / "out" / "report.md").read_text()

@@ -18,6 +18,7 @@ from pipeline.datasets import load_dataset
 from pipeline.distill import Distillation, FeatureDistillation, feature_layers, kd_loss
 from pipeline.errors import UsageError
 from pipeline.metrics import model_size_mb
+from pipeline.runtime import resolve_device
 from pipeline.snapshots import load_model
 from pipeline.training import evaluate, train
 from tests.helpers import relative_error, zoo
@@ -81,13 +82,21 @@ def test_run_py_prune_distil_int8_writes_every_stage_and_one_table(tmp_path, mon
     table = capsys.readouterr().out
     for stage in ("1 base", "2 pruned", "3 refined (KD)", "4 int8 (ptq)"):
         assert stage in table
-    assert "b1 ms" in table and "b64 ms" in table
+    assert "b1 ms" in table and "b64 ms" in table and "b64 ms NCHW" in table
     snapshots = tmp_path / "output/snapshots/vgg/digits"
     refine_meta = json.loads((snapshots / "model_refine/meta.json").read_text())
     assert refine_meta["distill"] == {"alpha": 0.9, "temperature": 4.0}
     report = json.loads((tmp_path / "output/results/results_vgg_digits_quant_model.json").read_text())
     assert report["quantize"] == "ptq" and report["quantized_from"] == "model_refine"
     assert report["modelSize"] <= 0.27 * report["float_size_mb"]
+    # latency as deployed (channels_last) with the other layout beside it, each named, in every stage's results
+    float_device = str(resolve_device("auto"))  # run.py's default device; int8 kernels run on the CPU
+    for log_type, dtype in (("base_model", "float32"), ("pruning", "float32"), ("prune_model", "float32"), ("quant_model", "int8")):
+        timed = json.loads((tmp_path / f"output/results/results_vgg_digits_{log_type}.json").read_text())["latency"]
+        assert timed["deployed_layout"] == "channels_last" and timed["dtype"] == dtype
+        assert timed["device"] == (float_device if dtype == "float32" else "cpu")
+        assert timed["layouts"] == {"channels_last": "channels_last (NHWC)", "contiguous": "contiguous (NCHW)"}
+        assert all(timed[layout][f"b{batch}_ms"] > 0 for layout in timed["layouts"] for batch in (1, 64))
     reloaded, meta = load_model(snapshots / "model_quant", "vgg", "digits")  # rebuilt from shapes, prepared, converted, int8 state loaded
     assert meta["stage"] == "model_quant"
     data = load_dataset("digits")

@@ -115,3 +115,35 @@ def test_cuda_fp16_uses_a_grad_scaler_and_trains(tmp_path, monkeypatch):
     assert run.main(["--model", "vgg", "--step", "1", "--device", "cuda", "--amp", "fp16", *QUICK]) == 0
     report = json.loads((tmp_path / "output/results/results_vgg_digits_base_model.json").read_text())
     assert report["measured_on"]["dtype"] == "autocast fp16" and report["accuracy"] > 0.1  # trained through the scaler, not diverged
+
+
+GPU_PRUNING = [("scratch", "conv_all"), ("scratch", "bn"), ("scratch", "conv_similarity"), ("scratch", "random"), ("nni", "l1"), ("nni", "slim"),
+               ("nni", "taylor"), ("tp", "l1"), ("tp", "taylor"), ("tp", "slim")]  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("backend, method", GPU_PRUNING)
+def test_every_backend_prunes_a_model_that_lives_on_the_gpu(backend, method, monkeypatch):
+    """The pruned model stays on the GPU, keeps what the same call keeps on the CPU, and computes what that one computes."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32 on the GPU too, so 1e-4 measures pruning, not TF32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    import copy
+
+    from backends import get_backend
+    from tests.helpers import relative_error, zoo
+
+    if backend in ("nni", "tp"):
+        pytest.importorskip({"nni": "nni", "tp": "torch_pruning"}[backend])
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 10
+    options = {} if backend == "scratch" else {"train_batches": lambda: [(x, labels)], "training_steps": 2}
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = copy.deepcopy(zoo("resnet")).to(device)
+        results[device] = get_backend(backend).prune(model, method, 0.5, x.to(device), scope="layer", round_to=8, **options)
+        assert all(p.device.type == device for p in results[device].model.parameters())
+    cpu, cuda = results["cpu"], results["cuda"]
+    if method not in ("taylor", "slim") or backend == "scratch":  # what trains while pruning differs in the last bits between devices
+        assert cuda.kept == cpu.kept
+        with torch.no_grad():
+            assert relative_error(cuda.model.eval()(x.cuda()).cpu(), cpu.model.eval()(x)) < 1e-4
