@@ -25,6 +25,7 @@ from pipeline.config import STAGES, JobConfig
 from pipeline.data import ImageDataset
 from pipeline.job import Job
 from pipeline.metrics import DEPLOYED_LAYOUT, LAYOUT_NAMES, LAYOUT_SUFFIXES, deployable, latency_by_layout
+from pipeline.runtime import float32_name
 from pipeline.training import evaluate, train
 
 from .matrix import Cell, MatrixSpec, base_key
@@ -90,7 +91,7 @@ def device_name(device: str) -> str:
 
 def environment(spec: MatrixSpec) -> dict[str, Any]:
     return {**spec.versions, "python": platform.python_version(), "cpu": cpu_model(), "device": spec.device, "device_name": device_name(spec.device),
-            "dtype": "float32",
+            "dtype": float32_name(torch.device(spec.device)),
             "memory_format": LAYOUT_NAMES[DEPLOYED_LAYOUT],
             "other_memory_formats": {LAYOUT_SUFFIXES[layout]: LAYOUT_NAMES[layout] for layout in spec.layouts[1:]},
             "latency_form": LATENCY_FORM, "latency_threads": spec.threads, "train_threads": torch.get_num_threads()}  # fmt: skip

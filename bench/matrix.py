@@ -75,8 +75,7 @@ class MatrixSpec:
 
         The device counts by kind (shards on cuda:0 and cuda:1 of one node mix); `latency_layout` is the layout latency is timed in.
         """
-        # what a run adds or leaves out, not what its figures mean
-        extent = {"models", "backends", "methods", "percents", "seeds", "random_control", "scratch_control", "distill", "quantize", "other_layouts"}
+        extent = {"models", "backends", "methods", "percents", "seeds", "random_control", "scratch_control", "distill", "quantize"}
         settings = {k: v for k, v in asdict(self).items() if k not in extent}
         # 8 and "the default for digits" are the same run
         return {**settings, "base_epochs": self.base_epoch_count, "device": self.device_type, "latency_layout": DEPLOYED_LAYOUT}

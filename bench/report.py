@@ -28,7 +28,8 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         out.setdefault("quantize", "none")
         env = row.get("env", {})
         out |= {"torch": env.get("torch"), "nni": env.get("nni"), "torch_pruning": env.get("torch-pruning"), "cpu": env.get("cpu"),
-                "latency_threads": env.get("latency_threads")}  # fmt: skip
+                "device": env.get("device", "cpu"), "device_name": env.get("device_name", env.get("cpu")),
+                "memory_format": env.get("memory_format", "contiguous (NCHW)"), "latency_threads": env.get("latency_threads")}  # fmt: skip
         flat.append(out)
     return pd.DataFrame(flat)
 
@@ -117,6 +118,7 @@ def latency_where(manifest: dict[str, Any]) -> str:
 def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     spec = manifest.get("spec", {})
     cpus = sorted({r.get("env", {}).get("cpu", "?") for r in rows})
+    devices = sorted({r.get("env", {}).get("device_name", "?") for r in rows if r.get("env", {}).get("device", "cpu") != "cpu"})
     versions = ", ".join(f"{k} {v}" for k, v in spec.get("versions", {}).items())
     return [
         f"Data `{spec.get('data_type')}`; base model trained {spec.get('base_epochs_resolved', spec.get('base_epochs'))} epochs, "
@@ -126,7 +128,7 @@ def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list
         f"{spec.get('threads')} thread(s), median of {spec.get('latency_runs')} runs after warm-up, dense and pruned interleaved; "
         "speedup = dense / pruned time. int8 kernels run on the CPU. "
         "MACs = Conv + Linear multiply-accumulates per sample (torch FlopCounterMode).",
-        f"Environment: {versions}; CPU {', '.join(cpus)}.",
+        f"Environment: {versions}; CPU {', '.join(cpus)}" + (f"; GPU {', '.join(devices)}." if devices else "."),
         f"NNI's data-driven methods (slim, taylor, agp, linear) train {spec.get('prune_steps')} steps on the training data while pruning, on top "
         "of the fine-tuning every cell gets (`prune_train_steps` in results.csv); their masked figure uses those trained weights.",
         "Accuracy columns: mean ± std over seeds (std shown when more than one seed). `masked` = base weights x mask with BatchNorm "

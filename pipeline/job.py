@@ -33,7 +33,7 @@ from .distributed import barrier, broadcast_parameters
 from .errors import ProcessError, UsageError
 from .metrics import DEPLOYED_LAYOUT, LAYOUT_NAMES, LAYOUT_SUFFIXES, TIMED_LAYOUTS, count_macs, count_params, deployable, latency_by_layout, model_size_mb
 from .reporting import EpochLog, results_payload, write_results
-from .runtime import CPU, Runtime
+from .runtime import CPU, Runtime, float32_name
 from .snapshots import load_model, save_snapshot
 from .training import EvalResult, LossFunction, cross_entropy, evaluate, make_optimizer, train
 
@@ -161,6 +161,7 @@ class Job:
         if not (self.timed and self.runtime.is_main):
             return {}
         example = self.example_on(model)
+        dtype = float32_name(example.device) if dtype == "float32" else dtype
         threads = 1 if example.device.type == "cpu" else None
         runnable = deployable(model)  # a copy: timing converts its layout
         timings = {batch: latency_by_layout(runnable, example_input=example, batch=batch, runs=LATENCY_RUNS, threads=threads) for batch in LATENCY_BATCHES}

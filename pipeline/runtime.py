@@ -45,6 +45,11 @@ def check_amp(amp: str, device: torch.device) -> None:
         raise UsageError("--amp fp16 needs a CUDA device (the CPU autocasts to bf16 only); use --amp bf16 or --device cuda")
 
 
+def float32_name(device: torch.device) -> str:
+    """What "fp32" means on `device`: CUDA runs convolutions in TF32 by default on GPUs that have it (PyTorch's cudnn.allow_tf32)."""
+    return "float32 (TF32 convolutions allowed)" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "float32"
+
+
 def synchronize(device: torch.device) -> None:
     """CUDA runs asynchronously: a timer must wait for the queued kernels, or it times the launch, not the work."""
     if device.type == "cuda":
@@ -99,7 +104,7 @@ class Runtime:
 
     def describe(self) -> dict[str, Any]:
         """What a results JSON records next to the figures measured under these settings."""
-        return {"device": str(self.device), "dtype": "float32" if self.amp == "off" else f"autocast {self.amp}",
+        return {"device": str(self.device), "dtype": float32_name(self.device) if self.amp == "off" else f"autocast {self.amp}",
                 "memory_format": "channels_last" if self.channels_last else "contiguous (NCHW)", "processes": self.world_size}  # fmt: skip
 
 

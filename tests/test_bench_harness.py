@@ -177,17 +177,22 @@ def test_fingerprint_compares_resolved_settings():
     assert on["cuda:0"].fingerprint() == on["cuda:1"].fingerprint() != on["cpu"].fingerprint()
     keys = {device: base_key(spec, "lenet", 0, (1, 32, 32), 100) for device, spec in on.items()}
     assert keys["cuda:0"] == keys["cuda:1"] != keys["cpu"]
+    # CPU bases keep the keys they had before the device was recorded: caches made then are still found
+    assert base_key(MatrixSpec(versions={"torch": "2.14.1"}), "lenet", 0, (1, 32, 32), 100) == "lenet-digits-seed0-0f76a16407a7"
 
 
 def test_results_timed_before_the_layout_was_recorded_do_not_mix_with_new_ones(tmp_path, capsys):
-    """Old run.json files lack device and latency_layout: they were CPU runs timed NCHW, and are refused as such, by name."""
+    """Old run.json files lack device and latency_layout: they were CPU runs timed NCHW only, refused as such whatever the device."""
     out = tmp_path / "out"
-    old = {k: v for k, v in MatrixSpec(**TINY).fingerprint().items() if k not in ("device", "latency_layout")}
+    new = MatrixSpec(**TINY).fingerprint()
+    old = {k: v for k, v in new.items() if k not in ("device", "latency_layout", "other_layouts")}
     store.write_manifest(out, {"fingerprint": old, "spec": {}})
-    assert store.incompatibility(old, {**old, "device": "cpu", "latency_layout": "contiguous"}) is None
+    assert store.incompatibility(old, dict(old)) is None  # two old runs still merge
+    assert store.incompatibility(new, {**new, "other_layouts": False}) == "other_layouts is False there but True here"
     assert main([*TINY_FLAGS, "--out", str(out), "--base_dir", str(tmp_path / "bases"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "latency_layout is 'contiguous' there but 'channels_last' here" in err and len(err.splitlines()) == 1
+    assert "made before latency was timed in channels_last: its latency figures are NCHW only); use another --out" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_deployed_layout_only_leaves_the_nchw_columns_out(tmp_path, capsys):
@@ -201,10 +206,17 @@ def test_deployed_layout_only_leaves_the_nchw_columns_out(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the GPU path is checked where one is")
-def test_a_matrix_runs_on_cuda_and_times_there(tmp_path, digits):
+def test_a_matrix_runs_on_cuda_and_times_there(tmp_path, digits, monkeypatch):
+    import pipeline.metrics
+
+    timed_on: list[str] = []
+    measure = pipeline.metrics.measure_latency
+    monkeypatch.setattr(pipeline.metrics, "measure_latency", lambda *models, **options: timed_on.append(options["example_input"].device.type)
+                        or measure(*models, **options))  # fmt: skip
     spec = MatrixSpec(**{**TINY, "backends": ("scratch",), "methods": ("conv_all",), "random_control": False, "device": "cuda:0"})
     (row,) = runner.run_matrix(spec, tmp_path / "out", base_root=tmp_path / "bases", data=digits)
-    assert row["status"] == "ok" and row["env"]["device"] == "cuda:0" and row["speedup_b64"] > 0
+    assert row["status"] == "ok" and row["env"]["device_name"] == torch.cuda.get_device_name(0) and row["speedup_b64"] > 0
+    assert timed_on and set(timed_on) == {"cuda"}
 
 
 def test_report_command_rerenders_from_saved_rows(tiny_run, capsys):

@@ -141,7 +141,8 @@ def test_every_backend_prunes_a_model_that_lives_on_the_gpu(backend, method, mon
     for device in ("cpu", "cuda"):
         model = copy.deepcopy(zoo("resnet")).to(device)
         results[device] = get_backend(backend).prune(model, method, 0.5, x.to(device), scope="layer", round_to=8, **options)
-        assert all(p.device.type == device for p in results[device].model.parameters())
+        pruned = results[device].model
+        assert all(t.device.type == device for t in [*pruned.parameters(), *pruned.buffers()])
     cpu, cuda = results["cpu"], results["cuda"]
     if method not in ("taylor", "slim") or backend == "scratch":  # what trains while pruning differs in the last bits between devices
         assert cuda.kept == cpu.kept
