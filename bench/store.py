@@ -33,7 +33,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 # what runs made before a setting was recorded used: their fingerprints lack it
-FINGERPRINT_DEFAULTS = {"device": "cpu", "other_layouts": False}
+FINGERPRINT_DEFAULTS = {"device": "cpu", "other_layouts": True}
 
 
 def incompatibility(expected: dict[str, Any], found: dict[str, Any]) -> str | None:
