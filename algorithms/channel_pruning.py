@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .criteria import DEFAULT_THRESHOLD, METHODS, Method, greedy_redundant, unit_sum
+from .criteria import DEFAULT_THRESHOLD, METHODS, Method, gamma_magnitude, greedy_redundant, group_score, unit_sum
 from .errors import PruningError
 from .graph import ChannelGraph, analyze
 from .masks import Masks, build_masks
@@ -60,10 +60,9 @@ def _group_tensors(method: Method, modules: dict[str, nn.Module], graph: Channel
 
 
 def _score(method: Method, tensors: list[torch.Tensor], threshold: float) -> torch.Tensor:
-    """A group's score: the mean of its members' scores (members are coupled channel for channel), on the CPU, where the
-    selection runs whatever device the model is on (one number per channel)."""
+    """A group's score under `method` (criteria.group_score: the members' mean, on the CPU)."""
     extra = (threshold,) if method.takes_threshold else ()
-    return torch.stack([method.score(t, *extra) for t in tensors]).mean(0).cpu()
+    return group_score(lambda t: method.score(t, *extra), tensors)
 
 
 def check_scope(scope: str | None, per_layer: bool) -> None:
@@ -155,7 +154,7 @@ def prune_channels(
             kept = {}
             for index, (ratio, tensors) in candidates.items():
                 distances = torch.stack([spec.score(t) for t in tensors]).sum(0).cpu()
-                importance = torch.stack([(t.detach().abs().double() if t.ndim == 1 else unit_sum(t)) for t in tensors]).mean(0).cpu()
+                importance = group_score(lambda t: gamma_magnitude(t) if t.ndim == 1 else unit_sum(t), tensors)
                 removed = greedy_redundant(distances, importance, removal_count(graph.groups[index].size, ratio))
                 kept[index] = keep_all_but(graph.groups[index].size, removed)
                 if round_to:

@@ -63,6 +63,12 @@ def gamma_distances(gamma: torch.Tensor) -> torch.Tensor:
     return (values[:, None] - values[None, :]).pow(2)
 
 
+def group_score(score: Callable[[torch.Tensor], torch.Tensor], tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A coupled group's per-channel score: the mean of its members' (coupled channel for channel), on the CPU, where the
+    channel selection runs whatever device the model is on (one number per channel)."""
+    return torch.stack([score(t) for t in tensors]).mean(0).cpu()
+
+
 def greedy_redundant(distances: torch.Tensor, importance: torch.Tensor, count: int) -> list[int]:
     """Remove `count` units one at a time: take the closest remaining pair, drop its less important member.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .criteria import unit_sum
+from .criteria import group_score, unit_sum
 from .dependency import ChannelDependency, GroupDependency
 from .errors import PruningError
 from .graph import analyze
@@ -117,7 +117,7 @@ def resolve_mask_conflict(masks_or_path: Masks | str | Path, model: nn.Module, d
         groups = math.lcm(*(grouping.dependency.get(layer, 1) for layer in dependency_set.layers))
         if groups > 1 and not bool(kept.all()):
             weights = [modules[layer].weight for layer in dependency_set.layers]
-            kept = _equalise(kept, groups, torch.stack([unit_sum(w) for w in weights]).mean(0).cpu())
+            kept = _equalise(kept, groups, group_score(unit_sum, weights))
         for layer in asked:
             fixed[layer] = unit_masks(modules[layer], kept.nonzero().flatten())
         pruned = int((~kept).sum())

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.channel_pruning import check_round_to, check_scope, excluded_producers, validate_sparsity
-from algorithms.criteria import unit_sum
+from algorithms.criteria import group_score, unit_sum
 from algorithms.errors import PruningError, first_line
 from algorithms.graph import analyze
 from algorithms.masks import apply_masks, mask_in_place, unit_masks
@@ -208,7 +208,7 @@ def _rounded_up(kept: dict[str, list[int]], multiple: int, graph: Any, modules: 
     rounded: dict[str, list[int]] = {}
     for group_index in {graph.group_of_producer[name] for name in kept}:
         members = [name for name in graph.groups[group_index].members if name in kept]
-        score = torch.stack([unit_sum(modules[name].weight) for name in members]).mean(0).cpu()
+        score = group_score(unit_sum, [modules[name].weight for name in members])
         indices = round_up_kept(score, torch.tensor(kept[members[0]]), multiple).tolist()
         if len(indices) < len(score):
             rounded |= dict.fromkeys(members, indices)

@@ -147,7 +147,7 @@ class Job:
                "samples/s": None if figures["reasoningTime"] is None else round(figures["reasoningTime"])}  # fmt: skip
         if "latency" in figures:
             timed = figures["latency"]
-            other = next(layout for layout in TIMED_LAYOUTS if layout != DEPLOYED_LAYOUT)
+            _, other = TIMED_LAYOUTS  # the deployed layout first, then the one beside it
             row |= {f"b{batch} ms": timed[DEPLOYED_LAYOUT][f"b{batch}_ms"] for batch in LATENCY_BATCHES}
             row[f"b64 ms {LAYOUT_SUFFIXES[other].upper()}"] = timed[other]["b64_ms"]
         self.rows.append(row)
