@@ -67,7 +67,8 @@ def accuracy_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
     return _save(figure, path)
 
 
-def speedup_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
+def speedup_vs_macs(stats: pd.DataFrame, path: Path, layout: str) -> Path:
+    """`layout`: the memory format the plotted speedups were timed in (the deployed one; NCHW sits in results.csv)."""
     timed = stats.dropna(subset=["speedup_b64"]) if "speedup_b64" in stats else stats.iloc[0:0].assign(speedup_b64=[])
     models = sorted(stats.model.unique())
     figure, axes = _panels(models, "Measured batch-64 latency speedup vs MAC reduction")
@@ -81,7 +82,8 @@ def speedup_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
         if per.empty:
             ax.text(0.5, 0.5, "no physically pruned model to time", transform=ax.transAxes, ha="center")
         axis = {"xlim": (low, top), "ylim": (low, top)}
-        _finish(ax, title=model, xlabel="MAC reduction (dense / pruned, x)", ylabel="latency speedup (dense / pruned time, x)", **axis)
+        _finish(ax, title=f"{model}, timed in {layout}", xlabel="MAC reduction (dense / pruned, x)", ylabel="latency speedup (dense / pruned time, x)",
+                **axis)  # fmt: skip
     return _save(figure, path)
 
 
@@ -126,7 +128,7 @@ def draw_all(directory: Path, stats: pd.DataFrame, ok_rows: pd.DataFrame) -> lis
     stats = stats.drop_duplicates(subset=["model", "backend", "method", "scope", "percent", "distill"])
     return [
         accuracy_vs_macs(stats, directory / "accuracy_vs_macs.png"),
-        speedup_vs_macs(stats, directory / "speedup_vs_macs.png"),
+        speedup_vs_macs(stats, directory / "speedup_vs_macs.png", ", ".join(sorted(ok_rows["memory_format"].dropna().unique()))),
         kept_channels(ok_rows, directory / "kept_channels.png"),
         masked_vs_pruned(stats, directory / "masked_vs_pruned.png"),
     ]
