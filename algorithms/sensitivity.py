@@ -131,7 +131,7 @@ class SensitivityAnalysis:
         self.units: dict[str, list[str]] = {}  # unit name -> its layers
         self.skipped: dict[str, str] = {}  # unit name -> why it cannot be pruned
         self.ori_metric: float | None = None
-        self.cache_hits = 0  # forward calls served from reused upstream values
+        self.cache_hits = 0  # forward calls whose downstream part ran on cached upstream values (a fallback to the plain forward is not one)
 
     # -- what to analyse ------------------------------------------------------------------------
     def _find_units(self, graph: ChannelGraph, specified: Sequence[str] | None) -> dict[str, list[str]]:
@@ -205,7 +205,7 @@ class SensitivityAnalysis:
         with eval_mode(self.model):  # fx bakes `self.training` into the graph: trace the mode reuse runs in
             traced = trace(self.model) if self.reuse_upstream else None
         splits = {name: split_graph(traced, self._changed_modules(layers, graph)) for name, layers in self.units.items()} if traced is not None else {}
-        return graph, splits, traced
+        return graph, {name: split for name, split in splits.items() if split.reusable and split.skips_work}, traced  # the rest run whole
 
     def analysis(self, val_args: Sequence[Any] | None = None, val_kwargs: Mapping[str, Any] | None = None,
                  specified_layers: Sequence[str] | None = None) -> Sensitivity:  # fmt: skip

@@ -100,6 +100,7 @@ class GraphSplit:
     copy_before_use: set[int] = field(default_factory=set)  # positions a downstream in-place op or the caller could change
     reusable: bool = True
     shareable: bool = True
+    skips_work: bool = True  # False when the split sits on the model's inputs: nothing upstream to reuse
 
 
 def _safety(
@@ -164,7 +165,8 @@ def split_graph(graph_module: torch.fx.GraphModule, changed_modules: Iterable[st
             down_values[node] = downstream_graph.node_copy(node, lambda n: down_values[n])
             _normalized_shape_from_weight(downstream_graph, down_values[node])
     reusable, shareable, copy = _safety(nodes, downstream, frontier, modules)
-    return GraphSplit(upstream_graph, downstream_graph, [n.name for n in frontier], copy, reusable, shareable)
+    skips_work = any(node.op != "placeholder" for node in frontier)
+    return GraphSplit(upstream_graph, downstream_graph, [n.name for n in frontier], copy, reusable, shareable, skips_work)
 
 
 def _normalized_shape_from_weight(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
@@ -301,7 +303,7 @@ class UpstreamCache:
         def forward(*args: object, **kwargs: object) -> object:
             if not self.enabled or not _reuse_allowed(model, args, kwargs, versions):
                 return plain(*args, **kwargs)
-            frontier = self._frontier(args, part)
+            frontier, cached = self._frontier(args, part)
             frontier = tuple(_copy(v) if i in self.split.copy_before_use else v for i, v in enumerate(frontier))
             if not self.verified:
                 self.verified = True
@@ -313,20 +315,23 @@ class UpstreamCache:
                 if output is None or not identical(output, reference):
                     self.enabled = False  # the split does not reproduce this model: plain forwards from now on
                     return reference
+                self.hits += cached
                 return output
             try:
-                return part("downstream")(*frontier)
+                output = part("downstream")(*frontier)
             except Exception:  # a later variant the first one did not represent (it pruned nothing, say): the plain forward from now on
                 self.enabled = False
                 return plain(*args, **kwargs)
+            self.hits += cached
+            return output
 
         return _install(model, forward)
 
-    def _frontier(self, args: tuple[torch.Tensor, ...], part: Any) -> tuple[object, ...]:
+    def _frontier(self, args: tuple[torch.Tensor, ...], part: Any) -> tuple[tuple[object, ...], bool]:
+        """The frontier values for this call, and whether they came from the cache (rather than the upstream part run now)."""
         position, self.position = self.position, self.position + 1
         if position < len(self.entries) and _same_key(self.entries[position].inputs, args):
-            self.hits += 1
-            return self.entries[position].frontier
+            return self.entries[position].frontier, True
         key, private = tuple(_copy(a) for a in args), tuple(_copy(a) for a in args)  # neither is the caller's tensor
         with torch.inference_mode(False), torch.no_grad():
             frontier = tuple(part("upstream")(*private))
@@ -338,7 +343,7 @@ class UpstreamCache:
         elif position == len(self.entries) and self.stored_bytes + size <= self.limit_bytes:
             self.entries.append(_Entry(key, frontier, size))
             self.stored_bytes += size
-        return frontier
+        return frontier, False
 
 
 class FrontierRecorder:

@@ -104,9 +104,16 @@ def test_a_pruned_channels_last_model_rebuilds_from_its_state_dict_alone():
         assert torch.equal(rebuilt.eval()(X), pruned(X))
 
 
+class ScaledInput(ConvNeXtLike):
+    """Something upstream of the stem, so the stream unit (stem+down) has values to reuse; a unit at the input runs whole."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * 0.5)
+
+
 def test_sensitivity_reuse_stays_exact_when_a_layer_scale_changes():
     torch.manual_seed(0)
-    model = randomize_layer_norms(ConvNeXtLike()).eval()
+    model = randomize_layer_norms(ScaledInput()).eval()
 
     def metric(candidate: nn.Module) -> float:
         with torch.no_grad():
@@ -115,7 +122,8 @@ def test_sensitivity_reuse_stays_exact_when_a_layer_scale_changes():
     results = [SensitivityAnalysis(model, metric, sparsities=[0.25, 0.5], reuse_upstream=reuse, progress=False) for reuse in (True, False)]
     fast, plain = (analysis.analysis(val_args=[model]) for analysis in results)
     assert fast == plain and set(fast) == {"stem+down", "up"}
-    assert results[0].cache_hits > 0  # the downstream part ran with the sliced LayerNorm2d and layer scale, not a fallback
+    # each unit's second sparsity ran its downstream part (the sliced LayerNorm2d and layer scale) from the cache, not a fallback
+    assert results[0].cache_hits == 2
 
 
 class TokenMLP(nn.Module):
@@ -365,6 +373,7 @@ def test_sensitivity_reuse_falls_back_when_a_later_variant_cannot_reuse():
             self.a, self.fc = nn.Conv2d(3, 2, 1), nn.Linear(2, 4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x * 0.5  # something upstream of `a`, so its unit uses the cache
             return self.fc(F.relu(self.a(x)).mean((2, 3)).view(-1, self.fc.in_features))
 
     torch.manual_seed(0)
@@ -374,7 +383,9 @@ def test_sensitivity_reuse_falls_back_when_a_later_variant_cannot_reuse():
         with torch.no_grad():
             return float(candidate(X).double().sum())
 
-    results = [
-        SensitivityAnalysis(model, metric, sparsities=[0.25, 0.5], reuse_upstream=reuse, progress=False).analysis(val_args=[model]) for reuse in (True, False)
+    analyses = [
+        SensitivityAnalysis(model, metric, sparsities=[0.25, 0.5], reuse_upstream=reuse, example_input=X[:1], progress=False) for reuse in (True, False)
     ]
+    results = [analysis.analysis(val_args=[model]) for analysis in analyses]
     assert results[0] == results[1]
+    assert analyses[0].cache_hits == 1  # the 0.25 variant ran from the recorded values; the 0.5 one fell back to the plain forward
