@@ -24,13 +24,12 @@ from pipeline.atomic import write_json
 from pipeline.config import STAGES, JobConfig
 from pipeline.data import ImageDataset
 from pipeline.job import Job
-from pipeline.metrics import DEPLOYED_LAYOUT, LAYOUT_NAMES, LAYOUT_SUFFIXES, deployable, latency_by_layout
+from pipeline.metrics import DEPLOYED_LAYOUT, LATENCY_BATCHES, LAYOUT_NAMES, LAYOUT_SUFFIXES, deployable, latency_by_layout
 from pipeline.runtime import float32_name
 from pipeline.training import evaluate, train
 
 from .matrix import Cell, MatrixSpec, base_key
 
-LATENCY_BATCHES = (1, 64)
 LATENCY_FORM = "eval mode, BatchNorm folded into the conv before it (torch.fx fuse), float32 (int8 columns: int8 kernels on the CPU)"
 
 
@@ -107,12 +106,12 @@ def timed_pair(spec: MatrixSpec, reference: nn.Module, candidate: nn.Module, exa
     at each latency batch size, in each timed layout: both times and the speedup, per layout. The pruned model's reference is
     `latency_b{batch}_before_ms`; int8's is `latency_b{batch}_int8_reference_ms`, the dense base re-timed on the CPU, where int8 runs."""
     out: dict[str, float] = {}
+    reference_name = "before" if candidate_name == "after" else f"{candidate_name}_reference"  # int8: the dense base on the CPU
     for batch in LATENCY_BATCHES:
         timings = latency_by_layout(reference, candidate, example_input=example, batch=batch, runs=spec.latency_runs, threads=spec.threads,
                                     layouts=spec.layouts)  # fmt: skip
         speedup = f"speedup_b{batch}" if candidate_name == "after" else f"speedup_{candidate_name}_b{batch}"
         for layout, (before, after) in timings.items():
-            reference_name = "before" if candidate_name == "after" else f"{candidate_name}_reference"  # int8: the dense base on the CPU
             out[column(f"latency_b{batch}_{reference_name}_ms", layout)] = round(before * 1e3, 4)
             out[column(f"latency_b{batch}_{candidate_name}_ms", layout)] = round(after * 1e3, 4)
             out[column(speedup, layout)] = round(before / after, 4)

@@ -31,7 +31,18 @@ from .data import ImageDataset
 from .distill import Distillation, FeatureDistillation, feature_layers
 from .distributed import barrier, broadcast_parameters
 from .errors import ProcessError, UsageError
-from .metrics import DEPLOYED_LAYOUT, LAYOUT_NAMES, LAYOUT_SUFFIXES, TIMED_LAYOUTS, count_macs, count_params, deployable, latency_by_layout, model_size_mb
+from .metrics import (
+    DEPLOYED_LAYOUT,
+    LATENCY_BATCHES,
+    LAYOUT_NAMES,
+    LAYOUT_SUFFIXES,
+    TIMED_LAYOUTS,
+    count_macs,
+    count_params,
+    deployable,
+    latency_by_layout,
+    model_size_mb,
+)
 from .reporting import EpochLog, results_payload, write_results
 from .runtime import CPU, Runtime, float32_name
 from .snapshots import load_model, save_snapshot
@@ -39,7 +50,6 @@ from .training import EvalResult, LossFunction, cross_entropy, evaluate, make_op
 
 STEP_NAMES = {"1": "base", "2": "prune", "3": "refine", "4": "quantize"}
 LATENCY_RUNS = 20
-LATENCY_BATCHES = (1, 64)
 QUANTIZE_MODES = (*quantize.MODES, *NNI_QUANTIZERS)  # real int8 kernels, then NNI's simulated int8 (accuracy only)
 RETRAINING_QUANTIZERS = ("qat", *NNI_RETRAINS)
 

@@ -57,6 +57,7 @@ LAYOUT_NAMES = {"channels_last": "channels_last (NHWC)", "contiguous": "contiguo
 LAYOUT_SUFFIXES = {"channels_last": "nhwc", "contiguous": "nchw"}
 DEPLOYED_LAYOUT = "channels_last"  # what oneDNN, fbgemm's int8 kernels, cuDNN and TensorRT run convolutions in
 TIMED_LAYOUTS = (DEPLOYED_LAYOUT, "contiguous")  # the headline layout first; the last one leaves models in PyTorch's default
+LATENCY_BATCHES = (1, 64)  # the batch sizes run.py's table and the harness report latency at: one request, and throughput
 
 
 def in_layout(model: nn.Module, layout: str) -> nn.Module:
