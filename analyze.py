@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open(args: argparse.Namespace) -> AnalysisModel:
-    return open_model(args.snapshot, args.model, args.data_type, args.data_dir)
+    return open_model(args.snapshot, args.model, args.data_type, args.command, args.data_dir)
 
 
 def _positive(args: argparse.Namespace, *flags: str) -> None:
@@ -121,7 +121,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     request = SensitivityRequest(args.prune_method, args.sparsities, layers, args.early_stop_mode, args.early_stop_value, args.mode, args.max_loss,
                                  args.val_batch_size, args.limit_val_batches, args.data_dir)  # fmt: skip
     check_sensitivity_request(request)
-    loaded = open_snapshot(snapshot, args.model)
+    loaded = open_snapshot(snapshot, args.model, "sensitivity")
     if loaded.meta["data_type"] != args.data_type and args.snapshot is None:
         raise UsageError(f"snapshot {snapshot} was trained on {loaded.meta['data_type']!r}, not {args.data_type!r}")
     outdir = args.outdir or str(Path("output/sensitivity") / loaded.meta["model"] / loaded.meta["data_type"])
@@ -175,7 +175,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     loaded = _open(args)
     frame, totals = _stats_table(loaded)
     if args.compare:
-        other = open_snapshot(args.compare)
+        other = open_snapshot(args.compare, command="stats --compare")
         if other.meta["model"] != loaded.meta["model"]:
             raise UsageError(f"--compare {args.compare} is of model {other.meta['model']!r}, not {loaded.meta['model']!r}")
         other_frame, other_totals = _stats_table(other)
@@ -193,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _positive(args, "batch")
     if args.snapshot is None:
         raise UsageError("export needs --snapshot <dir> (a model trained by run.py)")
-    loaded = open_snapshot(args.snapshot, args.model)
+    loaded = open_snapshot(args.snapshot, args.model, None if args.format in ("torchscript", "masks") else f"export --format {args.format}")
     if args.format == "masks":
         original = build_model(loaded.meta["model"], loaded.input_shape, int(loaded.meta["num_classes"]))
         check = export(loaded.model, "masks", args.out, original=original, kept=loaded.kept)

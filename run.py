@@ -17,7 +17,7 @@ from algorithms.errors import first_line
 from backends import BACKEND_NAMES
 from backends.nni_backend import SCHEDULE_BASES
 from models import MODEL_NAMES
-from pipeline.cli import OneLineParser, guarded
+from pipeline.cli import OneLineParser, check_positive, explicit_flags, guarded
 from pipeline.config import JobConfig
 from pipeline.data import ImageDataset
 from pipeline.datasets import BUILTIN_DATASETS, load_dataset
@@ -124,14 +124,19 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "num_epochs" else 1):  # the launcher flags and batch sizes start at 1
             raise UsageError(f"--{flag} must be {'non-negative' if flag == 'num_epochs' else 'positive'}, got {value}")
-    if args.learning_rate <= 0:
-        raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
+    check_positive("learning_rate", args.learning_rate)
     return steps
 
 
-def config_from_args(args: argparse.Namespace) -> JobConfig:
-    """Flags -> the job's typed config (the original's flag names stay on the command line only)."""
-    return JobConfig(
+FLAG_FIELDS = {"prune_method": "method", "prune_scope": "scope"}  # flags named otherwise in JobConfig
+
+
+def config_from_args(args: argparse.Namespace, explicit: set[str] = frozenset()) -> JobConfig:
+    """Flags -> the job's typed config (the original's flag names stay on the command line only); `explicit`: the flags
+    given on the command line, which the job checks against the snapshots it builds on."""
+    fields = set(JobConfig.__dataclass_fields__)
+    asked = frozenset(FLAG_FIELDS.get(flag, flag) for flag in explicit if FLAG_FIELDS.get(flag, flag) in fields)
+    return JobConfig(asked=asked,
         model=args.model, data_type=args.data_type, backend=args.backend, method=args.prune_method, percent=args.percent,
         scope=None if args.prune_scope == "auto" else args.prune_scope, exclude=tuple(name for name in args.exclude.split(",") if name),
         threshold=args.threshold, prune_steps=args.prune_steps, round_to=args.round_to, distill=args.distill, kd_alpha=args.kd_alpha,
@@ -151,8 +156,7 @@ def runtime_from_args(args: argparse.Namespace) -> Runtime:
     check_amp(args.amp, device)
     if args.sync_bn and device.type != "cuda":
         raise UsageError("--sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs); leave it out on the CPU")
-    if args.join_timeout <= 0:
-        raise UsageError(f"--join_timeout must be positive, got {args.join_timeout}")
+    check_positive("join_timeout", args.join_timeout)
     rank, world_size, group, wait_group = 0, 1, None, None
     if launched_by_torchrun():
         rank, world_size, device, group, wait_group = join(device, args.join_timeout)
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             print("This run has several processes; start it with torchrun (PyTorch's launcher), on each machine:")
             print("\n".join(torchrun_commands(args.gpu_num_per_node, args.num_nodes, [ip for ip in args.node_ips.split(",") if ip], argv)))
             return 0
-        config = config_from_args(args)
+        config = config_from_args(args, explicit_flags(build_parser(), argv))
         runtime = runtime_from_args(args)
         joined.append(runtime)
         try:

@@ -166,6 +166,8 @@ def prune_channels(
                 else _score(spec, tensors, threshold)
                 for index, (_, tensors) in candidates.items()
             }
+            if spec.takes_threshold:
+                check_threshold_decides(scores, [t for _, tensors in candidates.values() for t in tensors], threshold)
             if scope == "global":
                 kept = select_global(scores, float(sparsity)) if scores else {}
             else:
@@ -183,6 +185,16 @@ def prune_channels(
     kept_by_layer = {p: kept[g].tolist() for p, g in graph.group_of_producer.items() if g in kept}
     original = {p: graph.groups[graph.group_of_producer[p]].size for p in kept_by_layer}
     return ChannelPruning(pruned, kept_by_layer, build_masks(model, graph, kept), original, scope, graph)
+
+
+def check_threshold_decides(scores: dict[int, torch.Tensor], weights: list[torch.Tensor], threshold: float) -> None:
+    """A threshold that gives every unit of every group the same count decides nothing (the highest indices would go,
+    whatever the weights): refuse it, naming the range of |w| a useful threshold lies in."""
+    if not scores or any(bool((score != score[0]).any()) for score in scores.values()):
+        return
+    magnitudes = torch.cat([w.detach().abs().flatten().cpu() for w in weights])
+    raise PruningError(f"threshold {threshold:g} gives every filter of every layer the same count of |w| above it, so it decides nothing; "
+                       f"|w| here spans {float(magnitudes.min()):.3g}..{float(magnitudes.max()):.3g}: choose a threshold inside that range")  # fmt: skip
 
 
 def _check_runs(model: nn.Module, example_input: torch.Tensor) -> None:

@@ -45,6 +45,8 @@ class ScratchBackend:
             raise ValueError(f"the scratch backend takes no option(s) {', '.join(sorted(options))}")
         result = prune_channels(model, method, sparsity, example_input, scope=scope, exclude=exclude, seed=seed, threshold=threshold, round_to=round_to)
         info = {"why_unprunable": result.graph.why_unprunable(), "round_to": round_to}
+        if METHODS[method].takes_threshold:  # the threshold decided which units go: the job records it
+            info["threshold"] = threshold
         return PruneResult(result.model, result.kept, result.masks, result.original_units, self.name, method, result.scope, info=info)
 
     def validate(self, model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None = None, *,

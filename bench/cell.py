@@ -47,7 +47,7 @@ def ensure_base(spec: MatrixSpec, model: str, seed: int, data: ImageDataset, bas
     A lock file per key lets shards that share `base_root` (a Slurm array on a shared file system) wait for
     the one that trains it instead of training it twice or replacing it under each other.
     """
-    key = base_key(spec, model, seed, data.input_shape, len(data.train_labels))
+    key = base_key(spec, model, seed, data.input_shape, len(data.train_labels), data.identity)
     root = base_root / key
     figures_path = root / "base_figures.json"
     with (base_root / f".{key}.lock").open("w") as lock:
@@ -55,12 +55,22 @@ def ensure_base(spec: MatrixSpec, model: str, seed: int, data: ImageDataset, bas
             fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError:  # a file system without flock (some Lustre mounts): go on unlocked, as a single process would
             pass
-        if (root / STAGES["1"]).is_dir() and figures_path.is_file():
-            return root, json.loads(figures_path.read_text())
+        figures = read_figures(figures_path) if (root / STAGES["1"]).is_dir() else None
+        if figures is not None:
+            return root, figures
         job = Job(job_config(spec, model, seed, save_dir=str(root), log_dir=str(root / "log"), result_dir=str(root / "results")), data, spec.runtime())
         figures = job.step_train()
         write_json(figures_path, figures)  # written last: its presence marks a complete base
     return root, figures
+
+
+def read_figures(path: Path) -> dict[str, Any] | None:
+    """A cached base's figures, or None when they are missing or unreadable (the base is then trained again)."""
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return figures if isinstance(figures, dict) else None
 
 
 def reinitialised(model: nn.Module, seed: int) -> nn.Module:

@@ -14,7 +14,7 @@ from pathlib import Path
 from backends import BACKEND_NAMES
 from models import MODEL_NAMES
 from pipeline.atomic import staged_directory
-from pipeline.cli import OneLineParser, guarded
+from pipeline.cli import OneLineParser, check_positive, guarded
 from pipeline.datasets import BUILTIN_DATASETS
 from pipeline.errors import UsageError
 from pipeline.runtime import resolve_device
@@ -96,8 +96,7 @@ def spec_from_args(args: argparse.Namespace) -> MatrixSpec:
             raise UsageError(f"--{flag} must be {'non-negative' if least == 0 else 'positive'}, got {value}")
     if args.latency_runs < 20:
         raise UsageError(f"--latency_runs {args.latency_runs} is below 20, the fewest runs a reported median is taken over")
-    if args.learning_rate <= 0:
-        raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
+    check_positive("learning_rate", args.learning_rate)
     return MatrixSpec(
         models=args.models, backends=args.backends, methods=args.methods, percents=args.percents, seeds=args.seeds, data_type=args.data_type,
         base_epochs=args.base_epochs, finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, val_batch_size=args.val_batch_size,
@@ -155,7 +154,8 @@ def report_command(argv: list[str]) -> int:
     manifest = store.read_manifest(directory)
     if manifest is None:
         raise UsageError(f"{directory} is not a python -m bench results directory (no {store.MANIFEST})")
-    written = render_all(directory, manifest, store.read_rows(directory))
+    with store.exclusive(directory):
+        written = render_all(directory, manifest, store.read_rows(directory))
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
 

@@ -189,8 +189,9 @@ def shard(cells: list[Cell], index: int, count: int) -> list[Cell]:
     return cells[start : start + size + (index < extra)]
 
 
-def base_key(spec: MatrixSpec, model: str, seed: int, input_shape: tuple[int, ...], num_train: int) -> str:
-    """The base checkpoint's cache key: a hash of every setting that shapes the base model."""
+def base_key(spec: MatrixSpec, model: str, seed: int, input_shape: tuple[int, ...], num_train: int, dataset: str | None = None) -> str:
+    """The base checkpoint's cache key: a hash of every setting that shapes the base model. `dataset`: the content identity of a
+    custom dataset (two datasets under one name, or one name read from two --dataset_dir folders, train two bases)."""
     shaping = {"model": model, "seed": seed, "data_type": spec.data_type, "input_shape": list(input_shape), "num_train": num_train,
                "epochs": spec.base_epoch_count, "batch_size": spec.batch_size, "learning_rate": spec.learning_rate, "optimizer": spec.optimizer,
                "limit_batches": spec.limit_batches, "torch": spec.versions.get("torch"),
@@ -198,5 +199,7 @@ def base_key(spec: MatrixSpec, model: str, seed: int, input_shape: tuple[int, ..
                "limit_val_batches": spec.limit_val_batches, "val_batch_size": spec.val_batch_size}  # fmt: skip
     if spec.device_type != "cpu":  # a GPU trains other weights (other kernels); CPU bases keep the keys they always had
         shaping["device"] = spec.device_type
+    if dataset is not None:  # builtin datasets are fixed by their name and keep the keys they always had
+        shaping["dataset"] = dataset
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
     return f"{model}-{spec.data_type}-seed{seed}-{digest}"

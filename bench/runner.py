@@ -53,7 +53,12 @@ def run_matrix(
         raise UsageError(f"--out {out} is a file; give a directory for the results")
     if base_root.exists() and not base_root.is_dir():
         raise UsageError(f"--base_dir {base_root} is a file; give a directory for the cached base models")
-    data = data or load_dataset(spec.data_type, **(data_options or {}))
+    with store.exclusive(out):
+        return _run_locked(spec, out, base_root, shard_of, data or load_dataset(spec.data_type, **(data_options or {})), keep_snapshots)
+
+
+def _run_locked(spec: MatrixSpec, out: Path, base_root: Path, shard_of: tuple[int, int], data: ImageDataset, keep_snapshots: bool) -> list[dict[str, Any]]:
+    """run_matrix's body, while this process holds `out`."""
     cells = plan(spec, data, shard_of)  # refuses impossible requests before anything is trained or written
     previous = store.check_compatible(out, spec.fingerprint())
     manifest = manifest_for(spec, shard_of, previous)

@@ -1,12 +1,18 @@
 """A results directory: run.json (the settings every row was made under) and results.jsonl (one line per finished cell).
 
-Every write replaces the whole file through a temporary name, so a crash or Ctrl-C leaves the
-previous complete file, never half a line. Keys keep their order: per-layer dicts stay in network order.
+One run writes a directory at a time (`exclusive`: a lock held for the run). A row is one appended line, written under
+a lock on the file, so no row is lost whatever calls `record`; a line cut short by a crash is dropped on the next write
+and never read. The last row of a cell wins (a failed attempt that was retried). run.json is replaced whole through a
+temporary name. Keys keep their order: per-layer dicts stay in network order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +22,43 @@ from pipeline.errors import UsageError
 MANIFEST = "run.json"
 EXTENTS = ("models", "backends", "methods", "percents", "seeds")  # a matrix's extent: may differ between runs that share a table
 RESULTS = "results.jsonl"
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive(directory: Path) -> Iterator[None]:
+    """Hold `directory` for this process: a second run on it is refused in one line naming the first one's pid."""
+    made = [p for p in (directory, *directory.parents) if not p.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with _held(directory / LOCK):
+            yield
+    except BaseException:
+        if made:  # a run refused before it wrote anything leaves no directory behind
+            (directory / LOCK).unlink(missing_ok=True)
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _held(path: Path) -> Iterator[None]:
+    """An exclusive, non-blocking flock on `path` for as long as the block runs; the file says whose it is."""
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UsageError(f"{path.parent} is in use by another python -m bench run (pid {holder}); wait for it to finish, or give this run "
+                             "its own --out (shards: one directory each, then python -m bench merge)") from None  # fmt: skip
+        except OSError:  # a file system without flock (some network mounts): go on unlocked, as before
+            pass
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
@@ -23,9 +66,12 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UsageError(f"{path} is not valid JSON; it was not written by python -m bench, or was edited by hand") from None
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError):
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint", {}), dict):
+        raise UsageError(f"{path} is not the JSON object python -m bench writes (corrupt or edited by hand); move it away or use another --out")
+    return manifest
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
@@ -61,17 +107,25 @@ def check_compatible(directory: Path, fingerprint: dict[str, Any]) -> dict[str, 
 
 
 def read_rows(directory: Path) -> list[dict[str, Any]]:
+    """One row per cell, the last recorded winning (in the order cells last finished); a final line without its newline
+    is a write a crash cut short, and is left out."""
     path = directory / RESULTS
     if not path.is_file():
         return []
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    by_cell: dict[str, dict[str, Any]] = {}
+    text = path.read_text()
+    lines = text.split("\n")[:-1]  # whole lines only: what follows the last newline was never finished
+    for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                raise UsageError(f"{path} line {number} is not valid JSON; the file was edited or not written by python -m bench") from None
-    return rows
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("cell"), str):
+                raise UsageError(f"{path} line {number} is not a row python -m bench writes; the file was edited or corrupted") from None
+            by_cell.pop(row["cell"], None)
+            by_cell[row["cell"]] = row
+    return list(by_cell.values())
 
 
 def write_rows(directory: Path, rows: list[dict[str, Any]]) -> None:
@@ -79,9 +133,20 @@ def write_rows(directory: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def record(directory: Path, row: dict[str, Any]) -> None:
-    """Add one finished cell, replacing an earlier row of the same cell (a failed attempt that was retried)."""
-    rows = [r for r in read_rows(directory) if r["cell"] != row["cell"]]
-    write_rows(directory, [*rows, row])
+    """Append one finished cell as one line, under a lock on the file; a retried cell's new row supersedes the old on reading."""
+    line = (json.dumps(row) + "\n").encode()
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / RESULTS, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        with contextlib.suppress(OSError):  # no flock on this file system: single writer, as the run lock ensures
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a line a crash cut short: drop it before appending
+            os.ftruncate(fd, os.pread(fd, size, 0).rfind(b"\n") + 1)
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def merge(directories: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -33,11 +33,16 @@ class AnalysisModel:
         return self.meta.get("kept")
 
 
-def open_snapshot(directory: str | Path, expect_model: str | None = None) -> AnalysisModel:
+INT8_READY = "export --format torchscript or --format masks"  # what analyze.py does with an int8 snapshot
+
+
+def open_snapshot(directory: str | Path, expect_model: str | None = None, command: str | None = None) -> AnalysisModel:
+    """A snapshot to analyse; `command` names what will be done with it, and an int8 snapshot is refused unless it is None
+    (the caller handles int8): int8 modules have no float weights to rank, count or trace."""
     state_dict, meta = load_snapshot(directory)
-    for key in ("model", "data_type", "input_shape", "num_classes"):
-        if key not in meta:
-            raise UsageError(f"snapshot in {directory} has no {key!r} in its meta.json; it was not written by run.py")
+    if command is not None and meta.get("quantize") and not meta.get("simulated"):
+        raise UsageError(f"{directory} holds an int8 model (step 4, --quantize {meta['quantize']}), which analyze.py {command} cannot read; "
+                         f"point --snapshot at model_refine or model_prune beside it (int8 snapshots take {INT8_READY})")  # fmt: skip
     if expect_model is not None and meta["model"] != expect_model:
         raise UsageError(f"snapshot in {directory} is of model {meta['model']!r}, not {expect_model!r}; pass the matching --model or drop it")
     model = rebuild_model(state_dict, meta).eval()
@@ -56,10 +61,10 @@ def fresh_model(name: str, data: ImageDataset, seed: int = 0) -> AnalysisModel:
     return AnalysisModel(model, meta, f"fresh {name}", data.input_shape)
 
 
-def open_model(snapshot: str | None, model: str | None, data_type: str, data_dir: str = "data", download: bool = False) -> AnalysisModel:
+def open_model(snapshot: str | None, model: str | None, data_type: str, command: str, data_dir: str = "data", download: bool = False) -> AnalysisModel:
     """The snapshot when one is given (its meta names model and data), else a freshly initialised zoo model for `data_type`."""
     if snapshot is not None:
-        return open_snapshot(snapshot, model)
+        return open_snapshot(snapshot, model, command)
     if model is None:
         raise UsageError("pass --snapshot <dir> or --model <name> (a freshly initialised zoo model)")
     return fresh_model(model, load_dataset(data_type, data_dir, download))

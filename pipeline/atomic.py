@@ -1,15 +1,60 @@
-"""Write-then-rename: readers see a complete file or directory, or the previous one, never half of one."""
+"""Write-then-rename: readers see a complete file or directory, or the previous one, never half of one.
+
+Staging names carry the host and process that made them (`.<name>.staging-<host>-<pid>-<random>`), so a later run
+can tell a staging path left by a killed process (same host, process gone) from one another run is still filling,
+and remove it: nothing half-written outlives the run that was killed while writing it, and no reader opens one.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+HOST = socket.gethostname().replace("-", "_")
+
+
+def _staging_prefix(name: str) -> str:
+    return f".{name}.staging-{HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_abandoned(folder: Path, name: str) -> list[Path]:
+    """Staging paths for `name` in `folder` whose writer (a process of this host) is gone: a run killed while writing.
+    A retired copy (`.<name>.old`) left between the two renames of a killed swap goes back into place when `name` is
+    missing (it was the complete previous version), else it is removed."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(f".{glob.escape(name)}.staging-*"):
+        host, _, rest = path.name.removeprefix(f".{name}.staging-").partition("-")
+        pid = rest.split("-", 1)[0]
+        if host == HOST and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    retired, target = folder / f".{name}.old", folder / name
+    if retired.exists() and not target.exists():
+        retired.rename(target)
+    elif retired.exists():
+        shutil.rmtree(retired, ignore_errors=True)
+        removed.append(retired)
+    return removed
 
 
 @contextlib.contextmanager
@@ -17,7 +62,8 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
     """Yield an empty directory beside `target`; on success it replaces `target`, on any error it vanishes."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    remove_abandoned(target.parent, target.name)
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target.name), dir=target.parent))
     staging.chmod(0o755)
     try:
         yield staging
@@ -42,7 +88,8 @@ def staged_files(folder: str | Path, names: Iterable[str]) -> Iterator[dict[str,
     temps: dict[str, Path] = {}
     try:
         for name in names:
-            handle, temp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+            remove_abandoned(folder, name)
+            handle, temp = tempfile.mkstemp(prefix=_staging_prefix(name), dir=folder)
             os.close(handle)
             temps[name] = Path(temp)
         yield temps

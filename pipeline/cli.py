@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -10,6 +11,19 @@ from collections.abc import Callable
 from algorithms.errors import PruningError
 
 from .errors import UsageError
+
+
+def check_positive(flag: str, value: float) -> None:
+    """A positive, finite number (nan compares false with everything, so `value <= 0` alone lets it through)."""
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"--{flag} must be a positive number, got {value}")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the flags `argv` sets explicitly (a default value given by hand counts as asked for)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -1,4 +1,5 @@
-"""Custom datasets: ofData/<name> (OFRecord) first, else myData/<name> (JSON) converted on the fly."""
+"""Custom datasets: ofData/<name> (OFRecord), converted from myData/<name> (JSON) on the fly when that is missing or
+stale (the JSON changed since, by the hash the conversion recorded)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from .data import ImageDataset
 from .errors import UsageError
-from .ofrecord_convert import convert_json_dataset
+from .ofrecord_convert import convert_json_dataset, stale_conversion
 from .ofrecord_dataset import load_ofrecord_dataset
 
 
@@ -25,11 +26,12 @@ def load_custom_dataset(
         if not Path(dataset_dir).is_dir():
             raise UsageError(f"--dataset_dir {dataset_dir} is not a directory; point it at an OFRecord dataset (meta.json, train/, test/)")
         return load_ofrecord_dataset(dataset_dir, name)
-    converted = Path(ofdata_root) / name
+    converted, source = Path(ofdata_root) / name, Path(mydata_root) / name
+    if source.is_dir():
+        why = stale_conversion(converted, source) if converted.is_dir() else "first"
+        if why is not None:
+            print(f"converting {source} to {converted} (OFRecord) {why if why == 'first' else f'again: {why}'}", file=sys.stderr)
+            convert_json_dataset(name, mydata_root, ofdata_root)
     if converted.is_dir():
-        return load_ofrecord_dataset(converted, name)
-    if (Path(mydata_root) / name).is_dir():
-        print(f"converting {Path(mydata_root) / name} to {converted} (OFRecord) first", file=sys.stderr)
-        convert_json_dataset(name, mydata_root, ofdata_root)
         return load_ofrecord_dataset(converted, name)
     return None

@@ -24,6 +24,7 @@ class ImageDataset:
     num_classes: int
     mean: tuple[float, ...]  # per channel, 0..255 scale
     std: tuple[float, ...]
+    identity: str | None = None  # a content hash of a custom dataset's files (builtins: None, their name says it all)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -6,7 +6,9 @@ Each step writes a snapshot, a results JSON (and steps 1 and 3 a per-epoch log) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from backends.nni_quantize import RETRAINS as NNI_RETRAINS
 from backends.nni_quantize import fake_quantize
 from models import build_model
 
-from . import quantize
+from . import lineage, quantize
 from .config import STAGES, JobConfig
 from .data import ImageDataset
 from .distill import Distillation, FeatureDistillation, feature_layers
@@ -43,9 +45,9 @@ from .metrics import (
     latency_by_layout,
     model_size_mb,
 )
-from .reporting import EpochLog, results_payload, write_results
+from .reporting import epoch_log, results_payload, write_results
 from .runtime import CPU, Runtime, float32_name
-from .snapshots import load_model, save_snapshot
+from .snapshots import META_FILE, WEIGHTS_FILE, load_model, save_snapshot
 from .training import EvalResult, LossFunction, cross_entropy, evaluate, make_optimizer, train
 
 STEP_NAMES = {"1": "base", "2": "prune", "3": "refine", "4": "quantize"}
@@ -61,6 +63,10 @@ def check_request(config: JobConfig, data: ImageDataset, steps: str = "123") -> 
             probe = build_model(config.model, data.input_shape, data.num_classes)
     except ValueError as error:
         raise UsageError(f"{error} (dataset {config.data_type} has {data.input_shape} images)") from None
+    if "1" in steps and "2" not in steps and ("3" in steps or "4" in steps):
+        later = "refine" if "3" in steps else "quantize"
+        raise UsageError(f"--step {steps} would {later} an older pruned model, not one pruned from the base this run trains; add 2 (--step 12...)")
+    check_threshold(config.threshold)
     check_compression(config, steps)
     if config.distill and config.kd_features:
         feature_layers(probe, config.kd_features)  # names checked before any training
@@ -70,17 +76,24 @@ def check_request(config: JobConfig, data: ImageDataset, steps: str = "123") -> 
         backend.validate(probe, config.method or backend.default_method(probe), config.percent, config.scope, **extra)
 
 
+def check_threshold(threshold: float) -> None:
+    """conv_threshold counts |w| above the threshold: a value that is not a non-negative number decides nothing (one that
+    ties every filter's score is refused when the weights are known, by the backend)."""
+    if not math.isfinite(threshold) or threshold < 0:
+        raise UsageError(f"--threshold must be a non-negative number (a weight magnitude such as 0.06), got {threshold}")
+
+
 def check_compression(config: JobConfig, steps: str) -> None:
     """Distillation and quantization settings, and that step 4 will find a model, before anything trains."""
     if config.distill and "3" not in steps:
         raise UsageError("--distill applies to step 3 (refine); add 3 to --step")
     if not 0.0 <= config.kd_alpha <= 1.0:
         raise UsageError(f"--kd_alpha must be in [0, 1] (the weight of the teacher's soft targets), got {config.kd_alpha}")
-    if not config.kd_temperature > 0:
+    if not (math.isfinite(config.kd_temperature) and config.kd_temperature > 0):
         raise UsageError(f"--kd_temperature must be positive, got {config.kd_temperature}")
     if config.kd_features and not config.distill:
         raise UsageError("--kd_features adds feature maps to knowledge distillation; add --distill")
-    if not config.kd_feature_weight >= 0:
+    if not (math.isfinite(config.kd_feature_weight) and config.kd_feature_weight >= 0):
         raise UsageError(f"--kd_feature_weight must be non-negative, got {config.kd_feature_weight}")
     if config.quantize not in QUANTIZE_MODES:
         raise UsageError(f"unknown --quantize {config.quantize!r}; choose one of: {', '.join(QUANTIZE_MODES)}")
@@ -90,8 +103,6 @@ def check_compression(config: JobConfig, steps: str) -> None:
         import_nni()  # a missing NNI is found now, not after three steps of training
     if "2" in steps and config.quantize in RETRAINING_QUANTIZERS and config.backend == "nni" and config.method == "level":
         raise UsageError(f"--quantize {config.quantize} would retrain the zeroed weights of level (masked, not smaller); use --quantize ptq")
-    if "1" in steps and "2" not in steps and "3" not in steps:
-        raise UsageError(f"--step {steps} would quantize an older pruned model, not one pruned from the base this run trains; add 2 (and 3)")
     if config.quantize in RETRAINING_QUANTIZERS and config.qat_epochs < 1:
         raise UsageError(f"--quantize {config.quantize} needs at least one --qat_epochs of quantization-aware training, got {config.qat_epochs}")
     if config.quantize in ("ptq", "nni-ptq") and config.calib_batches < 1:
@@ -119,20 +130,53 @@ class Job:
         self.written: dict[str, list[Path]] = {"snapshots": [], "logs": [], "results": []}
         self.base_figures: dict[str, Any] | None = None  # a caller that already evaluated the base (the harness) sets them
         self.timed = False  # figures carry batch-1 / batch-64 latency: the whole-pipeline table of a run that quantizes
+        self.steps = ""  # the steps this run makes (run()); a caller driving steps one by one (the harness) asks for nothing else
+        self.identities: dict[str, str] = {}  # stage -> identity of the snapshot this job saved or loaded (lineage)
+        self.chain: list[dict[str, Any]] = []  # the lineage of the last snapshot this job saved, itself last
 
     def run(self, steps: str) -> None:
         self.timed = "4" in steps
+        self.steps = steps
         for step in steps:
             {"1": self.step_train, "2": self.step_prune, "3": self.step_refine, "4": self.step_quantize}[step]()
 
     def load(self, stage: str) -> tuple[nn.Module, dict[str, Any]]:
-        root = self.config.save_root if self.first_step_done else self.config.load_root
-        return load_model(root / stage, self.config.model, self.config.data_type)
+        """A snapshot this job builds on, refused when it is stale (made from an ancestor since replaced), made for
+        other data, or not what this run asked for; its identity is remembered for what this job makes from it."""
+        c = self.config
+        root = c.save_root if self.first_step_done else c.load_root
+        model, meta = load_model(root / stage, c.model, c.data_type)
+        identity = lineage.snapshot_identity(root / stage, (WEIGHTS_FILE, META_FILE))
+        lineage.check(lineage.dataset_mismatch(root / stage, meta, self.data.name, self.data.identity))
+        lineage.check(lineage.stale_ancestor(root / stage, meta, lambda ancestor: self.current_identity(root, ancestor)))
+        asked = {key: getattr(c, key) for key in c.asked}
+        lineage.check(lineage.unmet_request(root / stage, meta, identity, asked, lambda made: lineage.STEP_OF_STAGE[made] not in self.steps))
+        if "lineage" not in meta and stage != STAGES["1"] and c.echo_epochs and self.runtime.is_main:
+            print(f"note: {root / stage} records no lineage (written before prunebench recorded one); it is used unchecked", file=sys.stderr)
+        self.identities[stage] = identity
+        return model, meta
 
-    def meta(self, stage: str, **extra: Any) -> dict[str, Any]:
+    def current_identity(self, root: Path, stage: str) -> str | None:
+        """The identity `stage` has now: the snapshot this job saved or loaded, else the one on disk in `root`."""
+        if stage in self.identities:
+            return self.identities[stage]
+        if (root / stage / WEIGHTS_FILE).is_file() and (root / stage / META_FILE).is_file():
+            return lineage.snapshot_identity(root / stage, (WEIGHTS_FILE, META_FILE))
+        return None
+
+    def meta(self, stage: str, settings: dict[str, Any], parent: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        """A snapshot's meta: what rebuilds it, the dataset, this run's settings for the step, and its lineage (`parent`: the
+        meta of the snapshot it was made from, whose identity this job knows)."""
         c, d = self.config, self.data
+        ancestry = lineage.descendant_lineage(parent, self.identities[parent["stage"]]) if parent is not None else []
         return {"model": c.model, "data_type": c.data_type, "input_shape": list(d.input_shape), "num_classes": d.num_classes,
-                "mean": list(d.mean), "std": list(d.std), "stage": stage, "seed": c.seed, **extra}  # fmt: skip
+                "mean": list(d.mean), "std": list(d.std), "stage": stage, "seed": c.seed, "dataset": {"name": d.name, "identity": d.identity},
+                **extra, "settings": {"seed": c.seed, **settings}, "lineage": ancestry}  # fmt: skip
+
+    def training_settings(self, step: str) -> dict[str, Any]:
+        c = self.config
+        return {"epochs": c.epochs(step), "batch_size": c.batch_size, "learning_rate": c.learning_rate, "optimizer": c.optimizer,
+                "limit_batches": c.limit_batches}  # fmt: skip
 
     def figures(self, model: nn.Module, result: EvalResult, runtime: Runtime | None = None) -> dict[str, Any]:
         """The results JSON's figures; `measured_on` says under which runtime (device, dtype, layout, processes) `result` was taken."""
@@ -181,10 +225,15 @@ class Job:
                             "form": "eval, inference mode, BatchNorm folded, median after warm-up", **by_layout}}  # fmt: skip
 
     def save(self, step: str, model: nn.Module, meta: dict[str, Any], log_type: str, figures: dict[str, Any]) -> None:
-        """Rank 0 writes (snapshots hold CPU tensors whatever the device); then everyone meets, so the files are complete for all."""
-        c = self.config
+        """Rank 0 writes (snapshots hold CPU tensors whatever the device); then everyone meets, so the files are complete for all.
+        The results JSON carries the snapshot's lineage, itself last, and the seed of this run."""
+        c, stage = self.config, STAGES[step]
         if self.runtime.is_main:
-            self.written["snapshots"].append(save_snapshot(c.save_root / STAGES[step], model, meta))
+            directory = save_snapshot(c.save_root / stage, model, meta)
+            self.written["snapshots"].append(directory)
+            self.identities[stage] = lineage.snapshot_identity(directory, (WEIGHTS_FILE, META_FILE))
+            self.chain = lineage.descendant_lineage(meta, self.identities[stage])
+            figures = {**figures, "seed": c.seed, "lineage": self.chain}
             self.written["results"].append(write_results(c.result_dir, c.model, c.data_type, log_type, figures))
         barrier(self.runtime)
         self.models[step], self.metas[step], self.results[step] = model, meta, figures
@@ -206,14 +255,14 @@ class Job:
     def fit(self, model: nn.Module, step: str, log_type: str, after_step: Callable[[nn.Module], None] | None = None,
             loss_fn: LossFunction = cross_entropy, epochs: int | None = None, runtime: Runtime | None = None) -> EvalResult:  # fmt: skip
         c, runtime = self.config, runtime or self.runtime
-        log = None
-        if runtime.is_main:
-            log = EpochLog(c.log_dir, c.model, c.data_type, log_type, terminal_prefix=f"step {step} {STEP_NAMES[step]}:" if c.echo_epochs else None)
-            self.written["logs"].append(log.path)
         epochs = c.epochs(step) if epochs is None else epochs
-        history = train(model, self.data, epochs=epochs, batch_size=c.batch_size, val_batch_size=c.val_batch_size, lr=c.learning_rate,
-                        optimizer_name=c.optimizer, seed=c.seed, limit_batches=c.limit_batches, limit_val_batches=c.limit_val_batches,
-                        desc=STEP_NAMES[step], on_epoch=log, after_step=after_step, loss_fn=loss_fn, runtime=runtime)  # fmt: skip
+        prefix = f"step {step} {STEP_NAMES[step]}:" if c.echo_epochs else None
+        with epoch_log(c.log_dir, c.model, c.data_type, log_type, prefix) if runtime.is_main else contextlib.nullcontext() as log:
+            history = train(model, self.data, epochs=epochs, batch_size=c.batch_size, val_batch_size=c.val_batch_size, lr=c.learning_rate,
+                            optimizer_name=c.optimizer, seed=c.seed, limit_batches=c.limit_batches, limit_val_batches=c.limit_val_batches,
+                            desc=STEP_NAMES[step], on_epoch=log, after_step=after_step, loss_fn=loss_fn, runtime=runtime)  # fmt: skip
+        if log is not None:
+            self.written["logs"].append(log.path)
         return history[-1] if history else self.evaluate(model, runtime)
 
     def step_train(self) -> dict[str, Any]:
@@ -221,8 +270,12 @@ class Job:
         torch.manual_seed(c.seed)  # every process builds the same initial weights
         model = self.runtime.place(build_model(c.model, self.data.input_shape, self.data.num_classes))
         figures = self.figures(model, self.fit(model, "1", "base_model"))
-        self.save("1", model, self.meta(STAGES["1"], epochs=c.epochs("1")), "base_model", figures)
+        self.save("1", model, self.meta(STAGES["1"], self.training_settings("1"), epochs=c.epochs("1")), "base_model", figures)
         self.record("1 base", figures)
+        stale = [STAGES[s] for s in "234" if s not in self.steps and (c.save_root / STAGES[s]).is_dir()]
+        if stale and self.runtime.is_main and c.echo_epochs and self.steps:
+            print(f"note: {', '.join(stale)} in {c.save_root} were made from the previous base; later steps refuse them until --step 2 "
+                  "runs again", file=sys.stderr)  # fmt: skip
         return figures
 
     def backend_options(self) -> dict[str, Any]:
@@ -252,7 +305,7 @@ class Job:
         if not self.runtime.is_main:
             return self.wait_for("2")
         c, device = self.config, self.runtime.place
-        base, _ = self.load(STAGES["1"])
+        base, base_meta = self.load(STAGES["1"])
         self.models.setdefault("1", base)
         backend = get_backend(c.backend)
         method = c.method or backend.default_method(base)
@@ -275,16 +328,27 @@ class Job:
         figures = self.figures(pruned, self.evaluate(pruned, self.alone), self.alone)
         info = {"backend": c.backend, "method": method, "percent": c.percent, "scope": result.scope, "exclude": list(c.exclude), "kept": result.kept,
                 "physical": result.physical}  # fmt: skip
+        settings = {key: info[key] for key in ("backend", "method", "percent", "scope", "exclude")} | {"round_to": c.round_to}
+        if "threshold" in result.info:  # the backend's criterion used it: it decided which channels go
+            settings["threshold"] = result.info["threshold"]
+        if result.info.get("train_steps"):
+            settings["prune_steps"] = c.prune_steps
+        removed_nothing = result.physical and all(row["after"] == row["before"] for row in result.kept_table())
         payload = {**figures, **info, "prune_seconds": round(seconds, 4), "prune_train_steps": result.info.get("train_steps", 0),
                    "masked_accuracy": round(masked.top1, 6),
-                   "masked_top_k_accuracy": round(masked.top_k, 6), "base": base_figures, "layers": result.kept_table(), "why_unprunable": blocked}  # fmt: skip
-        self.save("2", pruned, self.meta(STAGES["2"], **info), "pruning", payload)
+                   "masked_top_k_accuracy": round(masked.top_k, 6), "base": base_figures, "layers": result.kept_table(), "why_unprunable": blocked,
+                   "settings": settings, "removed_nothing": removed_nothing}  # fmt: skip
+        self.save("2", pruned, self.meta(STAGES["2"], settings, base_meta, **info), "pruning", payload)
         if c.echo_epochs:
             print(f"pruned with {c.backend}/{method} ({result.scope} scope) in {seconds:.3f} s; "
                   f"masked model top-1 {masked.top1:.4f}, physically pruned top-1 {figures['accuracy']:.4f}", file=sys.stderr)  # fmt: skip
+        if removed_nothing and c.echo_epochs:
+            why = f" (round_to {c.round_to} rounds every layer back up to its full width)" if c.round_to else ""
+            print(f"note: the prune removed no channel{why}; the pruned model is the base model", file=sys.stderr)
         if not self.rows:
             self.record("  base (loaded)", base_figures)
-        self.record(f"2 pruned ({method} {c.percent:g})", figures)
+        threshold = f", threshold {settings['threshold']:g}" if "threshold" in settings else ""
+        self.record(f"2 pruned ({method} {c.percent:g}{threshold}{': removed nothing' if removed_nothing else ''})", figures)
         return payload
 
     def step_refine(self) -> dict[str, Any]:
@@ -308,7 +372,11 @@ class Job:
             distilled["distill"] |= {"features": layers, "feature_weight": c.kd_feature_weight}
         result = self.fit(model, "3", "prune_model", after_step=None if meta.get("physical", True) else keep_zeros(model), loss_fn=loss)
         figures = self.figures(model, result)
-        self.save("3", model, {**meta, "stage": STAGES["3"], "refine_epochs": c.epochs("3"), **distilled}, "prune_model", {**figures, **distilled})
+        settings = {**self.training_settings("3"), "distill": c.distill}
+        if c.distill:
+            settings |= {"kd_alpha": c.kd_alpha, "kd_temperature": c.kd_temperature, "kd_features": c.kd_features, "kd_feature_weight": c.kd_feature_weight}
+        refined_meta = {**meta, **self.meta(STAGES["3"], settings, meta, refine_epochs=c.epochs("3"), **distilled)}
+        self.save("3", model, refined_meta, "prune_model", {**figures, **distilled})
         self.record("3 refined" + (" (KD + features)" if c.distill and c.kd_features else " (KD)" if c.distill else ""), figures)
         return figures
 
@@ -354,7 +422,7 @@ class Job:
                                   quantize=c.quantize, quantized_from=STAGES[step], float_size_mb=round(model_size_mb(model), 4))  # fmt: skip
         figures |= self.latency(quantized, dtype="int8")
         extra = {"quantize": c.quantize, "quantized_from": STAGES[step], "float_shapes": quantize.float_shapes(model)}
-        self.save("4", quantized, {**meta, "stage": STAGES["4"], **extra}, "quant_model", figures)
+        self.save("4", quantized, {**meta, **self.meta(STAGES["4"], self.quantize_settings(), meta, **extra)}, "quant_model", figures)
         self.record(f"4 int8 ({c.quantize})", figures)
         return figures
 
@@ -363,28 +431,40 @@ class Job:
         c = self.config
         generator = torch.Generator().manual_seed(c.seed)
         limit = c.calib_batches if c.quantize == "nni-ptq" else c.limit_batches
-        log = EpochLog(c.log_dir, c.model, c.data_type, "quant_model", terminal_prefix="step 4 quantize:" if c.echo_epochs else None)
-        self.written["logs"].append(log.path)
         torch.manual_seed(c.seed)
-        float_model, calibration, result = fake_quantize(
-            model, c.quantize, lambda: self.data.batches("train", c.batch_size, generator, limit), epochs=c.qat_epochs,
-            make_optimizer=lambda params, wrap: make_optimizer(c.optimizer, params, c.learning_rate, wrap),
-            measure=lambda simulated: self.evaluate(simulated, on_cpu), verbose=c.verbose,
-        )  # fmt: skip
-        log(max(c.qat_epochs - 1, 0) if c.quantize in NNI_RETRAINS else 0, result)
+        with epoch_log(c.log_dir, c.model, c.data_type, "quant_model", "step 4 quantize:" if c.echo_epochs else None) as log:
+            float_model, calibration, result = fake_quantize(
+                model, c.quantize, lambda: self.data.batches("train", c.batch_size, generator, limit), epochs=c.qat_epochs,
+                make_optimizer=lambda params, wrap: make_optimizer(c.optimizer, params, c.learning_rate, wrap),
+                measure=lambda simulated: self.evaluate(simulated, on_cpu), verbose=c.verbose,
+            )  # fmt: skip
+            log(max(c.qat_epochs - 1, 0) if c.quantize in NNI_RETRAINS else 0, result)
+        self.written["logs"].append(log.path)
         note = "NNI fake quantization: accuracy of simulated int8; no int8 kernel runs, so size and latency are not int8 figures and are left out"
         figures = {**results_payload(result, model_size_mb(float_model), count_params(float_model), count_macs(float_model, self.example),
                                      measured_on=on_cpu.describe()),
                    "modelSize": None, "reasoningTime": None, "quantize": c.quantize, "quantized_from": STAGES[step],
                    "simulated": True, "note": note}  # fmt: skip
-        self.save("4", float_model, {**meta, "stage": STAGES["4"], "quantize": c.quantize, "simulated": True, "calibration": calibration},
-                  "quant_model", figures)  # fmt: skip
+        extra = {"quantize": c.quantize, "simulated": True, "calibration": calibration}
+        self.save("4", float_model, {**meta, **self.meta(STAGES["4"], self.quantize_settings(), meta, **extra)}, "quant_model", figures)
         self.record(f"4 simulated int8 ({c.quantize}, accuracy only)", figures)  # no int8 kernel: nothing to time
         return figures
 
+    def quantize_settings(self) -> dict[str, Any]:
+        c = self.config
+        settings: dict[str, Any] = {"quantize": c.quantize}
+        if c.quantize in ("ptq", "nni-ptq"):
+            settings["calib_batches"] = c.calib_batches
+        if c.quantize in RETRAINING_QUANTIZERS:
+            settings |= {"qat_epochs": c.qat_epochs, "learning_rate": c.learning_rate, "optimizer": c.optimizer}
+        return settings
+
     def summary_lines(self) -> list[str]:
-        """One line per kind of output: where this job wrote it."""
-        return [f"{kind} written to: {', '.join(str(p) for p in paths)}" for kind, paths in self.written.items() if paths]
+        """One line per kind of output: where this job wrote it; then the lineage of what it made last (one lineage a run)."""
+        lines = [f"{kind} written to: {', '.join(str(p) for p in paths)}" for kind, paths in self.written.items() if paths]
+        if self.chain:
+            lines.append("lineage: " + " -> ".join(f"{e['stage']} {e['identity'][:8]} ({lineage.describe(e['settings'])})" for e in self.chain))
+        return lines
 
 
 def keep_zeros(model: nn.Module) -> Callable[[nn.Module], None]:

@@ -7,6 +7,7 @@ code to keep in sync, and no hand-rolled wire format).
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,9 @@ Int32List = MESSAGES["Int32List"]
 def is_image_shape(value: object) -> bool:
     """[C, H, W]: three positive integers (JSON booleans are not integers here)."""
     return isinstance(value, list) and len(value) == 3 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)
+
+
+PART_FILE = re.compile(r"part-\d{5}")  # part_name's pattern
 
 
 def part_name(index: int) -> str:

@@ -1,17 +1,23 @@
 """myData/<name>/{train,test}.json -> ofData/<name>/ (OFRecord part files + meta.json), streamed.
 
 Everything is written under a temporary directory beside the target and renamed into
-place when complete: a bad row anywhere leaves nothing under ofData/<name>.
+place when complete: a bad row anywhere leaves nothing under ofData/<name>. The converter
+never writes where it reads (an --ofData_dir that is, holds or lies inside the source folder is
+refused), and replaces only a dataset it wrote itself; meta.json records a hash of the JSON files
+it came from, so a reader can tell when myData/<name> changed since.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +30,59 @@ import simdjson
 from .atomic import staged_directory
 from .errors import UsageError
 from .json_rows import JsonSplit, open_split
-from .ofrecord import image_record, is_image_shape, part_name, write_record
+from .ofrecord import PART_FILE, image_record, is_image_shape, part_name, write_record
 
 SPLITS = ("train", "test")
 PARALLEL_FROM = 2000  # rows; below this a worker pool costs more than it saves
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_name(name: str) -> None:
+    """A dataset name is one plain folder name: no path separators, no '..', nothing hidden."""
+    if not PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+        raise UsageError(f"--dataName {name!r} is not a plain folder name; use letters, digits, '_', '-' and '.' (e.g. randomData255)")
+
+
+def check_apart(source: Path, ofdata_root: Path) -> None:
+    """Refuse an output folder that is the source folder, lies inside it or holds it: the conversion would write where it reads."""
+    src, out = source.resolve(), ofdata_root.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        where = "is" if out == src else "lies inside" if src in out.parents else "holds"
+        raise UsageError(f"--ofData_dir {ofdata_root} {where} the source folder {source}; choose an output folder apart from the JSON files")
+
+
+def source_digests(paths: dict[str, Path]) -> dict[str, str]:
+    """sha256 of each source JSON file, keyed by file name: what meta.json records as the dataset's source."""
+    digests = {}
+    for path in paths.values():
+        with path.open("rb") as handle:
+            digests[path.name] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digests
+
+
+def written_by_converter(target: Path) -> bool:
+    """A folder this converter wrote: meta.json and train/ test/ folders of part files, nothing else."""
+    entries = {p.name: p for p in target.iterdir()}
+    if "meta.json" not in entries or not set(entries) <= {"meta.json", *SPLITS}:
+        return False
+    return all(entries[s].is_dir() and all(PART_FILE.fullmatch(p.name) for p in entries[s].iterdir()) for s in SPLITS if s in entries)
+
+
+def stale_conversion(converted: Path, source: Path) -> str | None:
+    """Why ofData/<name> no longer matches myData/<name> (the JSON changed, or the copy records no source), or None."""
+    try:
+        recorded = json.loads((converted / "meta.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return f"{converted} records no source"
+    current = source_digests({split: source / f"{split}.json" for split in SPLITS if (source / f"{split}.json").is_file()})
+    return None if current == recorded else f"{source} changed since {converted} was converted"
+
+
+def _ignore_interrupts() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them and says so in one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass
@@ -207,7 +262,7 @@ def _write_split(name: str, count: int, channels: int, folder: Path, part_num: i
     return stats
 
 
-def _meta(stats: dict[str, SplitStats], shape: tuple[int, int, int], num_classes: int) -> dict[str, object]:
+def _meta(stats: dict[str, SplitStats], shape: tuple[int, int, int], num_classes: int, source: dict[str, str]) -> dict[str, object]:
     """meta.json: per-channel mean/std over train+test on the 0..255 scale, as OneFlow's loaders expect."""
     count = sum(s.count for s in stats.values()) * shape[1] * shape[2]
     mean = sum(s.total for s in stats.values()) / count
@@ -219,6 +274,7 @@ def _meta(stats: dict[str, SplitStats], shape: tuple[int, int, int], num_classes
         "rgb_std": [round(float(s), 6) for s in std],
         "num_examples": stats["train"].count,
         "num_val_examples": stats["test"].count,
+        "source": source,
     }
 
 
@@ -231,15 +287,22 @@ def convert_json_dataset(
     workers: int | None = None,
 ) -> Path:
     """Convert myData/<name> to ofData/<name>; returns the finished directory."""
+    check_name(name)
     source, target = Path(mydata_root) / name, Path(ofdata_root) / name
     if not source.is_dir():
         raise UsageError(f"dataset folder {source} not found; put train.json and test.json there")
     if part_num < 1:
         raise UsageError(f"--part_num must be at least 1, got {part_num}")
+    check_apart(source, Path(ofdata_root))
+    if Path(ofdata_root).exists() and not Path(ofdata_root).is_dir():
+        raise UsageError(f"--ofData_dir {ofdata_root} is a file; give a folder for the converted datasets")
+    if target.exists() and not (target.is_dir() and written_by_converter(target)):
+        raise UsageError(f"{target} exists and is not a dataset this converter wrote; move it away or choose another --ofData_dir")
     paths = {split: source / f"{split}.json" for split in SPLITS}
     for path in paths.values():
         if not path.is_file():
             raise UsageError(f"{path} not found; a dataset needs both train.json and test.json")
+    digests = source_digests(paths)
     splits = {split: open_split(path) for split, path in paths.items()}
     shape = _shape(splits["train"])
     labels = {split: _labels(splits[split]) for split in SPLITS}
@@ -253,13 +316,13 @@ def convert_json_dataset(
     workers = max(1, min(workers if workers is not None else os.cpu_count() or 1, 8)) if total_rows >= PARALLEL_FROM else 1
     _WORKER_SPLITS.clear()
     _WORKER_SPLITS.update({split: (splits[split], labels[split], shape) for split in SPLITS})
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None  # forked workers inherit the splits
+    pool = multiprocessing.get_context("fork").Pool(workers, _ignore_interrupts) if workers > 1 else None  # forked workers inherit the splits
     try:
         with staged_directory(target) as staging:
             tick = progress(total_rows) if progress else (lambda _n: None)
             encode = (lambda tasks: pool.imap(_encode_task, tasks)) if pool else (lambda tasks: map(_encode_task, tasks))
             stats = {split: _write_split(split, len(labels[split]), shape[0], staging / split, parts[split], encode, tick) for split in SPLITS}
-            (staging / "meta.json").write_text(json.dumps(_meta(stats, shape, num_classes), indent=2))
+            (staging / "meta.json").write_text(json.dumps(_meta(stats, shape, num_classes, digests), indent=2))
     finally:
         if pool is not None:
             pool.terminate()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +12,7 @@ import torch
 
 from .data import ImageDataset
 from .errors import UsageError
-from .ofrecord import IMAGE_FEATURE, LABEL_FEATURE, is_image_shape, iter_records
-
-PART_FILE = re.compile(r"part-\d{5}")
+from .ofrecord import IMAGE_FEATURE, LABEL_FEATURE, PART_FILE, is_image_shape, iter_records
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
@@ -75,10 +73,20 @@ def read_split(directory: Path, split: str, meta: dict[str, Any], expected: int)
     return torch.from_numpy(images).view(expected, channels, height, width), torch.from_numpy(labels)
 
 
+def content_identity(directory: Path) -> str:
+    """A hash of meta.json and every part file, in order: two datasets under one name with other content differ here."""
+    digest = hashlib.sha256()
+    parts = [p for split in ("train", "test") for p in sorted((directory / split).glob("part-*")) if PART_FILE.fullmatch(p.name)]
+    for path in [directory / "meta.json", *parts]:
+        with path.open("rb") as handle:
+            digest.update(f"{path.relative_to(directory)}\0".encode() + hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
 def load_ofrecord_dataset(directory: str | Path, name: str) -> ImageDataset:
     directory = Path(directory)
     meta = read_meta(directory)
     train_images, train_labels = read_split(directory, "train", meta, meta["num_examples"])
     test_images, test_labels = read_split(directory, "test", meta, meta["num_val_examples"])
     mean, std = tuple(float(v) for v in meta["rgb_mean"]), tuple(float(v) for v in meta["rgb_std"])
-    return ImageDataset(name, train_images, train_labels, test_images, test_labels, meta["num_classes"], mean, std)
+    return ImageDataset(name, train_images, train_labels, test_images, test_labels, meta["num_classes"], mean, std, content_identity(directory))

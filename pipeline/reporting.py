@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from .atomic import write_json
+from .atomic import staged_files, write_json
 from .training import EvalResult
 
 
@@ -17,24 +19,28 @@ def epoch_line(epoch: int, result: EvalResult) -> str:
 
 
 class EpochLog:
-    """log/log_<model>_<data>_<log_type>.txt, rewritten per run, one line per epoch as it ends.
+    """One line per epoch as it ends, in the original platform's format, into `write_to` (a staging file that
+    `epoch_log` renames onto `path` when the step completes); the terminal copy (when a prefix is given) names the
+    step, since step 1 and step 3 otherwise print identical-looking `epoch0 ...` lines."""
 
-    The file keeps the original platform's format; the terminal copy (when a prefix is given) names the
-    step, since step 1 and step 3 otherwise print identical-looking `epoch0 ...` lines.
-    """
-
-    def __init__(self, log_dir: str | Path, model: str, data: str, log_type: str, terminal_prefix: str | None = "") -> None:
-        self.terminal_prefix = terminal_prefix
-        self.path = Path(log_dir) / f"log_{model}_{data}_{log_type}.txt"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
+    def __init__(self, write_to: Path, path: Path, terminal_prefix: str | None = "") -> None:
+        self.write_to, self.path, self.terminal_prefix = write_to, path, terminal_prefix
 
     def __call__(self, epoch: int, result: EvalResult) -> None:
         line = epoch_line(epoch, result)
-        with self.path.open("a") as handle:
+        with self.write_to.open("a") as handle:
             handle.write(line + "\n")
         if self.terminal_prefix is not None:
             tqdm.write(f"{self.terminal_prefix} {line}".lstrip(), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def epoch_log(log_dir: str | Path, model: str, data: str, log_type: str, terminal_prefix: str | None = "") -> Iterator[EpochLog]:
+    """log/log_<model>_<data>_<log_type>.txt, replaced only when the step completes: an interrupted step leaves the
+    previous run's log as it was."""
+    path = Path(log_dir) / f"log_{model}_{data}_{log_type}.txt"
+    with staged_files(path.parent, [path.name]) as temps:
+        yield EpochLog(temps[path.name], path, terminal_prefix)
 
 
 def results_payload(result: EvalResult, size_mb: float, params: int, macs: int, **extra: Any) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -191,7 +192,11 @@ def test_run_py_resolves_builtin_then_ofdata_then_mydata(tmp_path, monkeypatch, 
     write_json_dataset(tmp_path, "fresh", sample(6, (1, 16, 16)), {"data": sample(2, (1, 16, 16))["data"], "label": [0, 1]})
     data = load_dataset("fresh")  # not converted yet: myData/fresh is converted first
     assert (tmp_path / "ofData/fresh/meta.json").is_file() and data.input_shape == (1, 16, 16)
-    (tmp_path / "myData/fresh/train.json").write_text("not json any more")  # ofData wins now
+    (tmp_path / "myData/fresh/train.json").write_text("not json any more")  # the source changed: converted again, and refused
+    with pytest.raises(UsageError, match="train.json: not valid JSON"):
+        load_dataset("fresh")
+    assert "again: myData/fresh changed since ofData/fresh was converted" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "myData/fresh")  # no source: the converted copy is read as it is
     assert load_dataset("fresh").num_classes == 3
     elsewhere = tmp_path / "moved"
     (tmp_path / "ofData/fresh").rename(elsewhere)
