@@ -43,7 +43,9 @@ def excluded_producers(graph: ChannelGraph, module_names: set[str], exclude: Ite
     excluded = set()
     for name in exclude:
         if name not in module_names:
-            raise PruningError(f"exclude names {name!r}, which the model does not have; see model.named_modules() for names")
+            raise PruningError(
+                f"exclude names {name!r}, which the model does not have; see model.named_modules() for names"
+            )
         excluded |= {p for p in graph.group_of_producer if p == name or p.startswith(name + ".")}
     return excluded
 
@@ -53,7 +55,9 @@ def _norm_gamma(modules: dict[str, nn.Module], graph: ChannelGraph, producer: st
     return None if norm is None or modules[norm].weight is None else modules[norm].weight
 
 
-def _group_tensors(method: Method, modules: dict[str, nn.Module], graph: ChannelGraph, members: list[str]) -> list[torch.Tensor]:
+def _group_tensors(
+    method: Method, modules: dict[str, nn.Module], graph: ChannelGraph, members: list[str]
+) -> list[torch.Tensor]:
     if method.source == "norm":
         return [g for g in (_norm_gamma(modules, graph, m) for m in members) if g is not None]
     return [modules[m].weight for m in members]
@@ -79,7 +83,11 @@ def check_round_to(round_to: int | None) -> None:
 
 
 def check_request(
-    model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None, methods: Mapping[str, Method] = METHODS
+    model: nn.Module,
+    method: str,
+    sparsity: float | Mapping[str, float],
+    scope: str | None,
+    methods: Mapping[str, Method] = METHODS,
 ) -> tuple[Method, str]:
     """Validate a request without tracing; returns the method and the scope it resolves to."""
     if method not in methods:
@@ -92,7 +100,9 @@ def check_request(
     if scope == "global" and spec.greedy:
         raise PruningError(f"{method} (a greedy per-layer method) cannot use scope='global'; use scope='layer'")
     if spec.source == "norm" and not has_norm(model):
-        raise PruningError(f"{method} ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use conv_all or neuron")
+        raise PruningError(
+            f"{method} ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use conv_all or neuron"
+        )
     return spec, scope
 
 
@@ -116,8 +126,8 @@ def prune_channels(
     `round_to=N`: every pruned group keeps a multiple of N channels (the count rounded up; a group that would round up
     to its full size stays whole).
 
-    A caller that prunes one model many times (sensitivity analysis) passes `graph=analyze(model, example_input)` once, and
-    `verify=False` (skip the check that the pruned model runs) once the same structure has passed it.
+    A caller that prunes one model many times (sensitivity analysis) passes `graph=analyze(model, example_input)` once,
+    and `verify=False` (skip the check that the pruned model runs) once the same structure has passed it.
     """
     spec, scope = check_request(model, method, sparsity, scope, methods)
     check_round_to(round_to)
@@ -135,7 +145,11 @@ def prune_channels(
             if not graph.groups[group].prunable:
                 raise PruningError(f"{name} cannot be pruned: {graph.groups[group].blocked_by[0]}")
             if spec.greedy and graph.groups[group].divisor > 1:
-                raise PruningError(f"{name} feeds or is a grouped convolution, which {method} (a greedy pair method) cannot prune; use conv_all or bn")
+                raise PruningError(
+                    f"{name} feeds or is a grouped convolution, which {method} (a greedy pair method) cannot prune; "
+                    "use conv_all or "
+                    "bn"
+                )
             ratios[group] = max(ratios.get(group, 0.0), float(ratio))
     else:
         ratios = {g: float(sparsity) for g, group in enumerate(graph.groups) if group.prunable}
@@ -144,8 +158,15 @@ def prune_channels(
     for index, ratio in ratios.items():
         group = graph.groups[index]
         tensors = _group_tensors(spec, modules, graph, group.members)
-        greedy_blocked = spec.greedy and group.divisor > 1  # the greedy pair rule has no per-block form: such groups stay whole
-        if group.size > 1 and not excluded.intersection(group.members) and (tensors or spec.source == "random") and not greedy_blocked:
+        greedy_blocked = (
+            spec.greedy and group.divisor > 1
+        )  # the greedy pair rule has no per-block form: such groups stay whole
+        if (
+            group.size > 1
+            and not excluded.intersection(group.members)
+            and (tensors or spec.source == "random")
+            and not greedy_blocked
+        ):
             candidates[index] = (ratio, tensors)
 
     generator = torch.Generator().manual_seed(seed)
@@ -193,8 +214,12 @@ def check_threshold_decides(scores: dict[int, torch.Tensor], weights: list[torch
     if not scores or any(bool((score != score[0]).any()) for score in scores.values()):
         return
     magnitudes = torch.cat([w.detach().abs().flatten().cpu() for w in weights])
-    raise PruningError(f"threshold {threshold:g} gives every filter of every layer the same count of |w| above it, so it decides nothing; "
-                       f"|w| here spans {float(magnitudes.min()):.3g}..{float(magnitudes.max()):.3g}: choose a threshold inside that range")  # fmt: skip
+    raise PruningError(
+        f"threshold {threshold:g} gives every filter of every layer the same count of |w| above it, so it decides "
+        "nothing; "
+        f"|w| here spans {float(magnitudes.min()):.3g}..{float(magnitudes.max()):.3g}: choose a threshold inside "
+        "that range"
+    )
 
 
 def _check_runs(model: nn.Module, example_input: torch.Tensor) -> None:

@@ -31,7 +31,8 @@ def unit_l2(weight: torch.Tensor) -> torch.Tensor:
 
 
 def geometric_median_distance(weight: torch.Tensor) -> torch.Tensor:
-    """FPGM (He et al. 2019): a unit's summed Euclidean distance to every other; the lowest sit nearest the geometric median, so are replaceable."""
+    """FPGM (He et al. 2019): a unit's summed Euclidean distance to every other; the lowest sit nearest the geometric
+    median, so are replaceable."""
     units = weight.detach().flatten(1).double()
     return torch.cdist(units, units).sum(1)
 
@@ -64,8 +65,8 @@ def gamma_distances(gamma: torch.Tensor) -> torch.Tensor:
 
 
 def group_score(score: Callable[[torch.Tensor], torch.Tensor], tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A coupled group's per-channel score: the mean of its members' (coupled channel for channel), on the CPU, where the
-    channel selection runs whatever device the model is on (one number per channel)."""
+    """A coupled group's per-channel score: the mean of its members' (coupled channel for channel), on the CPU, where
+    the channel selection runs whatever device the model is on (one number per channel)."""
     return torch.stack([score(t) for t in tensors]).mean(0).cpu()
 
 

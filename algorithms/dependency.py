@@ -46,19 +46,29 @@ def _followers(graph: ChannelGraph) -> dict[int, list[str]]:
 
 
 class ChannelDependency:
-    """NNI's `ChannelDependency(model, dummy_input)`: `.dependency_sets` and `.export(csv)`, without torch.jit or tensorboard."""
+    """NNI's `ChannelDependency(model, dummy_input)`: `.dependency_sets` and `.export(csv)`, without torch.jit or
+    tensorboard."""
 
     def __init__(self, model: nn.Module, dummy_input: torch.Tensor, graph: ChannelGraph | None = None) -> None:
         self.graph = analyze(model, dummy_input) if graph is None else graph
         modules = dict(model.named_modules())
         followers = _followers(self.graph)
         self.sets: list[DependencySet] = [
-            DependencySet([*group.members, *followers.get(index, [])], group.size, list(group.blocked_by)) for index, group in enumerate(self.graph.groups)
+            DependencySet([*group.members, *followers.get(index, [])], group.size, list(group.blocked_by))
+            for index, group in enumerate(self.graph.groups)
         ]
         placed = {layer for dependency in self.sets for layer in dependency.layers}
-        for consumer in self.graph.consumers:  # depthwise convs on the model input or on several groups at once stand alone
+        for (
+            consumer
+        ) in self.graph.consumers:  # depthwise convs on the model input or on several groups at once stand alone
             if consumer.kind == "depthwise" and consumer.module not in placed:
-                self.sets.append(DependencySet([consumer.module], modules[consumer.module].out_channels, ["it follows channels of several layers"]))
+                self.sets.append(
+                    DependencySet(
+                        [consumer.module],
+                        modules[consumer.module].out_channels,
+                        ["it follows channels of several layers"],
+                    )
+                )
         self.dependency: dict[str, set[str]] = {layer: set(d.layers) for d in self.sets for layer in d.layers}
 
     @property
@@ -73,7 +83,13 @@ class ChannelDependency:
 
     def export(self, filepath: str | Path) -> Path:
         """NNI's CSV: `Dependency Set,Convolutional Layers`, then `Set 1,<layer>,<layer>,...` in network order."""
-        return write_rows(filepath, [["Dependency Set", "Convolutional Layers"], *([f"Set {n}", *d.layers] for n, d in enumerate(self.sets, start=1))])
+        return write_rows(
+            filepath,
+            [
+                ["Dependency Set", "Convolutional Layers"],
+                *([f"Set {n}", *d.layers] for n, d in enumerate(self.sets, start=1)),
+            ],
+        )
 
 
 class GroupDependency:
@@ -107,4 +123,6 @@ class GroupDependency:
         return self.dependency
 
     def export(self, filepath: str | Path) -> Path:
-        return write_rows(filepath, [["Conv Layer Name", "Group"], *([name, groups] for name, groups in self.dependency.items())])
+        return write_rows(
+            filepath, [["Conv Layer Name", "Group"], *([name, groups] for name, groups in self.dependency.items())]
+        )

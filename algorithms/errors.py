@@ -6,6 +6,7 @@ class PruningError(ValueError):
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an error's message (empty if it has none): what a one-line refusal quotes of a library's own error."""
+    """The first line of an error's message (empty if it has none): what a one-line refusal quotes of a library's own
+    error."""
     text = str(error).strip()
     return text.splitlines()[0] if text else ""

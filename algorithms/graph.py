@@ -58,9 +58,15 @@ class ChannelGroup:
     members: list[str]
     size: int
     blocked_by: list[str] = field(default_factory=list)
-    divisor: int = 1  # grouped convs read or write these channels in this many equal blocks: each block keeps the same count
-    layer_norms: list[str] = field(default_factory=list)  # LayerNorms over these channels: pruning changes their statistics
-    rearranged: bool = False  # permuted, shuffled, chunked, renormalised or scaled on the way: only this analysis follows them
+    divisor: int = (
+        1  # grouped convs read or write these channels in this many equal blocks: each block keeps the same count
+    )
+    layer_norms: list[str] = field(
+        default_factory=list
+    )  # LayerNorms over these channels: pruning changes their statistics
+    rearranged: bool = (
+        False  # permuted, shuffled, chunked, renormalised or scaled on the way: only this analysis follows them
+    )
 
     @property
     def prunable(self) -> bool:
@@ -75,42 +81,162 @@ class ChannelGraph:
     consumers: list[Consumer]
     norm_after: dict[str, str]  # producer -> BatchNorm that reads its output directly
     producer_space: dict[str, int]
-    output_producers: list[str] = field(default_factory=list)  # layers whose outputs reach the model output through no other layer: the classifier
+    output_producers: list[str] = field(
+        default_factory=list
+    )  # layers whose outputs reach the model output through no other layer: the classifier
 
     def group(self, producer: str) -> ChannelGroup:
         return self.groups[self.group_of_producer[producer]]
 
     def why_unprunable(self) -> dict[str, str]:
-        """Layer groups (named `a+b`) left whole because some op is not understood, with the first reason; the classifier is not listed."""
-        return {"+".join(g.members): g.blocked_by[0] for g in self.groups if not g.prunable and g.blocked_by[0] != OUTPUT_REASON}
+        """Layer groups (named `a+b`) left whole because some op is not understood, with the first reason; the
+        classifier is not listed."""
+        return {
+            "+".join(g.members): g.blocked_by[0]
+            for g in self.groups
+            if not g.prunable and g.blocked_by[0] != OUTPUT_REASON
+        }
 
 
 # Every parameter-free activation of torch.nn / torch.nn.functional is channel-wise: channel c of the output depends on
-# channel c of the input alone, so it carries the channel layout through unchanged (GLU, Softmax, LogSoftmax, Softmin mix
+# channel c of the input alone, so it carries the channel layout through unchanged (GLU, Softmax, LogSoftmax, Softmin
+# mix
 # or halve channels and are not here; PReLU is here only with one shared slope, see call_module).
 ELEMENTWISE_ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid,
-    nn.Hardtanh, nn.Hardshrink, nn.Softshrink, nn.Tanhshrink, nn.Threshold, nn.Sigmoid, nn.LogSigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
-)  # fmt: skip
-OUTPUT_REASON = "it reaches the model output"  # the classifier: never pruned, by design rather than for want of understanding
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Tanhshrink,
+    nn.Threshold,
+    nn.Sigmoid,
+    nn.LogSigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Softsign,
+)
+OUTPUT_REASON = (
+    "it reaches the model output"  # the classifier: never pruned, by design rather than for want of understanding
+)
 PASSTHROUGH_MODULES = (
-    *ELEMENTWISE_ACTIVATIONS, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
+    *ELEMENTWISE_ACTIVATIONS,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    nn.Identity,
     StochasticDepth,
-)  # fmt: skip
-SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)  # per channel over dims 2..: channels on dim 1 only
+)
+SPATIAL_MODULES = (
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Upsample,
+)  # per channel over dims 2..: channels on dim 1 only
 ELEMENTWISE_ACTIVATION_FUNCTIONS = {
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.rrelu, F.rrelu_, F.elu, F.elu_, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.hardtanh_, F.hardshrink, F.softshrink, F.tanhshrink, F.threshold, F.threshold_, F.sigmoid, F.logsigmoid, F.tanh,
-    F.softplus, F.softsign, torch.relu, torch.relu_, torch.sigmoid, torch.sigmoid_, torch.tanh, torch.tanh_, torch.selu, torch.selu_, torch.celu,
-    torch.celu_, torch.rrelu, torch.rrelu_, torch.clamp, torch.clamp_,
-}  # fmt: skip
+    F.relu,
+    F.relu_,
+    F.relu6,
+    F.leaky_relu,
+    F.leaky_relu_,
+    F.rrelu,
+    F.rrelu_,
+    F.elu,
+    F.elu_,
+    F.selu,
+    F.celu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.hardtanh_,
+    F.hardshrink,
+    F.softshrink,
+    F.tanhshrink,
+    F.threshold,
+    F.threshold_,
+    F.sigmoid,
+    F.logsigmoid,
+    F.tanh,
+    F.softplus,
+    F.softsign,
+    torch.relu,
+    torch.relu_,
+    torch.sigmoid,
+    torch.sigmoid_,
+    torch.tanh,
+    torch.tanh_,
+    torch.selu,
+    torch.selu_,
+    torch.celu,
+    torch.celu_,
+    torch.rrelu,
+    torch.rrelu_,
+    torch.clamp,
+    torch.clamp_,
+}
 PASSTHROUGH_FUNCTIONS = {
-    *ELEMENTWISE_ACTIVATION_FUNCTIONS, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, stochastic_depth,
-}  # fmt: skip
-SPATIAL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, torch.max_pool2d}
-PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "contiguous", "clone", "detach", "float", "to"}
-ELEMENTWISE = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv,
-               torch.add, torch.mul, torch.sub, torch.div}  # fmt: skip
+    *ELEMENTWISE_ACTIVATION_FUNCTIONS,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    stochastic_depth,
+}
+SPATIAL_FUNCTIONS = {
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.interpolate,
+    torch.max_pool2d,
+}
+PASSTHROUGH_METHODS = {
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "clamp",
+    "clamp_",
+    "contiguous",
+    "clone",
+    "detach",
+    "float",
+    "to",
+}
+ELEMENTWISE = {
+    operator.add,
+    operator.iadd,
+    operator.mul,
+    operator.imul,
+    operator.sub,
+    operator.truediv,
+    torch.add,
+    torch.mul,
+    torch.sub,
+    torch.div,
+}
 ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
 RESHAPES = {torch.flatten, torch.reshape}
 RESHAPE_METHODS = {"view", "reshape", "flatten"}
@@ -120,7 +246,9 @@ PERMUTES = {torch.permute, torch.transpose, torch.swapaxes, torch.swapdims}
 PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "swapdims"}
 SPLITS = {torch.chunk, torch.split}
 SPLIT_METHODS = {"chunk", "split"}
-SPLIT_AWARE = PERMUTES | RESHAPES | {"contiguous", "clone"} | PERMUTE_METHODS | RESHAPE_METHODS  # ops a channel shuffle passes through
+SPLIT_AWARE = (
+    PERMUTES | RESHAPES | {"contiguous", "clone"} | PERMUTE_METHODS | RESHAPE_METHODS
+)  # ops a channel shuffle passes through
 NON_TENSOR_METHODS = {"size", "dim"}
 
 
@@ -176,7 +304,8 @@ def _ndim(node: object) -> int:
 
 @dataclass
 class _Split:
-    """A channel axis viewed as (groups, channels per group), as channel shuffles do: both axes tracked until merged back."""
+    """A channel axis viewed as (groups, channels per group), as channel shuffles do: both axes tracked until merged
+    back."""
 
     group_axis: int
     channel_axis: int
@@ -208,7 +337,9 @@ def _flat_nodes(args: object) -> list[torch.fx.Node]:
 class _Walker:
     def __init__(self, graph_module: torch.fx.GraphModule, model: nn.Module) -> None:
         self.gm = graph_module
-        self.modules = dict(model.named_modules())  # the user's classes: the graph module keeps traced-through ones as bare Modules
+        self.modules = dict(
+            model.named_modules()
+        )  # the user's classes: the graph module keeps traced-through ones as bare Modules
         self.spaces = _Spaces()
         self.layouts: dict[torch.fx.Node, Layout] = {}
         self.axes: dict[torch.fx.Node, int] = {}  # channel axis of a tensor with a layout; 1 when absent
@@ -218,8 +349,12 @@ class _Walker:
         self.producer_space: dict[str, int] = {}
         self.divisors: dict[int, int] = {}  # space -> equal blocks a grouped conv imposes
         self.calls: dict[str, int] = {}
-        self.unrelated: dict[torch.fx.Node, str] = {}  # outputs of ops not understood, with the reason: their axis is a guess
-        self.rearranged: set[int] = set()  # spaces permuted, shuffled, split, renormalised or scaled somewhere (see ChannelGroup)
+        self.unrelated: dict[
+            torch.fx.Node, str
+        ] = {}  # outputs of ops not understood, with the reason: their axis is a guess
+        self.rearranged: set[int] = (
+            set()
+        )  # spaces permuted, shuffled, split, renormalised or scaled somewhere (see ChannelGroup)
         nodes = graph_module.graph.nodes
         self.attr_uses = Counter(str(n.target) for n in nodes if n.op == "get_attr")
         self.called = {str(n.target) for n in nodes if n.op == "call_module"}
@@ -239,10 +374,12 @@ class _Walker:
         self.set(node, self.layouts[source], self.axis(source))
 
     def fresh(self, node: torch.fx.Node, reason: str) -> None:
-        """An output whose channels we cannot relate to anything: a new, blocked space, on its input's channel axis where ranks agree
-        (so what it meets downstream reports this op, not a mismatch of axes)."""
+        """An output whose channels we cannot relate to anything: a new, blocked space, on its input's channel axis
+        where ranks agree (so what it meets downstream reports this op, not a mismatch of axes)."""
         shape = _shape(node)
-        inputs = [arg for arg in node.all_input_nodes if self.layout(arg) is not None and _ndim(arg) == len(shape or ())]
+        inputs = [
+            arg for arg in node.all_input_nodes if self.layout(arg) is not None and _ndim(arg) == len(shape or ())
+        ]
         axis = self.axis(inputs[0]) if inputs else 1
         channels = _channels(shape, axis)
         if channels is not None:
@@ -250,7 +387,8 @@ class _Walker:
             self.unrelated[node] = reason
 
     def reseat(self, node: torch.fx.Node, axis: int) -> None:
-        """Put an unrelated (blocked) output's channels on `axis` after all, keeping its reason: the op that made it gets the blame."""
+        """Put an unrelated (blocked) output's channels on `axis` after all, keeping its reason: the op that made it
+        gets the blame."""
         channels = _channels(_shape(node), axis)
         if node in self.unrelated and channels is not None and axis != self.axis(node):
             self.set(node, (Segment(self.spaces.new(channels, self.unrelated[node]), channels),), axis)
@@ -279,7 +417,8 @@ class _Walker:
         return True
 
     def first_call(self, name: str, node: torch.fx.Node, source: Layout | None) -> bool:
-        """False (and everything it touches blocked) when a stateful module runs a second time: it cannot be sliced for both inputs."""
+        """False (and everything it touches blocked) when a stateful module runs a second time: it cannot be sliced for
+        both inputs."""
         self.calls[name] = self.calls.get(name, 0) + 1
         if self.calls[name] == 1:
             return True
@@ -294,15 +433,19 @@ class _Walker:
         return False
 
     def own_parameter(self, node: torch.fx.Node) -> bool:
-        """A parameter or buffer read once, by this op only, and owned by no module that runs: safe to slice for this op."""
+        """A parameter or buffer read once, by this op only, and owned by no module that runs: safe to slice for this
+        op."""
         if node.op != "get_attr" or self.attr_uses[str(node.target)] != 1 or len(node.users) != 1:
             return False
         owner, _, attr = str(node.target).rpartition(".")
         module = self.modules.get(owner)
-        return module is not None and owner not in self.called and (attr in module._parameters or attr in module._buffers)
+        return (
+            module is not None and owner not in self.called and (attr in module._parameters or attr in module._buffers)
+        )
 
     def read_directly(self, name: str) -> bool:
-        """Does the forward also read this module's tensors itself (`x * self.conv.bias`)? Then slicing them would change that read too."""
+        """Does the forward also read this module's tensors itself (`x * self.conv.bias`)? Then slicing them would
+        change that read too."""
         return any(target.rpartition(".")[0] == name for target in self.attr_uses)
 
     def mark(self, *layouts: Layout | None) -> None:
@@ -312,7 +455,9 @@ class _Walker:
 
     # -- node kinds ------------------------------------------------------------------------
     def visit(self, node: torch.fx.Node) -> None:
-        if any(arg in self.splits for arg in node.all_input_nodes) and not (node.target in SPLIT_AWARE and node.op in ("call_function", "call_method")):
+        if any(arg in self.splits for arg in node.all_input_nodes) and not (
+            node.target in SPLIT_AWARE and node.op in ("call_function", "call_method")
+        ):
             self.unknown(node, "an op on channels viewed as groups")
             return
         getattr(self, node.op)(node)
@@ -324,7 +469,10 @@ class _Walker:
         name, module = str(node.target), self.modules[str(node.target)]
         source_node = node.args[0] if node.args else None
         source, axis, ndim = self.layout(source_node), self.axis(source_node), _ndim(source_node)
-        known = isinstance(module, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.Flatten, *NORM_TYPES, *PASSTHROUGH_MODULES, *SPATIAL_MODULES))
+        known = isinstance(
+            module,
+            (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.Flatten, *NORM_TYPES, *PASSTHROUGH_MODULES, *SPATIAL_MODULES),
+        )
         if not known or isinstance(module, nn.PReLU) and module.num_parameters > 1:
             self.unknown(node, f"module {name} ({type(module).__name__})")
             return
@@ -336,7 +484,11 @@ class _Walker:
             self.block_inputs(node, reason)
             if isinstance(module, (nn.Conv2d, nn.Linear)):  # still a layer of the model: listed with the reason
                 self.producer_space[name] = self.spaces.new(output_units(module), reason)
-                self.set(node, (Segment(self.producer_space[name], output_units(module)),), _ndim(node) - 1 if isinstance(module, nn.Linear) else 1)
+                self.set(
+                    node,
+                    (Segment(self.producer_space[name], output_units(module)),),
+                    _ndim(node) - 1 if isinstance(module, nn.Linear) else 1,
+                )
             else:
                 self.fresh(node, reason)
         elif source is None:
@@ -345,7 +497,9 @@ class _Walker:
             if ndim < 2:
                 self.unknown(node, f"{name} on an input without a feature axis")
                 return
-            if axis != ndim - 1:  # its features are not channels we track: they stay whole, its own outputs can still be pruned
+            if (
+                axis != ndim - 1
+            ):  # its features are not channels we track: they stay whole, its own outputs can still be pruned
                 reason = f"{name} reads a last axis that carries no tracked channels"
                 self.spaces.block(source, reason)
                 source = (Segment(self.spaces.new(module.in_features, reason), module.in_features),)
@@ -362,7 +516,9 @@ class _Walker:
             self.unknown(node, f"module {name} ({type(module).__name__}) on channels that are not on dim 1")
         elif isinstance(module, nn.Flatten):
             self.reshape(node)
-        elif ndim != (_ndim(node) if isinstance(module, NORM_TYPES) else 4):  # a 3-d input to a 2-d op is one unbatched image: dim 0 is channels
+        elif ndim != (
+            _ndim(node) if isinstance(module, NORM_TYPES) else 4
+        ):  # a 3-d input to a 2-d op is one unbatched image: dim 0 is channels
             self.unknown(node, f"module {name} ({type(module).__name__}) on a {ndim}-d input")
         elif isinstance(module, nn.Conv2d):
             self.conv(node, name, module, source)
@@ -379,7 +535,8 @@ class _Walker:
             self.consumers.append(Consumer(name, "depthwise", source))
             self.set(node, source)
             return
-        else:  # grouped: output block j reads input block j only; both sides stay prunable if every block keeps the same count
+        # grouped: output block j reads input block j only; both sides stay prunable if every block keeps the same count
+        else:
             self.consumers.append(Consumer(name, "grouped", source))
             if len(source) != 1 or source[0].repeat != 1:
                 self.spaces.block(source, f"{name} is a grouped convolution over concatenated channels")
@@ -391,11 +548,14 @@ class _Walker:
         self.set(node, (Segment(self.producer_space[name], module.out_channels),))
 
     def layer_norm(self, node: torch.fx.Node, name: str, module: nn.LayerNorm, source_node: torch.fx.Node) -> None:
-        """A LayerNorm over the channel axis alone: slice its weight and bias; the kept channels are normalised among themselves."""
+        """A LayerNorm over the channel axis alone: slice its weight and bias; the kept channels are normalised among
+        themselves."""
         source, ndim = self.layout(source_node), _ndim(source_node)
         if source is None or len(module.normalized_shape) != 1 or ndim < 2 or self.axis(source_node) != ndim - 1:
             self.unknown(node, f"LayerNorm {name} over more than, or other than, the channel axis")
-        elif module.weight is None:  # its width lives in no tensor: a pruned snapshot could not be rebuilt from its state dict
+        elif (
+            module.weight is None
+        ):  # its width lives in no tensor: a pruned snapshot could not be rebuilt from its state dict
             self.unknown(node, f"LayerNorm {name} without elementwise weights")
         else:
             self.consumers.append(Consumer(name, "layernorm", source))
@@ -403,18 +563,26 @@ class _Walker:
             self.mark(source)
 
     def functional_layer_norm(self, node: torch.fx.Node) -> None:
-        """F.layer_norm(x, shape, self.weight, self.bias) inside a LayerNorm subclass (torchvision's LayerNorm2d): that module is sliced."""
+        """F.layer_norm(x, shape, self.weight, self.bias) inside a LayerNorm subclass (torchvision's LayerNorm2d): that
+        module is sliced."""
         args = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args, strict=False)) | node.kwargs
         weight, bias, shape = args.get("weight"), args.get("bias"), args.get("normalized_shape")
-        owner = str(weight.target).rpartition(".")[0] if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else None
+        owner = (
+            str(weight.target).rpartition(".")[0]
+            if isinstance(weight, torch.fx.Node) and weight.op == "get_attr"
+            else None
+        )
         module = self.modules.get(owner) if owner is not None else None
         tensors = [t for t in (weight, bias) if isinstance(t, torch.fx.Node)]
-        inside = list(node.meta.get("nn_module_stack") or {})[-1:] == [owner]  # in the owner's own forward, which passes self.normalized_shape
+        inside = list(node.meta.get("nn_module_stack") or {})[-1:] == [
+            owner
+        ]  # in the owner's own forward, which passes self.normalized_shape
         if (
             not isinstance(module, nn.LayerNorm)
             or not inside
             or str(weight.target) != f"{owner}.weight"
-            or [str(t.target) for t in tensors] != [f"{owner}.{key}" for key in ("weight", "bias") if getattr(module, key, None) is not None]
+            or [str(t.target) for t in tensors]
+            != [f"{owner}.{key}" for key in ("weight", "bias") if getattr(module, key, None) is not None]
             or any(self.attr_uses[str(t.target)] != 1 or len(t.users) != 1 for t in tensors)
             or not isinstance(shape, (list, tuple))
             or tuple(shape) != tuple(module.normalized_shape)
@@ -481,14 +649,20 @@ class _Walker:
     def passthrough(self, node: torch.fx.Node, spatial: bool = False) -> None:
         source_node = node.args[0] if node.args else None
         source, axis = self.layout(source_node), self.axis(source_node)
-        same = _ndim(node) == _ndim(source_node) and _channels(_shape(node), axis) == _channels(_shape(source_node), axis)
-        if source is not None and same and not (spatial and (axis != 1 or _ndim(source_node) != 4)):  # 3-d: one unbatched image
+        same = _ndim(node) == _ndim(source_node) and _channels(_shape(node), axis) == _channels(
+            _shape(source_node), axis
+        )
+        if (
+            source is not None and same and not (spatial and (axis != 1 or _ndim(source_node) != 4))
+        ):  # 3-d: one unbatched image
             if source_node in self.splits:  # .contiguous() / .clone() inside a channel shuffle
                 self.splits[node] = self.splits[source_node]
                 self.carry(node, source_node)
                 return
             others = _flat_nodes((node.args[1:], node.kwargs))
-            per_channel = any(_shape(o) is not None and _broadcast_size(_shape(o), _shape(node), axis) > 1 for o in others)  # e.g. clamp(x, min=tensor)
+            per_channel = any(
+                _shape(o) is not None and _broadcast_size(_shape(o), _shape(node), axis) > 1 for o in others
+            )  # e.g. clamp(x, min=tensor)
             if not any(self.layout(o) for o in others) and not per_channel:
                 self.carry(node, source_node)
                 return
@@ -496,7 +670,9 @@ class _Walker:
 
     def elementwise(self, node: torch.fx.Node) -> None:
         out_shape = _shape(node)
-        operands = [arg for arg in _flat_nodes((node.args, node.kwargs)) if _shape(arg) is not None]  # skip Python numbers computed in the graph
+        operands = [
+            arg for arg in _flat_nodes((node.args, node.kwargs)) if _shape(arg) is not None
+        ]  # skip Python numbers computed in the graph
         with_layout = [arg for arg in operands if self.layout(arg) is not None]
         if not with_layout or out_shape is None or len(out_shape) < 2:
             self.unknown(node, "an elementwise op")
@@ -542,7 +718,12 @@ class _Walker:
             self.set(node, source)  # (N, C) <-> (N, C, 1, 1), (N, C, H, W) -> (N, C, H*W) and the like
         elif axis == 1 and len(out_shape) == 2 and out_shape[1] == in_shape[1] * in_rest:
             self.set(node, tuple(Segment(s.space, s.size, s.repeat * in_rest) for s in source))  # NCHW flatten
-        elif axis == 1 and len(out_shape) == len(in_shape) + 1 and out_shape[1] * out_shape[2] == in_shape[1] and out_shape[3:] == in_shape[2:]:
+        elif (
+            axis == 1
+            and len(out_shape) == len(in_shape) + 1
+            and out_shape[1] * out_shape[2] == in_shape[1]
+            and out_shape[3:] == in_shape[2:]
+        ):
             self.view_as_groups(node, source, out_shape[1])
         elif axis == len(in_shape) - 1 and out_shape[-1] == in_shape[-1]:
             self.set(node, source, len(out_shape) - 1)  # channels-last: (N, H, W, C) -> (N, H*W, C)
@@ -551,9 +732,12 @@ class _Walker:
             self.unknown(node, "a reshape that mixes channels")
 
     def view_as_groups(self, node: torch.fx.Node, source: Layout, groups: int) -> None:
-        """(N, C, ...) -> (N, g, C/g, ...): the first half of a channel shuffle. The g groups are united so that they keep the same channels."""
+        """(N, C, ...) -> (N, g, C/g, ...): the first half of a channel shuffle. The g groups are united so that they
+        keep the same channels."""
         pieces = _cut(source, [sum(s.size * s.repeat for s in source) // groups] * groups)
-        if pieces is None or any([(s.size, s.repeat) for s in piece] != [(s.size, s.repeat) for s in pieces[0]] for piece in pieces):
+        if pieces is None or any(
+            [(s.size, s.repeat) for s in piece] != [(s.size, s.repeat) for s in pieces[0]] for piece in pieces
+        ):
             self.unknown(node, "a view of channels as groups that cuts through a layer's channels")
             return
         for piece in pieces[1:]:
@@ -568,7 +752,10 @@ class _Walker:
         split, in_shape, out_shape = self.splits[node.args[0]], _shape(node.args[0]), _shape(node)
         first = min(split.group_axis, split.channel_axis)
         adjacent = abs(split.group_axis - split.channel_axis) == 1
-        merged = in_shape is not None and out_shape == in_shape[:first] + (in_shape[first] * in_shape[first + 1],) + in_shape[first + 2 :]
+        merged = (
+            in_shape is not None
+            and out_shape == in_shape[:first] + (in_shape[first] * in_shape[first + 1],) + in_shape[first + 2 :]
+        )
         if not (adjacent and merged):
             self.unknown(node, "a reshape of channels viewed as groups")
             return
@@ -585,16 +772,23 @@ class _Walker:
             return
         if source_node in self.splits:
             split = self.splits[source_node]
-            self.splits[node] = _Split(order.index(split.group_axis), order.index(split.channel_axis), split.groups, split.layout)
+            self.splits[node] = _Split(
+                order.index(split.group_axis), order.index(split.channel_axis), split.groups, split.layout
+            )
         self.set(node, self.layouts[source_node], order.index(self.axis(source_node)))
         self.mark(self.layouts[source_node])
 
     def split(self, node: torch.fx.Node) -> None:
-        """chunk / split: along the channel axis each piece keeps the segments it holds whole; along another axis all of them."""
+        """chunk / split: along the channel axis each piece keeps the segments it holds whole; along another axis all of
+        them."""
         source_node = node.args[0] if node.args else None
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         meta = node.meta.get("tensor_meta")
-        shapes = [tuple(m.shape) for m in meta] if isinstance(meta, (list, tuple)) and all(hasattr(m, "shape") for m in meta) else None
+        shapes = (
+            [tuple(m.shape) for m in meta]
+            if isinstance(meta, (list, tuple)) and all(hasattr(m, "shape") for m in meta)
+            else None
+        )
         source, axis = self.layout(source_node), self.axis(source_node)
         if source is None or shapes is None or not isinstance(dim, int):
             self.unknown(node, "a split")
@@ -606,7 +800,9 @@ class _Walker:
             self.unknown(node, "a split along channels into sizes fixed in forward")
             return
         pieces = _cut(source, [shape[axis] for shape in shapes])
-        if pieces is None or any([(s.size, s.repeat) for s in piece] != [(s.size, s.repeat) for s in pieces[0]] for piece in pieces):
+        if pieces is None or any(
+            [(s.size, s.repeat) for s in piece] != [(s.size, s.repeat) for s in pieces[0]] for piece in pieces
+        ):
             self.unknown(node, "a split that cuts through a layer's channels")
             return
         for piece in pieces[1:]:  # a pruned chunk() splits at its own size / n: every piece must keep as many channels
@@ -623,8 +819,15 @@ class _Walker:
         source, axis = self.layout(source_node), self.axis(source_node)
         index = index if isinstance(index, tuple) else (index,)
         simple = all(isinstance(i, int) or i == slice(None) for i in index) and len(index) <= _ndim(source_node)
-        if source is not None and simple and (axis >= len(index) or index[axis] == slice(None)) and index[:1] == (slice(None),):
-            self.set(node, source, axis - sum(isinstance(i, int) for i in index[:axis]))  # x[:, 0] on (N, tokens, C): the class token
+        if (
+            source is not None
+            and simple
+            and (axis >= len(index) or index[axis] == slice(None))
+            and index[:1] == (slice(None),)
+        ):
+            self.set(
+                node, source, axis - sum(isinstance(i, int) for i in index[:axis])
+            )  # x[:, 0] on (N, tokens, C): the class token
             return
         self.unknown(node, "indexing")
 
@@ -646,7 +849,13 @@ class _Walker:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         source_node = node.args[0]
         in_shape, out_shape, axis = _shape(source_node), _shape(node), self.axis(source_node)
-        if dims is None or in_shape is None or out_shape is None or len(out_shape) < 2 or self.layout(source_node) is None:
+        if (
+            dims is None
+            or in_shape is None
+            or out_shape is None
+            or len(out_shape) < 2
+            or self.layout(source_node) is None
+        ):
             self.unknown(node, "a reduction over channels")
             return
         dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (list, tuple)) else [None]
@@ -665,14 +874,19 @@ class _Walker:
 
 
 def _permutation(node: torch.fx.Node, ndim: int) -> list[int] | None:
-    """The dim order a permute / transpose / swapaxes produces (output dim i is input dim order[i]); None when not literal ints."""
+    """The dim order a permute / transpose / swapaxes produces (output dim i is input dim order[i]); None when not
+    literal ints."""
     if not ndim:
         return None
     name = getattr(node.target, "__name__", node.target)
     if name == "permute":
         dims = list(node.args[1:]) or [node.kwargs.get("dims")]
         dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
-        if len(dims) != ndim or not all(isinstance(d, int) for d in dims) or sorted(d % ndim for d in dims) != list(range(ndim)):
+        if (
+            len(dims) != ndim
+            or not all(isinstance(d, int) for d in dims)
+            or sorted(d % ndim for d in dims) != list(range(ndim))
+        ):
             return None
         return [d % ndim for d in dims]
     pair = list(node.args[1:]) + [node.kwargs[key] for key in ("dim0", "dim1", "axis0", "axis1") if key in node.kwargs]
@@ -685,7 +899,8 @@ def _permutation(node: torch.fx.Node, ndim: int) -> list[int] | None:
 
 
 def _axis_after_unit_dims(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int) -> int | None:
-    """Where the channel axis lands when a reshape only adds or drops dims of size 1 (beside the batch dim); None otherwise."""
+    """Where the channel axis lands when a reshape only adds or drops dims of size 1 (beside the batch dim); None
+    otherwise."""
     if in_shape[axis] == 1:
         return None
     kept_in = [i for i, size in enumerate(in_shape) if size != 1 or i == 0]
@@ -725,7 +940,9 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
             groups.append(ChannelGroup([], spaces.size[space], list(spaces.reasons(space))))
         groups[roots[root]].members.append(producer)
         group_of_producer[producer] = roots[root]
-    group_of_space = {space: roots[spaces.find(space)] for space in range(len(spaces.parent)) if spaces.find(space) in roots}
+    group_of_space = {
+        space: roots[spaces.find(space)] for space in range(len(spaces.parent)) if spaces.find(space) in roots
+    }
     for space, divisor in walker.divisors.items():
         if space in group_of_space:
             group = groups[group_of_space[space]]
@@ -739,7 +956,10 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
                 groups[index].layer_norms.append(consumer.module)
     for group in groups:
         if group.divisor > 1 and group.size // group.divisor <= 1 and not group.blocked_by:
-            group.blocked_by.append(f"grouped convolutions split its {group.size} channels into {group.divisor} groups: one per group, none to prune")
+            group.blocked_by.append(
+                f"grouped convolutions split its {group.size} channels into {group.divisor} groups: one per group, "
+                "none to prune"
+            )
     # the input-space blocks may sit on roots that hold no producer; spaces of blocked roots are already marked
     norm_after: dict[str, str] = {}
     for node in graph_module.graph.nodes:
@@ -747,12 +967,20 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
             user = next(iter(node.users))
             if user.op == "call_module" and isinstance(walker.modules[str(user.target)], NORM_TYPES):
                 norm_after[str(node.target)] = str(user.target)
-    return ChannelGraph(groups, group_of_producer, group_of_space, walker.consumers, norm_after, dict(walker.producer_space),
-                        _output_producers(graph_module, walker.producer_space))  # fmt: skip
+    return ChannelGraph(
+        groups,
+        group_of_producer,
+        group_of_space,
+        walker.consumers,
+        norm_after,
+        dict(walker.producer_space),
+        _output_producers(graph_module, walker.producer_space),
+    )
 
 
 def _output_producers(graph_module: torch.fx.GraphModule, producers: dict[str, int]) -> list[str]:
-    """Walk back from the output through every op that is not a producing layer (softmax, squeeze, BatchNorm, ...): the layers met."""
+    """Walk back from the output through every op that is not a producing layer (softmax, squeeze, BatchNorm, ...): the
+    layers met."""
     found: list[str] = []
     seen: set[torch.fx.Node] = set()
     stack = [node for node in graph_module.graph.nodes if node.op == "output"]

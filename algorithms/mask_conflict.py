@@ -50,11 +50,15 @@ def load_masks(masks_or_path: Masks | str | Path) -> Masks:
         return dict(masks_or_path)
     path = Path(masks_or_path)
     if not path.is_file():
-        raise PruningError(f"no masks file at {path}; pass a file written by torch.save({{layer: {{'weight': mask, ...}}}})")
+        raise PruningError(
+            f"no masks file at {path}; pass a file written by torch.save({{layer: {{'weight': mask, ...}}}})"
+        )
     try:
         masks = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises pickle, zip and runtime errors for a file that is not a checkpoint
-        raise PruningError(f"{path} is not a masks file torch.load can read ({str(error).splitlines()[0][:120]})") from None
+        raise PruningError(
+            f"{path} is not a masks file torch.load can read ({str(error).splitlines()[0][:120]})"
+        ) from None
     if not isinstance(masks, Mapping) or not all(isinstance(v, Mapping) for v in masks.values()):
         raise PruningError(f"{path} does not hold masks: expected {{layer name: {{'weight': tensor, 'bias': tensor}}}}")
     return dict(masks)
@@ -63,19 +67,31 @@ def load_masks(masks_or_path: Masks | str | Path) -> Masks:
 def unit_mask(name: str, module: nn.Module, layer_masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The 0/1 mask over a layer's output units; refuses masks of the wrong shape or not over whole units."""
     if not isinstance(module, (nn.Conv2d, nn.Linear)):
-        raise PruningError(f"masks name {name!r}, a {type(module).__name__}; channel masks cover Conv2d and Linear layers")
+        raise PruningError(
+            f"masks name {name!r}, a {type(module).__name__}; channel masks cover Conv2d and Linear layers"
+        )
     for key, mask in layer_masks.items():
         target = getattr(module, key, None) if isinstance(key, str) else None
         if not isinstance(target, torch.Tensor) or not isinstance(mask, torch.Tensor):
-            raise PruningError(f"mask {name}.{key} names no tensor of {type(module).__name__} {name}; masks cover 'weight' and 'bias'")
+            raise PruningError(
+                f"mask {name}.{key} names no tensor of {type(module).__name__} {name}; masks cover 'weight' and 'bias'"
+            )
         if tuple(mask.shape) != tuple(target.shape):
-            raise PruningError(f"mask {name}.{key} has shape {tuple(mask.shape)} but the layer's {key} is {tuple(target.shape)}")
+            raise PruningError(
+                f"mask {name}.{key} has shape {tuple(mask.shape)} but the layer's {key} is {tuple(target.shape)}"
+            )
     if "weight" not in layer_masks:
         raise PruningError(f"masks for {name} lack 'weight'")
-    rows = layer_masks["weight"].detach().flatten(1).cpu() != 0  # the fix is worked out on the CPU, whatever device the masks are on
+    rows = (
+        layer_masks["weight"].detach().flatten(1).cpu() != 0
+    )  # the fix is worked out on the CPU, whatever device the masks are on
     kept, partial = rows.any(1), rows.any(1) & ~rows.all(1)
     if bool(partial.any()):
-        raise PruningError(f"mask {name}.weight zeroes part of unit {int(partial.nonzero()[0])}: not a channel mask; only whole output units can be fixed")
+        raise PruningError(
+            f"mask {name}.weight zeroes part of unit {int(partial.nonzero()[0])}: not a channel mask; only whole "
+            "output units can be "
+            "fixed"
+        )
     return kept
 
 
@@ -89,19 +105,25 @@ def _equalise(kept: torch.Tensor, groups: int, importance: torch.Tensor) -> torc
         if missing > 0:
             start = index * blocks.shape[1]
             candidates = (~block).nonzero().flatten()
-            strongest = candidates[torch.argsort(importance[start + candidates], descending=True, stable=True)[:missing]]
+            strongest = candidates[
+                torch.argsort(importance[start + candidates], descending=True, stable=True)[:missing]
+            ]
             kept[start + strongest] = True
     return kept
 
 
-def resolve_mask_conflict(masks_or_path: Masks | str | Path, model: nn.Module, dummy_input: torch.Tensor) -> MaskConflictFix:
+def resolve_mask_conflict(
+    masks_or_path: Masks | str | Path, model: nn.Module, dummy_input: torch.Tensor
+) -> MaskConflictFix:
     """Fixed masks for every layer the input masks cover, and a per-set account of asked vs pruned channels."""
     masks = load_masks(masks_or_path)
     modules = dict(model.named_modules())
     units: dict[str, torch.Tensor] = {}
     for name, layer_masks in masks.items():
         if name not in modules:
-            raise PruningError(f"masks name layer {name!r}, which the model does not have; see model.named_modules() for names")
+            raise PruningError(
+                f"masks name layer {name!r}, which the model does not have; see model.named_modules() for names"
+            )
         units[name] = unit_mask(name, modules[name], layer_masks)
     graph = analyze(model, dummy_input)
     dependency, grouping = ChannelDependency(model, dummy_input, graph), GroupDependency(model, dummy_input, graph)
@@ -121,8 +143,16 @@ def resolve_mask_conflict(masks_or_path: Masks | str | Path, model: nn.Module, d
         for layer in asked:
             fixed[layer] = unit_masks(modules[layer], kept.nonzero().flatten())
         pruned = int((~kept).sum())
-        report.append(SetFix(dependency_set.layers, dependency_set.channels, {layer: int((~units[layer]).sum()) for layer in asked}, pruned, groups,
-                             dependency_set.blocked_by))  # fmt: skip
+        report.append(
+            SetFix(
+                dependency_set.layers,
+                dependency_set.channels,
+                {layer: int((~units[layer]).sum()) for layer in asked},
+                pruned,
+                groups,
+                dependency_set.blocked_by,
+            )
+        )
     return MaskConflictFix(fixed, report)
 
 

@@ -25,7 +25,11 @@ def unit_masks(module: nn.Module, kept: torch.Tensor | list[int]) -> dict[str, t
 def build_masks(model: nn.Module, graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> Masks:
     """Masks over the output units of every pruned producer."""
     modules = dict(model.named_modules())
-    return {producer: unit_masks(modules[producer], kept[group]) for producer, group in graph.group_of_producer.items() if group in kept}
+    return {
+        producer: unit_masks(modules[producer], kept[group])
+        for producer, group in graph.group_of_producer.items()
+        if group in kept
+    }
 
 
 def mask_in_place(model: nn.Module, masks: Masks) -> nn.Module:

@@ -22,7 +22,8 @@ def has_norm(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Eval mode for the block; afterwards every submodule gets its own mode back, even a part kept in eval on purpose."""
+    """Eval mode for the block; afterwards every submodule gets its own mode back, even a part kept in eval on
+    purpose."""
     modes = [(module, module.training) for model in models for module in model.modules()]
     for model in models:
         model.eval()
@@ -45,7 +46,9 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
     new = module.__class__.__new__(module.__class__)
-    new.__dict__ = {key: (value.copy() if isinstance(value, dict) else value) for key, value in module.__dict__.items()}  # dict.copy keeps OrderedDict
+    new.__dict__ = {
+        key: (value.copy() if isinstance(value, dict) else value) for key, value in module.__dict__.items()
+    }  # dict.copy keeps OrderedDict
     return new
 
 
@@ -59,7 +62,8 @@ def _take(tensor: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.T
 
 
 def sliced_tensor(module: nn.Module, attr: str, index: torch.Tensor, dim: int) -> None:
-    """Keep `index` along `dim` of one parameter or buffer of `module` (a copy already): a layer scale, a per-channel bias."""
+    """Keep `index` along `dim` of one parameter or buffer of `module` (a copy already): a layer scale, a per-channel
+    bias."""
     if attr in module._parameters:
         module._parameters[attr] = _param(_take(module._parameters[attr], index, dim), module._parameters[attr])
     else:
@@ -93,7 +97,11 @@ def sliced_module(module: nn.Module, out_index: torch.Tensor | None, in_index: t
         in_index = None
     elif isinstance(module, nn.Conv2d) and module.groups > 1 and in_index is not None:
         return _sliced_grouped_conv(module, new, out_index, in_index)
-    weight = _take(_take(module.weight, out_index, 0), in_index, 1) if in_index is not None else _take(module.weight, out_index, 0)
+    weight = (
+        _take(_take(module.weight, out_index, 0), in_index, 1)
+        if in_index is not None
+        else _take(module.weight, out_index, 0)
+    )
     new._parameters["weight"] = _param(weight, module.weight)
     if module.bias is not None:
         new._parameters["bias"] = _param(_take(module.bias, out_index, 0), module.bias)
@@ -101,7 +109,9 @@ def sliced_module(module: nn.Module, out_index: torch.Tensor | None, in_index: t
     return new
 
 
-def _sliced_grouped_conv(module: nn.Conv2d, new: nn.Module, out_index: torch.Tensor | None, in_index: torch.Tensor) -> nn.Module:
+def _sliced_grouped_conv(
+    module: nn.Conv2d, new: nn.Module, out_index: torch.Tensor | None, in_index: torch.Tensor
+) -> nn.Module:
     """Output block j of a grouped conv reads input block j: each kept output row keeps its own block's kept inputs."""
     groups, in_per, out_per = module.groups, module.in_channels // module.groups, module.out_channels // module.groups
     outputs = torch.arange(module.out_channels) if out_index is None else out_index
@@ -129,7 +139,9 @@ def _set_shape_attributes(new: nn.Module, old: nn.Module) -> None:
         new.out_features, new.in_features = (int(d) for d in weight.shape)
 
 
-def clone_tree(model: nn.Module, replacements: dict[str, nn.Module], prefix: str = "", memo: dict[int, nn.Module] | None = None) -> nn.Module:
+def clone_tree(
+    model: nn.Module, replacements: dict[str, nn.Module], prefix: str = "", memo: dict[int, nn.Module] | None = None
+) -> nn.Module:
     """An independent copy of `model` (same classes, cloned tensors) with named submodules replaced."""
     memo = {} if memo is None else memo
     if prefix in replacements:
@@ -143,28 +155,37 @@ def clone_tree(model: nn.Module, replacements: dict[str, nn.Module], prefix: str
     for key, value in model._buffers.items():
         new._buffers[key] = None if value is None else value.detach().clone()
     for key, child in model._modules.items():
-        new._modules[key] = None if child is None else clone_tree(child, replacements, f"{prefix}.{key}" if prefix else key, memo)
+        new._modules[key] = (
+            None if child is None else clone_tree(child, replacements, f"{prefix}.{key}" if prefix else key, memo)
+        )
     return new
 
 
 def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """Shrink a freshly built model's tensors, in place, to saved shapes, and the size attributes of the layers holding them.
+    """Shrink a freshly built model's tensors, in place, to saved shapes, and the size attributes of the layers holding
+    them.
 
     This is how a pruned snapshot is rebuilt from shapes alone: no pickled modules. Tensors of other modules (a layer
     scale) are resized as they are.
     """
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""
-        current = {key: value for key, value in (*module._parameters.items(), *module._buffers.items()) if value is not None}
+        current = {
+            key: value for key, value in (*module._parameters.items(), *module._buffers.items()) if value is not None
+        }
         changed = {
-            key: state_dict[prefix + key] for key, value in current.items() if prefix + key in state_dict and state_dict[prefix + key].shape != value.shape
+            key: state_dict[prefix + key]
+            for key, value in current.items()
+            if prefix + key in state_dict and state_dict[prefix + key].shape != value.shape
         }
         if not changed:
             continue
         old_depthwise = isinstance(module, nn.Conv2d) and is_depthwise(module)
         for key, value in changed.items():
             if key in module._parameters:
-                module._parameters[key] = nn.Parameter(torch.zeros_like(value), requires_grad=module._parameters[key].requires_grad)
+                module._parameters[key] = nn.Parameter(
+                    torch.zeros_like(value), requires_grad=module._parameters[key].requires_grad
+                )
             else:
                 module._buffers[key] = torch.zeros_like(value)
         if isinstance(module, NORM_TYPES):

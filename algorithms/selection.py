@@ -50,7 +50,8 @@ def select_global(scores: dict[int, torch.Tensor], ratio: float) -> dict[int, to
 
 
 def keep_in_blocks(scores: torch.Tensor, kept: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Re-choose `kept` so each of `blocks` equal contiguous blocks keeps the same count (a grouped conv reads or writes them).
+    """Re-choose `kept` so each of `blocks` equal contiguous blocks keeps the same count (a grouped conv reads or writes
+    them).
 
     As many units go as `kept` removed, rounded down to a multiple of `blocks`; within each block the lowest-scoring
     go (ties: lower index first), and every block keeps at least one.
@@ -81,6 +82,10 @@ def round_up_kept(scores: torch.Tensor, kept: torch.Tensor, multiple: int, block
     by_block, block_scores = mask.view(blocks, per_block), scores.view(blocks, per_block)
     for block in range(blocks):
         removed = (~by_block[block]).nonzero().flatten()
-        returning = removed[torch.argsort(block_scores[block][removed], descending=True, stable=True)[: target - int(by_block[block].sum())]]
+        returning = removed[
+            torch.argsort(block_scores[block][removed], descending=True, stable=True)[
+                : target - int(by_block[block].sum())
+            ]
+        ]
         by_block[block, returning] = True
     return mask.nonzero().flatten()

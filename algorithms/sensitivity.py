@@ -55,12 +55,15 @@ def check_early_stop(mode: str | None, value: float | None) -> None:
         raise PruningError(f"unknown early_stop_mode {mode!r}; choose one of: {', '.join(EARLY_STOP_MODES)}")
     if mode is not None and value is None:
         raise PruningError(f"early_stop_mode {mode!r} needs early_stop_value (the metric threshold)")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    ):
         raise PruningError(f"early_stop_value must be a finite number, got {value!r}")
 
 
 def should_stop(mode: str | None, value: float | None, original: float, metric: float) -> bool:
-    """NNI's rule: minimize stops below value, maximize above, dropped below original - value, raised above original + value."""
+    """NNI's rule: minimize stops below value, maximize above, dropped below original - value, raised above original +
+    value."""
     if mode is None or value is None:
         return False
     return {
@@ -72,7 +75,8 @@ def should_stop(mode: str | None, value: float | None, original: float, metric: 
 
 
 def _substitute(value: Any, original: nn.Module, replacement: nn.Module) -> Any:
-    """`value` with every occurrence of `original` (in lists, tuples, dicts) replaced; NNI's val_func saw the pruned model there."""
+    """`value` with every occurrence of `original` (in lists, tuples, dicts) replaced; NNI's val_func saw the pruned
+    model there."""
     if value is original:
         return replacement
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple takes its fields as arguments
@@ -97,8 +101,8 @@ def _contains(value: Any, target: nn.Module) -> bool:
 class SensitivityAnalysis:
     """`analysis()` -> {unit: {sparsity: metric}}; `export(csv)`; `ori_metric` is the unpruned model's metric.
 
-    The model is never modified: every evaluation gets a pruned (or masked) copy in the model's place in val_args / val_kwargs.
-    `example_input` (for tracing) defaults to the first batch val_func feeds the model.
+    The model is never modified: every evaluation gets a pruned (or masked) copy in the model's place in val_args /
+    val_kwargs. `example_input` (for tracing) defaults to the first batch val_func feeds the model.
     """
 
     def __init__(
@@ -121,17 +125,25 @@ class SensitivityAnalysis:
         check_request(model, prune_type, 0.5, "layer", PRUNE_TYPES)
         check_early_stop(early_stop_mode, early_stop_value)
         if mode not in MODES:
-            raise PruningError(f"unknown mode {mode!r}; choose 'pruned' (physically smaller model) or 'masked' (NNI's weight masks)")
+            raise PruningError(
+                f"unknown mode {mode!r}; choose 'pruned' (physically smaller model) or 'masked' (NNI's weight masks)"
+            )
         self.model, self.val_func, self.prune_type, self.mode = model, val_func, prune_type, mode
         self.sparsities = check_sparsities(DEFAULT_SPARSITIES if sparsities is None else sparsities)
         self.early_stop_mode, self.early_stop_value = early_stop_mode, early_stop_value
-        self.example_input, self.reuse_upstream, self.threshold, self.seed = example_input, reuse_upstream, threshold, seed
+        self.example_input, self.reuse_upstream, self.threshold, self.seed = (
+            example_input,
+            reuse_upstream,
+            threshold,
+            seed,
+        )
         self.cache_limit_bytes, self.progress = cache_limit_bytes, progress
         self.sensitivities: Sensitivity = {}
         self.units: dict[str, list[str]] = {}  # unit name -> its layers
         self.skipped: dict[str, str] = {}  # unit name -> why it cannot be pruned
         self.ori_metric: float | None = None
-        self.cache_hits = 0  # forward calls whose downstream part ran on cached upstream values (a fallback to the plain forward is not one)
+        # forward calls whose downstream part ran on cached upstream values (a fallback to the plain forward is not one)
+        self.cache_hits = 0
 
     # -- what to analyse ------------------------------------------------------------------------
     def _find_units(self, graph: ChannelGraph, specified: Sequence[str] | None) -> dict[str, list[str]]:
@@ -149,9 +161,18 @@ class SensitivityAnalysis:
             for layer in specified:
                 unit = next((n for n, members in units.items() if layer == n or layer in members), None)
                 if unit is None:
-                    blocked = next((reason for n, reason in self.skipped.items() if layer == n or layer in n.split(UNIT_JOINER)), None)
-                    why = f"it cannot be pruned: {blocked}" if blocked else "it is not a prunable Conv2d / hidden Linear of the model"
-                    raise PruningError(f"specified layer {layer!r} cannot be analysed: {why}; choose from {', '.join(units) or 'none'}")
+                    blocked = next(
+                        (reason for n, reason in self.skipped.items() if layer == n or layer in n.split(UNIT_JOINER)),
+                        None,
+                    )
+                    why = (
+                        f"it cannot be pruned: {blocked}"
+                        if blocked
+                        else "it is not a prunable Conv2d / hidden Linear of the model"
+                    )
+                    raise PruningError(
+                        f"specified layer {layer!r} cannot be analysed: {why}; choose from {', '.join(units) or 'none'}"
+                    )
                 wanted[unit] = units[unit]
         return units if wanted is None else wanted
 
@@ -161,23 +182,42 @@ class SensitivityAnalysis:
         try:
             return float(result)
         except (TypeError, ValueError):
-            raise PruningError(f"val_func returned {type(result).__name__}, not a number; it must return the metric (e.g. top-1 accuracy)") from None
+            raise PruningError(
+                f"val_func returned {type(result).__name__}, not a number; it must return the metric (e.g. top-1 "
+                "accuracy)"
+            ) from None
 
     def _variant(self, layers: list[str], sparsity: float, graph: ChannelGraph, example: torch.Tensor) -> nn.Module:
-        result = prune_channels(self.model, self.prune_type, {layers[0]: sparsity}, example, scope="layer", threshold=self.threshold, seed=self.seed,
-                                methods=PRUNE_TYPES, graph=graph, verify=sparsity == self.sparsities[0])  # fmt: skip
+        result = prune_channels(
+            self.model,
+            self.prune_type,
+            {layers[0]: sparsity},
+            example,
+            scope="layer",
+            threshold=self.threshold,
+            seed=self.seed,
+            methods=PRUNE_TYPES,
+            graph=graph,
+            verify=sparsity == self.sparsities[0],
+        )
         return result.model if self.mode == "pruned" else apply_masks(self.model, result.masks)
 
     def _changed_modules(self, layers: list[str], graph: ChannelGraph) -> set[str]:
-        """Modules whose tensors differ from the original in a variant of this unit: the layers, and (pruned) every reader of their channels."""
+        """Modules whose tensors differ from the original in a variant of this unit: the layers, and (pruned) every
+        reader of their channels."""
         if self.mode == "masked":
             return set(layers)
         group = graph.group_of_producer[layers[0]]
-        readers = {c.module for c in graph.consumers if any(graph.group_of_space.get(s.space) == group for s in c.layout)}
+        readers = {
+            c.module for c in graph.consumers if any(graph.group_of_space.get(s.space) == group for s in c.layout)
+        }
         return set(layers) | readers
 
-    def _baseline(self, args: list[Any], kwargs: dict[str, Any], recorder: FrontierRecorder | None = None) -> torch.Tensor:
-        """Evaluate the unpruned model (a copy) and return the example input for tracing: the caller's, or val_func's first batch."""
+    def _baseline(
+        self, args: list[Any], kwargs: dict[str, Any], recorder: FrontierRecorder | None = None
+    ) -> torch.Tensor:
+        """Evaluate the unpruned model (a copy) and return the example input for tracing: the caller's, or val_func's
+        first batch."""
         copy = clone_tree(self.model, {})
         if recorder is not None:
             recorder.install(copy)
@@ -196,36 +236,66 @@ class SensitivityAnalysis:
         if self.example_input is not None:
             return self.example_input
         if not seen or not isinstance(seen[0], torch.Tensor):
-            raise PruningError("val_func never called the model with a tensor; pass example_input= so the model can be traced")
+            raise PruningError(
+                "val_func never called the model with a tensor; pass example_input= so the model can be traced"
+            )
         return seen[0]
 
-    def _plan(self, example: torch.Tensor, specified: Sequence[str] | None) -> tuple[ChannelGraph, dict[str, GraphSplit], torch.fx.GraphModule | None]:
+    def _plan(
+        self, example: torch.Tensor, specified: Sequence[str] | None
+    ) -> tuple[ChannelGraph, dict[str, GraphSplit], torch.fx.GraphModule | None]:
         graph = analyze(self.model, example)
         self.units = self._find_units(graph, specified)
         with eval_mode(self.model):  # fx bakes `self.training` into the graph: trace the mode reuse runs in
             traced = trace(self.model) if self.reuse_upstream else None
-        splits = {name: split_graph(traced, self._changed_modules(layers, graph)) for name, layers in self.units.items()} if traced is not None else {}
-        return graph, {name: split for name, split in splits.items() if split.reusable and split.skips_work}, traced  # the rest run whole
+        splits = (
+            {name: split_graph(traced, self._changed_modules(layers, graph)) for name, layers in self.units.items()}
+            if traced is not None
+            else {}
+        )
+        return (
+            graph,
+            {name: split for name, split in splits.items() if split.reusable and split.skips_work},
+            traced,
+        )  # the rest run whole
 
-    def analysis(self, val_args: Sequence[Any] | None = None, val_kwargs: Mapping[str, Any] | None = None,
-                 specified_layers: Sequence[str] | None = None) -> Sensitivity:  # fmt: skip
+    def analysis(
+        self,
+        val_args: Sequence[Any] | None = None,
+        val_kwargs: Mapping[str, Any] | None = None,
+        specified_layers: Sequence[str] | None = None,
+    ) -> Sensitivity:
         """Scan every unit (or those holding `specified_layers`) over the sparsities; returns `self.sensitivities`."""
         args, kwargs = list(val_args or []), dict(val_kwargs or {})
         if not _contains((args, kwargs), self.model):
             raise PruningError(
-                "val_func must receive the model through val_args or val_kwargs (e.g. analysis(val_args=[model])): each evaluation gets a pruned copy "
-                "in its place. NNI pruned in place, so a val_func that closes over the model worked there; here it would score the unpruned model."
+                "val_func must receive the model through val_args or val_kwargs (e.g. analysis(val_args=[model])): "
+                "each evaluation gets "
+                "a pruned copy "
+                "in its place. NNI pruned in place, so a val_func that closes over the model worked there; here it "
+                "would score the "
+                "unpruned model."
             )
         specified = list(specified_layers) if specified_layers is not None else None
-        if self.example_input is not None:  # plan first, so the baseline evaluation also records every unit's upstream values
+        if (
+            self.example_input is not None
+        ):  # plan first, so the baseline evaluation also records every unit's upstream values
             graph, splits, traced = self._plan(self.example_input, specified)
-            wanted = {name for split in splits.values() if split.reusable and split.shareable for name in split.frontier}
-            recorder = FrontierRecorder(traced, wanted, self.cache_limit_bytes) if traced is not None and wanted else None
+            wanted = {
+                name for split in splits.values() if split.reusable and split.shareable for name in split.frontier
+            }
+            recorder = (
+                FrontierRecorder(traced, wanted, self.cache_limit_bytes) if traced is not None and wanted else None
+            )
             example = self._baseline(args, kwargs, recorder)
         else:
             example, recorder = self._baseline(args, kwargs), None
             graph, splits, _ = self._plan(example, specified)
-        bar = tqdm(total=len(self.units) * len(self.sparsities), desc="sensitivity", disable=None if self.progress is None else not self.progress)
+        bar = tqdm(
+            total=len(self.units) * len(self.sparsities),
+            desc="sensitivity",
+            disable=None if self.progress is None else not self.progress,
+        )
         with bar:
             for name, layers in self.units.items():
                 cache = UpstreamCache(splits[name], self.cache_limit_bytes) if name in splits else None
@@ -254,19 +324,27 @@ class SensitivityAnalysis:
         return export_sensitivity(self.sensitivities, filepath, self.sparsities)
 
 
-def export_sensitivity(sensitivity: Mapping[str, Mapping[float, float]], filepath: str | Path, sparsities: Sequence[float] | None = None) -> Path:
+def export_sensitivity(
+    sensitivity: Mapping[str, Mapping[float, float]], filepath: str | Path, sparsities: Sequence[float] | None = None
+) -> Path:
     """NNI's CSV: `layername,<sparsities...>`, one row per unit; a row stops where early stop cut it.
 
     The header holds `sparsities` (default: every sparsity measured); each row must be a prefix of it.
     """
-    header = sorted({float(s) for row in sensitivity.values() for s in row} if sparsities is None else {float(s) for s in sparsities})
+    header = sorted(
+        {float(s) for row in sensitivity.values() for s in row}
+        if sparsities is None
+        else {float(s) for s in sparsities}
+    )
     if not header:
         raise PruningError("nothing to export: the sensitivity holds no measured point")
     rows = [["layername", *(repr(s) for s in header)]]
     for name, values in sensitivity.items():
         measured = sorted(float(s) for s in values)
         if measured != header[: len(measured)]:
-            raise PruningError(f"row {name!r} measured {measured}, not a prefix of the sparsities {header}; NNI's CSV cannot hold it")
+            raise PruningError(
+                f"row {name!r} measured {measured}, not a prefix of the sparsities {header}; NNI's CSV cannot hold it"
+            )
         rows.append([name, *(repr(float(values[s])) for s in measured)])
     return write_rows(filepath, rows)
 
@@ -298,18 +376,28 @@ def load_sensitivity(filepath: str | Path) -> Sensitivity:
 
 
 def get_ratios_by_loss(
-    sensitivity: Mapping[str, Mapping[float, float]] | SensitivityAnalysis, max_loss: float, *, baseline: float | None = None
+    sensitivity: Mapping[str, Mapping[float, float]] | SensitivityAnalysis,
+    max_loss: float,
+    *,
+    baseline: float | None = None,
 ) -> dict[str, float]:
     """Per layer, the largest sparsity up to which the loss (baseline - metric) stays within `max_loss`, interpolated
     linearly between the last point within budget and the first one over it (a later point back within budget does not
-    count: the curve is read from 0 upwards). Sparsity 0 counts as a measured point with loss 0. Units named `a+b` give each of their layers the unit's ratio,
-    so the result goes straight into `prune(model, method, ratios, ...)`.
+    count: the curve is read from 0 upwards). Sparsity 0 counts as a measured point with loss 0. Units named `a+b` give
+    each of their layers the unit's ratio, so the result goes straight into `prune(model, method, ratios, ...)`.
     """
     if isinstance(sensitivity, SensitivityAnalysis):
         baseline, sensitivity = sensitivity.ori_metric if baseline is None else baseline, sensitivity.sensitivities
     if baseline is None:
-        raise PruningError("get_ratios_by_loss needs the unpruned model's metric: pass baseline= (SensitivityAnalysis.ori_metric)")
-    if isinstance(max_loss, bool) or not isinstance(max_loss, (int, float)) or not math.isfinite(max_loss) or max_loss < 0:
+        raise PruningError(
+            "get_ratios_by_loss needs the unpruned model's metric: pass baseline= (SensitivityAnalysis.ori_metric)"
+        )
+    if (
+        isinstance(max_loss, bool)
+        or not isinstance(max_loss, (int, float))
+        or not math.isfinite(max_loss)
+        or max_loss < 0
+    ):
         raise PruningError(f"max_loss must be a non-negative number (an allowed drop of the metric), got {max_loss!r}")
     if isinstance(baseline, bool) or not isinstance(baseline, (int, float)) or not math.isfinite(baseline):
         raise PruningError(f"baseline must be a finite number (the unpruned model's metric), got {baseline!r}")

@@ -30,15 +30,90 @@ from torch import nn
 
 from .errors import PruningError
 
-FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-                 nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)  # fmt: skip
-FRESH_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh)
-FRESH_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div, torch.cat, torch.conv2d,
-                   torch.relu, torch.sigmoid, torch.tanh, torch.matmul, F.conv2d, F.linear, F.relu, F.gelu, F.silu, F.max_pool2d, F.avg_pool2d,
-                   F.adaptive_avg_pool2d, F.batch_norm}  # fmt: skip
-FRESH_METHODS = {"add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "mean", "sum", "amax", "clone", "matmul", "size", "dim"}
-IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
-                      operator.ilshift, operator.irshift, operator.iand, operator.ior, operator.ixor, operator.imatmul}  # fmt: skip
+FRESH_MODULES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+FRESH_ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+)
+FRESH_FUNCTIONS = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.cat,
+    torch.conv2d,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.matmul,
+    F.conv2d,
+    F.linear,
+    F.relu,
+    F.gelu,
+    F.silu,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.batch_norm,
+}
+FRESH_METHODS = {
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "relu",
+    "sigmoid",
+    "tanh",
+    "mean",
+    "sum",
+    "amax",
+    "clone",
+    "matmul",
+    "size",
+    "dim",
+}
+IN_PLACE_OPERATORS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.ilshift,
+    operator.irshift,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.imatmul,
+}
 
 
 def _writes_inputs(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -61,7 +136,11 @@ def _fresh_output(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
         return False
     if node.op == "call_module":
         module = modules.get(str(node.target))
-        return isinstance(module, FRESH_MODULES) or isinstance(module, FRESH_ACTIVATIONS) and not getattr(module, "inplace", False)
+        return (
+            isinstance(module, FRESH_MODULES)
+            or isinstance(module, FRESH_ACTIVATIONS)
+            and not getattr(module, "inplace", False)
+        )
     if node.op == "call_function":
         return node.target in FRESH_FUNCTIONS
     if node.op == "call_method":
@@ -97,21 +176,30 @@ class GraphSplit:
     upstream: torch.fx.Graph
     downstream: torch.fx.Graph
     frontier: list[str]
-    copy_before_use: set[int] = field(default_factory=set)  # positions a downstream in-place op or the caller could change
+    copy_before_use: set[int] = field(
+        default_factory=set
+    )  # positions a downstream in-place op or the caller could change
     reusable: bool = True
     shareable: bool = True
     skips_work: bool = True  # False when the split sits on the model's inputs: nothing upstream to reuse
 
 
 def _safety(
-    nodes: list[torch.fx.Node], downstream: set[torch.fx.Node], frontier: list[torch.fx.Node], modules: dict[str, nn.Module]
+    nodes: list[torch.fx.Node],
+    downstream: set[torch.fx.Node],
+    frontier: list[torch.fx.Node],
+    modules: dict[str, nn.Module],
 ) -> tuple[bool, bool, set[int]]:
     order = {node: index for index, node in enumerate(nodes)}
     alias = _AliasClasses(nodes, modules)
     writes = [(node, {alias.find(n) for n in node.all_input_nodes}) for node in nodes if _writes_inputs(node, modules)]
     inputs = {alias.find(n) for n in nodes if n.op == "placeholder"}
     if any(written & inputs for _, written in writes):
-        return False, False, set()  # the model changes its own input: a cached key would not be the batch the caller passed
+        return (
+            False,
+            False,
+            set(),
+        )  # the model changes its own input: a cached key would not be the batch the caller passed
     output = next(n for n in nodes if n.op == "output")
     returned = {alias.find(n) for n in output.all_input_nodes}
     copy: set[int] = set()
@@ -126,10 +214,18 @@ def _safety(
                 return False, False, set()  # the plain forward reads the value before a later in-place op changes it
             if writer in downstream:
                 later_upstream_reads = [
-                    n for n in nodes if n not in downstream and order[n] > order[writer] and group in {alias.find(a) for a in n.all_input_nodes}
+                    n
+                    for n in nodes
+                    if n not in downstream
+                    and order[n] > order[writer]
+                    and group in {alias.find(a) for a in n.all_input_nodes}
                 ]
                 if later_upstream_reads or sum(alias.find(other) is group for other in frontier) > 1:
-                    return False, False, set()  # the upstream part would not see the write, or a copy would separate two aliases
+                    return (
+                        False,
+                        False,
+                        set(),
+                    )  # the upstream part would not see the write, or a copy would separate two aliases
                 copy.add(index)
             shareable = shareable and not order[value] < order[writer] <= max(reads)
         if group in returned:
@@ -138,18 +234,30 @@ def _safety(
 
 
 def split_graph(graph_module: torch.fx.GraphModule, changed_modules: Iterable[str]) -> GraphSplit:
-    """Split at the calls of `changed_modules` (and reads of their tensors, or of changed tensors named directly): everything they feed is downstream."""
+    """Split at the calls of `changed_modules` (and reads of their tensors, or of changed tensors named directly):
+    everything they feed is downstream."""
     changed = set(changed_modules)
     modules = dict(graph_module.named_modules())
     nodes = list(graph_module.graph.nodes)
     downstream: set[torch.fx.Node] = set()
     for node in nodes:
         target = str(node.target)
-        changes = node.op == "call_module" and target in changed or node.op == "get_attr" and (target in changed or target.rpartition(".")[0] in changed)
+        changes = (
+            node.op == "call_module"
+            and target in changed
+            or node.op == "get_attr"
+            and (target in changed or target.rpartition(".")[0] in changed)
+        )
         if node.op != "output" and (changes or any(arg in downstream for arg in node.all_input_nodes)):
             downstream.add(node)
     output = nodes[-1]
-    frontier = [n for n in nodes if n not in downstream and n.op not in ("output", "get_attr") and any(u in downstream or u is output for u in n.users)]
+    frontier = [
+        n
+        for n in nodes
+        if n not in downstream
+        and n.op not in ("output", "get_attr")
+        and any(u in downstream or u is output for u in n.users)
+    ]
 
     upstream_graph, up_values = torch.fx.Graph(), {}
     for node in nodes:
@@ -161,17 +269,24 @@ def split_graph(graph_module: torch.fx.GraphModule, changed_modules: Iterable[st
     for node in frontier:
         down_values[node] = downstream_graph.placeholder(node.name)
     for node in nodes:
-        if node.op == "get_attr" and any(u in downstream or u is output for u in node.users) or node in downstream or node.op == "output":
+        if (
+            node.op == "get_attr"
+            and any(u in downstream or u is output for u in node.users)
+            or node in downstream
+            or node.op == "output"
+        ):
             down_values[node] = downstream_graph.node_copy(node, lambda n: down_values[n])
             _normalized_shape_from_weight(downstream_graph, down_values[node])
     reusable, shareable, copy = _safety(nodes, downstream, frontier, modules)
     skips_work = any(node.op != "placeholder" for node in frontier)
-    return GraphSplit(upstream_graph, downstream_graph, [n.name for n in frontier], copy, reusable, shareable, skips_work)
+    return GraphSplit(
+        upstream_graph, downstream_graph, [n.name for n in frontier], copy, reusable, shareable, skips_work
+    )
 
 
 def _normalized_shape_from_weight(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
-    """fx bakes `self.normalized_shape` of a traced-through LayerNorm (torchvision's LayerNorm2d) into the graph as a literal;
-    a pruned copy has fewer channels, so the downstream part reads the shape off the weight it is given."""
+    """fx bakes `self.normalized_shape` of a traced-through LayerNorm (torchvision's LayerNorm2d) into the graph as a
+    literal; a pruned copy has fewer channels, so the downstream part reads the shape off the weight it is given."""
     if node.op != "call_function" or node.target is not F.layer_norm:
         return
     weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
@@ -195,8 +310,14 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 def identical(a: object, b: object) -> bool:
     """Bit-for-bit equality of (nested) outputs."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-                and torch.equal(_bits(a), _bits(b)))  # fmt: skip
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and torch.equal(_bits(a), _bits(b))
+        )
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
@@ -206,7 +327,8 @@ def identical(a: object, b: object) -> bool:
 
 def _same_key(stored: tuple[torch.Tensor, ...], args: tuple[object, ...]) -> bool:
     return len(stored) == len(args) and all(
-        isinstance(y, torch.Tensor) and x.stride() == y.stride() and identical(x, y) for x, y in zip(stored, args, strict=True)
+        isinstance(y, torch.Tensor) and x.stride() == y.stride() and identical(x, y)
+        for x, y in zip(stored, args, strict=True)
     )
 
 
@@ -218,7 +340,9 @@ def _copy(value: object) -> object:
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
-def _reuse_allowed(model: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], versions: list[tuple[torch.Tensor, int]]) -> bool:
+def _reuse_allowed(
+    model: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], versions: list[tuple[torch.Tensor, int]]
+) -> bool:
     """Conditions under which the cached values are exactly what the plain forward would compute now."""
     if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args) or torch.is_grad_enabled():
         return False
@@ -229,7 +353,8 @@ def _reuse_allowed(model: nn.Module, args: tuple[object, ...], kwargs: dict[str,
 
 
 class _RoutedForward:
-    """The forward installed on a model while it is evaluated; refuses to be copied with it (the copy would run this model)."""
+    """The forward installed on a model while it is evaluated; refuses to be copied with it (the copy would run this
+    model)."""
 
     def __init__(self, call: Any) -> None:
         self.call = call
@@ -238,14 +363,22 @@ class _RoutedForward:
         return self.call(*args, **kwargs)
 
     def __deepcopy__(self, memo: object) -> None:
-        raise PruningError("val_func copied the model it was given while upstream reuse was on; pass reuse_upstream=False to SensitivityAnalysis")
+        raise PruningError(
+            "val_func copied the model it was given while upstream reuse was on; pass reuse_upstream=False to "
+            "SensitivityAnalysis"
+        )
 
     def __reduce__(self) -> None:
-        raise PruningError("val_func pickled the model it was given while upstream reuse was on; pass reuse_upstream=False to SensitivityAnalysis")
+        raise PruningError(
+            "val_func pickled the model it was given while upstream reuse was on; pass reuse_upstream=False to "
+            "SensitivityAnalysis"
+        )
 
 
 def _install(model: nn.Module, forward: Any) -> nn.Module:
-    model.__dict__["forward"] = _RoutedForward(forward)  # an instance attribute: nn.Module.__call__ finds it before the class method
+    model.__dict__["forward"] = _RoutedForward(
+        forward
+    )  # an instance attribute: nn.Module.__call__ finds it before the class method
     return model
 
 
@@ -268,8 +401,9 @@ class _Entry:
 class UpstreamCache:
     """Frontier values by forward call (the k-th call of one evaluation run), shared by every model of one split.
 
-    `new_run()` before each evaluation; `install(model)` routes a variant's forward through the cache, `uninstall` undoes it.
-    Entries this cache computes are capped at `limit_bytes`; calls past it run in full (slower, never different).
+    `new_run()` before each evaluation; `install(model)` routes a variant's forward through the cache, `uninstall`
+    undoes it. Entries this cache computes are capped at `limit_bytes`; calls past it run in full (slower, never
+    different).
     """
 
     def __init__(self, split: GraphSplit, limit_bytes: int = 2 << 30) -> None:
@@ -319,7 +453,8 @@ class UpstreamCache:
                 return output
             try:
                 output = part("downstream")(*frontier)
-            except Exception:  # a later variant the first one did not represent (it pruned nothing, say): the plain forward from now on
+            # a later variant the first one did not represent (it pruned nothing, say): the plain forward from now on
+            except Exception:
                 self.enabled = False
                 return plain(*args, **kwargs)
             self.hits += cached
@@ -328,7 +463,8 @@ class UpstreamCache:
         return _install(model, forward)
 
     def _frontier(self, args: tuple[torch.Tensor, ...], part: Any) -> tuple[tuple[object, ...], bool]:
-        """The frontier values for this call, and whether they came from the cache (rather than the upstream part run now)."""
+        """The frontier values for this call, and whether they came from the cache (rather than the upstream part run
+        now)."""
         position, self.position = self.position, self.position + 1
         if position < len(self.entries) and _same_key(self.entries[position].inputs, args):
             return self.entries[position].frontier, True
@@ -349,7 +485,8 @@ class UpstreamCache:
 class FrontierRecorder:
     """Evaluates the unpruned model through a graph that also copies every value some split needs, when it is produced.
 
-    One full forward per batch then serves every unit's first sparsity. Capped at `limit_bytes`; batches past it are not kept.
+    One full forward per batch then serves every unit's first sparsity. Capped at `limit_bytes`; batches past it are not
+    kept.
     """
 
     def __init__(self, graph_module: torch.fx.GraphModule, names: Iterable[str], limit_bytes: int = 2 << 30) -> None:
@@ -364,11 +501,15 @@ class FrontierRecorder:
         graph, values, kept = torch.fx.Graph(), {}, {}
         for node in self.graph_module.graph.nodes:
             if node.op == "output":
-                graph.output((torch.fx.node.map_arg(node.args[0], lambda n: values[n]), tuple(kept[name] for name in self.names)))
+                graph.output(
+                    (torch.fx.node.map_arg(node.args[0], lambda n: values[n]), tuple(kept[name] for name in self.names))
+                )
                 continue
             values[node] = graph.node_copy(node, lambda n: values[n])
             if node.name in self.names:
-                kept[node.name] = graph.call_function(_copy, (values[node],))  # a copy taken the moment the value is produced
+                kept[node.name] = graph.call_function(
+                    _copy, (values[node],)
+                )  # a copy taken the moment the value is produced
         return graph
 
     def install(self, model: nn.Module) -> nn.Module:

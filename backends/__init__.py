@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Backend, PruneResult
+from .base import Backend, JobContext, PruneResult
 
 BACKENDS: dict[str, str] = {
     "scratch": "backends.scratch:ScratchBackend",
@@ -21,4 +21,4 @@ def get_backend(name: str) -> Backend:
     return getattr(importlib.import_module(module_name), class_name)()
 
 
-__all__ = ["BACKENDS", "BACKEND_NAMES", "Backend", "PruneResult", "get_backend"]
+__all__ = ["BACKENDS", "BACKEND_NAMES", "Backend", "JobContext", "PruneResult", "get_backend"]

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+TrainBatches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # a fresh pass of (images, labels) per call
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a job (run.py, a harness cell) offers every backend beyond the common contract. Each backend's `options`
+    takes what its prune() uses and its `validate` reads what it checks, so the job names no backend, and a new backend
+    touches only backends/."""
+
+    train_batches: TrainBatches | None = (
+        None  # training data, for the methods that train or take gradients while pruning
+    )
+    training_steps: int = 50  # how long those train
+    learning_rate: float = 1e-3
+    round_to: int | None = None  # kept channel counts rounded up to multiples of this
+    threshold: float = 0.06  # weight magnitude of threshold criteria (scratch conv_threshold)
+    schedule_over: str = "l1"  # what iterative schedules rank by (NNI agp / linear)
+    verbose: bool = False  # let a library's own log lines through
+
+
+NO_JOB = JobContext()  # a library call outside a job: no training data, every default
 
 
 @dataclass
@@ -25,7 +47,12 @@ class PruneResult:
     def kept_table(self) -> list[dict[str, Any]]:
         """One row per pruned layer: how many units it had, kept, and the kept fraction."""
         return [
-            {"layer": name, "before": self.original_units[name], "after": len(kept), "kept": round(len(kept) / self.original_units[name], 4)}
+            {
+                "layer": name,
+                "before": self.original_units[name],
+                "after": len(kept),
+                "kept": round(len(kept) / self.original_units[name], 4),
+            }
             for name, kept in self.kept.items()
         ]
 
@@ -38,7 +65,26 @@ class Backend(Protocol):
 
     def default_methods(self, model: nn.Module) -> tuple[str, ...]: ...
 
-    def validate(self, model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None = None) -> None: ...
+    def physical(self, method: str) -> bool:
+        """Whether `method` makes a smaller model (False: masks only, the weights zeroed in place)."""
+        ...
+
+    def options(self, context: JobContext) -> dict[str, Any]:
+        """The keyword options of prune() this backend takes from a job."""
+        ...
+
+    def validate(
+        self,
+        model: nn.Module,
+        method: str,
+        sparsity: float | Mapping[str, float],
+        scope: str | None = None,
+        *,
+        exclude: Iterable[str] = (),
+        context: JobContext = NO_JOB,
+    ) -> None:
+        """The request errors prune() would raise, found before any training is spent."""
+        ...
 
     def prune(
         self,

@@ -2,8 +2,8 @@
 
 NNI's quantizers simulate int8 ("fake quantization"): each Conv2d / Linear is wrapped so that its weights and inputs are
 rounded to an int8 grid in float arithmetic. No int8 kernel runs, so the model is neither smaller nor faster; a row from
-here reports accuracy only. For deployment NNI hands over its calibration (scales, zero points), which an inference engine
-such as TensorRT consumes; the job keeps it next to the float weights.
+here reports accuracy only. For deployment NNI hands over its calibration (scales, zero points), which an inference
+engine such as TensorRT consumes; the job keeps it next to the float weights.
 """
 
 from __future__ import annotations
@@ -21,15 +21,35 @@ from .nni_backend import import_nni, quiet_nni, torch_evaluator
 
 QUANTIZERS = {"nni-ptq": "PtqQuantizer", "nni-qat": "QATQuantizer", "nni-lsq": "LsqQuantizer"}
 RETRAINS = ("nni-qat", "nni-lsq")  # these fine-tune the weights while they learn the grid; nni-ptq only observes
-# int8 as step 4 uses it: weights per output channel, each layer's input per tensor; symmetric, because LSQ supports only that
+# int8 as step 4 uses it: weights per output channel, each layer's input per tensor; symmetric, because LSQ supports
+# only that
 CONFIG_LIST = [
-    {"op_types": ["Conv2d", "Linear"], "target_names": ["weight"], "quant_dtype": "int8", "quant_scheme": "symmetric", "granularity": "out_channel"},
-    {"op_types": ["Conv2d", "Linear"], "target_names": ["_input_"], "quant_dtype": "int8", "quant_scheme": "symmetric", "granularity": "default"},
+    {
+        "op_types": ["Conv2d", "Linear"],
+        "target_names": ["weight"],
+        "quant_dtype": "int8",
+        "quant_scheme": "symmetric",
+        "granularity": "out_channel",
+    },
+    {
+        "op_types": ["Conv2d", "Linear"],
+        "target_names": ["_input_"],
+        "quant_dtype": "int8",
+        "quant_scheme": "symmetric",
+        "granularity": "default",
+    },
 ]
 
 Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
-MakeOptimizer = Callable[[list[nn.Parameter], Callable[[type], type]], torch.optim.Optimizer]  # (params, nni.trace) -> optimizer
+MakeOptimizer = Callable[
+    [list[nn.Parameter], Callable[[type], type]], torch.optim.Optimizer
+]  # (params, nni.trace) -> optimizer
 Measured = TypeVar("Measured")
+
+
+def check_available() -> None:
+    """Refuse up front, in one line, when NNI is missing: before any training is spent on the steps that lead here."""
+    import_nni()
 
 
 def fake_quantize(
@@ -61,7 +81,9 @@ def fake_quantize(
             quantizer = getattr(quantization, QUANTIZERS[mode])(working, CONFIG_LIST, evaluator)
             _, calibration = quantizer.compress(None, 1 if mode not in RETRAINS else epochs)
         except Exception as error:  # NNI's own failures, without its traceback
-            raise PruningError(f"NNI {QUANTIZERS[mode]} failed: {type(error).__name__}: {first_line(error)[:200]}") from None
+            raise PruningError(
+                f"NNI {QUANTIZERS[mode]} failed: {type(error).__name__}: {first_line(error)[:200]}"
+            ) from None
         working.eval()
         measured = measure(working)
         quantizer.unwrap_model()
@@ -75,5 +97,7 @@ def _json_ready(calibration: dict[str, dict[str, dict[str, Any]]]) -> dict[str, 
     def plain(value: Any) -> Any:
         return value.detach().cpu().flatten().tolist() if isinstance(value, torch.Tensor) else value
 
-    return {module: {target: {key: plain(entry[key]) for key in kept if key in entry} for target, entry in targets.items()}
-            for module, targets in calibration.items()}  # fmt: skip
+    return {
+        module: {target: {key: plain(entry[key]) for key in kept if key in entry} for target, entry in targets.items()}
+        for module, targets in calibration.items()
+    }

@@ -12,7 +12,7 @@ from algorithms.channel_pruning import check_request, check_round_to, prune_chan
 from algorithms.criteria import DEFAULT_THRESHOLD, METHODS
 from algorithms.modules import has_norm
 
-from .base import PruneResult
+from .base import NO_JOB, JobContext, PruneResult
 
 
 class ScratchBackend:
@@ -24,8 +24,15 @@ class ScratchBackend:
         return "bn" if has_norm(model) else "neuron"
 
     def default_methods(self, model: nn.Module) -> tuple[str, ...]:
-        """The harness's default set: the original's default and the L1 magnitude operator (random runs as the harness's control)."""
+        """The harness's default set: the original's default and the L1 magnitude operator (random runs as the harness's
+        control)."""
         return (self.default_method(model), "conv_all")
+
+    def physical(self, method: str) -> bool:
+        return True
+
+    def options(self, context: JobContext) -> dict[str, Any]:
+        return {"threshold": context.threshold, "round_to": context.round_to}
 
     def prune(
         self,
@@ -43,14 +50,35 @@ class ScratchBackend:
     ) -> PruneResult:
         if options:
             raise ValueError(f"the scratch backend takes no option(s) {', '.join(sorted(options))}")
-        result = prune_channels(model, method, sparsity, example_input, scope=scope, exclude=exclude, seed=seed, threshold=threshold, round_to=round_to)
+        result = prune_channels(
+            model,
+            method,
+            sparsity,
+            example_input,
+            scope=scope,
+            exclude=exclude,
+            seed=seed,
+            threshold=threshold,
+            round_to=round_to,
+        )
         info = {"why_unprunable": result.graph.why_unprunable(), "round_to": round_to}
         if METHODS[method].takes_threshold:  # the threshold decided which units go: the job records it
             info["threshold"] = threshold
-        return PruneResult(result.model, result.kept, result.masks, result.original_units, self.name, method, result.scope, info=info)
+        return PruneResult(
+            result.model, result.kept, result.masks, result.original_units, self.name, method, result.scope, info=info
+        )
 
-    def validate(self, model: nn.Module, method: str, sparsity: float | Mapping[str, float], scope: str | None = None, *,
-                 round_to: int | None = None) -> None:  # fmt: skip
-        """The request errors prune() would raise, found before any training is spent."""
+    def validate(
+        self,
+        model: nn.Module,
+        method: str,
+        sparsity: float | Mapping[str, float],
+        scope: str | None = None,
+        *,
+        exclude: Iterable[str] = (),
+        context: JobContext = NO_JOB,
+    ) -> None:
+        """The request errors prune() would raise, found before any training is spent (layer names are checked when
+        the model is traced, in prune())."""
         check_request(model, method, sparsity, scope)
-        check_round_to(round_to)
+        check_round_to(context.round_to)

@@ -4,14 +4,14 @@ The only module that imports `torch_pruning`. Torch-Pruning prunes in place, so 
 removes are read off the groups it prunes (its interactive step), so `kept` and `masks` say exactly what it cut. The
 prunable set is the other backends': every Conv2d and hidden Linear as a root (Torch-Pruning's default would add
 ConvTranspose, Conv1d and LSTM); layers whose outputs reach the model output through no other layer (the classifier) and
-`exclude` go to `ignored_layers`. Our fx analysis finds those, and resolves a coupled group's per-layer ratios as scratch
-does (the largest); everything else is Torch-Pruning's own DepGraph.
+`exclude` go to `ignored_layers`. Our fx analysis finds those, and resolves a coupled group's per-layer ratios as
+scratch does (the largest); everything else is Torch-Pruning's own DepGraph.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -26,9 +26,7 @@ from algorithms.graph import analyze
 from algorithms.masks import apply_masks, unit_masks
 from algorithms.modules import clone_tree, eval_mode, has_norm, output_units
 
-from .base import PruneResult
-
-TrainBatches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+from .base import NO_JOB, JobContext, PruneResult, TrainBatches
 
 
 @dataclass(frozen=True)
@@ -55,8 +53,16 @@ METHODS: dict[str, Method] = {
     "taylor": Method("TaylorImportance", gradients="batch"),
     "hessian": Method("HessianImportance", gradients="sample"),
     "group_norm": Method("GroupMagnitudeImportance", (("p", 2),), pruner="GroupNormPruner", sparse_training=True),
-    "slim": Method("BNScaleImportance", pruner="BNScalePruner", sparse_training=True, needs_norm=True),  # network slimming: L1 on BN scales
-    "group_slim": Method("BNScaleImportance", pruner="BNScalePruner", pruner_arguments=(("group_lasso", True),), sparse_training=True, needs_norm=True),
+    "slim": Method(
+        "BNScaleImportance", pruner="BNScalePruner", sparse_training=True, needs_norm=True
+    ),  # network slimming: L1 on BN scales
+    "group_slim": Method(
+        "BNScaleImportance",
+        pruner="BNScalePruner",
+        pruner_arguments=(("group_lasso", True),),
+        sparse_training=True,
+        needs_norm=True,
+    ),
 }
 
 
@@ -64,7 +70,10 @@ def _import_tp() -> Any:
     try:
         import torch_pruning
     except Exception as error:
-        raise PruningError(f"the tp backend needs Torch-Pruning ({type(error).__name__}: {error}); run: pip install torch-pruning==1.6.1") from None
+        raise PruningError(
+            f"the tp backend needs Torch-Pruning ({type(error).__name__}: {error}); run: pip install "
+            "torch-pruning==1.6.1"
+        ) from None
     return torch_pruning
 
 
@@ -76,8 +85,20 @@ class TorchPruningBackend:
         return "l1"
 
     def default_methods(self, model: nn.Module) -> tuple[str, ...]:
-        """The harness's default set: Torch-Pruning's magnitude criterion and LAMP, and its BatchNorm scale where there is BatchNorm."""
+        """The harness's default set: Torch-Pruning's magnitude criterion and LAMP, and its BatchNorm scale where there
+        is BatchNorm."""
         return ("l1", "lamp", "bn") if has_norm(model) else ("l1", "lamp")
+
+    def physical(self, method: str) -> bool:
+        return True
+
+    def options(self, context: JobContext) -> dict[str, Any]:
+        return {
+            "train_batches": context.train_batches,
+            "training_steps": context.training_steps,
+            "learning_rate": context.learning_rate,
+            "round_to": context.round_to,
+        }
 
     def validate(
         self,
@@ -86,25 +107,35 @@ class TorchPruningBackend:
         sparsity: float | Mapping[str, float],
         scope: str | None = None,
         *,
-        has_data: bool = True,
-        round_to: int | None = None,
         exclude: Iterable[str] = (),
+        context: JobContext = NO_JOB,
     ) -> None:
         """The request errors prune() would raise, found before any training is spent."""
+        has_data, round_to = context.train_batches is not None, context.round_to
         if method not in METHODS:
             raise PruningError(f"Torch-Pruning offers no method {method!r} here; choose one of: {', '.join(METHODS)}")
         validate_sparsity(sparsity)
         check_scope(scope, isinstance(sparsity, Mapping))
         spec = METHODS[method]
         if spec.needs_norm and not has_norm(model):
-            raise PruningError(f"{method} ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use l1, l2 or lamp")
+            raise PruningError(
+                f"{method} ranks BatchNorm scales but {type(model).__name__} has no BatchNorm; use l1, l2 or lamp"
+            )
         if spec.data_driven and not has_data:
-            raise PruningError(f"{method} is data-driven: pass train_batches (a function returning (images, labels) batches)")
+            raise PruningError(
+                f"{method} is data-driven: pass train_batches (a function returning (images, labels) batches)"
+            )
         if method == "group_slim":
             _check_norms_follow(model)
         check_round_to(round_to)
-        layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))][:-1]  # the last: the classifier
-        _check_round_to(round_to, [n for n in layers if not any(n == e or n.startswith(e + ".") for e in exclude)], dict(model.named_modules()))
+        layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))][
+            :-1
+        ]  # the last: the classifier
+        _check_round_to(
+            round_to,
+            [n for n in layers if not any(n == e or n.startswith(e + ".") for e in exclude)],
+            dict(model.named_modules()),
+        )
         _import_tp()
 
     def prune(
@@ -126,10 +157,13 @@ class TorchPruningBackend:
     ) -> PruneResult:
         if options:
             raise PruningError(f"the tp backend takes no option(s) {', '.join(sorted(options))}")
-        self.validate(model, method, sparsity, scope, has_data=train_batches is not None)
+        self.validate(model, method, sparsity, scope, context=JobContext(train_batches=train_batches))
         check_round_to(round_to)
         if training_steps < 0 or importance_batches < 1:
-            raise PruningError(f"training_steps must be >= 0 and importance_batches >= 1, got {training_steps} and {importance_batches}")
+            raise PruningError(
+                f"training_steps must be >= 0 and importance_batches >= 1, got {training_steps} and "
+                f"{importance_batches}"
+            )
         example_input = example_input.clone()  # a model may change its input in place: never the caller's
         tp = _import_tp()
         spec = METHODS[method]
@@ -150,7 +184,9 @@ class TorchPruningBackend:
             _check_every_group_has_a_norm(graph, prunable)
         trainable = {name: p.requires_grad for name, p in working.named_parameters()}
         modes = {name: m.training for name, m in model.named_modules()}
-        for parameter in working.parameters():  # Torch-Pruning traces through autograd: frozen layers would be invisible to it
+        for (
+            parameter
+        ) in working.parameters():  # Torch-Pruning traces through autograd: frozen layers would be invisible to it
             parameter.requires_grad_(True)
 
         torch.manual_seed(seed)
@@ -160,27 +196,55 @@ class TorchPruningBackend:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Torch-Pruning warns about every layer it cannot see through
                 pruner = getattr(tp.pruner, spec.pruner)(
-                    working, example_input, importance=importance, global_pruning=scope == "global",
-                    pruning_ratio=0.0 if per_layer else float(sparsity), pruning_ratio_dict=ratio_dict, ignored_layers=ignored, round_to=round_to,
-                    root_module_types=[nn.Conv2d, nn.Linear], **dict(spec.pruner_arguments),
-                )  # fmt: skip
+                    working,
+                    example_input,
+                    importance=importance,
+                    global_pruning=scope == "global",
+                    pruning_ratio=0.0 if per_layer else float(sparsity),
+                    pruning_ratio_dict=ratio_dict,
+                    ignored_layers=ignored,
+                    round_to=round_to,
+                    root_module_types=[nn.Conv2d, nn.Linear],
+                    **dict(spec.pruner_arguments),
+                )
                 steps, trained = 0, None
                 if spec.sparse_training:
-                    steps = _sparse_train(working, pruner, _batches(train_batches, example_input.device), training_steps, learning_rate)
-                    trained = clone_tree(working, {})  # the weights Torch-Pruning then pruned: the masked figure comes from these
+                    steps = _sparse_train(
+                        working, pruner, _batches(train_batches, example_input.device), training_steps, learning_rate
+                    )
+                    trained = clone_tree(
+                        working, {}
+                    )  # the weights Torch-Pruning then pruned: the masked figure comes from these
                 elif spec.gradients:
-                    _gradients(working, importance, _batches(train_batches, example_input.device), importance_batches, per_sample=spec.gradients == "sample")
+                    _gradients(
+                        working,
+                        importance,
+                        _batches(train_batches, example_input.device),
+                        importance_batches,
+                        per_sample=spec.gradients == "sample",
+                    )
                 removed = _prune(tp, pruner, {module: name for name, module in modules.items()})
         except PruningError:
             raise
-        except Exception as error:  # Torch-Pruning's own failures (e.g. ZeroDivisionError on a channel shuffle): one line
-            raise PruningError(f"Torch-Pruning {method} failed on {type(model).__name__}: {type(error).__name__}: {first_line(error)[:200]}") from None
+        except (
+            Exception
+        ) as error:  # Torch-Pruning's own failures (e.g. ZeroDivisionError on a channel shuffle): one line
+            raise PruningError(
+                f"Torch-Pruning {method} failed on {type(model).__name__}: {type(error).__name__}: "
+                f"{first_line(error)[:200]}"
+            ) from None
         working.zero_grad(set_to_none=True)
         for name, parameter in working.named_parameters():
             parameter.requires_grad_(trainable.get(name, True))
         _check_runs(working, example_input, method, _output_shape(model, example_input))
-        kept = {name: sorted(set(range(output_units(originals[name]))) - set(indices)) for name, indices in removed.items() if indices}
-        masks = {name: unit_masks(originals[name], indices) for name, indices in kept.items()}  # shapes only: the same for a trained copy
+        kept = {
+            name: sorted(set(range(output_units(originals[name]))) - set(indices))
+            for name, indices in removed.items()
+            if indices
+        }
+        masks = {
+            name: unit_masks(originals[name], indices) for name, indices in kept.items()
+        }  # shapes only: the same for a trained copy
         units = {name: output_units(originals[name]) for name in kept}
         for name, module in working.named_modules():
             module.__dict__["training"] = modes.get(name, model.training)
@@ -194,28 +258,54 @@ def _check_round_to(round_to: int | None, prunable: list[str], modules: dict[str
     narrow = [name for name in prunable if round_to is not None and output_units(modules[name]) < round_to]
     if narrow:
         name = narrow[0]
-        raise PruningError(f"round_to={round_to} is larger than {name} ({output_units(modules[name])} units); use a round_to of at most that, or exclude it")
+        raise PruningError(
+            f"round_to={round_to} is larger than {name} ({output_units(modules[name])} units); use a round_to of at "
+            "most that, or "
+            "exclude it"
+        )
 
 
 def _check_norms_follow(model: nn.Module) -> None:
-    """group_slim before any training: every Conv2d / Linear but the last (the classifier) registered right before a BatchNorm."""
+    """group_slim before any training: every Conv2d / Linear but the last (the classifier) registered right before a
+    BatchNorm."""
     named = list(model.named_modules())
     layers = [i for i, (_, module) in enumerate(named) if isinstance(module, (nn.Conv2d, nn.Linear))][:-1]
-    bare = [named[i][0] for i in layers if i + 1 >= len(named) or not isinstance(named[i + 1][1], nn.modules.batchnorm._BatchNorm)]
+    bare = [
+        named[i][0]
+        for i in layers
+        if i + 1 >= len(named) or not isinstance(named[i + 1][1], nn.modules.batchnorm._BatchNorm)
+    ]
     if bare:
-        raise PruningError(f"group_slim needs a BatchNorm after every pruned layer, and {bare[0]} has none; use slim, or exclude {', '.join(bare)}")
+        raise PruningError(
+            f"group_slim needs a BatchNorm after every pruned layer, and {bare[0]} has none; use slim, or exclude "
+            f"{', '.join(bare)}"
+        )
 
 
-def _check_nothing_emptied(sparsity: float | Mapping[str, float], round_to: int | None, prunable: list[str], modules: dict[str, nn.Module],
-                           graph: Any) -> None:  # fmt: skip
-    """Torch-Pruning keeps floor(n * (1 - ratio)) channels, rounded down to round_to, and silently skips a layer that would keep none."""
+def _check_nothing_emptied(
+    sparsity: float | Mapping[str, float],
+    round_to: int | None,
+    prunable: list[str],
+    modules: dict[str, nn.Module],
+    graph: Any,
+) -> None:
+    """Torch-Pruning keeps floor(n * (1 - ratio)) channels, rounded down to round_to, and silently skips a layer that
+    would keep none."""
     for name in prunable:
-        ratio = max((sparsity.get(m, 0.0) for m in graph.group(name).members), default=0.0) if isinstance(sparsity, Mapping) else sparsity
+        ratio = (
+            max((sparsity.get(m, 0.0) for m in graph.group(name).members), default=0.0)
+            if isinstance(sparsity, Mapping)
+            else sparsity
+        )
         units = output_units(modules[name])
         keep = int(units * (1 - ratio))
         if ratio > 0 and (keep // round_to * round_to if round_to else keep) == 0:
             hint = f"a round_to of at most {keep}" if round_to and keep else "a lower ratio"
-            raise PruningError(f"at ratio {ratio:g} Torch-Pruning would keep no channel of {name} ({units} units) and skip it silently; use {hint}")
+            raise PruningError(
+                f"at ratio {ratio:g} Torch-Pruning would keep no channel of {name} ({units} units) and skip it "
+                "silently; use "
+                f"{hint}"
+            )
 
 
 def _output_shape(model: nn.Module, example_input: torch.Tensor) -> torch.Size | None:
@@ -225,17 +315,26 @@ def _output_shape(model: nn.Module, example_input: torch.Tensor) -> torch.Size |
 
 
 def _check_every_group_has_a_norm(graph: Any, prunable: list[str]) -> None:
-    """Torch-Pruning 1.6.1's group-lasso regulariser fails (None + float) on a group without BatchNorm: refuse it in words."""
+    """Torch-Pruning 1.6.1's group-lasso regulariser fails (None + float) on a group without BatchNorm: refuse it in
+    words."""
     bare = [name for name in prunable if not any(member in graph.norm_after for member in graph.group(name).members)]
     if bare:
-        raise PruningError(f"group_slim needs a BatchNorm after every pruned layer, and {bare[0]} has none; use slim, or exclude {', '.join(bare)}")
+        raise PruningError(
+            f"group_slim needs a BatchNorm after every pruned layer, and {bare[0]} has none; use slim, or exclude "
+            f"{', '.join(bare)}"
+        )
 
 
-def _ratio_dict(sparsity: Mapping[str, float], prunable: list[str], modules: dict[str, nn.Module], graph: Any) -> dict[nn.Module, float]:
-    """Every member of a coupled group gets the group's largest ratio, as in scratch (Torch-Pruning takes the first member it meets)."""
+def _ratio_dict(
+    sparsity: Mapping[str, float], prunable: list[str], modules: dict[str, nn.Module], graph: Any
+) -> dict[nn.Module, float]:
+    """Every member of a coupled group gets the group's largest ratio, as in scratch (Torch-Pruning takes the first
+    member it meets)."""
     for name in sparsity:
         if name not in prunable:
-            raise PruningError(f"per-layer sparsity names {name!r}, which is not a prunable Conv2d / hidden Linear of this model")
+            raise PruningError(
+                f"per-layer sparsity names {name!r}, which is not a prunable Conv2d / hidden Linear of this model"
+            )
     ratios: dict[nn.Module, float] = {}
     for name in sparsity:
         members = graph.group(name).members
@@ -256,11 +355,18 @@ def _batches(train_batches: TrainBatches | None, device: torch.device) -> Iterat
             raise PruningError("train_batches yielded no batch")
 
 
-def _gradients(model: nn.Module, importance: Any, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], count: int, per_sample: bool) -> None:
-    """Taylor: loss gradients summed over `count` batches. Hessian (OBD): the mean squared per-sample gradient, handed to the importance.
+def _gradients(
+    model: nn.Module,
+    importance: Any,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    count: int,
+    per_sample: bool,
+) -> None:
+    """Taylor: loss gradients summed over `count` batches. Hessian (OBD): the mean squared per-sample gradient, handed
+    to the importance.
 
-    We accumulate the squares ourselves: Torch-Pruning 1.6.1's accumulate_grad checks the parameter's name but stores under
-    the parameter, so it keeps only the last sample's gradient.
+    We accumulate the squares ourselves: Torch-Pruning 1.6.1's accumulate_grad checks the parameter's name but stores
+    under the parameter, so it keeps only the last sample's gradient.
     """
     model.eval()  # BatchNorm statistics stay those of the trained model
     model.zero_grad()
@@ -281,8 +387,15 @@ def _gradients(model: nn.Module, importance: Any, batches: Iterator[tuple[torch.
         importance._accu_grad, importance._counter = squares, samples  # what its own accumulate_grad means to fill
 
 
-def _sparse_train(model: nn.Module, pruner: Any, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, learning_rate: float) -> int:
-    """Torch-Pruning's sparse training: the usual loss, then the pruner's group regulariser on the gradients, then a step."""
+def _sparse_train(
+    model: nn.Module,
+    pruner: Any,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    learning_rate: float,
+) -> int:
+    """Torch-Pruning's sparse training: the usual loss, then the pruner's group regulariser on the gradients, then a
+    step."""
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     model.train()
     for images, labels in islice(batches, steps):
@@ -295,7 +408,8 @@ def _sparse_train(model: nn.Module, pruner: Any, batches: Iterator[tuple[torch.T
 
 
 def _prune(tp: Any, pruner: Any, names: dict[nn.Module, str]) -> dict[str, list[int]]:
-    """Prune group by group, noting the output units each Conv2d / Linear loses (depthwise convs follow their producer)."""
+    """Prune group by group, noting the output units each Conv2d / Linear loses (depthwise convs follow their
+    producer)."""
     out_handlers = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
     removed: dict[str, list[int]] = {}
     for group in pruner.step(interactive=True):
@@ -308,13 +422,18 @@ def _prune(tp: Any, pruner: Any, names: dict[nn.Module, str]) -> dict[str, list[
 
 
 def _check_runs(model: nn.Module, example_input: torch.Tensor, method: str, expected_shape: torch.Size | None) -> None:
-    """Torch-Pruning can leave a model that no longer runs (a hard-coded width in forward) or answers in fewer classes: say so."""
+    """Torch-Pruning can leave a model that no longer runs (a hard-coded width in forward) or answers in fewer
+    classes: say so."""
     try:
         with torch.no_grad():
             output = model.eval()(example_input.clone())
     except Exception as error:
-        raise PruningError(f"the model Torch-Pruning {method} pruned no longer runs ({type(error).__name__}: {first_line(error)[:200]})") from None
+        raise PruningError(
+            f"the model Torch-Pruning {method} pruned no longer runs ({type(error).__name__}: "
+            f"{first_line(error)[:200]})"
+        ) from None
     if expected_shape is not None and isinstance(output, torch.Tensor) and output.shape != expected_shape:
         raise PruningError(
-            f"Torch-Pruning {method} changed the model's output from {tuple(expected_shape)} to {tuple(output.shape)}; exclude the layer it pruned there"
+            f"Torch-Pruning {method} changed the model's output from {tuple(expected_shape)} to "
+            f"{tuple(output.shape)}; exclude the layer it pruned there"
         )

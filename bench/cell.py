@@ -21,28 +21,34 @@ from torch import nn
 
 from algorithms.errors import first_line
 from pipeline.atomic import write_json
-from pipeline.config import STAGES, JobConfig
-from pipeline.data import ImageDataset
+from pipeline.config import STAGES
+from pipeline.data.images import ImageDataset
+from pipeline.deploy.metrics import (
+    DEPLOYED_LAYOUT,
+    LATENCY_BATCHES,
+    LAYOUT_NAMES,
+    LAYOUT_SUFFIXES,
+    deployable,
+    latency_by_layout,
+)
 from pipeline.job import Job
-from pipeline.metrics import DEPLOYED_LAYOUT, LATENCY_BATCHES, LAYOUT_NAMES, LAYOUT_SUFFIXES, deployable, latency_by_layout
-from pipeline.runtime import float32_name
-from pipeline.training import evaluate, train
+from pipeline.train.loop import evaluate, train
+from pipeline.train.runtime import float32_name
 
-from .matrix import Cell, MatrixSpec, base_key
+from .matrix import Cell, MatrixSpec, base_key, job_config
 
-LATENCY_FORM = "eval mode, BatchNorm folded into the conv before it (torch.fx fuse), float32 (int8 columns: int8 kernels on the CPU)"
-
-
-def job_config(spec: MatrixSpec, model: str, seed: int, **where: Any) -> JobConfig:
-    """The run.py config a cell (or its base) would be run with; only the directories and the pruning request vary."""
-    return JobConfig(model=model, data_type=spec.data_type, seed=seed, base_epochs=spec.base_epoch_count, refine_epochs=spec.finetune_epochs,
-                     batch_size=spec.batch_size, val_batch_size=spec.val_batch_size, learning_rate=spec.learning_rate, optimizer=spec.optimizer,
-                     limit_batches=spec.limit_batches, limit_val_batches=spec.limit_val_batches, prune_steps=spec.prune_steps, scope=spec.scope,
-                     echo_epochs=False, **where)  # fmt: skip
+LATENCY_FORM = (
+    "eval mode, BatchNorm folded into the conv before it (torch.fx fuse), float32 (int8 columns: int8 "
+    "kernels on the "
+    "CPU)"
+)
 
 
-def ensure_base(spec: MatrixSpec, model: str, seed: int, data: ImageDataset, base_root: Path) -> tuple[Path, dict[str, Any]]:
-    """The base checkpoint for (model, seed): trained once, then reused by every cell and every later run with the same key.
+def ensure_base(
+    spec: MatrixSpec, model: str, seed: int, data: ImageDataset, base_root: Path
+) -> tuple[Path, dict[str, Any]]:
+    """The base checkpoint for (model, seed): trained once, then reused by every cell and every later run with the same
+    key.
 
     A lock file per key lets shards that share `base_root` (a Slurm array on a shared file system) wait for
     the one that trains it instead of training it twice or replacing it under each other.
@@ -58,7 +64,13 @@ def ensure_base(spec: MatrixSpec, model: str, seed: int, data: ImageDataset, bas
         figures = read_figures(figures_path) if (root / STAGES["1"]).is_dir() else None
         if figures is not None:
             return root, figures
-        job = Job(job_config(spec, model, seed, save_dir=str(root), log_dir=str(root / "log"), result_dir=str(root / "results")), data, spec.runtime())
+        job = Job(
+            job_config(
+                spec, model, seed, save_dir=str(root), log_dir=str(root / "log"), result_dir=str(root / "results")
+            ),
+            data,
+            spec.runtime(),
+        )
         figures = job.step_train()
         write_json(figures_path, figures)  # written last: its presence marks a complete base
     return root, figures
@@ -99,27 +111,48 @@ def device_name(device: str) -> str:
 
 
 def environment(spec: MatrixSpec) -> dict[str, Any]:
-    return {**spec.versions, "python": platform.python_version(), "cpu": cpu_model(), "device": spec.device, "device_name": device_name(spec.device),
-            "dtype": float32_name(torch.device(spec.device)),
-            "memory_format": LAYOUT_NAMES[DEPLOYED_LAYOUT],
-            "other_memory_formats": {LAYOUT_SUFFIXES[layout]: LAYOUT_NAMES[layout] for layout in spec.layouts[1:]},
-            "latency_form": LATENCY_FORM, "latency_threads": spec.threads, "train_threads": torch.get_num_threads()}  # fmt: skip
+    return {
+        **spec.versions,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "device": spec.device,
+        "device_name": device_name(spec.device),
+        "dtype": float32_name(torch.device(spec.device)),
+        "memory_format": LAYOUT_NAMES[DEPLOYED_LAYOUT],
+        "other_memory_formats": {LAYOUT_SUFFIXES[layout]: LAYOUT_NAMES[layout] for layout in spec.layouts[1:]},
+        "latency_form": LATENCY_FORM,
+        "latency_threads": spec.threads,
+        "train_threads": torch.get_num_threads(),
+    }
 
 
 def column(name: str, layout: str) -> str:
-    """A latency column: the deployed layout's keeps the plain name; another layout's carries its suffix (speedup_b64_nchw)."""
+    """A latency column: the deployed layout's keeps the plain name; another layout's carries its suffix
+    (speedup_b64_nchw)."""
     return name if layout == DEPLOYED_LAYOUT else f"{name}_{LAYOUT_SUFFIXES[layout]}"
 
 
-def timed_pair(spec: MatrixSpec, reference: nn.Module, candidate: nn.Module, example: torch.Tensor, candidate_name: str) -> dict[str, float]:
-    """Reference and candidate (deployable copies: timing converts their layout) in interleaved rounds (DESIGN.md section 7),
-    at each latency batch size, in each timed layout: both times and the speedup, per layout. The pruned model's reference is
-    `latency_b{batch}_before_ms`; int8's is `latency_b{batch}_int8_reference_ms`, the dense base re-timed on the CPU, where int8 runs."""
+def timed_pair(
+    spec: MatrixSpec, reference: nn.Module, candidate: nn.Module, example: torch.Tensor, candidate_name: str
+) -> dict[str, float]:
+    """Reference and candidate (deployable copies: timing converts their layout) in interleaved rounds (DESIGN.md
+    section 7), at each latency batch size, in each timed layout: both times and the speedup, per layout. The pruned
+    model's reference is `latency_b{batch}_before_ms`; int8's is `latency_b{batch}_int8_reference_ms`, the dense base
+    re-timed on the CPU, where int8 runs."""
     out: dict[str, float] = {}
-    reference_name = "before" if candidate_name == "after" else f"{candidate_name}_reference"  # int8: the dense base on the CPU
+    reference_name = (
+        "before" if candidate_name == "after" else f"{candidate_name}_reference"
+    )  # int8: the dense base on the CPU
     for batch in LATENCY_BATCHES:
-        timings = latency_by_layout(reference, candidate, example_input=example, batch=batch, runs=spec.latency_runs, threads=spec.threads,
-                                    layouts=spec.layouts)  # fmt: skip
+        timings = latency_by_layout(
+            reference,
+            candidate,
+            example_input=example,
+            batch=batch,
+            runs=spec.latency_runs,
+            threads=spec.threads,
+            layouts=spec.layouts,
+        )
         speedup = f"speedup_b{batch}" if candidate_name == "after" else f"speedup_{candidate_name}_b{batch}"
         for layout, (before, after) in timings.items():
             out[column(f"latency_b{batch}_{reference_name}_ms", layout)] = round(before * 1e3, 4)
@@ -129,28 +162,52 @@ def timed_pair(spec: MatrixSpec, reference: nn.Module, candidate: nn.Module, exa
 
 
 def latency_figures(spec: MatrixSpec, dense: nn.Module, pruned: nn.Module, example: torch.Tensor) -> dict[str, float]:
-    """Dense and pruned, both in their deployable form on the example's device, timed interleaved, in the deployed layout and
-    (suffixed columns) the other."""
-    return timed_pair(spec, deployable(dense).to(example.device), deployable(pruned).to(example.device), example, "after")
+    """Dense and pruned, both in their deployable form on the example's device, timed interleaved, in the deployed
+    layout and (suffixed columns) the other."""
+    return timed_pair(
+        spec, deployable(dense).to(example.device), deployable(pruned).to(example.device), example, "after"
+    )
 
 
-def int8_figures(spec: MatrixSpec, dense: nn.Module, int8: nn.Module, example: torch.Tensor, figures: dict[str, Any], base_mb: float) -> dict[str, Any]:
-    """The int8 stage of a cell: its accuracy, size and latency against the dense fp32 base (deployable form, on the CPU), timed interleaved."""
-    out: dict[str, Any] = {"int8_top1": figures["accuracy"], "int8_topk": figures["top_k_accuracy"], "size_mb_int8": figures["modelSize"],
-                           "size_ratio_int8": round(base_mb / figures["modelSize"], 4)}  # fmt: skip
+def int8_figures(
+    spec: MatrixSpec, dense: nn.Module, int8: nn.Module, example: torch.Tensor, figures: dict[str, Any], base_mb: float
+) -> dict[str, Any]:
+    """The int8 stage of a cell: its accuracy, size and latency against the dense fp32 base (deployable form, on the
+    CPU), timed interleaved."""
+    out: dict[str, Any] = {
+        "int8_top1": figures["accuracy"],
+        "int8_topk": figures["top_k_accuracy"],
+        "size_mb_int8": figures["modelSize"],
+        "size_ratio_int8": round(base_mb / figures["modelSize"], 4),
+    }
     return out | timed_pair(spec, deployable(dense).cpu(), deployable(int8), example.cpu(), "int8")
 
 
-def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, cell_dir: Path, keep_snapshots: bool = False) -> dict[str, Any]:
+def run_cell(
+    spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, cell_dir: Path, keep_snapshots: bool = False
+) -> dict[str, Any]:
     """Prune -> fine-tune -> measure one cell. Raises on failure; the caller records the error and goes on."""
     started = time.perf_counter()
     base_dir, base_figures = ensure_base(spec, cell.model, cell.seed, data, base_root)
     cell_dir.parent.mkdir(parents=True, exist_ok=True)
-    snapshots = cell_dir / "snapshots" if keep_snapshots else Path(tempfile.mkdtemp(prefix=".snapshots-", dir=cell_dir.parent))
+    snapshots = (
+        cell_dir / "snapshots" if keep_snapshots else Path(tempfile.mkdtemp(prefix=".snapshots-", dir=cell_dir.parent))
+    )
     try:
-        config = job_config(spec, cell.model, cell.seed, backend=cell.backend, method=cell.method, percent=cell.percent, load_dir=str(base_dir),
-                            save_dir=str(snapshots), log_dir=str(cell_dir / "log"), result_dir=str(cell_dir / "results"), distill=cell.distill,
-                            quantize=cell.quantize if cell.quantize != "none" else "ptq")  # fmt: skip
+        config = job_config(
+            spec,
+            cell.model,
+            cell.seed,
+            backend=cell.backend,
+            method=cell.method,
+            percent=cell.percent,
+            load_dir=str(base_dir),
+            save_dir=str(snapshots),
+            log_dir=str(cell_dir / "log"),
+            result_dir=str(cell_dir / "results"),
+            distill=cell.distill,
+            quantize=cell.quantize if cell.quantize != "none" else "ptq",
+        )
         job = Job(config, data, spec.runtime())
         job.base_figures = base_figures
         pruned = job.step_prune()
@@ -162,19 +219,40 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
     base_model, final_model = job.models["1"], job.models["3"]
     base = pruned["base"]
     row: dict[str, Any] = {
-        "cell": cell.key, "model": cell.model, "backend": cell.backend, "method": pruned["method"], "percent": cell.percent, "seed": cell.seed,
-        "distill": cell.distill, "quantize": cell.quantize,
-        "scope": pruned["scope"], "physical": pruned["physical"], "status": "ok", "error": "", "top_k": base["top_k"],
-        "base_top1": base["accuracy"], "base_topk": base["top_k_accuracy"],
-        "masked_top1": pruned["masked_accuracy"], "masked_topk": pruned["masked_top_k_accuracy"],
-        "pruned_top1": pruned["accuracy"], "pruned_topk": pruned["top_k_accuracy"],
-        "finetuned_top1": refined["accuracy"], "finetuned_topk": refined["top_k_accuracy"],
-        "params_before": base["params"], "params_after": refined["params"], "params_ratio": round(base["params"] / refined["params"], 4),
-        "macs_before": base["macs"], "macs_after": refined["macs"], "mac_ratio": round(base["macs"] / refined["macs"], 4),
-        "size_mb_before": base["modelSize"], "size_mb_after": refined["modelSize"], "size_ratio": round(base["modelSize"] / refined["modelSize"], 4),
-        "prune_seconds": pruned["prune_seconds"], "prune_train_steps": pruned["prune_train_steps"],
+        "cell": cell.key,
+        "model": cell.model,
+        "backend": cell.backend,
+        "method": pruned["method"],
+        "percent": cell.percent,
+        "seed": cell.seed,
+        "distill": cell.distill,
+        "quantize": cell.quantize,
+        "scope": pruned["scope"],
+        "physical": pruned["physical"],
+        "status": "ok",
+        "error": "",
+        "top_k": base["top_k"],
+        "base_top1": base["accuracy"],
+        "base_topk": base["top_k_accuracy"],
+        "masked_top1": pruned["masked_accuracy"],
+        "masked_topk": pruned["masked_top_k_accuracy"],
+        "pruned_top1": pruned["accuracy"],
+        "pruned_topk": pruned["top_k_accuracy"],
+        "finetuned_top1": refined["accuracy"],
+        "finetuned_topk": refined["top_k_accuracy"],
+        "params_before": base["params"],
+        "params_after": refined["params"],
+        "params_ratio": round(base["params"] / refined["params"], 4),
+        "macs_before": base["macs"],
+        "macs_after": refined["macs"],
+        "mac_ratio": round(base["macs"] / refined["macs"], 4),
+        "size_mb_before": base["modelSize"],
+        "size_mb_after": refined["modelSize"],
+        "size_ratio": round(base["modelSize"] / refined["modelSize"], 4),
+        "prune_seconds": pruned["prune_seconds"],
+        "prune_train_steps": pruned["prune_train_steps"],
         **layer_widths(base_model, pruned["layers"]),
-    }  # fmt: skip
+    }
     example = job.example_on(final_model)
     if pruned["physical"]:
         row |= latency_figures(spec, base_model, final_model, example)
@@ -185,10 +263,25 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
         row |= int8_figures(spec, base_model, job.models["4"], example, quantized, base["modelSize"])
     if spec.scratch_control and pruned["physical"]:
         control = reinitialised(final_model, cell.seed)
-        history = train(control, data, epochs=spec.base_epoch_count + spec.finetune_epochs, batch_size=spec.batch_size,
-                        val_batch_size=spec.val_batch_size, lr=spec.learning_rate, optimizer_name=spec.optimizer, seed=cell.seed,
-                        limit_batches=spec.limit_batches, limit_val_batches=spec.limit_val_batches, desc="from scratch", runtime=spec.runtime())  # fmt: skip
-        result = history[-1] if history else evaluate(control, data, spec.val_batch_size, spec.limit_val_batches, spec.runtime())
+        history = train(
+            control,
+            data,
+            epochs=spec.base_epoch_count + spec.finetune_epochs,
+            batch_size=spec.batch_size,
+            val_batch_size=spec.val_batch_size,
+            lr=spec.learning_rate,
+            optimizer_name=spec.optimizer,
+            seed=cell.seed,
+            limit_batches=spec.limit_batches,
+            limit_val_batches=spec.limit_val_batches,
+            desc="from scratch",
+            runtime=spec.runtime(),
+        )
+        result = (
+            history[-1]
+            if history
+            else evaluate(control, data, spec.val_batch_size, spec.limit_val_batches, spec.runtime())
+        )
         row |= {"scratch_top1": round(result.top1, 6), "scratch_topk": round(result.top_k, 6)}
     row["cell_seconds"] = round(time.perf_counter() - started, 3)
     row["env"] = environment(spec)
@@ -196,7 +289,8 @@ def run_cell(spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, 
 
 
 def layer_widths(model: nn.Module, layers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Per pruned layer: channels kept, channels before, and its position in the network (backends list layers in their own order)."""
+    """Per pruned layer: channels kept, channels before, and its position in the network (backends list layers in their
+    own order)."""
     rank = {name: index for index, (name, _) in enumerate(model.named_modules())}
     ordered = sorted(layers, key=lambda layer: rank.get(layer["layer"], len(rank)))
     return {
@@ -208,6 +302,16 @@ def layer_widths(model: nn.Module, layers: list[dict[str, Any]]) -> dict[str, di
 
 def failed_row(cell: Cell, error: BaseException, spec: MatrixSpec) -> dict[str, Any]:
     message = first_line(error)
-    return {"cell": cell.key, "model": cell.model, "backend": cell.backend, "method": cell.method, "percent": cell.percent, "seed": cell.seed,
-            "distill": cell.distill, "quantize": cell.quantize, "status": "error", "error": f"{type(error).__name__}: {message}"[:500],
-            "env": environment(spec)}  # fmt: skip
+    return {
+        "cell": cell.key,
+        "model": cell.model,
+        "backend": cell.backend,
+        "method": cell.method,
+        "percent": cell.percent,
+        "seed": cell.seed,
+        "distill": cell.distill,
+        "quantize": cell.quantize,
+        "status": "error",
+        "error": f"{type(error).__name__}: {message}"[:500],
+        "env": environment(spec),
+    }

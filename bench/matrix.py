@@ -1,4 +1,5 @@
-"""What a harness run compares: its settings, and the cells (model x backend x method x percent x seed) they expand to."""
+"""What a harness run compares: its settings, and the cells (model x backend x method x percent x seed) they expand
+to."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,18 +15,20 @@ from torch import nn
 from algorithms.errors import PruningError
 from backends import BACKEND_NAMES, get_backend
 from models import MODEL_NAMES, build_model
-from pipeline.config import DEFAULT_EPOCHS
+from pipeline.config import DEFAULT_EPOCHS, JobConfig
+from pipeline.data.images import ImageDataset
+from pipeline.deploy.metrics import DEPLOYED_LAYOUT, TIMED_LAYOUTS
 from pipeline.errors import UsageError
-from pipeline.job import QUANTIZE_MODES
-from pipeline.metrics import DEPLOYED_LAYOUT, TIMED_LAYOUTS
-from pipeline.runtime import Runtime
+from pipeline.job import QUANTIZE_MODES, prune_context
+from pipeline.train.runtime import Runtime
 
 RANDOM_CONTROL = ("scratch", "random")
 
 
 @dataclass(frozen=True)
 class MatrixSpec:
-    """The harness's settings. `fingerprint()` covers those that shape the numbers: runs that differ there do not mix."""
+    """The harness's settings. `fingerprint()` covers those that shape the numbers: runs that differ there do not
+    mix."""
 
     models: tuple[str, ...] = ("lenet", "vgg")
     backends: tuple[str, ...] = ("scratch", "nni", "tp")
@@ -49,7 +53,9 @@ class MatrixSpec:
     scratch_control: bool = False
     distill: tuple[bool, ...] = (False,)  # axis: refine plainly and / or with the base model as teacher
     quantize: tuple[str, ...] = ("none",)  # axis: stop at fp32 and / or add step 4 (ptq, qat; nni-*: simulated)
-    device: str = "cpu"  # where cells train and are timed (resolved: cpu, cuda:N); int8 kernels run on the CPU whatever it is
+    device: str = (
+        "cpu"  # where cells train and are timed (resolved: cpu, cuda:N); int8 kernels run on the CPU whatever it is
+    )
     versions: dict[str, str] = field(default_factory=lambda: package_versions())
 
     @property
@@ -66,19 +72,35 @@ class MatrixSpec:
         return torch.device(self.device).type
 
     def runtime(self) -> Runtime:
-        """The cells' compute settings: one process on the spec's device, fp32 without autocast (the harness compares methods, not
-        precisions; CUDA's default TF32 convolutions apply on GPUs that have them)."""
+        """The cells' compute settings: one process on the spec's device, fp32 without autocast (the harness compares
+        methods, not precisions; CUDA's default TF32 convolutions apply on GPUs that have them)."""
         return Runtime(device=torch.device(self.device))
 
     def fingerprint(self) -> dict[str, object]:
         """Everything two result sets must share to sit in one table (the matrix's extent may differ).
 
-        The device counts by kind (shards on cuda:0 and cuda:1 of one node mix); `latency_layout` is the layout latency is timed in.
+        The device counts by kind (shards on cuda:0 and cuda:1 of one node mix); `latency_layout` is the layout latency
+        is timed in.
         """
-        extent = {"models", "backends", "methods", "percents", "seeds", "random_control", "scratch_control", "distill", "quantize"}
+        extent = {
+            "models",
+            "backends",
+            "methods",
+            "percents",
+            "seeds",
+            "random_control",
+            "scratch_control",
+            "distill",
+            "quantize",
+        }
         settings = {k: v for k, v in asdict(self).items() if k not in extent}
         # 8 and "the default for digits" are the same run
-        return {**settings, "base_epochs": self.base_epoch_count, "device": self.device_type, "latency_layout": DEPLOYED_LAYOUT}
+        return {
+            **settings,
+            "base_epochs": self.base_epoch_count,
+            "device": self.device_type,
+            "latency_layout": DEPLOYED_LAYOUT,
+        }
 
 
 @dataclass(frozen=True, order=True)
@@ -113,7 +135,8 @@ def offered_methods() -> str:
 
 
 def methods_for(spec: MatrixSpec, probe: nn.Module) -> list[tuple[str, str]]:
-    """(backend, method) pairs for one model: the requested ones, or each backend's defaults, plus the random control."""
+    """(backend, method) pairs for one model: the requested ones, or each backend's defaults, plus the random
+    control."""
     pairs: list[tuple[str, str]] = []
     if not spec.methods:
         pairs = [(b, m) for b in spec.backends for m in get_backend(b).default_methods(probe)]
@@ -121,7 +144,9 @@ def methods_for(spec: MatrixSpec, probe: nn.Module) -> list[tuple[str, str]]:
         if ":" in item:
             backend, method = item.split(":", 1)
             if backend not in spec.backends:
-                raise UsageError(f"--methods names {item!r} but {backend!r} is not in --backends ({', '.join(spec.backends)})")
+                raise UsageError(
+                    f"--methods names {item!r} but {backend!r} is not in --backends ({', '.join(spec.backends)})"
+                )
             if method not in get_backend(backend).methods:
                 raise UsageError(f"backend {backend} has no method {method!r}; {offered_methods()}")
             pairs.append((backend, method))
@@ -138,36 +163,74 @@ def methods_for(spec: MatrixSpec, probe: nn.Module) -> list[tuple[str, str]]:
 def check_names(spec: MatrixSpec) -> None:
     """The checks that need no dataset: run first, so a typo is reported before a dataset is looked for."""
     if not (spec.models and spec.backends and spec.percents and spec.seeds):
-        raise UsageError("the matrix is empty: --models, --backends, --percents and --seeds each need at least one value")
+        raise UsageError(
+            "the matrix is empty: --models, --backends, --percents and --seeds each need at least one value"
+        )
     for name, known, flag in ((spec.models, MODEL_NAMES, "--models"), (spec.backends, BACKEND_NAMES, "--backends")):
         unknown = [n for n in name if n not in known]
         if unknown:
             raise UsageError(f"unknown {flag[2:-1]} {unknown[0]!r} in {flag}; choose from: {', '.join(known)}")
     for percent in spec.percents:
         if not 0.0 <= percent < 1.0:
-            raise UsageError(f"percent {percent:g} in --percents is outside [0, 1): it is the fraction of channels removed")
+            raise UsageError(
+                f"percent {percent:g} in --percents is outside [0, 1): it is the fraction of channels removed"
+            )
     unknown = [mode for mode in spec.quantize if mode not in ("none", *QUANTIZE_MODES)]
     if unknown or not spec.quantize or not spec.distill:
-        raise UsageError(f"--quantize takes none, {', '.join(QUANTIZE_MODES)} (comma-separated), got {','.join(spec.quantize)!r}; --distill takes off, on")
+        raise UsageError(
+            f"--quantize takes none, {', '.join(QUANTIZE_MODES)} (comma-separated), got {','.join(spec.quantize)!r}; "
+            "--distill takes off, "
+            "on"
+        )
 
 
-def expand(spec: MatrixSpec, input_shape: tuple[int, ...], num_classes: int) -> list[Cell]:
+def job_config(spec: MatrixSpec, model: str, seed: int, **where: Any) -> JobConfig:
+    """The run.py config a cell (or its base) would be run with; only the directories and the pruning request vary."""
+    return JobConfig(
+        model=model,
+        data_type=spec.data_type,
+        seed=seed,
+        base_epochs=spec.base_epoch_count,
+        refine_epochs=spec.finetune_epochs,
+        batch_size=spec.batch_size,
+        val_batch_size=spec.val_batch_size,
+        learning_rate=spec.learning_rate,
+        optimizer=spec.optimizer,
+        limit_batches=spec.limit_batches,
+        limit_val_batches=spec.limit_val_batches,
+        prune_steps=spec.prune_steps,
+        scope=spec.scope,
+        echo_epochs=False,
+        **where,
+    )
+
+
+def expand(spec: MatrixSpec, data: ImageDataset) -> list[Cell]:
     """Every cell of the matrix in a fixed order; refuses an impossible combination before anything is trained."""
     check_names(spec)
     cells = []
     for model in spec.models:
         try:
             with torch.device("meta"):  # structure only, no weights initialised
-                probe = build_model(model, input_shape, num_classes)
+                probe = build_model(model, data.input_shape, data.num_classes)
         except ValueError as error:
-            raise UsageError(f"{error} (dataset {spec.data_type} has {tuple(input_shape)} images)") from None
+            raise UsageError(f"{error} (dataset {spec.data_type} has {tuple(data.input_shape)} images)") from None
+        context = prune_context(
+            job_config(spec, model, spec.seeds[0]), data
+        )  # what every cell's job offers its backend
         for backend, method in methods_for(spec, probe):
             for percent in spec.percents:
                 try:
-                    get_backend(backend).validate(probe, method, percent, spec.scope)
+                    get_backend(backend).validate(probe, method, percent, spec.scope, context=context)
                 except PruningError as error:
                     raise UsageError(f"{backend}:{method} cannot prune {model}: {error}. {offered_methods()}") from None
-            cells += [Cell(model, seed, backend, method, p, kd, q) for seed in spec.seeds for p in spec.percents for kd in spec.distill for q in spec.quantize]
+            cells += [
+                Cell(model, seed, backend, method, p, kd, q)
+                for seed in spec.seeds
+                for p in spec.percents
+                for kd in spec.distill
+                for q in spec.quantize
+            ]
     return sorted(set(cells))
 
 
@@ -178,25 +241,43 @@ def parse_shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise UsageError(f"--shard {text!r} must be i/n, e.g. 0/4 (shard index from 0, number of shards)") from None
     if count < 1 or not 0 <= index < count:
-        raise UsageError(f"--shard {text}: the index must be in 0..{max(count - 1, 0)} and the count positive (e.g. 0/{max(count, 2)})")
+        raise UsageError(
+            f"--shard {text}: the index must be in 0..{max(count - 1, 0)} and the count positive (e.g. "
+            f"0/{max(count, 2)})"
+        )
     return index, count
 
 
 def shard(cells: list[Cell], index: int, count: int) -> list[Cell]:
-    """A contiguous, deterministic slice: neighbouring cells share a model and seed, so each shard trains few base models."""
+    """A contiguous, deterministic slice: neighbouring cells share a model and seed, so each shard trains few base
+    models."""
     size, extra = divmod(len(cells), count)
     start = index * size + min(index, extra)
     return cells[start : start + size + (index < extra)]
 
 
-def base_key(spec: MatrixSpec, model: str, seed: int, input_shape: tuple[int, ...], num_train: int, dataset: str | None = None) -> str:
-    """The base checkpoint's cache key: a hash of every setting that shapes the base model. `dataset`: the content identity of a
-    custom dataset (two datasets under one name, or one name read from two --dataset_dir folders, train two bases)."""
-    shaping = {"model": model, "seed": seed, "data_type": spec.data_type, "input_shape": list(input_shape), "num_train": num_train,
-               "epochs": spec.base_epoch_count, "batch_size": spec.batch_size, "learning_rate": spec.learning_rate, "optimizer": spec.optimizer,
-               "limit_batches": spec.limit_batches, "torch": spec.versions.get("torch"),
-               # the cached base figures are measured on this many test images
-               "limit_val_batches": spec.limit_val_batches, "val_batch_size": spec.val_batch_size}  # fmt: skip
+def base_key(
+    spec: MatrixSpec, model: str, seed: int, input_shape: tuple[int, ...], num_train: int, dataset: str | None = None
+) -> str:
+    """The base checkpoint's cache key: a hash of every setting that shapes the base model. `dataset`: the content
+    identity of a custom dataset (two datasets under one name, or one name read from two --dataset_dir folders, train
+    two bases)."""
+    shaping = {
+        "model": model,
+        "seed": seed,
+        "data_type": spec.data_type,
+        "input_shape": list(input_shape),
+        "num_train": num_train,
+        "epochs": spec.base_epoch_count,
+        "batch_size": spec.batch_size,
+        "learning_rate": spec.learning_rate,
+        "optimizer": spec.optimizer,
+        "limit_batches": spec.limit_batches,
+        "torch": spec.versions.get("torch"),
+        # the cached base figures are measured on this many test images
+        "limit_val_batches": spec.limit_val_batches,
+        "val_batch_size": spec.val_batch_size,
+    }
     if spec.device_type != "cpu":  # a GPU trains other weights (other kernels); CPU bases keep the keys they always had
         shaping["device"] = spec.device_type
     if dataset is not None:  # builtin datasets are fixed by their name and keep the keys they always had

@@ -57,12 +57,26 @@ def accuracy_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
         per = stats[stats.model == model]
         for (backend, method, distill), group in per.groupby(["backend", "method", "distill"], sort=True):
             group = group.sort_values("macs_after")
-            ax.errorbar(group.macs_after / 1e6, group.finetuned_top1, yerr=group.get("finetuned_top1_std"), marker=MARKERS.get(backend, "x"),
-                        capsize=3, label=f"{backend}:{method}" + (" +KD" if distill else ""))  # fmt: skip
+            ax.errorbar(
+                group.macs_after / 1e6,
+                group.finetuned_top1,
+                yerr=group.get("finetuned_top1_std"),
+                marker=MARKERS.get(backend, "x"),
+                capsize=3,
+                label=f"{backend}:{method}" + (" +KD" if distill else ""),
+            )
         front = pareto_front(per)
         ax.plot(front.macs_after / 1e6, front.finetuned_top1, "k--", linewidth=1, label="Pareto front")
         base = per.iloc[0]
-        ax.scatter([base.macs_before / 1e6], [base.base_top1], marker="*", s=160, color="black", zorder=5, label="base (unpruned)")
+        ax.scatter(
+            [base.macs_before / 1e6],
+            [base.base_top1],
+            marker="*",
+            s=160,
+            color="black",
+            zorder=5,
+            label="base (unpruned)",
+        )
         _finish(ax, title=model, xlabel="MACs per sample (millions)", ylabel="top-1 accuracy after fine-tuning")
     return _save(figure, path)
 
@@ -75,15 +89,28 @@ def speedup_vs_macs(stats: pd.DataFrame, path: Path, layout: str) -> Path:
     for ax, model in zip(axes, models, strict=True):
         per = timed[timed.model == model]
         for (backend, method, distill), group in per.groupby(["backend", "method", "distill"], sort=True):
-            ax.scatter(group.mac_ratio, group.speedup_b64, marker=MARKERS.get(backend, "x"), label=f"{backend}:{method}" + (" +KD" if distill else ""))
+            ax.scatter(
+                group.mac_ratio,
+                group.speedup_b64,
+                marker=MARKERS.get(backend, "x"),
+                label=f"{backend}:{method}" + (" +KD" if distill else ""),
+            )
         values = [*per.mac_ratio.tolist(), *per.speedup_b64.tolist()]
-        low, top = min([0.9, *values]) * 0.9, max([1.0, *values]) * 1.1  # a pruned model slower than dense stays in view
+        low, top = (
+            min([0.9, *values]) * 0.9,
+            max([1.0, *values]) * 1.1,
+        )  # a pruned model slower than dense stays in view
         ax.plot([low, top], [low, top], "k--", linewidth=1, label="y = x (speedup = MAC reduction)")
         if per.empty:
             ax.text(0.5, 0.5, "no physically pruned model to time", transform=ax.transAxes, ha="center")
         axis = {"xlim": (low, top), "ylim": (low, top)}
-        _finish(ax, title=f"{model}, timed in {layout}", xlabel="MAC reduction (dense / pruned, x)", ylabel="latency speedup (dense / pruned time, x)",
-                **axis)  # fmt: skip
+        _finish(
+            ax,
+            title=f"{model}, timed in {layout}",
+            xlabel="MAC reduction (dense / pruned, x)",
+            ylabel="latency speedup (dense / pruned time, x)",
+            **axis,
+        )
     return _save(figure, path)
 
 
@@ -98,13 +125,28 @@ def kept_channels(ok_rows: pd.DataFrame, path: Path) -> Path:
         percent = min(per.percent.unique(), key=lambda p: (abs(p - 0.5), p))
         per = per[per.percent == percent].sort_values("seed").drop_duplicates(["backend", "method"])
         widths = [(row, json.loads(row.kept_channels), json.loads(row.units_json)) for _, row in per.iterrows()]
-        rank = {name: position for _, row in per.iterrows() for name, position in json.loads(row.layer_rank_json).items()}
-        layers = sorted({name for _, _, units in widths for name in units}, key=lambda name: rank.get(name, 0))  # absent from a row = not pruned
+        rank = {
+            name: position for _, row in per.iterrows() for name, position in json.loads(row.layer_rank_json).items()
+        }
+        layers = sorted(
+            {name for _, _, units in widths for name in units}, key=lambda name: rank.get(name, 0)
+        )  # absent from a row = not pruned
         for row, kept, units in widths:
-            ax.plot(range(len(layers)), [kept[n] / units[n] if n in kept else 1.0 for n in layers], marker=MARKERS.get(row.backend, "x"), label=_label(row))
+            ax.plot(
+                range(len(layers)),
+                [kept[n] / units[n] if n in kept else 1.0 for n in layers],
+                marker=MARKERS.get(row.backend, "x"),
+                label=_label(row),
+            )
         ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
         title = f"{model}, {percent:g} of channels removed"
-        _finish(ax, title=title, xlabel="pruned layer (network order)", ylabel="kept fraction of the layer's channels", ylim=(0, 1.05))
+        _finish(
+            ax,
+            title=title,
+            xlabel="pruned layer (network order)",
+            ylabel="kept fraction of the layer's channels",
+            ylim=(0, 1.05),
+        )
     return _save(figure, path)
 
 
@@ -117,7 +159,13 @@ def masked_vs_pruned(stats: pd.DataFrame, path: Path) -> Path:
             ax.scatter(group.masked_top1, group.pruned_top1, marker=MARKERS.get(backend, "x"), label=backend)
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="y = x (masked figure is what the smaller model does)")
         axis = {"xlim": (0, 1), "ylim": (0, 1)}
-        _finish(ax, title=model, xlabel="masked model top-1 (weights x mask, BatchNorm untouched)", ylabel="physically pruned model top-1", **axis)
+        _finish(
+            ax,
+            title=model,
+            xlabel="masked model top-1 (weights x mask, BatchNorm untouched)",
+            ylabel="physically pruned model top-1",
+            **axis,
+        )
     return _save(figure, path)
 
 
@@ -128,7 +176,9 @@ def draw_all(directory: Path, stats: pd.DataFrame, ok_rows: pd.DataFrame) -> lis
     stats = stats.drop_duplicates(subset=["model", "backend", "method", "scope", "percent", "distill"])
     return [
         accuracy_vs_macs(stats, directory / "accuracy_vs_macs.png"),
-        speedup_vs_macs(stats, directory / "speedup_vs_macs.png", ", ".join(sorted(ok_rows["memory_format"].dropna().unique()))),
+        speedup_vs_macs(
+            stats, directory / "speedup_vs_macs.png", ", ".join(sorted(ok_rows["memory_format"].dropna().unique()))
+        ),
         kept_channels(ok_rows, directory / "kept_channels.png"),
         masked_vs_pruned(stats, directory / "masked_vs_pruned.png"),
     ]

@@ -27,16 +27,27 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         out.setdefault("distill", False)  # rows from before the compression axes
         out.setdefault("quantize", "none")
         env = row.get("env", {})
-        out |= {"torch": env.get("torch"), "nni": env.get("nni"), "torch_pruning": env.get("torch-pruning"), "cpu": env.get("cpu"),
-                "device": env.get("device", "cpu"), "device_name": env.get("device_name", env.get("cpu")),
-                "memory_format": env.get("memory_format", "contiguous (NCHW)"), "latency_threads": env.get("latency_threads")}  # fmt: skip
+        out |= {
+            "torch": env.get("torch"),
+            "nni": env.get("nni"),
+            "torch_pruning": env.get("torch-pruning"),
+            "cpu": env.get("cpu"),
+            "device": env.get("device", "cpu"),
+            "device_name": env.get("device_name", env.get("cpu")),
+            "memory_format": env.get("memory_format", "contiguous (NCHW)"),
+            "latency_threads": env.get("latency_threads"),
+        }
         flat.append(out)
     return pd.DataFrame(flat)
 
 
 def summary(ok: pd.DataFrame) -> pd.DataFrame:
     """Per configuration (model, backend, method, scope, percent): mean and std over seeds of every figure."""
-    numeric = [c for c in ok.columns if c not in CONFIG and c != "seed" and pd.api.types.is_numeric_dtype(ok[c]) and ok[c].dtype != bool]
+    numeric = [
+        c
+        for c in ok.columns
+        if c not in CONFIG and c != "seed" and pd.api.types.is_numeric_dtype(ok[c]) and ok[c].dtype != bool
+    ]
     grouped = ok.groupby(CONFIG, sort=True)[numeric]
     table = grouped.mean().join(grouped.std(ddof=1).add_suffix("_std")).join(grouped.size().rename("seeds"))
     return table.reset_index()
@@ -56,22 +67,34 @@ def model_table(stats: pd.DataFrame, has_scratch_control: bool) -> str:
     rows = []
     for _, s in stats.iterrows():
         row = {
-            "backend": s.backend, "method": s.method, "scope": s.scope, "percent": f"{s.percent:g}",
-            "refine": "KD" if s.distill else "plain", "int8": s.quantize, "seeds": int(s.seeds),
+            "backend": s.backend,
+            "method": s.method,
+            "scope": s.scope,
+            "percent": f"{s.percent:g}",
+            "refine": "KD" if s.distill else "plain",
+            "int8": s.quantize,
+            "seeds": int(s.seeds),
             "top-1 fine-tuned": mean_std(s.finetuned_top1, s.get("finetuned_top1_std"), s.seeds),
             "Δ vs base": f"{s.finetuned_top1 - s.base_top1:+.4f}",
             "masked top-1": mean_std(s.masked_top1, s.get("masked_top1_std"), s.seeds),
             "pruned top-1": mean_std(s.pruned_top1, s.get("pruned_top1_std"), s.seeds),
-        }  # fmt: skip
+        }
         if has_scratch_control:
             row["from scratch top-1"] = mean_std(s.get("scratch_top1"), s.get("scratch_top1_std"), s.seeds)
-        row |= {"params ÷": ratio(s.params_ratio), "MACs ÷": ratio(s.mac_ratio), "speedup b64": ratio(s.get("speedup_b64"))}
+        row |= {
+            "params ÷": ratio(s.params_ratio),
+            "MACs ÷": ratio(s.mac_ratio),
+            "speedup b64": ratio(s.get("speedup_b64")),
+        }
         if "speedup_b64_nchw" in stats.columns:  # runs from before channels_last timing have one layout only
             row["speedup b64 NCHW"] = ratio(s.get("speedup_b64_nchw"))
         row |= {"speedup b1": ratio(s.get("speedup_b1")), "prune s": f"{s.prune_seconds:.3f}"}
         if s.quantize != "none":
-            row |= {"int8 top-1": mean_std(s.get("int8_top1"), s.get("int8_top1_std"), s.seeds), "int8 size ÷": ratio(s.get("size_ratio_int8")),
-                    "int8 speedup b64": ratio(s.get("speedup_int8_b64"))}  # fmt: skip
+            row |= {
+                "int8 top-1": mean_std(s.get("int8_top1"), s.get("int8_top1_std"), s.seeds),
+                "int8 size ÷": ratio(s.get("size_ratio_int8")),
+                "int8 speedup b64": ratio(s.get("speedup_int8_b64")),
+            }
         rows.append(row)
     return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)
 
@@ -82,7 +105,10 @@ def budget_table(stats: pd.DataFrame) -> str:
     The random control gets its own column: a method earns its place only where it beats random at the same budget.
     """
     column = stats.backend.where(stats.method != "random", "random (control)")
-    columns = [*sorted(set(column) - {"random (control)"}), *(["random (control)"] if "random (control)" in set(column) else [])]
+    columns = [
+        *sorted(set(column) - {"random (control)"}),
+        *(["random (control)"] if "random (control)" in set(column) else []),
+    ]
     rows = []
     for model in sorted(stats.model.unique()):
         for budget in MAC_BUDGETS:
@@ -97,10 +123,16 @@ def budget_table(stats: pd.DataFrame) -> str:
                     continue
                 best = candidates.loc[candidates.finetuned_top1.idxmax()]
                 accuracy = mean_std(best.finetuned_top1, best.get("finetuned_top1_std"), best.seeds)
-                extras = (" +KD" if best.distill else "") + (f" int8-{best.quantize}" if best.quantize != "none" else "")
+                extras = (" +KD" if best.distill else "") + (
+                    f" int8-{best.quantize}" if best.quantize != "none" else ""
+                )
                 row[name] = f"{accuracy} ({best.method}{extras} {best.percent:g}, {best.mac_ratio:.1f}x)"
             rows.append(row)
-    return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True) if rows else "(no configuration reaches 1.5x fewer MACs)"
+    return (
+        tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)
+        if rows
+        else "(no configuration reaches 1.5x fewer MACs)"
+    )
 
 
 def latency_where(manifest: dict[str, Any]) -> str:
@@ -118,28 +150,44 @@ def latency_where(manifest: dict[str, Any]) -> str:
 def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     spec = manifest.get("spec", {})
     cpus = sorted({r.get("env", {}).get("cpu", "?") for r in rows})
-    devices = sorted({r.get("env", {}).get("device_name", "?") for r in rows if r.get("env", {}).get("device", "cpu") != "cpu"})
+    devices = sorted(
+        {r.get("env", {}).get("device_name", "?") for r in rows if r.get("env", {}).get("device", "cpu") != "cpu"}
+    )
     versions = ", ".join(f"{k} {v}" for k, v in spec.get("versions", {}).items())
     return [
-        f"Data `{spec.get('data_type')}`; base model trained {spec.get('base_epochs_resolved', spec.get('base_epochs'))} epochs, "
-        f"each pruned model fine-tuned {spec.get('finetune_epochs')} epochs ({spec.get('optimizer')}, lr {spec.get('learning_rate')}, "
-        f"batch {spec.get('batch_size')}); every cell starts from the same base per model and seed; seeds {', '.join(str(x) for x in spec.get('seeds', []))}.",
-        f"Latency: {latency_where(manifest)}, float32, BatchNorm folded into the preceding conv (as inference runtimes run it), "
-        f"{spec.get('threads')} thread(s), median of {spec.get('latency_runs')} runs after warm-up, dense and pruned interleaved; "
+        f"Data `{spec.get('data_type')}`; base model trained "
+        f"{spec.get('base_epochs_resolved', spec.get('base_epochs'))} epochs, "
+        f"each pruned model fine-tuned {spec.get('finetune_epochs')} epochs ({spec.get('optimizer')}, lr "
+        f"{spec.get('learning_rate')}, "
+        f"batch {spec.get('batch_size')}); every cell starts from the same base per model and seed; seeds "
+        f"{', '.join(str(x) for x in spec.get('seeds', []))}.",
+        f"Latency: {latency_where(manifest)}, float32, BatchNorm folded into the preceding conv (as inference "
+        "runtimes run it), "
+        f"{spec.get('threads')} thread(s), median of {spec.get('latency_runs')} runs after warm-up, dense and pruned "
+        "interleaved; "
         "speedup = dense / pruned time. int8 kernels run on the CPU. "
         "MACs = Conv + Linear multiply-accumulates per sample (torch FlopCounterMode).",
         f"Environment: {versions}; CPU {', '.join(cpus)}" + (f"; GPU {', '.join(devices)}." if devices else "."),
-        f"NNI's data-driven methods (slim, taylor, agp, linear) train {spec.get('prune_steps')} steps on the training data while pruning, on top "
-        "of the fine-tuning every cell gets (`prune_train_steps` in results.csv); their masked figure uses those trained weights.",
-        "Accuracy columns: mean ± std over seeds (std shown when more than one seed). `masked` = base weights x mask with BatchNorm "
-        "untouched (what NNI reports); `pruned` = the physically smaller model before fine-tuning; `fine-tuned` = after fine-tuning.",
-        "int8 columns (cells with step 4): `ptq` / `qat` run real int8 kernels (PyTorch FX, x86), sized and timed against the dense fp32 base; "
-        "`nni-ptq` / `nni-qat` / `nni-lsq` are NNI's simulated int8 (fake quantization in float): accuracy only, no size or speedup.",
+        f"NNI's data-driven methods (slim, taylor, agp, linear) train {spec.get('prune_steps')} steps on the "
+        "training data while "
+        "pruning, on top "
+        "of the fine-tuning every cell gets (`prune_train_steps` in results.csv); their masked figure uses those "
+        "trained weights.",
+        "Accuracy columns: mean ± std over seeds (std shown when more than one seed). `masked` = base weights x mask "
+        "with BatchNorm "
+        "untouched (what NNI reports); `pruned` = the physically smaller model before fine-tuning; `fine-tuned` = "
+        "after fine-tuning.",
+        "int8 columns (cells with step 4): `ptq` / `qat` run real int8 kernels (PyTorch FX, x86), sized and timed "
+        "against the dense "
+        "fp32 base; "
+        "`nni-ptq` / `nni-qat` / `nni-lsq` are NNI's simulated int8 (fake quantization in float): accuracy only, no "
+        "size or speedup.",
     ]
 
 
 def render(directory: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Write results.csv and report.md for `rows`; returns the per-configuration summary and the finished rows (for the plots)."""
+    """Write results.csv and report.md for `rows`; returns the per-configuration summary and the finished rows (for the
+    plots)."""
     table = frame(rows)
     write_text(directory / "results.csv", table.to_csv(index=False))
     ok = table[table.status == "ok"] if not table.empty else table
@@ -154,7 +202,12 @@ def render(directory: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]
         lines += ["## Best fine-tuned accuracy per MAC budget", "", budget_table(stats), ""]
     failed = table[table.status != "ok"] if not table.empty else table
     if not failed.empty:
-        lines += ["## Failed cells", "", tabulate(failed[["cell", "error"]].values.tolist(), headers=["cell", "error"], tablefmt="github"), ""]
+        lines += [
+            "## Failed cells",
+            "",
+            tabulate(failed[["cell", "error"]].values.tolist(), headers=["cell", "error"], tablefmt="github"),
+            "",
+        ]
     if table.empty:
         lines += ["No finished cells yet.", ""]
     write_text(directory / "report.md", "\n".join(lines))

@@ -9,8 +9,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.data import ImageDataset
-from pipeline.datasets import load_dataset
+from pipeline.data.datasets import load_dataset
+from pipeline.data.images import ImageDataset
 from pipeline.errors import UsageError
 
 from . import store
@@ -21,9 +21,15 @@ from .report import render
 
 
 def manifest_for(spec: MatrixSpec, shard_of: tuple[int, int], previous: dict[str, Any] | None) -> dict[str, Any]:
-    """run.json: the fingerprint, the full settings (matrix extents joined with an earlier run's) and the environment."""
+    """run.json: the fingerprint, the full settings (matrix extents joined with an earlier run's) and the
+    environment."""
     settings = {**asdict(spec), "base_epochs_resolved": spec.base_epoch_count}
-    current = {"fingerprint": spec.fingerprint(), "spec": settings, "env": environment(spec), "shards": [f"{shard_of[0]}/{shard_of[1]}"]}
+    current = {
+        "fingerprint": spec.fingerprint(),
+        "spec": settings,
+        "env": environment(spec),
+        "shards": [f"{shard_of[0]}/{shard_of[1]}"],
+    }
     return store.joined([previous, current]) if previous else current
 
 
@@ -34,7 +40,7 @@ def render_all(directory: Path, manifest: dict[str, Any], rows: list[dict[str, A
 
 
 def plan(spec: MatrixSpec, data: ImageDataset, shard_of: tuple[int, int] = (0, 1)) -> list[Cell]:
-    return shard(expand(spec, data.input_shape, data.num_classes), *shard_of)
+    return shard(expand(spec, data), *shard_of)
 
 
 def run_matrix(
@@ -47,17 +53,22 @@ def run_matrix(
     keep_snapshots: bool = False,
     data_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every cell of this shard not already finished in `out`; a failing cell is recorded with its error and the matrix goes on."""
+    """Every cell of this shard not already finished in `out`; a failing cell is recorded with its error and the
+    matrix goes on."""
     check_names(spec)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a directory for the results")
     if base_root.exists() and not base_root.is_dir():
         raise UsageError(f"--base_dir {base_root} is a file; give a directory for the cached base models")
     with store.exclusive(out):
-        return _run_locked(spec, out, base_root, shard_of, data or load_dataset(spec.data_type, **(data_options or {})), keep_snapshots)
+        return _run_locked(
+            spec, out, base_root, shard_of, data or load_dataset(spec.data_type, **(data_options or {})), keep_snapshots
+        )
 
 
-def _run_locked(spec: MatrixSpec, out: Path, base_root: Path, shard_of: tuple[int, int], data: ImageDataset, keep_snapshots: bool) -> list[dict[str, Any]]:
+def _run_locked(
+    spec: MatrixSpec, out: Path, base_root: Path, shard_of: tuple[int, int], data: ImageDataset, keep_snapshots: bool
+) -> list[dict[str, Any]]:
     """run_matrix's body, while this process holds `out`."""
     cells = plan(spec, data, shard_of)  # refuses impossible requests before anything is trained or written
     previous = store.check_compatible(out, spec.fingerprint())
@@ -65,7 +76,9 @@ def _run_locked(spec: MatrixSpec, out: Path, base_root: Path, shard_of: tuple[in
     try:
         base_root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UsageError(f"--base_dir {base_root} cannot be created ({error.strerror}); choose a writable directory") from None
+        raise UsageError(
+            f"--base_dir {base_root} cannot be created ({error.strerror}); choose a writable directory"
+        ) from None
     store.write_manifest(out, manifest)
     finished = {row["cell"] for row in store.read_rows(out) if is_finished(row, spec)}
     todo = [cell for cell in cells if cell.key not in finished]
@@ -84,7 +97,10 @@ def _run_locked(spec: MatrixSpec, out: Path, base_root: Path, shard_of: tuple[in
         try:  # reports of what finished; a failure here must not hide the interrupt
             render_all(out, manifest, store.read_rows(out))
         except Exception as error:
-            tqdm.write(f"reports not rendered ({type(error).__name__}: {error}); run: python -m bench report {out}", file=sys.stderr)
+            tqdm.write(
+                f"reports not rendered ({type(error).__name__}: {error}); run: python -m bench report {out}",
+                file=sys.stderr,
+            )
         raise
     bar.close()
     render_all(out, manifest, store.read_rows(out))

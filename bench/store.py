@@ -20,7 +20,13 @@ from pipeline.atomic import write_json, write_text
 from pipeline.errors import UsageError
 
 MANIFEST = "run.json"
-EXTENTS = ("models", "backends", "methods", "percents", "seeds")  # a matrix's extent: may differ between runs that share a table
+EXTENTS = (
+    "models",
+    "backends",
+    "methods",
+    "percents",
+    "seeds",
+)  # a matrix's extent: may differ between runs that share a table
 RESULTS = "results.jsonl"
 LOCK = ".lock"
 
@@ -51,8 +57,11 @@ def _held(path: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise UsageError(f"{path.parent} is in use by another python -m bench run (pid {holder}); wait for it to finish, or give this run "
-                             "its own --out (shards: one directory each, then python -m bench merge)") from None  # fmt: skip
+            raise UsageError(
+                f"{path.parent} is in use by another python -m bench run (pid {holder}); wait for it to finish, or "
+                "give this run "
+                "its own --out (shards: one directory each, then python -m bench merge)"
+            ) from None
         except OSError:  # a file system without flock (some network mounts): go on unlocked, as before
             pass
         handle.truncate(0)
@@ -70,7 +79,10 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     except (ValueError, OSError):
         manifest = None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint", {}), dict):
-        raise UsageError(f"{path} is not the JSON object python -m bench writes (corrupt or edited by hand); move it away or use another --out")
+        raise UsageError(
+            f"{path} is not the JSON object python -m bench writes (corrupt or edited by hand); move it away or use "
+            "another --out"
+        )
     return manifest
 
 
@@ -84,7 +96,9 @@ FINGERPRINT_DEFAULTS = {"device": "cpu", "other_layouts": True}
 
 def incompatibility(expected: dict[str, Any], found: dict[str, Any]) -> str | None:
     """The first setting two runs disagree on, in words; None when their rows may share a table."""
-    if ("latency_layout" in expected) != ("latency_layout" in found):  # no setting of this version reproduces such a run
+    if ("latency_layout" in expected) != (
+        "latency_layout" in found
+    ):  # no setting of this version reproduces such a run
         return "one of them was made before latency was timed in channels_last: its latency figures are NCHW only"
     expected, found = {**FINGERPRINT_DEFAULTS, **expected}, {**FINGERPRINT_DEFAULTS, **found}
     for key in sorted(set(expected) | set(found)):
@@ -102,7 +116,9 @@ def check_compatible(directory: Path, fingerprint: dict[str, Any]) -> dict[str, 
         return None
     difference = incompatibility(fingerprint, existing.get("fingerprint", {}))
     if difference:
-        raise UsageError(f"{directory} holds results of an incompatible run ({difference}); use another --out or the same settings")
+        raise UsageError(
+            f"{directory} holds results of an incompatible run ({difference}); use another --out or the same settings"
+        )
     return existing
 
 
@@ -122,7 +138,9 @@ def read_rows(directory: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 row = None
             if not isinstance(row, dict) or not isinstance(row.get("cell"), str):
-                raise UsageError(f"{path} line {number} is not a row python -m bench writes; the file was edited or corrupted") from None
+                raise UsageError(
+                    f"{path} line {number} is not a row python -m bench writes; the file was edited or corrupted"
+                ) from None
             by_cell.pop(row["cell"], None)
             by_cell[row["cell"]] = row
     return list(by_cell.values())
@@ -133,7 +151,8 @@ def write_rows(directory: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def record(directory: Path, row: dict[str, Any]) -> None:
-    """Append one finished cell as one line, under a lock on the file; a retried cell's new row supersedes the old on reading."""
+    """Append one finished cell as one line, under a lock on the file; a retried cell's new row supersedes the old on
+    reading."""
     line = (json.dumps(row) + "\n").encode()
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory / RESULTS, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -157,7 +176,9 @@ def merge(directories: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]
         if manifest is None:
             raise UsageError(f"{directory} is not a python -m bench results directory (no {MANIFEST})")
         if not isinstance(manifest.get("fingerprint"), dict) or not isinstance(manifest.get("spec"), dict):
-            raise UsageError(f"{directory / MANIFEST} lacks the fingerprint or spec python -m bench writes; it cannot be merged")
+            raise UsageError(
+                f"{directory / MANIFEST} lacks the fingerprint or spec python -m bench writes; it cannot be merged"
+            )
         manifests.append(manifest)
     first = manifests[0]
     for directory, manifest in zip(directories[1:], manifests[1:], strict=True):
@@ -170,15 +191,24 @@ def merge(directories: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]
             kept = by_cell.get(row["cell"])
             if kept is None or (kept.get("status") != "ok" and row.get("status") == "ok"):
                 by_cell[row["cell"]] = row
-    merged = {**joined(manifests), "merged_from": [str(d) for d in directories], "missing_shards": missing_shards(manifests)}
+    merged = {
+        **joined(manifests),
+        "merged_from": [str(d) for d in directories],
+        "missing_shards": missing_shards(manifests),
+    }
     return merged, list(by_cell.values())
 
 
 def joined(manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    """One manifest for several runs of one matrix: the last one's settings and environment, their extents and shards unioned."""
+    """One manifest for several runs of one matrix: the last one's settings and environment, their extents and shards
+    unioned."""
     last = manifests[-1]
     extents = {e: list(dict.fromkeys(v for m in manifests for v in m["spec"].get(e, []))) for e in EXTENTS}
-    return {**last, "spec": {**last["spec"], **extents}, "shards": sorted({s for m in manifests for s in m.get("shards", [])})}
+    return {
+        **last,
+        "spec": {**last["spec"], **extents},
+        "shards": sorted({s for m in manifests for s in m.get("shards", [])}),
+    }
 
 
 def missing_shards(manifests: list[dict[str, Any]]) -> list[str]:

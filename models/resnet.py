@@ -34,7 +34,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> None:
+    def __init__(
+        self, input_shape: tuple[int, int, int], num_classes: int, blocks: tuple[int, ...] = (2, 2, 2, 2)
+    ) -> None:
         super().__init__()
         channels, _, _ = check_input_shape("resnet", input_shape, MIN_SIZE)
         self.in_planes = 64

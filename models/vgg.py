@@ -12,11 +12,32 @@ from torch import nn
 from .common import check_input_shape
 
 MIN_SIZE = 16
-VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_CFG: tuple[int | str, ...] = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
 
 
 class VGG(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, cfg: tuple[int | str, ...] = VGG16_CFG) -> None:
+    def __init__(
+        self, input_shape: tuple[int, int, int], num_classes: int, cfg: tuple[int | str, ...] = VGG16_CFG
+    ) -> None:
         super().__init__()
         channels, _, _ = check_input_shape("vgg", input_shape, MIN_SIZE)
         layers: list[nn.Module] = []
@@ -24,7 +45,11 @@ class VGG(nn.Module):
             if item == "M":
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             else:
-                layers += [nn.Conv2d(channels, int(item), 3, padding=1), nn.BatchNorm2d(int(item)), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(channels, int(item), 3, padding=1),
+                    nn.BatchNorm2d(int(item)),
+                    nn.ReLU(inplace=True),
+                ]
                 channels = int(item)
         layers.append(nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*layers)

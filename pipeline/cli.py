@@ -9,8 +9,7 @@ import sys
 from collections.abc import Callable
 
 from algorithms.errors import PruningError
-
-from .errors import UsageError
+from pipeline.errors import UsageError
 
 
 def check_positive(flag: str, value: float) -> None:
@@ -34,7 +33,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def guarded(action: Callable[[], int], interrupted: str, quiet: Callable[[], bool] = lambda: False) -> int:
-    """Run a CLI's body: bad input is one stderr line and exit 2, Ctrl-C a one-line note and exit 130; never a traceback for either.
+    """Run a CLI's body: bad input is one stderr line and exit 2, Ctrl-C a one-line note and exit 130; never a traceback
+    for either.
 
     `quiet()`, asked when something goes wrong: keep the exit status, drop the line (the processes of a torchrun job
     other than rank 0, once they have joined it: rank 0 says it once).
@@ -49,7 +49,9 @@ def guarded(action: Callable[[], int], interrupted: str, quiet: Callable[[], boo
     except (UsageError, PruningError) as error:
         say(f"error: {error}")
         return 2
-    except OSError as error:  # a path that cannot be read or written (permissions, a file where a folder should be, a full disk)
+    except (
+        OSError
+    ) as error:  # a path that cannot be read or written (permissions, a file where a folder should be, a full disk)
         if isinstance(error, BrokenPipeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0

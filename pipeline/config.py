@@ -26,7 +26,9 @@ class JobConfig:
     distill: bool = False  # step 3 learns from the base model's logits too
     kd_alpha: float = 0.9
     kd_temperature: float = 4.0
-    kd_features: str | None = None  # None: logits only; "auto" or comma-separated layer names: also match those layers' outputs
+    kd_features: str | None = (
+        None  # None: logits only; "auto" or comma-separated layer names: also match those layers' outputs
+    )
     kd_feature_weight: float = 1.0
     quantize: str = "ptq"  # step 4: "ptq" (calibrate and convert) or "qat" (fake-quantised fine-tuning, then convert)
     calib_batches: int = 8
@@ -50,7 +52,9 @@ class JobConfig:
     log_dir: str = "log"
     result_dir: str = "output/results"
     echo_epochs: bool = True  # print each epoch line on the terminal too
-    asked: frozenset[str] = frozenset()  # fields the user set explicitly (run.py): checked against the snapshots this run builds on
+    asked: frozenset[str] = (
+        frozenset()
+    )  # fields the user set explicitly (run.py): checked against the snapshots this run builds on
 
     @property
     def save_root(self) -> Path:

@@ -20,20 +20,17 @@ import torch
 from torch import nn
 
 from algorithms.masks import apply_masks
-from backends import get_backend
-from backends.nni_backend import import_nni
+from backends import JobContext, get_backend
 from backends.nni_quantize import QUANTIZERS as NNI_QUANTIZERS
 from backends.nni_quantize import RETRAINS as NNI_RETRAINS
+from backends.nni_quantize import check_available as check_nni_quantizers
 from backends.nni_quantize import fake_quantize
 from models import build_model
-
-from . import lineage, quantize
-from .config import STAGES, JobConfig
-from .data import ImageDataset
-from .distill import Distillation, FeatureDistillation, feature_layers
-from .distributed import barrier, broadcast_parameters
-from .errors import ProcessError, UsageError
-from .metrics import (
+from pipeline import lineage
+from pipeline.config import STAGES, JobConfig
+from pipeline.data.images import ImageDataset
+from pipeline.deploy import quantize
+from pipeline.deploy.metrics import (
     DEPLOYED_LAYOUT,
     LATENCY_BATCHES,
     LAYOUT_NAMES,
@@ -45,10 +42,13 @@ from .metrics import (
     latency_by_layout,
     model_size_mb,
 )
-from .reporting import epoch_log, results_payload, write_results
-from .runtime import CPU, Runtime, float32_name
-from .snapshots import META_FILE, WEIGHTS_FILE, load_model, save_snapshot
-from .training import EvalResult, LossFunction, cross_entropy, evaluate, make_optimizer, train
+from pipeline.errors import ProcessError, UsageError
+from pipeline.reporting import epoch_log, results_payload, write_results
+from pipeline.snapshots import META_FILE, WEIGHTS_FILE, load_model, save_snapshot
+from pipeline.train.distill import Distillation, FeatureDistillation, feature_layers
+from pipeline.train.distributed import barrier, broadcast_parameters
+from pipeline.train.loop import EvalResult, LossFunction, cross_entropy, evaluate, make_optimizer, train
+from pipeline.train.runtime import CPU, Runtime, float32_name
 
 STEP_NAMES = {"1": "base", "2": "prune", "3": "refine", "4": "quantize"}
 LATENCY_RUNS = 20
@@ -65,22 +65,49 @@ def check_request(config: JobConfig, data: ImageDataset, steps: str = "123") -> 
         raise UsageError(f"{error} (dataset {config.data_type} has {data.input_shape} images)") from None
     if "1" in steps and "2" not in steps and ("3" in steps or "4" in steps):
         later = "refine" if "3" in steps else "quantize"
-        raise UsageError(f"--step {steps} would {later} an older pruned model, not one pruned from the base this run trains; add 2 (--step 12...)")
+        raise UsageError(
+            f"--step {steps} would {later} an older pruned model, not one pruned from the base this run trains; add "
+            "2 (--step 12...)"
+        )
     check_threshold(config.threshold)
     check_compression(config, steps)
     if config.distill and config.kd_features:
         feature_layers(probe, config.kd_features)  # names checked before any training
     if "2" in steps:
         backend = get_backend(config.backend)
-        extra = {"round_to": config.round_to, "exclude": config.exclude} if config.backend == "tp" else {"round_to": config.round_to}
-        backend.validate(probe, config.method or backend.default_method(probe), config.percent, config.scope, **extra)
+        method = config.method or backend.default_method(probe)
+        backend.validate(
+            probe, method, config.percent, config.scope, exclude=config.exclude, context=prune_context(config, data)
+        )
+        if "4" in steps and config.quantize in RETRAINING_QUANTIZERS and not backend.physical(method):
+            raise UsageError(
+                f"--quantize {config.quantize} would retrain the zeroed weights of {method} (masked, not smaller); "
+                "use --quantize "
+                "ptq"
+            )
+
+
+def prune_context(config: JobConfig, data: ImageDataset) -> JobContext:
+    """What this job offers the backend: its training data (seeded shuffles) and the settings a backend may read."""
+    generator = torch.Generator().manual_seed(config.seed)
+    return JobContext(
+        train_batches=lambda: data.batches("train", config.batch_size, generator),
+        training_steps=config.prune_steps,
+        learning_rate=config.learning_rate,
+        round_to=config.round_to,
+        threshold=config.threshold,
+        schedule_over=config.schedule_over,
+        verbose=config.verbose,
+    )
 
 
 def check_threshold(threshold: float) -> None:
-    """conv_threshold counts |w| above the threshold: a value that is not a non-negative number decides nothing (one that
-    ties every filter's score is refused when the weights are known, by the backend)."""
+    """conv_threshold counts |w| above the threshold: a value that is not a non-negative number decides nothing (one
+    that ties every filter's score is refused when the weights are known, by the backend)."""
     if not math.isfinite(threshold) or threshold < 0:
-        raise UsageError(f"--threshold must be a non-negative number (a weight magnitude such as 0.06), got {threshold}")
+        raise UsageError(
+            f"--threshold must be a non-negative number (a weight magnitude such as 0.06), got {threshold}"
+        )
 
 
 def check_compression(config: JobConfig, steps: str) -> None:
@@ -88,7 +115,9 @@ def check_compression(config: JobConfig, steps: str) -> None:
     if config.distill and "3" not in steps:
         raise UsageError("--distill applies to step 3 (refine); add 3 to --step")
     if not 0.0 <= config.kd_alpha <= 1.0:
-        raise UsageError(f"--kd_alpha must be in [0, 1] (the weight of the teacher's soft targets), got {config.kd_alpha}")
+        raise UsageError(
+            f"--kd_alpha must be in [0, 1] (the weight of the teacher's soft targets), got {config.kd_alpha}"
+        )
     if not (math.isfinite(config.kd_temperature) and config.kd_temperature > 0):
         raise UsageError(f"--kd_temperature must be positive, got {config.kd_temperature}")
     if config.kd_features and not config.distill:
@@ -100,15 +129,19 @@ def check_compression(config: JobConfig, steps: str) -> None:
     if "4" not in steps:
         return
     if config.quantize in NNI_QUANTIZERS:
-        import_nni()  # a missing NNI is found now, not after three steps of training
-    if "2" in steps and config.quantize in RETRAINING_QUANTIZERS and config.backend == "nni" and config.method == "level":
-        raise UsageError(f"--quantize {config.quantize} would retrain the zeroed weights of level (masked, not smaller); use --quantize ptq")
+        check_nni_quantizers()  # a missing NNI is found now, not after three steps of training
     if config.quantize in RETRAINING_QUANTIZERS and config.qat_epochs < 1:
-        raise UsageError(f"--quantize {config.quantize} needs at least one --qat_epochs of quantization-aware training, got {config.qat_epochs}")
+        raise UsageError(
+            f"--quantize {config.quantize} needs at least one --qat_epochs of quantization-aware training, got "
+            f"{config.qat_epochs}"
+        )
     if config.quantize in ("ptq", "nni-ptq") and config.calib_batches < 1:
         raise UsageError(f"--calib_batches must be at least 1, got {config.calib_batches}")
     if "2" not in steps and "3" not in steps and not any((config.load_root / STAGES[s]).is_dir() for s in ("2", "3")):
-        raise UsageError(f"step 4 needs a pruned or refined model and {config.load_root} has neither; run --step 2 (and 3) first, or pass --model_load_dir")
+        raise UsageError(
+            f"step 4 needs a pruned or refined model and {config.load_root} has neither; run --step 2 (and 3) first, "
+            "or pass --model_load_dir"
+        )
 
 
 class Job:
@@ -128,9 +161,12 @@ class Job:
         self.metas: dict[str, dict[str, Any]] = {}  # step -> the meta its snapshot was saved with
         self.results: dict[str, dict[str, Any]] = {}  # step -> the figures its results JSON holds
         self.written: dict[str, list[Path]] = {"snapshots": [], "logs": [], "results": []}
-        self.base_figures: dict[str, Any] | None = None  # a caller that already evaluated the base (the harness) sets them
+        self.base_figures: dict[str, Any] | None = (
+            None  # a caller that already evaluated the base (the harness) sets them
+        )
         self.timed = False  # figures carry batch-1 / batch-64 latency: the whole-pipeline table of a run that quantizes
-        self.steps = ""  # the steps this run makes (run()); a caller driving steps one by one (the harness) asks for nothing else
+        # the steps this run makes (run()); a caller driving steps one by one (the harness) asks for nothing else
+        self.steps = ""
         self.identities: dict[str, str] = {}  # stage -> identity of the snapshot this job saved or loaded (lineage)
         self.chain: list[dict[str, Any]] = []  # the lineage of the last snapshot this job saved, itself last
 
@@ -148,11 +184,21 @@ class Job:
         model, meta = load_model(root / stage, c.model, c.data_type)
         identity = lineage.snapshot_identity(root / stage, (WEIGHTS_FILE, META_FILE))
         lineage.check(lineage.dataset_mismatch(root / stage, meta, self.data.name, self.data.identity))
-        lineage.check(lineage.stale_ancestor(root / stage, meta, lambda ancestor: self.current_identity(root, ancestor)))
+        lineage.check(
+            lineage.stale_ancestor(root / stage, meta, lambda ancestor: self.current_identity(root, ancestor))
+        )
         asked = {key: getattr(c, key) for key in c.asked}
-        lineage.check(lineage.unmet_request(root / stage, meta, identity, asked, lambda made: lineage.STEP_OF_STAGE[made] not in self.steps))
+        lineage.check(
+            lineage.unmet_request(
+                root / stage, meta, identity, asked, lambda made: lineage.STEP_OF_STAGE[made] not in self.steps
+            )
+        )
         if "lineage" not in meta and stage != STAGES["1"] and c.echo_epochs and self.runtime.is_main:
-            print(f"note: {root / stage} records no lineage (written before prunebench recorded one); it is used unchecked", file=sys.stderr)
+            print(
+                f"note: {root / stage} records no lineage (written before prunebench recorded one); it is used "
+                "unchecked",
+                file=sys.stderr,
+            )
         self.identities[stage] = identity
         return model, meta
 
@@ -164,25 +210,46 @@ class Job:
             return lineage.snapshot_identity(root / stage, (WEIGHTS_FILE, META_FILE))
         return None
 
-    def meta(self, stage: str, settings: dict[str, Any], parent: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-        """A snapshot's meta: what rebuilds it, the dataset, this run's settings for the step, and its lineage (`parent`: the
-        meta of the snapshot it was made from, whose identity this job knows)."""
+    def meta(
+        self, stage: str, settings: dict[str, Any], parent: dict[str, Any] | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        """A snapshot's meta: what rebuilds it, the dataset, this run's settings for the step, and its lineage
+        (`parent`: the meta of the snapshot it was made from, whose identity this job knows)."""
         c, d = self.config, self.data
         ancestry = lineage.descendant_lineage(parent, self.identities[parent["stage"]]) if parent is not None else []
-        return {"model": c.model, "data_type": c.data_type, "input_shape": list(d.input_shape), "num_classes": d.num_classes,
-                "mean": list(d.mean), "std": list(d.std), "stage": stage, "seed": c.seed, "dataset": {"name": d.name, "identity": d.identity},
-                **extra, "settings": {"seed": c.seed, **settings}, "lineage": ancestry}  # fmt: skip
+        return {
+            "model": c.model,
+            "data_type": c.data_type,
+            "input_shape": list(d.input_shape),
+            "num_classes": d.num_classes,
+            "mean": list(d.mean),
+            "std": list(d.std),
+            "stage": stage,
+            "seed": c.seed,
+            "dataset": {"name": d.name, "identity": d.identity},
+            **extra,
+            "settings": {"seed": c.seed, **settings},
+            "lineage": ancestry,
+        }
 
     def training_settings(self, step: str) -> dict[str, Any]:
         c = self.config
-        return {"epochs": c.epochs(step), "batch_size": c.batch_size, "learning_rate": c.learning_rate, "optimizer": c.optimizer,
-                "limit_batches": c.limit_batches}  # fmt: skip
+        return {
+            "epochs": c.epochs(step),
+            "batch_size": c.batch_size,
+            "learning_rate": c.learning_rate,
+            "optimizer": c.optimizer,
+            "limit_batches": c.limit_batches,
+        }
 
     def figures(self, model: nn.Module, result: EvalResult, runtime: Runtime | None = None) -> dict[str, Any]:
-        """The results JSON's figures; `measured_on` says under which runtime (device, dtype, layout, processes) `result` was taken."""
+        """The results JSON's figures; `measured_on` says under which runtime (device, dtype, layout, processes)
+        `result` was taken."""
         example = self.example_on(model)
         measured_on = (runtime or self.runtime).describe()
-        payload = results_payload(result, model_size_mb(model), count_params(model), count_macs(model, example), measured_on=measured_on)
+        payload = results_payload(
+            result, model_size_mb(model), count_params(model), count_macs(model, example), measured_on=measured_on
+        )
         return payload | self.latency(model)
 
     def example_on(self, model: nn.Module) -> torch.Tensor:
@@ -191,14 +258,22 @@ class Job:
 
     def evaluate(self, model: nn.Module, runtime: Runtime | None = None) -> EvalResult:
         """Test-split figures; every process takes part unless a single-process `runtime` is given."""
-        return evaluate(model, self.data, self.config.val_batch_size, self.config.limit_val_batches, runtime or self.runtime)
+        return evaluate(
+            model, self.data, self.config.val_batch_size, self.config.limit_val_batches, runtime or self.runtime
+        )
 
     def record(self, stage: str, figures: dict[str, Any]) -> None:
         if not self.runtime.is_main:  # the table is printed by rank 0
             return
-        row = {"stage": stage, "params": figures["params"], "MACs": figures["macs"], "size MB": figures["modelSize"],
-               "top-1": figures["accuracy"], f"top-{figures['top_k']}": figures["top_k_accuracy"],
-               "samples/s": None if figures["reasoningTime"] is None else round(figures["reasoningTime"])}  # fmt: skip
+        row = {
+            "stage": stage,
+            "params": figures["params"],
+            "MACs": figures["macs"],
+            "size MB": figures["modelSize"],
+            "top-1": figures["accuracy"],
+            f"top-{figures['top_k']}": figures["top_k_accuracy"],
+            "samples/s": None if figures["reasoningTime"] is None else round(figures["reasoningTime"]),
+        }
         if "latency" in figures:
             timed = figures["latency"]
             _, other = TIMED_LAYOUTS  # the deployed layout first, then the one beside it
@@ -207,10 +282,12 @@ class Job:
         self.rows.append(row)
 
     def latency(self, model: nn.Module, dtype: str = "float32") -> dict[str, Any]:
-        """{"latency": ...} for a timed job's rank 0, else {}: batch-1 and batch-64 milliseconds on the model's device, as deployed
-        (BatchNorm folded; int8 models have it fused already), in the deployed layout and in the other, each named.
+        """{"latency": ...} for a timed job's rank 0, else {}: batch-1 and batch-64 milliseconds on the model's device,
+        as deployed (BatchNorm folded; int8 models have it fused already), in the deployed layout and in the other, each
+        named.
 
-        One thread on the CPU, as the harness times by default: more threads than a shared machine has free time oversubscription, not the model.
+        One thread on the CPU, as the harness times by default: more threads than a shared machine has free time
+        oversubscription, not the model.
         """
         if not (self.timed and self.runtime.is_main):
             return {}
@@ -218,15 +295,30 @@ class Job:
         dtype = float32_name(example.device) if dtype == "float32" else dtype
         threads = 1 if example.device.type == "cpu" else None
         runnable = deployable(model)  # a copy: timing converts its layout
-        timings = {batch: latency_by_layout(runnable, example_input=example, batch=batch, runs=LATENCY_RUNS, threads=threads) for batch in LATENCY_BATCHES}
-        by_layout = {layout: {f"b{batch}_ms": round(timings[batch][layout][0] * 1000, 3) for batch in LATENCY_BATCHES} for layout in TIMED_LAYOUTS}
-        return {"latency": {"deployed_layout": DEPLOYED_LAYOUT, "layouts": {layout: LAYOUT_NAMES[layout] for layout in TIMED_LAYOUTS},
-                            "device": str(example.device), "dtype": dtype, "threads": threads, "runs": LATENCY_RUNS,
-                            "form": "eval, inference mode, BatchNorm folded, median after warm-up", **by_layout}}  # fmt: skip
+        timings = {
+            batch: latency_by_layout(runnable, example_input=example, batch=batch, runs=LATENCY_RUNS, threads=threads)
+            for batch in LATENCY_BATCHES
+        }
+        by_layout = {
+            layout: {f"b{batch}_ms": round(timings[batch][layout][0] * 1000, 3) for batch in LATENCY_BATCHES}
+            for layout in TIMED_LAYOUTS
+        }
+        return {
+            "latency": {
+                "deployed_layout": DEPLOYED_LAYOUT,
+                "layouts": {layout: LAYOUT_NAMES[layout] for layout in TIMED_LAYOUTS},
+                "device": str(example.device),
+                "dtype": dtype,
+                "threads": threads,
+                "runs": LATENCY_RUNS,
+                "form": "eval, inference mode, BatchNorm folded, median after warm-up",
+                **by_layout,
+            }
+        }
 
     def save(self, step: str, model: nn.Module, meta: dict[str, Any], log_type: str, figures: dict[str, Any]) -> None:
-        """Rank 0 writes (snapshots hold CPU tensors whatever the device); then everyone meets, so the files are complete for all.
-        The results JSON carries the snapshot's lineage, itself last, and the seed of this run."""
+        """Rank 0 writes (snapshots hold CPU tensors whatever the device); then everyone meets, so the files are
+        complete for all. The results JSON carries the snapshot's lineage, itself last, and the seed of this run."""
         c, stage = self.config, STAGES[step]
         if self.runtime.is_main:
             directory = save_snapshot(c.save_root / stage, model, meta)
@@ -240,27 +332,56 @@ class Job:
         self.first_step_done = True  # later steps load what this one saved
 
     def wait_for(self, step: str) -> dict[str, Any]:
-        """A process other than rank 0, in a step rank 0 does alone: wait until it has saved, then take its model from disk
-        (the int8 model of step 4 is the last thing a job makes: nothing after it needs it)."""
+        """A process other than rank 0, in a step rank 0 does alone: wait until it has saved, then take its model from
+        disk (the int8 model of step 4 is the last thing a job makes: nothing after it needs it)."""
         barrier(self.runtime)
         self.first_step_done = True
         if step != "4":
             try:
                 self.models[step], self.metas[step] = self.load(STAGES[step])
             except UsageError as error:
-                raise ProcessError(f"process {self.runtime.rank} cannot read the snapshot rank 0 wrote ({error}); on several machines, "
-                                   "--model_save_dir must be on a filesystem all of them share") from None  # fmt: skip
+                raise ProcessError(
+                    f"process {self.runtime.rank} cannot read the snapshot rank 0 wrote ({error}); on several "
+                    "machines, "
+                    "--model_save_dir must be on a filesystem all of them share"
+                ) from None
         return {}
 
-    def fit(self, model: nn.Module, step: str, log_type: str, after_step: Callable[[nn.Module], None] | None = None,
-            loss_fn: LossFunction = cross_entropy, epochs: int | None = None, runtime: Runtime | None = None) -> EvalResult:  # fmt: skip
+    def fit(
+        self,
+        model: nn.Module,
+        step: str,
+        log_type: str,
+        after_step: Callable[[nn.Module], None] | None = None,
+        loss_fn: LossFunction = cross_entropy,
+        epochs: int | None = None,
+        runtime: Runtime | None = None,
+    ) -> EvalResult:
         c, runtime = self.config, runtime or self.runtime
         epochs = c.epochs(step) if epochs is None else epochs
         prefix = f"step {step} {STEP_NAMES[step]}:" if c.echo_epochs else None
-        with epoch_log(c.log_dir, c.model, c.data_type, log_type, prefix) if runtime.is_main else contextlib.nullcontext() as log:
-            history = train(model, self.data, epochs=epochs, batch_size=c.batch_size, val_batch_size=c.val_batch_size, lr=c.learning_rate,
-                            optimizer_name=c.optimizer, seed=c.seed, limit_batches=c.limit_batches, limit_val_batches=c.limit_val_batches,
-                            desc=STEP_NAMES[step], on_epoch=log, after_step=after_step, loss_fn=loss_fn, runtime=runtime)  # fmt: skip
+        with (
+            epoch_log(c.log_dir, c.model, c.data_type, log_type, prefix)
+            if runtime.is_main
+            else contextlib.nullcontext() as log
+        ):
+            history = train(
+                model,
+                self.data,
+                epochs=epochs,
+                batch_size=c.batch_size,
+                val_batch_size=c.val_batch_size,
+                lr=c.learning_rate,
+                optimizer_name=c.optimizer,
+                seed=c.seed,
+                limit_batches=c.limit_batches,
+                limit_val_batches=c.limit_val_batches,
+                desc=STEP_NAMES[step],
+                on_epoch=log,
+                after_step=after_step,
+                loss_fn=loss_fn,
+                runtime=runtime,
+            )
         if log is not None:
             self.written["logs"].append(log.path)
         return history[-1] if history else self.evaluate(model, runtime)
@@ -270,38 +391,23 @@ class Job:
         torch.manual_seed(c.seed)  # every process builds the same initial weights
         model = self.runtime.place(build_model(c.model, self.data.input_shape, self.data.num_classes))
         figures = self.figures(model, self.fit(model, "1", "base_model"))
-        self.save("1", model, self.meta(STAGES["1"], self.training_settings("1"), epochs=c.epochs("1")), "base_model", figures)
+        self.save(
+            "1", model, self.meta(STAGES["1"], self.training_settings("1"), epochs=c.epochs("1")), "base_model", figures
+        )
         self.record("1 base", figures)
         stale = [STAGES[s] for s in "234" if s not in self.steps and (c.save_root / STAGES[s]).is_dir()]
         if stale and self.runtime.is_main and c.echo_epochs and self.steps:
-            print(f"note: {', '.join(stale)} in {c.save_root} were made from the previous base; later steps refuse them until --step 2 "
-                  "runs again", file=sys.stderr)  # fmt: skip
+            print(
+                f"note: {', '.join(stale)} in {c.save_root} were made from the previous base; later steps refuse "
+                "them until --step 2 "
+                "runs again",
+                file=sys.stderr,
+            )
         return figures
 
-    def backend_options(self) -> dict[str, Any]:
-        """What each backend needs beyond the common contract; the job's data feeds NNI's data-driven methods."""
-        c = self.config
-        if c.backend == "scratch":
-            return {"threshold": c.threshold, "round_to": c.round_to}
-        generator = torch.Generator().manual_seed(c.seed)
-        if c.backend == "tp":
-            return {
-                "train_batches": lambda: self.data.batches("train", c.batch_size, generator),
-                "training_steps": c.prune_steps,
-                "learning_rate": c.learning_rate,
-                "round_to": c.round_to,
-            }
-        return {
-            "train_batches": lambda: self.data.batches("train", c.batch_size, generator),
-            "training_steps": c.prune_steps,
-            "learning_rate": c.learning_rate,
-            "schedule_over": c.schedule_over,
-            "verbose": c.verbose,
-            "round_to": c.round_to,
-        }
-
     def step_prune(self) -> dict[str, Any]:
-        """Pruning runs on rank 0, on the CPU (a one-off graph rewrite); the models it evaluates go to the job's device."""
+        """Pruning runs on rank 0, on the CPU (a one-off graph rewrite); the models it evaluates go to the job's
+        device."""
         if not self.runtime.is_main:
             return self.wait_for("2")
         c, device = self.config, self.runtime.place
@@ -310,45 +416,89 @@ class Job:
         backend = get_backend(c.backend)
         method = c.method or backend.default_method(base)
         started = time.perf_counter()
-        result = backend.prune(base.eval(), method, c.percent, self.data.example_input(8), scope=c.scope, exclude=list(c.exclude), seed=c.seed,
-                               **self.backend_options())  # fmt: skip
+        result = backend.prune(
+            base.eval(),
+            method,
+            c.percent,
+            self.data.example_input(8),
+            scope=c.scope,
+            exclude=list(c.exclude),
+            seed=c.seed,
+            **backend.options(prune_context(c, self.data)),
+        )
         seconds = time.perf_counter() - started
         blocked = result.info.get("why_unprunable", {})
         if blocked and c.echo_epochs:
-            print(f"note: {len(blocked)} layer group(s) left unpruned: " + "; ".join(f"{k}: {v}" for k, v in blocked.items()), file=sys.stderr)
+            print(
+                f"note: {len(blocked)} layer group(s) left unpruned: "
+                + "; ".join(f"{k}: {v}" for k, v in blocked.items()),
+                file=sys.stderr,
+            )
         if not result.physical and c.echo_epochs:
-            print(f"note: {method} is unstructured; the model is masked, not smaller: its size, MACs and latency are the dense model's", file=sys.stderr)
-        # data-driven NNI methods train while pruning: their masked model is their trained copy, masked (built while base is on the CPU, as the masks are)
+            print(
+                f"note: {method} is unstructured; the model is masked, not smaller: its size, MACs and latency are "
+                "the dense model's",
+                file=sys.stderr,
+            )
+        # data-driven NNI methods train while pruning: their masked model is their trained copy, masked (built while
+        # base is on the CPU, as the masks are)
         trained_copy = result.info.get("masked_model")
         masked_model = device(trained_copy if trained_copy is not None else apply_masks(base, result.masks))
         pruned = device(result.model)
         # the base's figures: the harness's, or this job's step 1 (already evaluated and timed), or measured now
-        base_figures = self.base_figures or self.results.get("1") or self.figures(device(base), self.evaluate(base, self.alone), self.alone)
+        base_figures = (
+            self.base_figures
+            or self.results.get("1")
+            or self.figures(device(base), self.evaluate(base, self.alone), self.alone)
+        )
         masked = self.evaluate(masked_model, self.alone)
         figures = self.figures(pruned, self.evaluate(pruned, self.alone), self.alone)
-        info = {"backend": c.backend, "method": method, "percent": c.percent, "scope": result.scope, "exclude": list(c.exclude), "kept": result.kept,
-                "physical": result.physical}  # fmt: skip
-        settings = {key: info[key] for key in ("backend", "method", "percent", "scope", "exclude")} | {"round_to": c.round_to}
+        info = {
+            "backend": c.backend,
+            "method": method,
+            "percent": c.percent,
+            "scope": result.scope,
+            "exclude": list(c.exclude),
+            "kept": result.kept,
+            "physical": result.physical,
+        }
+        settings = {key: info[key] for key in ("backend", "method", "percent", "scope", "exclude")} | {
+            "round_to": c.round_to
+        }
         if "threshold" in result.info:  # the backend's criterion used it: it decided which channels go
             settings["threshold"] = result.info["threshold"]
         if result.info.get("train_steps"):
             settings["prune_steps"] = c.prune_steps
         removed_nothing = result.physical and all(row["after"] == row["before"] for row in result.kept_table())
-        payload = {**figures, **info, "prune_seconds": round(seconds, 4), "prune_train_steps": result.info.get("train_steps", 0),
-                   "masked_accuracy": round(masked.top1, 6),
-                   "masked_top_k_accuracy": round(masked.top_k, 6), "base": base_figures, "layers": result.kept_table(), "why_unprunable": blocked,
-                   "settings": settings, "removed_nothing": removed_nothing}  # fmt: skip
+        payload = {
+            **figures,
+            **info,
+            "prune_seconds": round(seconds, 4),
+            "prune_train_steps": result.info.get("train_steps", 0),
+            "masked_accuracy": round(masked.top1, 6),
+            "masked_top_k_accuracy": round(masked.top_k, 6),
+            "base": base_figures,
+            "layers": result.kept_table(),
+            "why_unprunable": blocked,
+            "settings": settings,
+            "removed_nothing": removed_nothing,
+        }
         self.save("2", pruned, self.meta(STAGES["2"], settings, base_meta, **info), "pruning", payload)
         if c.echo_epochs:
-            print(f"pruned with {c.backend}/{method} ({result.scope} scope) in {seconds:.3f} s; "
-                  f"masked model top-1 {masked.top1:.4f}, physically pruned top-1 {figures['accuracy']:.4f}", file=sys.stderr)  # fmt: skip
+            print(
+                f"pruned with {c.backend}/{method} ({result.scope} scope) in {seconds:.3f} s; "
+                f"masked model top-1 {masked.top1:.4f}, physically pruned top-1 {figures['accuracy']:.4f}",
+                file=sys.stderr,
+            )
         if removed_nothing and c.echo_epochs:
             why = f" (round_to {c.round_to} rounds every layer back up to its full width)" if c.round_to else ""
             print(f"note: the prune removed no channel{why}; the pruned model is the base model", file=sys.stderr)
         if not self.rows:
             self.record("  base (loaded)", base_figures)
         threshold = f", threshold {settings['threshold']:g}" if "threshold" in settings else ""
-        self.record(f"2 pruned ({method} {c.percent:g}{threshold}{': removed nothing' if removed_nothing else ''})", figures)
+        self.record(
+            f"2 pruned ({method} {c.percent:g}{threshold}{': removed nothing' if removed_nothing else ''})", figures
+        )
         return payload
 
     def step_refine(self) -> dict[str, Any]:
@@ -364,24 +514,45 @@ class Job:
         if teacher is not None and c.kd_features:
             layers = feature_layers(model, c.kd_features)
             torch.manual_seed(c.seed)  # the projections start the same whatever ran before in this process
-            features = FeatureDistillation.build(teacher, model, layers, self.example.to(self.runtime.device), c.kd_alpha, c.kd_temperature,
-                                                 c.kd_feature_weight)  # fmt: skip
+            features = FeatureDistillation.build(
+                teacher,
+                model,
+                layers,
+                self.example.to(self.runtime.device),
+                c.kd_alpha,
+                c.kd_temperature,
+                c.kd_feature_weight,
+            )
             if self.runtime.distributed:
                 broadcast_parameters(list(features.parameters()), self.runtime)
             loss = features
             distilled["distill"] |= {"features": layers, "feature_weight": c.kd_feature_weight}
-        result = self.fit(model, "3", "prune_model", after_step=None if meta.get("physical", True) else keep_zeros(model), loss_fn=loss)
+        result = self.fit(
+            model,
+            "3",
+            "prune_model",
+            after_step=None if meta.get("physical", True) else keep_zeros(model),
+            loss_fn=loss,
+        )
         figures = self.figures(model, result)
         settings = {**self.training_settings("3"), "distill": c.distill}
         if c.distill:
-            settings |= {"kd_alpha": c.kd_alpha, "kd_temperature": c.kd_temperature, "kd_features": c.kd_features, "kd_feature_weight": c.kd_feature_weight}
+            settings |= {
+                "kd_alpha": c.kd_alpha,
+                "kd_temperature": c.kd_temperature,
+                "kd_features": c.kd_features,
+                "kd_feature_weight": c.kd_feature_weight,
+            }
         refined_meta = {**meta, **self.meta(STAGES["3"], settings, meta, refine_epochs=c.epochs("3"), **distilled)}
         self.save("3", model, refined_meta, "prune_model", {**figures, **distilled})
-        self.record("3 refined" + (" (KD + features)" if c.distill and c.kd_features else " (KD)" if c.distill else ""), figures)
+        self.record(
+            "3 refined" + (" (KD + features)" if c.distill and c.kd_features else " (KD)" if c.distill else ""), figures
+        )
         return figures
 
     def base_model(self) -> nn.Module:
-        """Step 1's model: the one this job trained or pruned from (the harness keeps it outside save_root), else its snapshot."""
+        """Step 1's model: the one this job trained or pruned from (the harness keeps it outside save_root), else its
+        snapshot."""
         return self.runtime.place(self.models["1"] if "1" in self.models else self.load(STAGES["1"])[0])
 
     def quantization_source(self) -> tuple[str, nn.Module, dict[str, Any]]:
@@ -394,7 +565,10 @@ class Job:
             if (root / STAGES[step]).is_dir():
                 model, meta = self.load(STAGES[step])
                 return step, model, meta
-        raise UsageError(f"step 4 needs a pruned or refined model and {root} has neither; run --step 2 (and 3) first, or pass --model_load_dir")
+        raise UsageError(
+            f"step 4 needs a pruned or refined model and {root} has neither; run --step 2 (and 3) first, or pass "
+            "--model_load_dir"
+        )
 
     def step_quantize(self) -> dict[str, Any]:
         """int8 kernels run on the CPU: rank 0 quantizes a CPU copy, in one process."""
@@ -405,7 +579,11 @@ class Job:
         model = copy.deepcopy(model).cpu()
         on_cpu = replace(self.alone, device=torch.device("cpu"), amp="off", channels_last=False)
         if c.quantize in RETRAINING_QUANTIZERS and not meta.get("physical", True):
-            raise UsageError(f"--quantize {c.quantize} would retrain the zeroed weights of {meta.get('method')} (masked, not smaller); use --quantize ptq")
+            raise UsageError(
+                f"--quantize {c.quantize} would retrain the zeroed weights of {meta.get('method')} (masked, not "
+                "smaller); use "
+                "--quantize ptq"
+            )
         if c.quantize in NNI_QUANTIZERS:
             return self.step_simulate_int8(step, model, meta, on_cpu)
         example = self.data.example_input(1)
@@ -418,35 +596,77 @@ class Job:
             self.fit(prepared, "4", "quant_model", epochs=c.qat_epochs, runtime=on_cpu)
             quantized = quantize.convert(prepared, example)
         result = self.evaluate(quantized, on_cpu)
-        figures = results_payload(result, model_size_mb(quantized), count_params(model), count_macs(model, example), measured_on=on_cpu.describe(),
-                                  quantize=c.quantize, quantized_from=STAGES[step], float_size_mb=round(model_size_mb(model), 4))  # fmt: skip
+        figures = results_payload(
+            result,
+            model_size_mb(quantized),
+            count_params(model),
+            count_macs(model, example),
+            measured_on=on_cpu.describe(),
+            quantize=c.quantize,
+            quantized_from=STAGES[step],
+            float_size_mb=round(model_size_mb(model), 4),
+        )
         figures |= self.latency(quantized, dtype="int8")
         extra = {"quantize": c.quantize, "quantized_from": STAGES[step], "float_shapes": quantize.float_shapes(model)}
-        self.save("4", quantized, {**meta, **self.meta(STAGES["4"], self.quantize_settings(), meta, **extra)}, "quant_model", figures)
+        self.save(
+            "4",
+            quantized,
+            {**meta, **self.meta(STAGES["4"], self.quantize_settings(), meta, **extra)},
+            "quant_model",
+            figures,
+        )
         self.record(f"4 int8 ({c.quantize})", figures)
         return figures
 
     def step_simulate_int8(self, step: str, model: nn.Module, meta: dict[str, Any], on_cpu: Runtime) -> dict[str, Any]:
-        """Step 4 through NNI's quantizers: simulated int8, so the row has accuracy only; the snapshot keeps float weights + NNI's calibration."""
+        """Step 4 through NNI's quantizers: simulated int8, so the row has accuracy only; the snapshot keeps float
+        weights + NNI's calibration."""
         c = self.config
         generator = torch.Generator().manual_seed(c.seed)
         limit = c.calib_batches if c.quantize == "nni-ptq" else c.limit_batches
         torch.manual_seed(c.seed)
-        with epoch_log(c.log_dir, c.model, c.data_type, "quant_model", "step 4 quantize:" if c.echo_epochs else None) as log:
+        with epoch_log(
+            c.log_dir, c.model, c.data_type, "quant_model", "step 4 quantize:" if c.echo_epochs else None
+        ) as log:
             float_model, calibration, result = fake_quantize(
-                model, c.quantize, lambda: self.data.batches("train", c.batch_size, generator, limit), epochs=c.qat_epochs,
+                model,
+                c.quantize,
+                lambda: self.data.batches("train", c.batch_size, generator, limit),
+                epochs=c.qat_epochs,
                 make_optimizer=lambda params, wrap: make_optimizer(c.optimizer, params, c.learning_rate, wrap),
-                measure=lambda simulated: self.evaluate(simulated, on_cpu), verbose=c.verbose,
-            )  # fmt: skip
+                measure=lambda simulated: self.evaluate(simulated, on_cpu),
+                verbose=c.verbose,
+            )
             log(max(c.qat_epochs - 1, 0) if c.quantize in NNI_RETRAINS else 0, result)
         self.written["logs"].append(log.path)
-        note = "NNI fake quantization: accuracy of simulated int8; no int8 kernel runs, so size and latency are not int8 figures and are left out"
-        figures = {**results_payload(result, model_size_mb(float_model), count_params(float_model), count_macs(float_model, self.example),
-                                     measured_on=on_cpu.describe()),
-                   "modelSize": None, "reasoningTime": None, "quantize": c.quantize, "quantized_from": STAGES[step],
-                   "simulated": True, "note": note}  # fmt: skip
+        note = (
+            "NNI fake quantization: accuracy of simulated int8; no int8 kernel runs, so size and latency are not "
+            "int8 figures and are "
+            "left out"
+        )
+        figures = {
+            **results_payload(
+                result,
+                model_size_mb(float_model),
+                count_params(float_model),
+                count_macs(float_model, self.example),
+                measured_on=on_cpu.describe(),
+            ),
+            "modelSize": None,
+            "reasoningTime": None,
+            "quantize": c.quantize,
+            "quantized_from": STAGES[step],
+            "simulated": True,
+            "note": note,
+        }
         extra = {"quantize": c.quantize, "simulated": True, "calibration": calibration}
-        self.save("4", float_model, {**meta, **self.meta(STAGES["4"], self.quantize_settings(), meta, **extra)}, "quant_model", figures)
+        self.save(
+            "4",
+            float_model,
+            {**meta, **self.meta(STAGES["4"], self.quantize_settings(), meta, **extra)},
+            "quant_model",
+            figures,
+        )
         self.record(f"4 simulated int8 ({c.quantize}, accuracy only)", figures)  # no int8 kernel: nothing to time
         return figures
 
@@ -460,10 +680,18 @@ class Job:
         return settings
 
     def summary_lines(self) -> list[str]:
-        """One line per kind of output: where this job wrote it; then the lineage of what it made last (one lineage a run)."""
-        lines = [f"{kind} written to: {', '.join(str(p) for p in paths)}" for kind, paths in self.written.items() if paths]
+        """One line per kind of output: where this job wrote it; then the lineage of what it made last (one lineage a
+        run)."""
+        lines = [
+            f"{kind} written to: {', '.join(str(p) for p in paths)}" for kind, paths in self.written.items() if paths
+        ]
         if self.chain:
-            lines.append("lineage: " + " -> ".join(f"{e['stage']} {e['identity'][:8]} ({lineage.describe(e['settings'])})" for e in self.chain))
+            lines.append(
+                "lineage: "
+                + " -> ".join(
+                    f"{e['stage']} {e['identity'][:8]} ({lineage.describe(e['settings'])})" for e in self.chain
+                )
+            )
         return lines
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from pipeline.errors import UsageError
 
 IDENTITY_LENGTH = 16  # hex digits of sha256: enough to tell snapshots apart, short enough to read in a table
 STEP_OF_STAGE = {"model_base": "1", "model_prune": "2", "model_refine": "3", "model_quant": "4"}
@@ -48,7 +48,9 @@ def descendant_lineage(parent_meta: dict[str, Any], parent_identity: str) -> lis
 
 def describe(settings: dict[str, Any]) -> str:
     """A few words for a stage's settings: 'scratch bn 0.5, seed 0'."""
-    what = " ".join(str(settings[k]) for k in ("backend", "method", "percent", "quantize") if settings.get(k) is not None)
+    what = " ".join(
+        str(settings[k]) for k in ("backend", "method", "percent", "quantize") if settings.get(k) is not None
+    )
     seed = f"seed {settings['seed']}" if "seed" in settings else ""
     return ", ".join(part for part in (what, seed) if part) or "settings not recorded"
 
@@ -61,12 +63,17 @@ def stale_ancestor(where: Path, meta: dict[str, Any], current: Callable[[str], s
         if now is not None and now != ancestor["identity"]:
             stage = ancestor["stage"]
             rerun = "".join(str(s) for s in range(int(STEP_OF_STAGE[stage]) + 1, int(STEP_OF_STAGE[meta["stage"]]) + 1))
-            return (f"{where} was made from an earlier {stage} ({describe(ancestor['settings'])}, {ancestor['identity'][:8]}), not the "
-                    f"{stage} there now ({now[:8]}); run --step {rerun} again so it is made from the current one")  # fmt: skip
+            return (
+                f"{where} was made from an earlier {stage} ({describe(ancestor['settings'])}, "
+                f"{ancestor['identity'][:8]}), not the "
+                f"{stage} there now ({now[:8]}); run --step {rerun} again so it is made from the current one"
+            )
     return None
 
 
-def unmet_request(where: Path, meta: dict[str, Any], identity: str, asked: dict[str, Any], skipped: Callable[[str], bool]) -> str | None:
+def unmet_request(
+    where: Path, meta: dict[str, Any], identity: str, asked: dict[str, Any], skipped: Callable[[str], bool]
+) -> str | None:
     """Why the snapshot in `where` is not what this run asked for, or None: a setting the user gave explicitly differs
     from the one recorded for a stage (the snapshot itself or an ancestor) that this run builds on without making."""
     for ancestor in [*meta.get("lineage", []), entry(meta, identity)]:
@@ -77,8 +84,11 @@ def unmet_request(where: Path, meta: dict[str, Any], identity: str, asked: dict[
         for key in ASKED_OF_STAGE.get(stage, ()):
             if key in asked and key in recorded and _plain(asked[key]) != _plain(recorded[key]):
                 step = STEP_OF_STAGE[stage]
-                return (f"this run asks for {key} {_plain(asked[key])!r} but the {stage} it builds on ({where}) was made with "
-                        f"{_plain(recorded[key])!r}; add {step} to --step to make it again, or leave that flag out")  # fmt: skip
+                return (
+                    f"this run asks for {key} {_plain(asked[key])!r} but the {stage} it builds on ({where}) was made "
+                    "with "
+                    f"{_plain(recorded[key])!r}; add {step} to --step to make it again, or leave that flag out"
+                )
     return None
 
 
@@ -93,8 +103,10 @@ def dataset_mismatch(where: Path, meta: dict[str, Any], name: str, identity: str
     recorded = meta.get("dataset", {}).get("identity")
     if recorded is None or identity is None or recorded == identity:
         return None
-    return (f"{where} was trained on another version of dataset {name!r} (its files changed since: {recorded[:8]} then, "
-            f"{identity[:8]} now); rerun step 1 on the current data (add 1 to --step)")  # fmt: skip
+    return (
+        f"{where} was trained on another version of dataset {name!r} (its files changed since: {recorded[:8]} then, "
+        f"{identity[:8]} now); rerun step 1 on the current data (add 1 to --step)"
+    )
 
 
 def check(message: str | None) -> None:

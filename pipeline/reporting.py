@@ -10,12 +10,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .atomic import staged_files, write_json
-from .training import EvalResult
+from pipeline.atomic import staged_files, write_json
+from pipeline.train.loop import EvalResult
 
 
 def epoch_line(epoch: int, result: EvalResult) -> str:
-    return f"epoch{epoch} top_1_accuracy: {result.top1:.4f}; top_k_accuracy: {result.top_k:.4f}; top_k: {result.k}; samples/s: {result.samples_per_s:.1f}"
+    return (
+        f"epoch{epoch} top_1_accuracy: {result.top1:.4f}; top_k_accuracy: {result.top_k:.4f}; top_k: {result.k}; "
+        f"samples/s: {result.samples_per_s:.1f}"
+    )
 
 
 class EpochLog:
@@ -35,7 +38,9 @@ class EpochLog:
 
 
 @contextlib.contextmanager
-def epoch_log(log_dir: str | Path, model: str, data: str, log_type: str, terminal_prefix: str | None = "") -> Iterator[EpochLog]:
+def epoch_log(
+    log_dir: str | Path, model: str, data: str, log_type: str, terminal_prefix: str | None = ""
+) -> Iterator[EpochLog]:
     """log/log_<model>_<data>_<log_type>.txt, replaced only when the step completes: an interrupted step leaves the
     previous run's log as it was."""
     path = Path(log_dir) / f"log_{model}_{data}_{log_type}.txt"

@@ -18,9 +18,8 @@ from torch import nn
 from algorithms.errors import first_line
 from algorithms.modules import resize_to_state_dict
 from models import build_model
-
-from .atomic import staged_directory
-from .errors import UsageError
+from pipeline.atomic import staged_directory
+from pipeline.errors import UsageError
 
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "meta.json"
@@ -29,7 +28,9 @@ META_FILE = "meta.json"
 def save_snapshot(directory: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     with staged_directory(directory) as staging:
         state = model.state_dict()
-        saved = OrderedDict((k, v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items())  # int8 Linears: packed tuples
+        saved = OrderedDict(
+            (k, v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()
+        )  # int8 Linears: packed tuples
         saved._metadata = getattr(state, "_metadata", None)  # module versions: int8 modules read their state by version
         torch.save(saved, staging / WEIGHTS_FILE)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -37,24 +38,32 @@ def save_snapshot(directory: str | Path, model: nn.Module, meta: dict[str, Any])
 
 
 def load_snapshot(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state_dict and meta of a snapshot, or one UsageError naming the file at fault: a truncated, corrupt or foreign
-    file is never a traceback (nor PyTorch's advice to unpickle it unsafely, which this project never takes)."""
+    """The state_dict and meta of a snapshot, or one UsageError naming the file at fault: a truncated, corrupt or
+    foreign file is never a traceback (nor PyTorch's advice to unpickle it unsafely, which this project never takes)."""
     directory = Path(directory)
     weights, meta_path = directory / WEIGHTS_FILE, directory / META_FILE
     if not weights.is_file() or not meta_path.is_file():
-        raise UsageError(f"no snapshot in {directory} (needs {WEIGHTS_FILE} and {META_FILE}); run the step that writes it first")
+        raise UsageError(
+            f"no snapshot in {directory} (needs {WEIGHTS_FILE} and {META_FILE}); run the step that writes it first"
+        )
     redo = "delete the snapshot and rerun the step that writes it"
     try:
         meta = json.loads(meta_path.read_text())
     except (ValueError, OSError) as error:
-        raise UsageError(f"{meta_path} is unreadable ({type(error).__name__}: not the JSON run.py writes); {redo}") from None
+        raise UsageError(
+            f"{meta_path} is unreadable ({type(error).__name__}: not the JSON run.py writes); {redo}"
+        ) from None
     problem = meta_problem(meta)
     if problem:
         raise UsageError(f"{meta_path} {problem}; it was not written by run.py, or was edited: {redo}")
     try:
         state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError, RuntimeError (zip), EOFError, ...: all mean "not a state_dict we wrote"
-        raise UsageError(f"{weights} is unreadable ({type(error).__name__}: truncated, corrupt or not a state_dict); {redo}") from None
+    except (
+        Exception
+    ) as error:  # UnpicklingError, RuntimeError (zip), EOFError, ...: all mean "not a state_dict we wrote"
+        raise UsageError(
+            f"{weights} is unreadable ({type(error).__name__}: truncated, corrupt or not a state_dict); {redo}"
+        ) from None
     if not isinstance(state_dict, dict) or not all(isinstance(key, str) for key in state_dict):
         raise UsageError(f"{weights} holds a {type(state_dict).__name__}, not the state_dict run.py saves; {redo}")
     return state_dict, meta
@@ -68,7 +77,11 @@ def meta_problem(meta: object) -> str | None:
         if not isinstance(meta.get(key), str):
             return f"has no {key!r} name"
     shape = meta.get("input_shape")
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
         return f"has no valid 'input_shape' (positive whole numbers, e.g. [1, 32, 32]), got {shape!r}"
     classes = meta.get("num_classes")
     if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
@@ -84,10 +97,14 @@ def rebuild_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
     except (ValueError, RuntimeError, IndexError, TypeError) as error:  # an unknown model, or a shape it cannot take
         raise UsageError(f"snapshot of {meta['model']!r} cannot be rebuilt: {first_line(error)}") from None
     try:
-        if meta.get("quantize") and not meta.get("simulated"):  # NNI's simulated int8 saved float weights (and its calibration in meta)
-            from .quantize import rebuild
+        if meta.get("quantize") and not meta.get(
+            "simulated"
+        ):  # NNI's simulated int8 saved float weights (and its calibration in meta)
+            from pipeline.deploy.quantize import rebuild
 
-            return rebuild(model, meta["float_shapes"], state_dict, meta["quantize"], torch.zeros(1, *meta["input_shape"]))
+            return rebuild(
+                model, meta["float_shapes"], state_dict, meta["quantize"], torch.zeros(1, *meta["input_shape"])
+            )
         resize_to_state_dict(model, state_dict)
         model.load_state_dict(state_dict)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
@@ -99,9 +116,14 @@ def load_model(directory: str | Path, expect_model: str, expect_data: str) -> tu
     """Load a snapshot and check it belongs to the model and dataset the user asked for."""
     state_dict, meta = load_snapshot(directory)
     if meta.get("model") != expect_model:
-        raise UsageError(f"snapshot in {directory} is of model {meta.get('model')!r}, not {expect_model!r}; pass the matching --model or --model_load_dir")
+        raise UsageError(
+            f"snapshot in {directory} is of model {meta.get('model')!r}, not {expect_model!r}; pass the matching "
+            "--model or --model_load_dir"
+        )
     if meta.get("data_type") != expect_data:
         raise UsageError(
-            f"snapshot in {directory} was trained on {meta.get('data_type')!r}, not {expect_data!r}; pass the matching --data_type or --model_load_dir"
+            f"snapshot in {directory} was trained on {meta.get('data_type')!r}, not {expect_data!r}; pass the "
+            "matching --data_type "
+            "or --model_load_dir"
         )
     return rebuild_model(state_dict, meta), meta

@@ -25,7 +25,9 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def zeroed_reference(model: nn.Module, kept: dict[str, list[int]], units: dict[str, int], norm_after: dict[str, str], x: torch.Tensor) -> torch.Tensor:
+def zeroed_reference(
+    model: nn.Module, kept: dict[str, list[int]], units: dict[str, int], norm_after: dict[str, str], x: torch.Tensor
+) -> torch.Tensor:
     """The original model with pruned channels zeroed right after their BatchNorm (or the layer itself)."""
     modules = dict(model.named_modules())
     hooks = []
@@ -62,11 +64,13 @@ def zoo(name: str) -> nn.Module:
 
 
 def consumer_zeroed_reference(model: nn.Module, kept: dict[str, list[int]], x: torch.Tensor) -> torch.Tensor:
-    """The original model with the pruned channels zeroed in the input of every layer that mixes channels (conv, Linear).
+    """The original model with the pruned channels zeroed in the input of every layer that mixes channels (conv,
+    Linear).
 
     This is what a physically pruned model computes: a removed channel takes with it everything that would have flowed
-    from it (its BatchNorm offset, an activation's f(0), a depthwise conv's bias), not only its own values. A LayerNorm over
-    pruned channels normalises over the kept channels only (what its pruned copy does); the others come out as zeros.
+    from it (its BatchNorm offset, an activation's f(0), a depthwise conv's bias), not only its own values. A LayerNorm
+    over pruned channels normalises over the kept channels only (what its pruned copy does); the others come out as
+    zeros.
     """
     from algorithms.graph import analyze
     from algorithms.surgery import layout_index
@@ -76,7 +80,11 @@ def consumer_zeroed_reference(model: nn.Module, kept: dict[str, list[int]], x: t
     modules = dict(model.named_modules())
     hooks, renormalised = [], {}
     for consumer in graph.consumers:
-        index = layout_index(consumer.layout, graph, kept_by_group) if consumer.kind in ("conv", "linear", "grouped", "layernorm") else None
+        index = (
+            layout_index(consumer.layout, graph, kept_by_group)
+            if consumer.kind in ("conv", "linear", "grouped", "layernorm")
+            else None
+        )
         if index is None:
             continue
         module = modules[consumer.module]
@@ -88,7 +96,9 @@ def consumer_zeroed_reference(model: nn.Module, kept: dict[str, list[int]], x: t
         mask[index] = 1.0
         axis = -1 if consumer.kind == "linear" else 1  # a Linear reads its last axis: (N, C) or (N, tokens, C)
 
-        def zero_inputs(_module: nn.Module, inputs: tuple[torch.Tensor, ...], mask: torch.Tensor = mask, axis: int = axis) -> tuple[torch.Tensor, ...]:
+        def zero_inputs(
+            _module: nn.Module, inputs: tuple[torch.Tensor, ...], mask: torch.Tensor = mask, axis: int = axis
+        ) -> tuple[torch.Tensor, ...]:
             return (inputs[0] * mask.view([-1 if d == axis % inputs[0].ndim else 1 for d in range(inputs[0].ndim)]),)
 
         hooks.append(module.register_forward_pre_hook(zero_inputs))
@@ -98,16 +108,25 @@ def consumer_zeroed_reference(model: nn.Module, kept: dict[str, list[int]], x: t
 
 @contextlib.contextmanager
 def _kept_channel_layer_norms(kept_by_weight: dict[int, torch.Tensor]) -> Iterator[None]:
-    """F.layer_norm with one of these weights normalises over the kept channels of its last axis only (zeros elsewhere): every
-    LayerNorm, subclass (LayerNorm2d) or direct F.layer_norm call goes through it, whatever axis its module is handed."""
+    """F.layer_norm with one of these weights normalises over the kept channels of its last axis only (zeros elsewhere):
+    every LayerNorm, subclass (LayerNorm2d) or direct F.layer_norm call goes through it, whatever axis its module is
+    handed."""
     original = nn.functional.layer_norm
 
-    def layer_norm(x: torch.Tensor, shape: list[int], weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    def layer_norm(
+        x: torch.Tensor,
+        shape: list[int],
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        eps: float = 1e-5,
+    ) -> torch.Tensor:
         index = kept_by_weight.get(id(weight))
         if index is None:
             return original(x, shape, weight, bias, eps)
         out = torch.zeros_like(x)
-        out[..., index] = original(x[..., index], (len(index),), weight[index], None if bias is None else bias[index], eps)
+        out[..., index] = original(
+            x[..., index], (len(index),), weight[index], None if bias is None else bias[index], eps
+        )
         return out
 
     nn.functional.layer_norm = layer_norm

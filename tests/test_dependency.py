@@ -70,7 +70,11 @@ def test_resnet18_has_nnis_twelve_convolution_sets_and_csv(tmp_path):
 def test_zoo_resnet_shortcuts_sit_in_their_stage_sets():
     dependency = ChannelDependency(build_model("resnet", (3, 32, 32), 10).eval(), X32)
     for stage in (2, 3, 4):
-        assert {f"layer{stage}.0.conv2", f"layer{stage}.0.shortcut.0", f"layer{stage}.1.conv2"} in dependency.dependency_sets
+        assert {
+            f"layer{stage}.0.conv2",
+            f"layer{stage}.0.shortcut.0",
+            f"layer{stage}.1.conv2",
+        } in dependency.dependency_sets
     assert dependency.set_of("linear").blocked_by == ["it reaches the model output"]
 
 
@@ -90,22 +94,38 @@ def test_concatenation_does_not_couple_but_addition_does():
 
 def masks_for(model: nn.Module, keep: dict[str, list[int]]) -> dict[str, dict[str, torch.Tensor]]:
     modules = dict(model.named_modules())
-    return {name: {k: v.contiguous() for k, v in unit_masks(modules[name], units).items()} for name, units in keep.items()}
+    return {
+        name: {k: v.contiguous() for k, v in unit_masks(modules[name], units).items()} for name, units in keep.items()
+    }
 
 
 def test_conflicting_masks_keep_a_channel_any_member_keeps_and_report_it():
     model = torchvision_model("resnet18")
-    masks = masks_for(model, {"layer2.0.conv2": list(range(0, 128, 2)), "layer2.0.downsample.0": list(range(64)),
-                              "layer2.1.conv2": list(range(0, 128, 2)), "layer1.0.conv1": list(range(16))})  # fmt: skip
+    masks = masks_for(
+        model,
+        {
+            "layer2.0.conv2": list(range(0, 128, 2)),
+            "layer2.0.downsample.0": list(range(64)),
+            "layer2.1.conv2": list(range(0, 128, 2)),
+            "layer1.0.conv1": list(range(16)),
+        },
+    )
     fix = resolve_mask_conflict(masks, model, X64)
     kept = (fix.masks["layer2.0.conv2"]["weight"].flatten(1) != 0).any(1)
     expected = torch.zeros(128, dtype=torch.bool)
     expected[0:128:2] = True
     expected[:64] = True
     assert torch.equal(kept, expected)
-    assert all(torch.equal((fix.masks[n]["weight"].flatten(1) != 0).any(1), expected) for n in ("layer2.0.downsample.0", "layer2.1.conv2"))
+    assert all(
+        torch.equal((fix.masks[n]["weight"].flatten(1) != 0).any(1), expected)
+        for n in ("layer2.0.downsample.0", "layer2.1.conv2")
+    )
     stage2 = next(s for s in fix.sets if "layer2.0.conv2" in s.layers)
-    assert stage2.asked == {"layer2.0.conv2": 64, "layer2.0.downsample.0": 64, "layer2.1.conv2": 64} and stage2.pruned == 32 and stage2.changed
+    assert (
+        stage2.asked == {"layer2.0.conv2": 64, "layer2.0.downsample.0": 64, "layer2.1.conv2": 64}
+        and stage2.pruned == 32
+        and stage2.changed
+    )
     alone = next(s for s in fix.sets if s.layers == ["layer1.0.conv1"])
     assert alone.pruned == 48 and not alone.changed
 
@@ -140,15 +160,21 @@ def test_grouped_convolutions_keep_equal_counts_per_group():
     model = torchvision_model("regnet_x_400mf")
     layer = "trunk_output.block2.block2-0.f.a.0"  # 64 filters read by a conv with groups=4
     assert GroupDependency(model, X64).dependency[layer] == 4
-    fix = resolve_mask_conflict(masks_for(model, {layer: [*range(0, 10), *range(16, 20), *range(32, 48), *range(48, 50)]}), model, X64)
+    fix = resolve_mask_conflict(
+        masks_for(model, {layer: [*range(0, 10), *range(16, 20), *range(32, 48), *range(48, 50)]}), model, X64
+    )
     per_group = (fix.masks[layer]["weight"].flatten(1) != 0).any(1).view(4, 16).sum(1)
     assert per_group.tolist() == [16, 16, 16, 16]  # the fullest group keeps all 16, so every group does
-    fix = resolve_mask_conflict(masks_for(model, {layer: [*range(0, 8), *range(16, 20), *range(32, 40), *range(48, 56)]}), model, X64)
+    fix = resolve_mask_conflict(
+        masks_for(model, {layer: [*range(0, 8), *range(16, 20), *range(32, 40), *range(48, 56)]}), model, X64
+    )
     kept = (fix.masks[layer]["weight"].flatten(1) != 0).any(1)
     assert kept.view(4, 16).sum(1).tolist() == [8, 8, 8, 8] and fix.sets[0].groups == 4
     weights = model.get_submodule(layer).weight.detach().flatten(1).abs().sum(1)
     restored = kept[16:32] & ~torch.isin(torch.arange(16, 32), torch.arange(16, 20))
-    assert weights[16:32][restored].min() >= weights[16:32][~kept[16:32]].max()  # the strongest pruned channels came back
+    assert (
+        weights[16:32][restored].min() >= weights[16:32][~kept[16:32]].max()
+    )  # the strongest pruned channels came back
 
 
 def test_bad_masks_are_refused(tmp_path):

@@ -1,4 +1,5 @@
-"""torchrun / DistributedDataParallel on this CPU with two gloo processes (#13): gradients, the whole job, a lost process."""
+"""torchrun / DistributedDataParallel on this CPU with two gloo processes (#13): gradients, the whole job, a lost
+process."""
 
 from __future__ import annotations
 
@@ -19,14 +20,23 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from models import build_model
-from pipeline.datasets import load_dataset
-from pipeline.runtime import Runtime
+from pipeline.data.datasets import load_dataset
 from pipeline.snapshots import load_model
-from pipeline.training import evaluate, train
+from pipeline.train.loop import evaluate, train
+from pipeline.train.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-QUICK = ["--num_epochs", "1", "--limit_batches", "4", "--batch_size_per_device", "16", "--val_batch_size_per_device", "64"]
+QUICK = [
+    "--num_epochs",
+    "1",
+    "--limit_batches",
+    "4",
+    "--batch_size_per_device",
+    "16",
+    "--val_batch_size_per_device",
+    "64",
+]
 
 
 def free_port() -> int:
@@ -42,8 +52,19 @@ def _one_ddp_step(rank: int, port: int, out: str) -> None:
         data = load_dataset("digits")
         torch.manual_seed(0)
         model = build_model("dnn_2", data.input_shape, data.num_classes)
-        train(model, data, epochs=1, batch_size=16, val_batch_size=256, lr=0.1, optimizer_name="sgd", seed=0, limit_batches=1, limit_val_batches=1,
-              runtime=Runtime(rank=rank, world_size=2))  # fmt: skip
+        train(
+            model,
+            data,
+            epochs=1,
+            batch_size=16,
+            val_batch_size=256,
+            lr=0.1,
+            optimizer_name="sgd",
+            seed=0,
+            limit_batches=1,
+            limit_val_batches=1,
+            runtime=Runtime(rank=rank, world_size=2),
+        )
         if rank == 0:
             torch.save(model.state_dict(), out)
     finally:
@@ -59,7 +80,9 @@ def test_each_epoch_shards_a_new_permutation_and_every_process_agrees_on_it():
             loader.set_epoch(epoch)
         shares = []
         for rank, loader in enumerate(loaders):
-            expected = DistributedSampler(range(len(data.train_labels)), num_replicas=2, rank=rank, shuffle=True, seed=0)
+            expected = DistributedSampler(
+                range(len(data.train_labels)), num_replicas=2, rank=rank, shuffle=True, seed=0
+            )
             expected.set_epoch(epoch)
             labels = torch.cat([batch for _, batch in loader])
             assert torch.equal(labels, data.train_labels[list(expected)])
@@ -74,7 +97,10 @@ def test_one_ddp_step_of_two_processes_equals_one_process_on_both_batches(tmp_pa
     mp.start_processes(_one_ddp_step, args=(free_port(), str(out)), nprocs=2, start_method="spawn")
     data = load_dataset("digits")
     # the 32 images the two processes took: each the first 16 of its DistributedSampler share (epoch 0, seed 0)
-    shares = [list(DistributedSampler(range(len(data.train_labels)), num_replicas=2, rank=rank, shuffle=True, seed=0))[:16] for rank in (0, 1)]
+    shares = [
+        list(DistributedSampler(range(len(data.train_labels)), num_replicas=2, rank=rank, shuffle=True, seed=0))[:16]
+        for rank in (0, 1)
+    ]
     chosen = torch.tensor(shares[0] + shares[1])
     torch.manual_seed(0)
     single = build_model("dnn_2", data.input_shape, data.num_classes)
@@ -83,15 +109,29 @@ def test_one_ddp_step_of_two_processes_equals_one_process_on_both_batches(tmp_pa
     optimizer.step()
     distributed = torch.load(out)
     assert all(torch.allclose(distributed[k], v, atol=1e-6, rtol=0) for k, v in single.state_dict().items())
-    assert not torch.equal(distributed["classifier.weight"], build_model("dnn_2", data.input_shape, data.num_classes).classifier.weight)
+    assert not torch.equal(
+        distributed["classifier.weight"], build_model("dnn_2", data.input_shape, data.num_classes).classifier.weight
+    )
 
 
-def torchrun(tmp_path: Path, *flags: str, processes: int = 2, wait: bool = True, **kwargs) -> subprocess.CompletedProcess | subprocess.Popen:
-    command = [*TORCHRUN, "--nproc_per_node", str(processes), "--master_port", str(free_port()), str(ROOT / "run.py"), *flags]
+def torchrun(
+    tmp_path: Path, *flags: str, processes: int = 2, wait: bool = True, **kwargs
+) -> subprocess.CompletedProcess | subprocess.Popen:
+    command = [
+        *TORCHRUN,
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "run.py"),
+        *flags,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if wait:
         return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 def written(root: Path) -> set[str]:
@@ -101,8 +141,14 @@ def written(root: Path) -> set[str]:
 def test_torchrun_job_writes_what_one_process_writes_and_its_figures_are_exact(tmp_path):
     (tmp_path / "single").mkdir()
     (tmp_path / "two").mkdir()
-    single = subprocess.run([sys.executable, str(ROOT / "run.py"), "--model", "lenet", "--step", "123", *QUICK], cwd=tmp_path / "single",
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--model", "lenet", "--step", "123", *QUICK],
+        cwd=tmp_path / "single",
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr
     done = torchrun(tmp_path / "two", "--model", "lenet", "--step", "123", *QUICK)
     assert done.returncode == 0, done.stderr
@@ -138,24 +184,48 @@ def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc (Linux)")
 def test_a_killed_process_ends_the_job_with_a_message_and_no_half_written_snapshot(tmp_path):
-    launcher = torchrun(tmp_path, "--model", "lenet", "--step", "123", "--num_epochs", "40", "--limit_batches", "20", "--batch_size_per_device", "16",
-                        wait=False)  # fmt: skip
+    launcher = torchrun(
+        tmp_path,
+        "--model",
+        "lenet",
+        "--step",
+        "123",
+        "--num_epochs",
+        "40",
+        "--limit_batches",
+        "20",
+        "--batch_size_per_device",
+        "16",
+        wait=False,
+    )
     logs = tmp_path / "log"  # the refine log is written to a staging file until step 3 completes
 
     def refining() -> bool:
-        return any(p.read_text() for p in logs.glob(".log_lenet_digits_prune_model.txt.staging-*")) if logs.is_dir() else False
+        return (
+            any(p.read_text() for p in logs.glob(".log_lenet_digits_prune_model.txt.staging-*"))
+            if logs.is_dir()
+            else False
+        )
 
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not refining():  # steps 1 and 2 saved, step 3 under way
         assert launcher.poll() is None, launcher.communicate()[1]
         time.sleep(0.2)
-    assert time.monotonic() < deadline and launcher.poll() is None, "the job must still be refining when a process is killed"
+    assert time.monotonic() < deadline and launcher.poll() is None, (
+        "the job must still be refining when a process is killed"
+    )
     os.kill(_rank_pids(launcher)[1], signal.SIGKILL)
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode != 0
-    assert "another process of this job failed or stopped" in err or "interrupted; snapshots already written are complete" in err
+    assert (
+        "another process of this job failed or stopped" in err
+        or "interrupted; snapshots already written are complete" in err
+    )
     snapshots = tmp_path / "output/snapshots/lenet/digits"
-    assert {p.name for p in snapshots.iterdir()} == {"model_base", "model_prune"}  # no staging folder, no refine snapshot of an unfinished step
+    assert {p.name for p in snapshots.iterdir()} == {
+        "model_base",
+        "model_prune",
+    }  # no staging folder, no refine snapshot of an unfinished step
     for name in ("model_base", "model_prune"):  # what was written is whole
         load_model(snapshots / name, "lenet", "digits")
     assert not (logs / "log_lenet_digits_prune_model.txt").exists()  # the unfinished step left no log
@@ -171,13 +241,17 @@ def test_bad_input_every_process_meets_is_said_once_by_rank_0(tmp_path):
 
 
 def test_sync_batchnorm_view_trains_the_models_own_tensors_and_leaves_its_batchnorms():
-    from pipeline.distributed import _sync_batchnorm_view
+    from pipeline.train.distributed import _sync_batchnorm_view
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
     view = _sync_batchnorm_view(model, None)
     assert isinstance(view[1], torch.nn.SyncBatchNorm) and type(model[1]) is torch.nn.BatchNorm2d
-    assert view[1].weight is model[1].weight and view[1].running_mean is model[1].running_mean and view[0].weight is model[0].weight
+    assert (
+        view[1].weight is model[1].weight
+        and view[1].running_mean is model[1].running_mean
+        and view[0].weight is model[0].weight
+    )
     view.train()
     model.eval()
     view(torch.randn(2, 3, 8, 8)).sum().backward()  # without a process group SyncBatchNorm computes plain batch norm
@@ -196,22 +270,52 @@ def test_a_master_that_cannot_be_reached_is_one_line_after_a_bounded_wait(tmp_pa
         "MASTER_PORT": str(free_port()),
     }
     started = time.monotonic()
-    done = subprocess.run([sys.executable, str(ROOT / "run.py"), "--join_timeout", "3", *QUICK], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--join_timeout", "3", *QUICK],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and time.monotonic() - started < 60
-    assert done.stderr.startswith("error: process 1 could not join the job's process group at 127.0.0.1:") and done.stderr.count("\n") == 1
+    assert (
+        done.stderr.startswith("error: process 1 could not join the job's process group at 127.0.0.1:")
+        and done.stderr.count("\n") == 1
+    )
     assert "Traceback" not in done.stderr and not any(tmp_path.iterdir())
 
 
 def test_the_originals_flags_print_the_torchrun_commands(tmp_path, capsys):
     import run
 
-    assert run.main(["--gpu_num_per_node", "4", "--num_nodes", "2", "--node_ips", "10.0.0.1,10.0.0.2", "--model", "vgg", "--step", "123"]) == 0
+    assert (
+        run.main(
+            [
+                "--gpu_num_per_node",
+                "4",
+                "--num_nodes",
+                "2",
+                "--node_ips",
+                "10.0.0.1,10.0.0.2",
+                "--model",
+                "vgg",
+                "--step",
+                "123",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert (
         lines[1]
-        == "torchrun --nproc_per_node 4 --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 --master_port 29500 run.py --model vgg --step 123    # on 10.0.0.1"
+        == "torchrun --nproc_per_node 4 --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 --master_port 29500 run.py "
+        "--model vgg --step "
+        "123    # on "
+        "10.0.0.1"
     )
-    assert lines[2].startswith("torchrun --nproc_per_node 4 --nnodes 2 --node_rank 1 --master_addr 10.0.0.1") and lines[2].endswith("# on 10.0.0.2")
+    assert lines[2].startswith("torchrun --nproc_per_node 4 --nnodes 2 --node_rank 1 --master_addr 10.0.0.1") and lines[
+        2
+    ].endswith("# on 10.0.0.2")
     assert run.main(["--num_nodes", "2", "--node_ips", "10.0.0.1"]) == 2
     assert "--num_nodes 2 needs --node_ips with 2 comma-separated addresses" in capsys.readouterr().err

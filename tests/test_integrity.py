@@ -19,12 +19,24 @@ import ofrecordMake
 import run
 from bench import store
 from bench.matrix import MatrixSpec, base_key
-from pipeline import atomic, job, ofrecord_convert
-from pipeline.datasets import load_dataset
+from pipeline import atomic, job
+from pipeline.data import ofrecord_convert
+from pipeline.data.datasets import load_dataset
 from pipeline.snapshots import load_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--num_epochs", "1", "--limit_batches", "2", "--limit_val_batches", "1", "--batch_size_per_device", "16", "--val_batch_size_per_device", "64"]
+QUICK = [
+    "--num_epochs",
+    "1",
+    "--limit_batches",
+    "2",
+    "--limit_val_batches",
+    "1",
+    "--batch_size_per_device",
+    "16",
+    "--val_batch_size_per_device",
+    "64",
+]
 SNAPSHOTS = Path("output/snapshots/lenet/digits")
 
 
@@ -47,8 +59,13 @@ def json_dataset(folder: Path, classes: int, rows: int = 12, seed: int = 0) -> P
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for split, count in (("train", rows), ("test", classes)):
-        payload = {"data": rng.integers(0, 256, (count, 16 * 16)).tolist(), "label": [i % classes for i in range(count)]}
-        (folder / f"{split}.json").write_text(json.dumps({**payload, "shape": [1, 16, 16]} if split == "train" else payload))
+        payload = {
+            "data": rng.integers(0, 256, (count, 16 * 16)).tolist(),
+            "label": [i % classes for i in range(count)],
+        }
+        (folder / f"{split}.json").write_text(
+            json.dumps({**payload, "shape": [1, 16, 16]} if split == "train" else payload)
+        )
     return folder
 
 
@@ -92,7 +109,9 @@ def test_converter_interrupted_is_one_line_exit_130_and_leaves_the_earlier_conve
     assert ofrecordMake.main(["--dataName", "ds"]) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("interrupted") and len(err.splitlines()) == 1
-    assert (workdir / "ofData/ds/meta.json").read_text() == first and sorted(p.name for p in (workdir / "ofData").iterdir()) == ["ds"]
+    assert (workdir / "ofData/ds/meta.json").read_text() == first and sorted(
+        p.name for p in (workdir / "ofData").iterdir()
+    ) == ["ds"]
 
 
 # 2. snapshots carry their lineage; nothing is built on a stale parent, and the settings written are this run's
@@ -109,9 +128,15 @@ def test_lineage_refuses_stale_parents_and_records_this_runs_settings(workdir, c
     assert run.main(["--step", "3", "--seed", "3", *QUICK]) == 0
     _, meta = load_snapshot(SNAPSHOTS / "model_refine")
     assert meta["seed"] == 3 and meta["settings"]["seed"] == 3
-    assert [entry["stage"] for entry in meta["lineage"]] == ["model_base", "model_prune"] and meta["lineage"][1]["settings"]["seed"] == 0
+    assert [entry["stage"] for entry in meta["lineage"]] == ["model_base", "model_prune"] and meta["lineage"][1][
+        "settings"
+    ]["seed"] == 0
     results = json.loads(Path("output/results/results_lenet_digits_prune_model.json").read_text())
-    assert results["seed"] == 3 and [entry["stage"] for entry in results["lineage"]] == ["model_base", "model_prune", "model_refine"]
+    assert results["seed"] == 3 and [entry["stage"] for entry in results["lineage"]] == [
+        "model_base",
+        "model_prune",
+        "model_refine",
+    ]
     capsys.readouterr()
 
     assert run.main(["--step", "3", "--percent", "0.3", *QUICK]) == 2  # asks for a prune other than the one on disk
@@ -152,7 +177,9 @@ def test_harness_base_cache_tells_datasets_of_one_name_apart(workdir):
     spec = MatrixSpec(data_type="same", versions={"torch": "2.14.1"})
     keys = {base_key(spec, "lenet", 0, one.input_shape, len(d.train_labels), d.identity) for d in (one, two)}
     assert len(keys) == 2
-    assert base_key(spec, "lenet", 0, one.input_shape, 12) == base_key(spec, "lenet", 0, one.input_shape, 12, None)  # builtins: unchanged
+    assert base_key(spec, "lenet", 0, one.input_shape, 12) == base_key(
+        spec, "lenet", 0, one.input_shape, 12, None
+    )  # builtins: unchanged
 
 
 # 4. one writer per results directory; no row lost
@@ -186,10 +213,30 @@ def test_a_line_cut_short_by_a_crash_is_dropped_not_read(tmp_path):
 
 
 def test_second_harness_run_on_one_out_is_refused_naming_the_first(workdir):
-    command = [sys.executable, "-m", "bench", "--models", "lenet", "--backends", "scratch", "--methods", "conv_all", "--percents", "0.5",
-               "--no_random_control", "--base_epochs", "500", "--out", "res", "--base_dir", "bases"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--models",
+        "lenet",
+        "--backends",
+        "scratch",
+        "--methods",
+        "conv_all",
+        "--percents",
+        "0.5",
+        "--no_random_control",
+        "--base_epochs",
+        "500",
+        "--out",
+        "res",
+        "--base_dir",
+        "bases",
+    ]
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen(command, cwd=workdir, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        command, cwd=workdir, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         lock = workdir / "res" / store.LOCK
         deadline = time.monotonic() + 120
@@ -199,7 +246,10 @@ def test_second_harness_run_on_one_out_is_refused_naming_the_first(workdir):
         second = subprocess.run(command, cwd=workdir, env=environment, capture_output=True, text=True, timeout=300)
         assert first.poll() is None, "the first run ended before the second was refused"
         assert second.returncode == 2 and "Traceback" not in second.stderr
-        assert second.stderr.strip().count("\n") == 0 and f"in use by another python -m bench run (pid {first.pid})" in second.stderr
+        assert (
+            second.stderr.strip().count("\n") == 0
+            and f"in use by another python -m bench run (pid {first.pid})" in second.stderr
+        )
     finally:
         first.send_signal(signal.SIGINT)
         first.wait(120)
@@ -216,11 +266,19 @@ def test_second_harness_run_on_one_out_is_refused_naming_the_first(workdir):
     [
         (lambda d: (d / "weights.pt").write_bytes(os.urandom(4096)), "weights.pt is unreadable"),
         (lambda d: (d / "weights.pt").write_text("hello"), "weights.pt is unreadable"),
-        (lambda d: (d / "weights.pt").write_bytes(bytes(b ^ 0xFF for b in (d / "weights.pt").read_bytes()[:64]) + (d / "weights.pt").read_bytes()[64:]),
-         "weights.pt is unreadable"),  # fmt: skip
+        (
+            lambda d: (d / "weights.pt").write_bytes(
+                bytes(b ^ 0xFF for b in (d / "weights.pt").read_bytes()[:64]) + (d / "weights.pt").read_bytes()[64:]
+            ),
+            "weights.pt is unreadable",
+        ),
         (lambda d: (d / "meta.json").write_text("[]"), "holds a JSON list, not an object"),
-        (lambda d: (d / "meta.json").write_text(json.dumps({k: v for k, v in json.loads((d / "meta.json").read_text()).items() if k != "input_shape"})),
-         "has no valid 'input_shape'"),  # fmt: skip
+        (
+            lambda d: (d / "meta.json").write_text(
+                json.dumps({k: v for k, v in json.loads((d / "meta.json").read_text()).items() if k != "input_shape"})
+            ),
+            "has no valid 'input_shape'",
+        ),
     ],
 )
 def test_corrupt_snapshot_is_one_line_in_run_and_analyze(workdir, capsys, damage, message):
@@ -229,9 +287,11 @@ def test_corrupt_snapshot_is_one_line_in_run_and_analyze(workdir, capsys, damage
     capsys.readouterr()
     assert run.main(["--step", "2", *QUICK]) == 2
     one_line_error(capsys, message)
-    for argv in (["stats", "--snapshot", str(SNAPSHOTS / "model_base")],
-                 ["stats", "--snapshot", str(SNAPSHOTS / "model_prune"), "--compare", str(SNAPSHOTS / "model_base")],
-                 ["export", "--format", "onnx", "--snapshot", str(SNAPSHOTS / "model_base"), "--out", "x.onnx"]):  # fmt: skip
+    for argv in (
+        ["stats", "--snapshot", str(SNAPSHOTS / "model_base")],
+        ["stats", "--snapshot", str(SNAPSHOTS / "model_prune"), "--compare", str(SNAPSHOTS / "model_base")],
+        ["export", "--format", "onnx", "--snapshot", str(SNAPSHOTS / "model_base"), "--out", "x.onnx"],
+    ):
         assert analyze.main(argv) == 2
         one_line_error(capsys, message)
     assert not Path("x.onnx").exists()
@@ -304,7 +364,11 @@ def test_threshold_that_ties_every_score_is_refused_and_a_deciding_one_recorded(
     for threshold in ("0", "100"):
         capsys.readouterr()
         assert run.main(["--step", "2", "--prune_method", "conv_threshold", "--threshold", threshold, *QUICK]) == 2
-        one_line_error(capsys, f"threshold {threshold} gives every filter of every layer the same count", "choose a threshold inside")
+        one_line_error(
+            capsys,
+            f"threshold {threshold} gives every filter of every layer the same count",
+            "choose a threshold inside",
+        )
     assert run.main(["--step", "2", "--prune_method", "conv_threshold", "--threshold", "0.05", *QUICK]) == 0
     assert "2 pruned (conv_threshold 0.5, threshold 0.05)" in capsys.readouterr().out
     assert load_snapshot(SNAPSHOTS / "model_prune")[1]["settings"]["threshold"] == 0.05
@@ -335,8 +399,12 @@ def test_analyze_refuses_int8_snapshots_where_it_cannot_read_them(workdir, capsy
     assert run.main(["--step", "1234", *QUICK]) == 0
     quantized = str(SNAPSHOTS / "model_quant")
     capsys.readouterr()
-    for argv in (["stats", "--snapshot", quantized], ["dependency", "--snapshot", quantized], ["sensitivity", "--snapshot", quantized],
-                 ["export", "--format", "onnx", "--snapshot", quantized, "--out", "q.onnx"]):  # fmt: skip
+    for argv in (
+        ["stats", "--snapshot", quantized],
+        ["dependency", "--snapshot", quantized],
+        ["sensitivity", "--snapshot", quantized],
+        ["export", "--format", "onnx", "--snapshot", quantized, "--out", "q.onnx"],
+    ):
         assert analyze.main(argv) == 2
         one_line_error(capsys, "holds an int8 model", "export --format torchscript or --format masks")
     assert analyze.main(["export", "--format", "torchscript", "--snapshot", quantized, "--out", "q.pt"]) == 0

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from backends import get_backend
-from pipeline.metrics import DEPLOYED_LAYOUT, TIMED_LAYOUTS, deployable, latency_by_layout
+from pipeline.deploy.metrics import DEPLOYED_LAYOUT, TIMED_LAYOUTS, deployable, latency_by_layout
 from tests.helpers import relative_error, zoo
 
 
@@ -22,16 +22,21 @@ def test_deployable_folds_batchnorm_and_computes_the_same(name):
 
 
 def test_latency_is_timed_in_each_layout_with_inputs_and_weights_in_it():
-    """The deployed layout (channels_last) comes first; the model really sees NHWC batches there, and is left contiguous after."""
+    """The deployed layout (channels_last) comes first; the model really sees NHWC batches there, and is left contiguous
+    after."""
     model = deployable(zoo("vgg"))
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     seen: list[tuple[bool, bool]] = []
     first_conv.register_forward_pre_hook(
-        lambda module, args: seen.append((args[0].is_contiguous(memory_format=torch.channels_last), module.weight.is_contiguous()))
+        lambda module, args: seen.append(
+            (args[0].is_contiguous(memory_format=torch.channels_last), module.weight.is_contiguous())
+        )
     )
     x = torch.randn(1, 3, 32, 32)
     timings = latency_by_layout(model, example_input=x, batch=4, runs=20, threads=1)
-    assert list(timings) == [DEPLOYED_LAYOUT, "contiguous"] == list(TIMED_LAYOUTS) and DEPLOYED_LAYOUT == "channels_last"
+    assert (
+        list(timings) == [DEPLOYED_LAYOUT, "contiguous"] == list(TIMED_LAYOUTS) and DEPLOYED_LAYOUT == "channels_last"
+    )
     assert all(len(seconds) == 1 and seconds[0] > 0 for seconds in timings.values())
     assert seen[:23] == [(True, False)] * 23  # warm-up + runs: NHWC batch, NHWC weights
     assert seen[23:] == [(False, True)] * 23
@@ -39,14 +44,16 @@ def test_latency_is_timed_in_each_layout_with_inputs_and_weights_in_it():
 
 
 def test_int8_models_time_in_both_layouts():
-    from pipeline import quantize
+    from pipeline.deploy import quantize
 
     model = zoo("lenet").eval()
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     int8 = deployable(quantize.post_training(model, [x], x[:1]))
     first_conv = next(m for m in int8.modules() if "Conv" in type(m).__name__)  # a quantized (fused) conv
     seen: list[bool] = []
-    first_conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    first_conv.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     timings = latency_by_layout(int8, example_input=x[:1], batch=2, runs=20, threads=1)
     assert list(timings) == list(TIMED_LAYOUTS) and all(seconds[0] > 0 for seconds in timings.values())
     assert seen == [True] * 23 + [False] * 23  # its quantized batches arrive NHWC, then NCHW

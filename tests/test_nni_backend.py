@@ -9,7 +9,7 @@ from algorithms.errors import PruningError
 from algorithms.graph import analyze
 from backends import get_backend
 from models import build_model
-from pipeline.datasets import load_dataset
+from pipeline.data.datasets import load_dataset
 from pipeline.snapshots import load_model
 from tests.helpers import relative_error, zeroed_reference, zoo
 
@@ -30,7 +30,8 @@ def test_nni_l1_and_scratch_conv_all_select_the_same_channels(name):
 
 @pytest.mark.parametrize(
     "name, method",
-    [(n, m) for n in ("dnn_2", "lenet", "vgg", "resnet") for m in ("l1", "l2", "fpgm")] + [("dnn_4", "l1"), ("alexnet", "l2")],
+    [(n, m) for n in ("dnn_2", "lenet", "vgg", "resnet") for m in ("l1", "l2", "fpgm")]
+    + [("dnn_4", "l1"), ("alexnet", "l2")],
 )
 def test_one_shot_pruned_model_equals_its_masked_model_zeroed_after_bn(name, method):
     model = zoo(name)
@@ -89,7 +90,9 @@ def test_round_to_rounds_nni_masks_up_to_multiples_and_stays_exact(name, method)
         assert rounded.kept["layer2.0.conv2"] == rounded.kept["layer2.0.shortcut.0"] == rounded.kept["layer2.1.conv2"]
 
 
-@pytest.mark.parametrize("method, options", [("slim", {}), ("taylor", {}), ("agp", {}), ("linear", {"schedule_over": "taylor"})])
+@pytest.mark.parametrize(
+    "method, options", [("slim", {}), ("taylor", {}), ("agp", {}), ("linear", {"schedule_over": "taylor"})]
+)
 def test_data_driven_methods_prune_physically(digits_batches, method, options):
     data, batches = digits_batches
     torch.manual_seed(0)
@@ -100,7 +103,8 @@ def test_data_driven_methods_prune_physically(digits_batches, method, options):
         assert len(keep) == result.original_units[layer] // 2
     with torch.no_grad():
         assert result.model.eval()(data.example_input(4)).shape == (4, 10)
-    # NNI trained its copy while scoring: the masked reference is that trained copy, masked, and the input model is untouched
+    # NNI trained its copy while scoring: the masked reference is that trained copy, masked, and the input model is
+    # untouched
     masked, steps = result.info["masked_model"], result.info["train_steps"]
     assert steps == 8
     trained_weight, base_weight = masked.features[0].weight, model.features[0].weight
@@ -133,10 +137,19 @@ def test_options_mean_what_they_mean_in_scratch():
         (lambda: NNI.prune(zoo("lenet"), "l1", 1.5, X), r"sparsity must be a fraction of channels in \[0, 1\)"),
         (lambda: NNI.prune(zoo("lenet"), "l1", 0.5, X, exclude=["nope"]), "exclude names 'nope'"),
         (lambda: NNI.prune(zoo("lenet"), "l1", {"classifier.4": 0.5}, X), "not a prunable Conv2d / hidden Linear"),
-        (lambda: NNI.prune(build_model("dnn_2", (3, 32, 32), 10), "slim", 0.5, X, train_batches=lambda: iter(())), "has no BatchNorm"),
+        (
+            lambda: NNI.prune(build_model("dnn_2", (3, 32, 32), 10), "slim", 0.5, X, train_batches=lambda: iter(())),
+            "has no BatchNorm",
+        ),
         (lambda: NNI.prune(zoo("lenet"), "l1", 0.5, X, scope="global"), "removed every unit of .* use scope='layer'"),
-        (lambda: NNI.prune(zoo("lenet"), "l1", 0.5, X, scope="model"), "unknown scope 'model'; choose 'global' or 'layer'"),
-        (lambda: NNI.prune(zoo("lenet"), "l1", {"features.0": 0.5}, X, scope="global"), "per-layer sparsity ratios cannot use scope='global'"),
+        (
+            lambda: NNI.prune(zoo("lenet"), "l1", 0.5, X, scope="model"),
+            "unknown scope 'model'; choose 'global' or 'layer'",
+        ),
+        (
+            lambda: NNI.prune(zoo("lenet"), "l1", {"features.0": 0.5}, X, scope="global"),
+            "per-layer sparsity ratios cannot use scope='global'",
+        ),
     ],
 )
 def test_bad_requests_are_clear_value_errors(call, message):
@@ -157,7 +170,18 @@ def test_missing_nni_is_one_clear_message(monkeypatch):
         NNI.prune(zoo("lenet"), "l1", 0.5, X)
 
 
-QUICK = ["--num_epochs", "1", "--limit_batches", "2", "--limit_val_batches", "1", "--batch_size_per_device", "16", "--val_batch_size_per_device", "64"]
+QUICK = [
+    "--num_epochs",
+    "1",
+    "--limit_batches",
+    "2",
+    "--limit_val_batches",
+    "1",
+    "--batch_size_per_device",
+    "16",
+    "--val_batch_size_per_device",
+    "64",
+]
 
 
 def _run_fpgm(tmp_path, monkeypatch, capfd, model):
@@ -192,4 +216,6 @@ def test_level_refine_keeps_pruned_weights_at_zero(tmp_path, monkeypatch):
     assert meta["physical"] is False
     zeros = pruned.classifier[0].weight == 0
     assert 0.45 < float(zeros.float().mean()) < 0.55
-    assert bool((refined.classifier[0].weight[zeros] == 0).all()) and not torch.equal(refined.classifier[0].weight, pruned.classifier[0].weight)
+    assert bool((refined.classifier[0].weight[zeros] == 0).all()) and not torch.equal(
+        refined.classifier[0].weight, pruned.classifier[0].weight
+    )

@@ -11,11 +11,11 @@ import torch
 
 import ofrecordMake
 import run
-from pipeline import ofrecord_convert
-from pipeline.datasets import load_dataset
+from pipeline.data import ofrecord_convert
+from pipeline.data.datasets import load_dataset
+from pipeline.data.ofrecord_convert import convert_json_dataset
+from pipeline.data.ofrecord_dataset import load_ofrecord_dataset
 from pipeline.errors import UsageError
-from pipeline.ofrecord_convert import convert_json_dataset
-from pipeline.ofrecord_dataset import load_ofrecord_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,9 @@ def hand_decode_part(path: Path) -> list[tuple[list[float], int]]:
         (kind, float_list), (label_kind, int32_list) = entries[b"images"], entries[b"labels"]
         assert kind == 2 and label_kind == 4
         payload = _fields(float_list)[0][1]
-        records.append((list(struct.unpack(f"<{len(payload) // 4}f", payload)), _read_varint(_fields(int32_list)[0][1], 0)[0]))
+        records.append(
+            (list(struct.unpack(f"<{len(payload) // 4}f", payload)), _read_varint(_fields(int32_list)[0][1], 0)[0])
+        )
         pos += 8 + length
     return records
 
@@ -109,7 +111,9 @@ def test_json_to_ofrecord_to_tensors_round_trips_exactly(tmp_path):
     everything = np.array(train["data"] + test["data"]).reshape(12, 3, -1).transpose(1, 0, 2).reshape(3, -1)
     assert meta["num_classes"] == 3 and meta["image_shape"] == [3, 4, 4]
     assert meta["num_examples"] == 7 and meta["num_val_examples"] == 5
-    assert np.allclose(meta["rgb_mean"], everything.mean(1), atol=1e-4) and np.allclose(meta["rgb_std"], everything.std(1), atol=1e-4)
+    assert np.allclose(meta["rgb_mean"], everything.mean(1), atol=1e-4) and np.allclose(
+        meta["rgb_std"], everything.std(1), atol=1e-4
+    )
 
 
 def test_parallel_conversion_writes_the_same_bytes_as_one_process(tmp_path, monkeypatch):
@@ -117,13 +121,19 @@ def test_parallel_conversion_writes_the_same_bytes_as_one_process(tmp_path, monk
     monkeypatch.setattr(ofrecord_convert, "BATCH_ROWS", 2)
     monkeypatch.setattr(ofrecord_convert, "PARALLEL_FROM", 0)
     rng = np.random.default_rng(5)
-    train = {"data": rng.integers(0, 256, (11, 12)).tolist(), "label": rng.integers(0, 4, 11).tolist(), "shape": [3, 2, 2]}
+    train = {
+        "data": rng.integers(0, 256, (11, 12)).tolist(),
+        "label": rng.integers(0, 4, 11).tolist(),
+        "shape": [3, 2, 2],
+    }
     test = {"data": rng.integers(0, 256, (4, 12)).tolist(), "label": [0, 1, 2, 3]}
     write_json_dataset(tmp_path, "ints", train, test)
     serial = convert_json_dataset("ints", tmp_path / "myData", tmp_path / "serial", part_num=3, workers=1)
     parallel = convert_json_dataset("ints", tmp_path / "myData", tmp_path / "parallel", part_num=3, workers=2)
     files = sorted(str(p.relative_to(serial)) for p in serial.rglob("*"))
-    assert files == sorted(str(p.relative_to(parallel)) for p in parallel.rglob("*")), "no chunk files may be left behind"
+    assert files == sorted(str(p.relative_to(parallel)) for p in parallel.rglob("*")), (
+        "no chunk files may be left behind"
+    )
     assert len([f for f in files if "part-" in f]) == 6
     for name in files:
         if (serial / name).is_file():
@@ -134,7 +144,9 @@ def test_parallel_conversion_writes_the_same_bytes_as_one_process(tmp_path, monk
     write_json_dataset(tmp_path, "bad", train, test)
     with pytest.raises(UsageError, match=r"train.json: data row 9, value 4: 300 is outside 0..255"):
         convert_json_dataset("bad", tmp_path / "myData", tmp_path / "parallel", workers=2)
-    assert not (tmp_path / "parallel" / "bad").exists() and [p.name for p in (tmp_path / "parallel").iterdir()] == ["ints"]
+    assert not (tmp_path / "parallel" / "bad").exists() and [p.name for p in (tmp_path / "parallel").iterdir()] == [
+        "ints"
+    ]
 
 
 @pytest.mark.parametrize("kernel_copy", ["works", "missing", "fails_half_way"])
@@ -164,12 +176,22 @@ def test_chunks_append_exactly_whatever_copy_file_range_does(tmp_path, monkeypat
 
 def test_hand_built_ofrecord_bytes_are_read(tmp_path):
     rng = np.random.default_rng(3)
-    rows = {split: [(rng.integers(0, 256, 12).astype(float).tolist(), int(rng.integers(0, 2))) for _ in range(3)] for split in ("train", "test")}
+    rows = {
+        split: [(rng.integers(0, 256, 12).astype(float).tolist(), int(rng.integers(0, 2))) for _ in range(3)]
+        for split in ("train", "test")
+    }
     for split, records in rows.items():
         (tmp_path / split).mkdir()
         blob = b"".join(struct.pack("<q", len(r)) + r for r in (hand_record(p, label) for p, label in records))
         (tmp_path / split / "part-00000").write_bytes(blob)
-    meta = {"num_classes": 2, "image_shape": [3, 2, 2], "rgb_mean": [1, 2, 3], "rgb_std": [4, 5, 6], "num_examples": 3, "num_val_examples": 3}
+    meta = {
+        "num_classes": 2,
+        "image_shape": [3, 2, 2],
+        "rgb_mean": [1, 2, 3],
+        "rgb_std": [4, 5, 6],
+        "num_examples": 3,
+        "num_val_examples": 3,
+    }
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     data = load_ofrecord_dataset(tmp_path, "hand")
     assert data.train_images.reshape(3, -1).tolist() == [p for p, _ in rows["train"]]
@@ -189,10 +211,14 @@ def test_shipped_example_converts_and_trains(tmp_path, monkeypatch, capsys):
 
 def test_run_py_resolves_builtin_then_ofdata_then_mydata(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    write_json_dataset(tmp_path, "fresh", sample(6, (1, 16, 16)), {"data": sample(2, (1, 16, 16))["data"], "label": [0, 1]})
+    write_json_dataset(
+        tmp_path, "fresh", sample(6, (1, 16, 16)), {"data": sample(2, (1, 16, 16))["data"], "label": [0, 1]}
+    )
     data = load_dataset("fresh")  # not converted yet: myData/fresh is converted first
     assert (tmp_path / "ofData/fresh/meta.json").is_file() and data.input_shape == (1, 16, 16)
-    (tmp_path / "myData/fresh/train.json").write_text("not json any more")  # the source changed: converted again, and refused
+    (tmp_path / "myData/fresh/train.json").write_text(
+        "not json any more"
+    )  # the source changed: converted again, and refused
     with pytest.raises(UsageError, match="train.json: not valid JSON"):
         load_dataset("fresh")
     assert "again: myData/fresh changed since ofData/fresh was converted" in capsys.readouterr().err
@@ -209,23 +235,73 @@ GOOD_TEST = {"data": [[1, 2, 3, 4]], "label": [1]}
 JSON_CASES = [
     ("missing_folder", None, None, r"dataset folder .*missing_folder not found"),
     ("no_test", GOOD_TRAIN, "absent", r"test.json not found"),
-    ("bad_json", '{"data": [[1, 2, 3, 4]], "label": [0], "shape": [1, 2, 2]', GOOD_TEST, r"train.json: not valid JSON at line 1 column \d+"),
+    (
+        "bad_json",
+        '{"data": [[1, 2, 3, 4]], "label": [0], "shape": [1, 2, 2]',
+        GOOD_TEST,
+        r"train.json: not valid JSON at line 1 column \d+",
+    ),
     ("no_data", {"label": [0], "shape": [1, 2, 2]}, GOOD_TEST, r"train.json: missing 'data'"),
     ("no_label", {"data": [[1, 2, 3, 4]], "shape": [1, 2, 2]}, GOOD_TEST, r"train.json: missing 'label'"),
     ("no_shape", {"data": [[1, 2, 3, 4]], "label": [0]}, GOOD_TEST, r"train.json: missing 'shape'"),
     ("bad_shape", {**GOOD_TRAIN, "shape": [1, 0, 4]}, GOOD_TEST, r"'shape' must be three positive integers"),
-    ("short_row", {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [5, 6, 7]]}, GOOD_TEST, r"train.json: data row 1 has 3 values, expected C\*H\*W = 4"),
-    ("nested_row", {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [[5, 6], [7, 8]]]}, GOOD_TEST, r"data row 1 holds a nested list at line 1 column \d+"),
-    ("huge_pixel", {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [5, 6, 7, 10**30]]}, GOOD_TEST, r"data row 1, value 3: 1e\+30 is outside 0..255"),
-    ("text_pixel", GOOD_TRAIN, {"data": [[1, "x", 3, 4]], "label": [1]}, r"test.json: data row 0, value 1: 'x' is not a number"),
-    ("bool_pixel", {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [5, 6, True, 8]]}, GOOD_TEST, r"data row 1, value 2: True is not a number"),
-    ("hot_pixel", {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [5, 6, 7, 256]]}, GOOD_TEST, r"data row 1, value 3: 256 is outside 0..255"),
-    ("neg_pixel", {**GOOD_TRAIN, "data": [[1, -0.5, 3, 4], [5, 6, 7, 8]]}, GOOD_TEST, r"data row 0, value 1: -0.5 is outside 0..255"),
-    ("bad_label", {**GOOD_TRAIN, "label": [0, -1]}, GOOD_TEST, r"train.json: label 1 is -1, not a non-negative integer"),
+    (
+        "short_row",
+        {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [5, 6, 7]]},
+        GOOD_TEST,
+        r"train.json: data row 1 has 3 values, expected C\*H\*W = 4",
+    ),
+    (
+        "nested_row",
+        {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [[5, 6], [7, 8]]]},
+        GOOD_TEST,
+        r"data row 1 holds a nested list at line 1 column \d+",
+    ),
+    (
+        "huge_pixel",
+        {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [5, 6, 7, 10**30]]},
+        GOOD_TEST,
+        r"data row 1, value 3: 1e\+30 is outside 0..255",
+    ),
+    (
+        "text_pixel",
+        GOOD_TRAIN,
+        {"data": [[1, "x", 3, 4]], "label": [1]},
+        r"test.json: data row 0, value 1: 'x' is not a number",
+    ),
+    (
+        "bool_pixel",
+        {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [5, 6, True, 8]]},
+        GOOD_TEST,
+        r"data row 1, value 2: True is not a number",
+    ),
+    (
+        "hot_pixel",
+        {**GOOD_TRAIN, "data": [[1, 2, 3, 4], [5, 6, 7, 256]]},
+        GOOD_TEST,
+        r"data row 1, value 3: 256 is outside 0..255",
+    ),
+    (
+        "neg_pixel",
+        {**GOOD_TRAIN, "data": [[1, -0.5, 3, 4], [5, 6, 7, 8]]},
+        GOOD_TEST,
+        r"data row 0, value 1: -0.5 is outside 0..255",
+    ),
+    (
+        "bad_label",
+        {**GOOD_TRAIN, "label": [0, -1]},
+        GOOD_TEST,
+        r"train.json: label 1 is -1, not a non-negative integer",
+    ),
     ("float_label", {**GOOD_TRAIN, "label": [0, 1.5]}, GOOD_TEST, r"label 1 is 1.5, not a non-negative integer"),
     ("mismatch", {**GOOD_TRAIN, "label": [0]}, GOOD_TEST, r"'data' has 2 rows but 'label' has 1 values"),
     ("empty", GOOD_TRAIN, {"data": [], "label": []}, r"test.json: the split is empty"),
-    ("unseen", GOOD_TRAIN, {"data": [[1, 2, 3, 4]], "label": [7]}, r"test.json: label 0 is 7, a class never seen in train.json"),
+    (
+        "unseen",
+        GOOD_TRAIN,
+        {"data": [[1, 2, 3, 4]], "label": [7]},
+        r"test.json: label 0 is 7, a class never seen in train.json",
+    ),
 ]
 
 
@@ -242,7 +318,9 @@ def test_bad_json_is_one_line_exit_2_and_leaves_nothing(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert __import__("re").search(message, err), err
-    assert not (tmp_path / "ofData").exists() or not any((tmp_path / "ofData").iterdir()), "nothing may be left under ofData"
+    assert not (tmp_path / "ofData").exists() or not any((tmp_path / "ofData").iterdir()), (
+        "nothing may be left under ofData"
+    )
 
 
 def _good_ofrecord(tmp_path: Path) -> Path:

@@ -10,11 +10,22 @@ import torch
 import run
 from backends import get_backend
 from models import build_model
-from pipeline.datasets import load_dataset
+from pipeline.data.datasets import load_dataset
 from pipeline.snapshots import load_model, load_snapshot, save_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--num_epochs", "1", "--limit_batches", "3", "--limit_val_batches", "1", "--batch_size_per_device", "16", "--val_batch_size_per_device", "64"]
+QUICK = [
+    "--num_epochs",
+    "1",
+    "--limit_batches",
+    "3",
+    "--limit_val_batches",
+    "1",
+    "--batch_size_per_device",
+    "16",
+    "--val_batch_size_per_device",
+    "64",
+]
 
 
 @pytest.fixture
@@ -29,7 +40,12 @@ def test_step1_trains_logs_and_snapshots_deterministically(workdir, capsys):
     state, meta = load_snapshot(snapshot)
     assert meta["model"] == "lenet" and meta["input_shape"] == [1, 32, 32] and meta["num_classes"] == 10
     log = (workdir / "log/log_lenet_digits_base_model.txt").read_text().splitlines()
-    assert len(log) == 1 and log[0].startswith("epoch0 top_1_accuracy: ") and "top_k_accuracy: " in log[0] and "samples/s: " in log[0]
+    assert (
+        len(log) == 1
+        and log[0].startswith("epoch0 top_1_accuracy: ")
+        and "top_k_accuracy: " in log[0]
+        and "samples/s: " in log[0]
+    )
     results = json.loads((workdir / "output/results/results_lenet_digits_base_model.json").read_text())
     assert {"accuracy", "top_k_accuracy", "top_k", "modelSize", "reasoningTime", "params", "macs"} <= set(results)
     assert results["params"] == 61_750 and results["top_k"] == 5
@@ -43,7 +59,13 @@ def test_step3_refines_a_prune_snapshot_written_by_the_test(workdir):
     data = load_dataset("digits")
     model = build_model("lenet", data.input_shape, data.num_classes).eval()
     pruned = get_backend("scratch").prune(model, "conv_all", 0.5, data.example_input(2), scope="layer").model
-    meta = {"model": "lenet", "data_type": "digits", "input_shape": [1, 32, 32], "num_classes": 10, "stage": "model_prune"}
+    meta = {
+        "model": "lenet",
+        "data_type": "digits",
+        "input_shape": [1, 32, 32],
+        "num_classes": 10,
+        "stage": "model_prune",
+    }
     save_snapshot(workdir / "snaps/model_prune", pruned, meta)
     assert run.main(["--step", "3", "--model_load_dir", "snaps", "--model_save_dir", "snaps", *QUICK]) == 0
     refined, refined_meta = load_model(workdir / "snaps/model_refine", "lenet", "digits")
@@ -72,10 +94,21 @@ def test_full_round_trip_1_2_3(workdir, model, capsys):
     table = captured.out
     assert "1 base" in table and "2 pruned (bn 0.5)" in table and "3 refined" in table
     # the terminal tells step 1's epochs from step 3's; the log files keep the original format (checked above)
-    assert "step 1 base: epoch0 top_1_accuracy: " in captured.err and "step 3 refine: epoch0 top_1_accuracy: " in captured.err
-    samples = [line.split("|")[-2].strip() for line in table.splitlines() if line.startswith("| 1 base") or line.startswith("| 3 refined")]
+    assert (
+        "step 1 base: epoch0 top_1_accuracy: " in captured.err
+        and "step 3 refine: epoch0 top_1_accuracy: " in captured.err
+    )
+    samples = [
+        line.split("|")[-2].strip()
+        for line in table.splitlines()
+        if line.startswith("| 1 base") or line.startswith("| 3 refined")
+    ]
     assert all(re.fullmatch(r"[\d,]+", value) for value in samples), samples  # whole samples/s, no .4f
-    written = {line.split(" written to: ")[0]: line.split(" written to: ")[1] for line in table.splitlines() if " written to: " in line}
+    written = {
+        line.split(" written to: ")[0]: line.split(" written to: ")[1]
+        for line in table.splitlines()
+        if " written to: " in line
+    }
     assert set(written) == {"snapshots", "logs", "results"}
     assert all(Path(path).exists() for paths in written.values() for path in paths.split(", "))
 
@@ -118,6 +151,8 @@ def test_snapshot_of_another_model_is_refused(workdir, capsys):
 
 
 def test_cli_process_prints_no_traceback(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "run.py"), "--step", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--step", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1

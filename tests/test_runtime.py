@@ -8,13 +8,24 @@ import pytest
 import torch
 
 import run
-from pipeline.datasets import load_dataset
+from pipeline.data.datasets import load_dataset
 from pipeline.errors import UsageError
-from pipeline.runtime import Runtime, check_amp, resolve_device
 from pipeline.snapshots import load_model
-from pipeline.training import evaluate
+from pipeline.train.loop import evaluate
+from pipeline.train.runtime import Runtime, check_amp, resolve_device
 
-QUICK = ["--num_epochs", "1", "--limit_batches", "3", "--limit_val_batches", "1", "--batch_size_per_device", "16", "--val_batch_size_per_device", "64"]
+QUICK = [
+    "--num_epochs",
+    "1",
+    "--limit_batches",
+    "3",
+    "--limit_val_batches",
+    "1",
+    "--batch_size_per_device",
+    "16",
+    "--val_batch_size_per_device",
+    "64",
+]
 NO_CUDA = "no CUDA device on this machine: the GPU path is checked where one is (README, GPUs and clusters)"
 
 
@@ -61,9 +72,32 @@ def test_bad_device_requests_are_one_line_and_write_nothing(tmp_path, monkeypatc
 
 def test_bf16_channels_last_and_workers_train_and_say_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run.main(["--model", "lenet", "--step", "12", "--device", "cpu", "--amp", "bf16", "--channels_last", "--workers", "2", *QUICK]) == 0
+    assert (
+        run.main(
+            [
+                "--model",
+                "lenet",
+                "--step",
+                "12",
+                "--device",
+                "cpu",
+                "--amp",
+                "bf16",
+                "--channels_last",
+                "--workers",
+                "2",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "output/results/results_lenet_digits_base_model.json").read_text())
-    assert report["measured_on"] == {"device": "cpu", "dtype": "autocast bf16", "memory_format": "channels_last", "processes": 1}
+    assert report["measured_on"] == {
+        "device": "cpu",
+        "dtype": "autocast bf16",
+        "memory_format": "channels_last",
+        "processes": 1,
+    }
     model, _ = load_model(tmp_path / "output/snapshots/lenet/digits/model_base", "lenet", "digits")
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast computes in bf16, the weights stay fp32
     exact = evaluate(model, load_dataset("digits"), 64, 1)
@@ -101,7 +135,10 @@ def test_runtime_places_models_and_batches_in_channels_last():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 def test_cuda_job_trains_prunes_refines_and_its_snapshots_load_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run.main(["--model", "resnet", "--step", "123", "--device", "cuda", "--amp", "bf16", "--channels_last", *QUICK]) == 0
+    assert (
+        run.main(["--model", "resnet", "--step", "123", "--device", "cuda", "--amp", "bf16", "--channels_last", *QUICK])
+        == 0
+    )
     report = json.loads((tmp_path / "output/results/results_resnet_digits_prune_model.json").read_text())
     assert report["measured_on"]["device"].startswith("cuda")
     model, _ = load_model(tmp_path / "output/snapshots/resnet/digits/model_refine", "resnet", "digits")
@@ -114,18 +151,33 @@ def test_cuda_fp16_uses_a_grad_scaler_and_trains(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run.main(["--model", "vgg", "--step", "1", "--device", "cuda", "--amp", "fp16", *QUICK]) == 0
     report = json.loads((tmp_path / "output/results/results_vgg_digits_base_model.json").read_text())
-    assert report["measured_on"]["dtype"] == "autocast fp16" and report["accuracy"] > 0.1  # trained through the scaler, not diverged
+    assert (
+        report["measured_on"]["dtype"] == "autocast fp16" and report["accuracy"] > 0.1
+    )  # trained through the scaler, not diverged
 
 
-GPU_PRUNING = [("scratch", "conv_all"), ("scratch", "bn"), ("scratch", "conv_similarity"), ("scratch", "random"), ("nni", "l1"), ("nni", "slim"),
-               ("nni", "taylor"), ("tp", "l1"), ("tp", "taylor"), ("tp", "slim")]  # fmt: skip
+GPU_PRUNING = [
+    ("scratch", "conv_all"),
+    ("scratch", "bn"),
+    ("scratch", "conv_similarity"),
+    ("scratch", "random"),
+    ("nni", "l1"),
+    ("nni", "slim"),
+    ("nni", "taylor"),
+    ("tp", "l1"),
+    ("tp", "taylor"),
+    ("tp", "slim"),
+]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 @pytest.mark.parametrize("backend, method", GPU_PRUNING)
 def test_every_backend_prunes_a_model_that_lives_on_the_gpu(backend, method, monkeypatch):
-    """The pruned model stays on the GPU, keeps what the same call keeps on the CPU, and computes what that one computes."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32 on the GPU too, so 1e-4 measures pruning, not TF32
+    """The pruned model stays on the GPU, keeps what the same call keeps on the CPU, and computes what that one
+    computes."""
+    monkeypatch.setattr(
+        torch.backends.cudnn, "allow_tf32", False
+    )  # full fp32 on the GPU too, so 1e-4 measures pruning, not TF32
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     import copy
 
@@ -140,11 +192,15 @@ def test_every_backend_prunes_a_model_that_lives_on_the_gpu(backend, method, mon
     results = {}
     for device in ("cpu", "cuda"):
         model = copy.deepcopy(zoo("resnet")).to(device)
-        results[device] = get_backend(backend).prune(model, method, 0.5, x.to(device), scope="layer", round_to=8, **options)
+        results[device] = get_backend(backend).prune(
+            model, method, 0.5, x.to(device), scope="layer", round_to=8, **options
+        )
         pruned = results[device].model
         assert all(t.device.type == device for t in [*pruned.parameters(), *pruned.buffers()])
     cpu, cuda = results["cpu"], results["cuda"]
-    if method not in ("taylor", "slim") or backend == "scratch":  # what trains while pruning differs in the last bits between devices
+    if (
+        method not in ("taylor", "slim") or backend == "scratch"
+    ):  # what trains while pruning differs in the last bits between devices
         assert cuda.kept == cpu.kept
         with torch.no_grad():
             assert relative_error(cuda.model.eval()(x.cuda()).cpu(), cpu.model.eval()(x)) < 1e-4

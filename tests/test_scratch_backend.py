@@ -56,14 +56,22 @@ def test_torchvision_resnet18_prunes_runs_and_matches_torch_pruning_size():
     assert sum(p.numel() for p in result.model.parameters()) == 2_801_450  # Torch-Pruning 1.6.1's figure, DESIGN.md s6
     graph = analyze(model, x)
     with torch.no_grad():
-        assert relative_error(result.model(x), zeroed_reference(model, result.kept, result.original_units, graph.norm_after, x)) < 1e-4
+        assert (
+            relative_error(
+                result.model(x), zeroed_reference(model, result.kept, result.original_units, graph.norm_after, x)
+            )
+            < 1e-4
+        )
     assert result.kept["conv1"] == result.kept["layer1.0.conv2"] == result.kept["layer1.1.conv2"]  # residual group
     assert "fc" not in result.kept
 
 
 def test_residual_groups_share_one_decision_and_classifier_is_never_pruned():
     result = SCRATCH.prune(zoo("resnet"), "bn", 0.5, X)
-    for members in (["conv1", "layer1.0.conv2", "layer1.1.conv2"], ["layer4.0.conv2", "layer4.0.shortcut.0", "layer4.1.conv2"]):
+    for members in (
+        ["conv1", "layer1.0.conv2", "layer1.1.conv2"],
+        ["layer4.0.conv2", "layer4.0.shortcut.0", "layer4.1.conv2"],
+    ):
         assert all(result.kept[m] == result.kept[members[0]] for m in members)
     assert "linear" not in result.kept
 
@@ -86,7 +94,9 @@ def test_global_scope_pools_scores_and_prunes_layers_unevenly():
     assert removed == math.floor(total * 0.5)
     fractions = {round(len(v) / result.original_units[k], 3) for k, v in result.kept.items()}
     assert len(fractions) > 3  # layers lose different amounts
-    gammas = torch.cat([model.features[i + 1].weight.abs() for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)])
+    gammas = torch.cat(
+        [model.features[i + 1].weight.abs() for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
+    )
     threshold = gammas.sort().values[math.floor(total * 0.5)]
     for name, kept in result.kept.items():
         bn = dict(model.named_modules())[name.replace(name.split(".")[-1], str(int(name.split(".")[-1]) + 1))]
@@ -176,8 +186,11 @@ def test_exclude_and_per_layer_ratios():
     assert "layer2.0.conv1" in result.kept
     ratios = SCRATCH.prune(model, "conv_all", {"layer1.0.conv1": 0.25, "layer2.0.conv2": 0.5}, X)
     assert {k: len(v) for k, v in ratios.kept.items()} == {
-        "layer1.0.conv1": 48, "layer2.0.conv2": 64, "layer2.0.shortcut.0": 64, "layer2.1.conv2": 64,
-    }  # fmt: skip
+        "layer1.0.conv1": 48,
+        "layer2.0.conv2": 64,
+        "layer2.0.shortcut.0": 64,
+        "layer2.1.conv2": 64,
+    }
 
 
 class Untraceable(nn.Module):
@@ -197,12 +210,27 @@ class Untraceable(nn.Module):
         (lambda m: SCRATCH.prune(m, "magic", 0.5, X), "unknown pruning method 'magic'"),
         (lambda m: SCRATCH.prune(m, "bn", 1.0, X), r"sparsity must be a fraction of channels in \[0, 1\), got 1.0"),
         (lambda m: SCRATCH.prune(m, "bn", -0.1, X), "sparsity must be a fraction"),
-        (lambda m: SCRATCH.prune(m, "bn", 0.5, X, exclude=["nope"]), "exclude names 'nope', which the model does not have"),
-        (lambda m: SCRATCH.prune(m, "bn", {"nope": 0.5}, X), "per-layer sparsity names 'nope', which is not in the model"),
-        (lambda m: SCRATCH.prune(m, "bn", {"classifier.4": 0.5}, X), "classifier.4 cannot be pruned: it reaches the model output"),
-        (lambda m: SCRATCH.prune(m, "conv_similarity", 0.5, X, scope="global"), r"conv_similarity \(a greedy per-layer method\) cannot use scope='global'"),
+        (
+            lambda m: SCRATCH.prune(m, "bn", 0.5, X, exclude=["nope"]),
+            "exclude names 'nope', which the model does not have",
+        ),
+        (
+            lambda m: SCRATCH.prune(m, "bn", {"nope": 0.5}, X),
+            "per-layer sparsity names 'nope', which is not in the model",
+        ),
+        (
+            lambda m: SCRATCH.prune(m, "bn", {"classifier.4": 0.5}, X),
+            "classifier.4 cannot be pruned: it reaches the model output",
+        ),
+        (
+            lambda m: SCRATCH.prune(m, "conv_similarity", 0.5, X, scope="global"),
+            r"conv_similarity \(a greedy per-layer method\) cannot use scope='global'",
+        ),
         (lambda m: SCRATCH.prune(m, "bn", 0.5, X, scope="model"), "unknown scope 'model'; choose 'global' or 'layer'"),
-        (lambda m: SCRATCH.prune(m, "bn", {"features.0": 0.5}, X, scope="global"), "per-layer sparsity ratios cannot use scope='global'"),
+        (
+            lambda m: SCRATCH.prune(m, "bn", {"features.0": 0.5}, X, scope="global"),
+            "per-layer sparsity ratios cannot use scope='global'",
+        ),
     ],
 )
 def test_bad_requests_raise_value_errors_and_leave_the_model_alone(call, message):
@@ -219,7 +247,9 @@ def test_bn_method_on_a_model_without_batchnorm_is_refused():
 
 
 def test_untraceable_model_names_the_offending_line():
-    with pytest.raises(PruningError, match=r"torch.fx cannot trace Untraceable at test_scratch_backend.py:\d+ `if x.sum\(\) > 0:`"):
+    with pytest.raises(
+        PruningError, match=r"torch.fx cannot trace Untraceable at test_scratch_backend.py:\d+ `if x.sum\(\) > 0:`"
+    ):
         SCRATCH.prune(Untraceable(), "conv_all", 0.5, X)
 
 
@@ -245,13 +275,18 @@ def test_round_to_keeps_multiples_of_n_rounded_up_and_stays_exact(name):
     assert rounded.kept, "something is still pruned"
     for layer, units in rounded.kept.items():
         assert len(units) % 8 == 0 and len(units) < rounded.original_units[layer]
-        assert len(units) >= len(plain.kept[layer]) and set(plain.kept[layer]) <= set(units)  # rounded up: the plain choice plus the best of the rest
+        assert len(units) >= len(plain.kept[layer]) and set(plain.kept[layer]) <= set(
+            units
+        )  # rounded up: the plain choice plus the best of the rest
     for layer in set(plain.kept) - set(rounded.kept):  # a group that would round up to its full size stays whole
         assert -(-len(plain.kept[layer]) // 8) * 8 >= plain.original_units[layer]
     graph = analyze(model, X)
     with torch.no_grad():
         actual = rounded.model.eval()(X)
-    assert relative_error(actual, zeroed_reference(model, rounded.kept, rounded.original_units, graph.norm_after, X)) < 1e-4
+    assert (
+        relative_error(actual, zeroed_reference(model, rounded.kept, rounded.original_units, graph.norm_after, X))
+        < 1e-4
+    )
 
 
 def test_round_to_in_a_grouped_conv_keeps_equal_blocks_and_the_best_units():
@@ -259,7 +294,12 @@ def test_round_to_in_a_grouped_conv_keeps_equal_blocks_and_the_best_units():
 
     scores = torch.tensor([5.0, 1, 4, 2, 9, 8, 3, 7])  # two blocks of four
     assert round_up_kept(scores, torch.tensor([0, 2, 4, 5]), 2).tolist() == [0, 2, 4, 5]  # already a multiple
-    assert round_up_kept(scores, torch.tensor([0, 4, 5]), 4).tolist() == [0, 4, 5, 7]  # the best removed unit (score 7) comes back
+    assert round_up_kept(scores, torch.tensor([0, 4, 5]), 4).tolist() == [
+        0,
+        4,
+        5,
+        7,
+    ]  # the best removed unit (score 7) comes back
     assert round_up_kept(scores, torch.tensor([0, 4]), 4, blocks=2).tolist() == [0, 2, 4, 5]  # 2 per block: 4 in all
     assert round_up_kept(scores, torch.tensor([0, 4]), 16).tolist() == list(range(8))  # never past the group's size
     with pytest.raises(PruningError, match="round_to must be a positive whole number of channels, got 0"):

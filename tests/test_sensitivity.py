@@ -15,7 +15,7 @@ from algorithms.errors import PruningError
 from algorithms.masks import apply_masks
 from algorithms.sensitivity import PRUNE_TYPES, should_stop
 from backends import get_backend
-from pipeline.metrics import count_params
+from pipeline.deploy.metrics import count_params
 from tests.helpers import zoo
 
 BATCHES = [torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
@@ -60,8 +60,12 @@ def test_upstream_reuse_is_exact_with_in_place_ops_and_shared_modules(recorded):
     # with example_input the baseline run recorded every unit's upstream values; without, each unit computes them once.
     # The stem unit (conv1 and layer1's residual set) starts at the input: nothing upstream, so it runs whole.
     assert fast.cache_hits == (2 if recorded else 1) * len(BATCHES) * (len(fast.units) - 1)
-    chosen = SensitivityAnalysis(model, logit_sum, sparsities=[0.5], progress=False).analysis(val_args=[model], specified_layers=layers)
-    assert set(chosen) == {unit for unit, members in fast.units.items() if set(layers) & set(members)} and len(chosen) == 4
+    chosen = SensitivityAnalysis(model, logit_sum, sparsities=[0.5], progress=False).analysis(
+        val_args=[model], specified_layers=layers
+    )
+    assert (
+        set(chosen) == {unit for unit, members in fast.units.items() if set(layers) & set(members)} and len(chosen) == 4
+    )
     assert all(chosen[unit][0.5] == fast.sensitivities[unit][0.5] for unit in chosen)
 
 
@@ -85,7 +89,9 @@ def test_each_point_is_the_physically_pruned_model_and_the_model_is_untouched():
 
 def test_masked_mode_is_nnis_way_and_differs_where_batchnorm_beta_leaks():
     model = zoo("vgg")
-    pruned, masked = (scan(model, True, sparsities=[0.5], mode=mode).sensitivities["features.3"][0.5] for mode in ("pruned", "masked"))
+    pruned, masked = (
+        scan(model, True, sparsities=[0.5], mode=mode).sensitivities["features.3"][0.5] for mode in ("pruned", "masked")
+    )
     result = prune_channels(model, "conv_all", {"features.3": 0.5}, BATCHES[0][:1], scope="layer")
     assert masked == logit_sum(apply_masks(model, result.masks))  # conv weights and bias zeroed, BatchNorm untouched
     assert pruned == logit_sum(result.model)
@@ -95,22 +101,32 @@ def test_masked_mode_is_nnis_way_and_differs_where_batchnorm_beta_leaks():
 def test_coupled_layers_form_one_unit_named_by_its_members():
     analysis = scan(zoo("resnet"), True, sparsities=[0.5])
     assert "conv1+layer1.0.conv2+layer1.1.conv2" in analysis.sensitivities
-    assert analysis.units["layer2.0.conv2+layer2.0.shortcut.0+layer2.1.conv2"] == ["layer2.0.conv2", "layer2.0.shortcut.0", "layer2.1.conv2"]
+    assert analysis.units["layer2.0.conv2+layer2.0.shortcut.0+layer2.1.conv2"] == [
+        "layer2.0.conv2",
+        "layer2.0.shortcut.0",
+        "layer2.1.conv2",
+    ]
     assert analysis.skipped == {"linear": "it reaches the model output"}
 
 
 @pytest.mark.parametrize(
     ("mode", "value", "metric"),
-    [("minimize", 14.0, param_millions), ("maximize", -14.0, lambda m: -param_millions(m)), ("dropped", 0.6, param_millions),
-     ("raised", 0.6, lambda m: -param_millions(m))],
-)  # fmt: skip
+    [
+        ("minimize", 14.0, param_millions),
+        ("maximize", -14.0, lambda m: -param_millions(m)),
+        ("dropped", 0.6, param_millions),
+        ("raised", 0.6, lambda m: -param_millions(m)),
+    ],
+)
 def test_early_stop_modes_cut_the_row_where_nni_did(mode, value, metric):
     model = zoo("vgg")  # 14.8 M params; each 0.1 of features.40 (with its reader classifier.0) removes ~0.24 M
-    analysis = SensitivityAnalysis(model, metric, early_stop_mode=mode, early_stop_value=value, progress=False, example_input=BATCHES[0][:1])
+    analysis = SensitivityAnalysis(
+        model, metric, early_stop_mode=mode, early_stop_value=value, progress=False, example_input=BATCHES[0][:1]
+    )
     row = analysis.analysis(val_args=[model], specified_layers=["features.40"])["features.40"]
-    full = SensitivityAnalysis(model, metric, progress=False, example_input=BATCHES[0][:1]).analysis(val_args=[model], specified_layers=["features.40"])[
-        "features.40"
-    ]
+    full = SensitivityAnalysis(model, metric, progress=False, example_input=BATCHES[0][:1]).analysis(
+        val_args=[model], specified_layers=["features.40"]
+    )["features.40"]
     expected = []
     for sparsity, value_at in full.items():
         expected.append(sparsity)
@@ -141,7 +157,9 @@ def test_csv_is_nnis_layout_and_loads_back(tmp_path):
 def test_csv_header_holds_the_configured_grid_at_full_precision_and_rows_are_prefixes(tmp_path):
     from algorithms import export_sensitivity
 
-    path = export_sensitivity({"a": {0.1234561: 1.0, 0.1234564: 0.5}, "b": {0.1234561: 0.7}}, tmp_path / "s.csv", [0.1234561, 0.1234564, 0.9])
+    path = export_sensitivity(
+        {"a": {0.1234561: 1.0, 0.1234564: 0.5}, "b": {0.1234561: 0.7}}, tmp_path / "s.csv", [0.1234561, 0.1234564, 0.9]
+    )
     assert path.read_text().splitlines()[0] == "layername,0.1234561,0.1234564,0.9"
     assert load_sensitivity(path) == {"a": {0.1234561: 1.0, 0.1234564: 0.5}, "b": {0.1234561: 0.7}}
     with pytest.raises(PruningError, match="not a prefix"):
@@ -150,7 +168,15 @@ def test_csv_header_holds_the_configured_grid_at_full_precision_and_rows_are_pre
 
 
 @pytest.mark.parametrize(
-    "text", ["name,0.1\nconv1,0.9\n", "layername,0.1,1.5\nconv1,0.9,0.8\n", "layername,0.1\nconv1,abc\n", "layername,0.2,0.1\nc,1,1\n", "", "layername\n"]
+    "text",
+    [
+        "name,0.1\nconv1,0.9\n",
+        "layername,0.1,1.5\nconv1,0.9,0.8\n",
+        "layername,0.1\nconv1,abc\n",
+        "layername,0.2,0.1\nc,1,1\n",
+        "",
+        "layername\n",
+    ],
 )
 def test_a_csv_that_is_not_a_sensitivity_csv_is_refused(tmp_path, text):
     path = tmp_path / "bad.csv"
@@ -160,7 +186,11 @@ def test_a_csv_that_is_not_a_sensitivity_csv_is_refused(tmp_path, text):
 
 
 def test_ratios_by_loss_interpolate_between_measured_points_and_prune_accepts_them():
-    sensitivity = {"features.0": {0.2: 0.90, 0.4: 0.88, 0.6: 0.70}, "features.3+features.7": {0.2: 0.80, 0.4: 0.60}, "features.10": {0.2: 0.91, 0.4: 0.90}}
+    sensitivity = {
+        "features.0": {0.2: 0.90, 0.4: 0.88, 0.6: 0.70},
+        "features.3+features.7": {0.2: 0.80, 0.4: 0.60},
+        "features.10": {0.2: 0.91, 0.4: 0.90},
+    }
     ratios = get_ratios_by_loss(sensitivity, 0.05, baseline=0.91)
     # features.0: loss 0.03 at 0.4, 0.21 at 0.6 -> 0.4 + (0.05 - 0.03) * 0.2 / 0.18
     assert ratios["features.0"] == pytest.approx(0.4 + 0.02 * 0.2 / 0.18, abs=1e-6)
@@ -176,7 +206,9 @@ def test_ratios_by_loss_interpolate_between_measured_points_and_prune_accepts_th
 
 
 def test_ratios_by_loss_read_the_curve_from_zero_upwards():
-    ratios = get_ratios_by_loss({"a": {0.2: 0.70, 0.4: 0.89, 0.6: 0.5}}, 0.05, baseline=0.9)  # over budget at 0.2, back within at 0.4
+    ratios = get_ratios_by_loss(
+        {"a": {0.2: 0.70, 0.4: 0.89, 0.6: 0.5}}, 0.05, baseline=0.9
+    )  # over budget at 0.2, back within at 0.4
     assert ratios["a"] == pytest.approx(0.2 * 0.05 / 0.2)
     with pytest.raises(PruningError, match="finite"):
         get_ratios_by_loss({"a": {0.2: 0.7}}, 0.05, baseline=float("nan"))
@@ -188,13 +220,18 @@ def test_namedtuple_arguments_get_the_pruned_model_too():
     Args = namedtuple("Args", "model scale")
     model = zoo("lenet")
     seen = []
-    analysis = SensitivityAnalysis(model, lambda packed: seen.append(packed.model) or logit_sum(packed.model) * packed.scale, sparsities=[0.5], progress=False)
+    analysis = SensitivityAnalysis(
+        model,
+        lambda packed: seen.append(packed.model) or logit_sum(packed.model) * packed.scale,
+        sparsities=[0.5],
+        progress=False,
+    )
     analysis.analysis(val_args=[Args(model, 2.0)], specified_layers=["features.0"])
     assert len(seen) == 2 and seen[0] is not model and seen[1] is not model
 
 
 def test_the_plot_takes_many_units(tmp_path):
-    from pipeline.sensitivity_plot import plot_sensitivity
+    from pipeline.analysis.sensitivity_plot import plot_sensitivity
 
     many = {f"layer{i}": {0.1: 0.9 - i / 100, 0.5: 0.5} for i in range(45)}
     assert plot_sensitivity({"pruned": many}, 0.9, tmp_path / "p.png", "45 units").read_bytes()[:4] == b"\x89PNG"
@@ -202,7 +239,9 @@ def test_the_plot_takes_many_units(tmp_path):
 
 def test_ratios_by_loss_from_an_analysis_use_its_original_metric():
     model = zoo("vgg")
-    analysis = SensitivityAnalysis(model, param_millions, sparsities=[0.25, 0.5], progress=False, example_input=BATCHES[0][:1])
+    analysis = SensitivityAnalysis(
+        model, param_millions, sparsities=[0.25, 0.5], progress=False, example_input=BATCHES[0][:1]
+    )
     analysis.analysis(val_args=[model], specified_layers=["features.40", "features.37"])
     ratios = get_ratios_by_loss(analysis, 0.0)
     assert ratios == {"features.37": 0.0, "features.40": 0.0}  # any channel removed loses parameters
@@ -216,8 +255,12 @@ def test_nni_prune_type_names_rank_as_nni_does():
     distances = torch.stack([sum((weight[i] - weight[j]).double().norm() for j in range(8)) for i in range(8)])
     assert torch.allclose(geometric_median_distance(weight), distances)
     model = zoo("vgg")
-    l1 = SensitivityAnalysis(model, logit_sum, sparsities=[0.5], prune_type="l1", progress=False).analysis([model], specified_layers=["features.7"])
-    conv_all = SensitivityAnalysis(model, logit_sum, sparsities=[0.5], progress=False).analysis([model], specified_layers=["features.7"])
+    l1 = SensitivityAnalysis(model, logit_sum, sparsities=[0.5], prune_type="l1", progress=False).analysis(
+        [model], specified_layers=["features.7"]
+    )
+    conv_all = SensitivityAnalysis(model, logit_sum, sparsities=[0.5], progress=False).analysis(
+        [model], specified_layers=["features.7"]
+    )
     assert l1 == conv_all
 
 
@@ -333,13 +376,19 @@ def test_upstream_reuse_stays_exact_on_models_built_to_break_it(case, with_examp
     torch.manual_seed(0)
     model = TRICKY[case]()  # left in training mode, as constructed
     example = {"example_input": SMALL[0][:1]} if with_example else {}
-    results = [SensitivityAnalysis(model, small_metric, sparsities=[0.25, 0.5], reuse_upstream=reuse, progress=False, **example) for reuse in (True, False)]
+    results = [
+        SensitivityAnalysis(
+            model, small_metric, sparsities=[0.25, 0.5], reuse_upstream=reuse, progress=False, **example
+        )
+        for reuse in (True, False)
+    ]
     fast, plain = (analysis.analysis(val_args=[model]) for analysis in results)
     assert fast == plain and results[0].ori_metric == results[1].ori_metric
 
 
 def test_a_val_func_that_fine_tunes_gets_the_plain_forward():
-    """Training inside val_func (gradients on) changes upstream weights: reuse must step aside, not serve stale values."""
+    """Training inside val_func (gradients on) changes upstream weights: reuse must step aside, not serve stale
+    values."""
     torch.manual_seed(0)
     model = ReturnsFeatures().eval()
 
@@ -351,8 +400,12 @@ def test_a_val_func_that_fine_tunes_gets_the_plain_forward():
         optimizer.step()
         return small_metric(candidate)
 
-    results = [SensitivityAnalysis(model, fine_tuned, sparsities=[0.25, 0.5], reuse_upstream=reuse, example_input=SMALL[0][:1], progress=False)
-               for reuse in (True, False)]  # fmt: skip
+    results = [
+        SensitivityAnalysis(
+            model, fine_tuned, sparsities=[0.25, 0.5], reuse_upstream=reuse, example_input=SMALL[0][:1], progress=False
+        )
+        for reuse in (True, False)
+    ]
     assert results[0].analysis(val_args=[model]) == results[1].analysis(val_args=[model])
 
 
@@ -365,7 +418,13 @@ def test_a_model_copied_during_evaluation_is_refused_not_silently_wrong():
         return logit_sum(copy.deepcopy(candidate))
 
     with pytest.raises(PruningError, match="reuse_upstream=False"):
-        SensitivityAnalysis(model, copies, sparsities=[0.5], progress=False).analysis([model], specified_layers=["features.4"])
-    assert SensitivityAnalysis(model, copies, sparsities=[0.5], reuse_upstream=False, progress=False).analysis([model], specified_layers=["features.4"])
+        SensitivityAnalysis(model, copies, sparsities=[0.5], progress=False).analysis(
+            [model], specified_layers=["features.4"]
+        )
+    assert SensitivityAnalysis(model, copies, sparsities=[0.5], reuse_upstream=False, progress=False).analysis(
+        [model], specified_layers=["features.4"]
+    )
     # the first layer reads the input: nothing upstream to reuse, so its unit runs whole and a copying val_func is fine
-    assert SensitivityAnalysis(model, copies, sparsities=[0.5], progress=False).analysis([model], specified_layers=["features.0"])
+    assert SensitivityAnalysis(model, copies, sparsities=[0.5], progress=False).analysis(
+        [model], specified_layers=["features.0"]
+    )

@@ -42,14 +42,25 @@ def scratch(model: nn.Module) -> tuple[nn.Module, dict[str, list[int]]]:
     return result.model, result.kept
 
 
-PARITY = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "googlenet", "mnasnet0_5",
-          "densenet121", "resnext50_32x4d", "convnext_tiny"]  # fmt: skip
+PARITY = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_x_400mf",
+    "googlenet",
+    "mnasnet0_5",
+    "densenet121",
+    "resnext50_32x4d",
+    "convnext_tiny",
+]
 
 
 @pytest.mark.parametrize("name", PARITY)
 def test_scratch_keeps_as_many_parameters_as_torch_pruning_and_both_are_exact(name):
-    """Per model: both prune, to the same parameter count, and both equal the channel-zeroed original. A group Torch-Pruning
-    prunes and scratch leaves whole would show here as a count mismatch: a gap in our analysis."""
+    """Per model: both prune, to the same parameter count, and both equal the channel-zeroed original. A group
+    Torch-Pruning prunes and scratch leaves whole would show here as a count mismatch: a gap in our analysis."""
     model = torchvision_model(name)
     pruned, kept = scratch(model)
     peer = torch_pruning(model)
@@ -61,7 +72,9 @@ def test_scratch_keeps_as_many_parameters_as_torch_pruning_and_both_are_exact(na
 
 def test_shufflenet_prunes_where_torch_pruning_fails():
     model = torchvision_model("shufflenet_v2_x1_0")
-    with pytest.raises(PruningError, match="ZeroDivisionError"):  # Torch-Pruning 1.6.1's reshape index mapping (DESIGN.md section 6)
+    with pytest.raises(
+        PruningError, match="ZeroDivisionError"
+    ):  # Torch-Pruning 1.6.1's reshape index mapping (DESIGN.md section 6)
         torch_pruning(model)
     pruned, kept = scratch(model)
     assert sum(p.numel() for p in pruned.parameters()) < 0.6 * sum(p.numel() for p in model.parameters())
@@ -71,10 +84,16 @@ def test_shufflenet_prunes_where_torch_pruning_fails():
 
 def test_vit_prunes_its_mlp_hidden_units_where_torch_pruning_breaks_the_model():
     torch.manual_seed(0)
-    model = torchvision.models.vit_b_16(image_size=64, num_classes=10).eval()  # 16 patches of 16x16: the real architecture, small input
+    model = torchvision.models.vit_b_16(
+        image_size=64, num_classes=10
+    ).eval()  # 16 patches of 16x16: the real architecture, small input
     pruned, kept = scratch(model)
-    assert sorted(kept) == sorted(f"encoder.layers.encoder_layer_{i}.mlp.0" for i in range(12)) and all(len(k) == 1536 for k in kept.values())
+    assert sorted(kept) == sorted(f"encoder.layers.encoder_layer_{i}.mlp.0" for i in range(12)) and all(
+        len(k) == 1536 for k in kept.values()
+    )
     with torch.no_grad():
         assert relative_error(pruned(X), consumer_zeroed_reference(model, kept, X)) < 1e-5
-    with pytest.raises(PruningError, match="no longer runs.*invalid for input"):  # Torch-Pruning halves hidden_dim; forward reshapes to self.hidden_dim
+    with pytest.raises(
+        PruningError, match="no longer runs.*invalid for input"
+    ):  # Torch-Pruning halves hidden_dim; forward reshapes to self.hidden_dim
         torch_pruning(model)

@@ -21,7 +21,11 @@ pytest.importorskip("torch_pruning")
 TP = get_backend("tp")
 SCRATCH = get_backend("scratch")
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-DATA = {"train_batches": lambda: iter([(X, torch.tensor([0, 1, 2, 3]))] * 2), "training_steps": 2, "importance_batches": 1}
+DATA = {
+    "train_batches": lambda: iter([(X, torch.tensor([0, 1, 2, 3]))] * 2),
+    "training_steps": 2,
+    "importance_batches": 1,
+}
 ZOO = ["dnn_2", "dnn_4", "lenet", "alexnet", "vgg", "resnet", "torchvision_resnet18"]
 
 
@@ -67,9 +71,9 @@ def test_every_method_prunes_every_zoo_model_exactly(name, method):
 
 
 def torch_pruning_group_l1(model: torch.nn.Module, layer: str) -> torch.Tensor:
-    """Torch-Pruning's MagnitudeImportance(p=1) for one plain conv -> BatchNorm -> next-layer chain: the mean over the group's
-    members of the filter's L1 norm, the BatchNorm |gamma| and the next layer's input-column L1 norm (its normaliser divides
-    by a constant and does not change the order)."""
+    """Torch-Pruning's MagnitudeImportance(p=1) for one plain conv -> BatchNorm -> next-layer chain: the mean over the
+    group's members of the filter's L1 norm, the BatchNorm |gamma| and the next layer's input-column L1 norm (its
+    normaliser divides by a constant and does not change the order)."""
     graph = analyze(model, X)
     modules = dict(model.named_modules())
     members = [modules[layer].weight.detach().abs().flatten(1).sum(1)]
@@ -77,16 +81,21 @@ def torch_pruning_group_l1(model: torch.nn.Module, layer: str) -> torch.Tensor:
         members.append(modules[graph.norm_after[layer]].weight.detach().abs())
     group = graph.group_of_producer[layer]
     for consumer in graph.consumers:
-        if consumer.kind in ("conv", "linear") and any(graph.group_of_space.get(s.space) == group for s in consumer.layout):
+        if consumer.kind in ("conv", "linear") and any(
+            graph.group_of_space.get(s.space) == group for s in consumer.layout
+        ):
             columns = modules[consumer.module].weight.detach().abs().transpose(0, 1).flatten(1).sum(1)
-            members.append(columns.view(-1, consumer.layout[0].repeat).sum(1))  # an NCHW flatten: H*W columns per channel
+            members.append(
+                columns.view(-1, consumer.layout[0].repeat).sum(1)
+            )  # an NCHW flatten: H*W columns per channel
     return torch.stack(members).mean(0)
 
 
 @pytest.mark.parametrize("name", ["lenet", "vgg"])
 def test_tp_l1_ranks_whole_groups_where_scratch_ranks_filters(name):
-    """On chains without coupled layers, `tp l1` keeps the top half by Torch-Pruning's group L1 (filter + BatchNorm + next layer's
-    input columns) and `scratch conv_all` the top half by filter L1; their overlap is what those two orders share, exactly."""
+    """On chains without coupled layers, `tp l1` keeps the top half by Torch-Pruning's group L1 (filter + BatchNorm +
+    next layer's input columns) and `scratch conv_all` the top half by filter L1; their overlap is what those two orders
+    share, exactly."""
     model = zoo(name)
     tp_kept = TP.prune(model, "l1", 0.5, X, scope="layer").kept
     scratch_kept = SCRATCH.prune(model, "conv_all", 0.5, X, scope="layer").kept
@@ -95,7 +104,9 @@ def test_tp_l1_ranks_whole_groups_where_scratch_ranks_filters(name):
     for layer, kept in tp_kept.items():
         count = len(kept)
         assert kept == sorted(torch_pruning_group_l1(model, layer).topk(count).indices.tolist())
-        assert scratch_kept[layer] == sorted(modules[layer].weight.detach().abs().flatten(1).sum(1).topk(count).indices.tolist())
+        assert scratch_kept[layer] == sorted(
+            modules[layer].weight.detach().abs().flatten(1).sum(1).topk(count).indices.tolist()
+        )
     shared = sum(len(set(tp_kept[k]) & set(scratch_kept[k])) for k in tp_kept) / sum(len(k) for k in tp_kept.values())
     assert 0.5 < shared < 1.0  # related criteria, not the same one
 
@@ -117,7 +128,10 @@ def test_scope_ratios_exclude_and_round_to_mean_what_they_mean():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: TP.prune(zoo("lenet"), "fpgm", 0.5, X), "Torch-Pruning offers no method 'fpgm' here; choose one of: l1, l2"),
+        (
+            lambda: TP.prune(zoo("lenet"), "fpgm", 0.5, X),
+            "Torch-Pruning offers no method 'fpgm' here; choose one of: l1, l2",
+        ),
         (lambda: TP.prune(zoo("lenet"), "l1", 0.5, X, round_to=8), r"round_to=8 is larger than features.0 \(6 units\)"),
         (lambda: TP.prune(zoo("lenet"), "l1", 0.5, X, round_to=0), "round_to must be a positive whole number"),
         (lambda: TP.prune(zoo("lenet"), "taylor", 0.5, X), "taylor is data-driven: pass train_batches"),
@@ -136,22 +150,54 @@ def test_torch_pruning_failures_are_one_line():
     shufflenet = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
     with pytest.raises(PruningError, match=r"^Torch-Pruning l1 failed on ShuffleNetV2: ZeroDivisionError"):
         TP.prune(shufflenet, "l1", 0.5, torch.randn(1, 3, 64, 64))
-    vit = torchvision.models.VisionTransformer(32, 8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=4).eval()
+    vit = torchvision.models.VisionTransformer(
+        32, 8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=4
+    ).eval()
     with pytest.raises(PruningError, match="the model Torch-Pruning l1 pruned no longer runs"):
         TP.prune(vit, "l1", 0.5, torch.randn(1, 3, 32, 32))
 
 
-QUICK = ["--num_epochs", "1", "--limit_batches", "2", "--limit_val_batches", "1", "--batch_size_per_device", "16", "--val_batch_size_per_device", "64"]
+QUICK = [
+    "--num_epochs",
+    "1",
+    "--limit_batches",
+    "2",
+    "--limit_val_batches",
+    "1",
+    "--batch_size_per_device",
+    "16",
+    "--val_batch_size_per_device",
+    "64",
+]
 
 
 @pytest.mark.parametrize("method", ["lamp", "group_norm"])
 def test_run_py_tp_round_trip(tmp_path, monkeypatch, method):
     monkeypatch.chdir(tmp_path)
-    assert run.main(["--backend", "tp", "--prune_method", method, "--model", "vgg", "--step", "123", "--prune_steps", "2", *QUICK]) == 0
+    assert (
+        run.main(
+            [
+                "--backend",
+                "tp",
+                "--prune_method",
+                method,
+                "--model",
+                "vgg",
+                "--step",
+                "123",
+                "--prune_steps",
+                "2",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     pruned, meta = load_model(tmp_path / "output/snapshots/vgg/digits/model_prune", "vgg", "digits")
     assert meta["backend"] == "tp" and meta["method"] == method
     report = json.loads((tmp_path / "output/results/results_vgg_digits_pruning.json").read_text())
-    assert report["params"] < report["base"]["params"] and report["prune_train_steps"] == (2 if method == "group_norm" else 0)
+    assert report["params"] < report["base"]["params"] and report["prune_train_steps"] == (
+        2 if method == "group_norm" else 0
+    )
     assert (tmp_path / "output/snapshots/vgg/digits/model_refine/weights.pt").is_file()
 
 
@@ -160,7 +206,10 @@ def test_run_py_tp_round_trip(tmp_path, monkeypatch, method):
     [
         (["--backend", "tp", "--prune_method", "fpgm"], "Torch-Pruning offers no method 'fpgm'"),
         (["--backend", "tp", "--round_to", "8"], "round_to=8 is larger than features.0"),
-        (["--backend", "nni", "--prune_method", "level", "--round_to", "8"], "round_to rounds channel counts; level prunes single weights"),
+        (
+            ["--backend", "nni", "--prune_method", "level", "--round_to", "8"],
+            "round_to rounds channel counts; level prunes single weights",
+        ),
         (["--backend", "tp", "--round_to", "0"], "--round_to must be positive"),
     ],
 )
@@ -177,7 +226,12 @@ class SoftmaxHead(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv, self.bn, self.hidden, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 16), torch.nn.Linear(16, 10)
+        self.conv, self.bn, self.hidden, self.fc = (
+            torch.nn.Conv2d(3, 8, 3),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.Linear(8, 16),
+            torch.nn.Linear(16, 10),
+        )
         self.up = torch.nn.ConvTranspose2d(8, 8, 2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,24 +256,31 @@ def test_coupled_layers_take_their_largest_ratio_as_in_scratch():
     members = ["layer2.0.conv2", "layer2.0.shortcut.0"]
     tp_kept = TP.prune(model, "l1", {members[0]: 0.25, members[1]: 0.75}, X).kept
     scratch_kept = SCRATCH.prune(model, "conv_all", {members[0]: 0.25, members[1]: 0.75}, X).kept
-    assert len(tp_kept[members[0]]) == len(tp_kept[members[1]]) == len(scratch_kept[members[0]]) == 32  # 128 channels, 0.75 removed
+    assert (
+        len(tp_kept[members[0]]) == len(tp_kept[members[1]]) == len(scratch_kept[members[0]]) == 32
+    )  # 128 channels, 0.75 removed
 
 
 def test_hessian_uses_every_sample():
-    """Torch-Pruning 1.6.1 alone keeps only the last sample's gradient; with ours, changing the others changes the choice."""
+    """Torch-Pruning 1.6.1 alone keeps only the last sample's gradient; with ours, changing the others changes the
+    choice."""
     model = zoo("vgg")
     labels = torch.arange(8) % 10
     batches = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in (5, 6)]
     batches[1][-1] = batches[0][-1]  # the same last sample
 
     def kept(images: torch.Tensor) -> dict[str, list[int]]:
-        return TP.prune(model, "hessian", 0.5, X, train_batches=lambda: iter([(images, labels)]), importance_batches=1).kept
+        return TP.prune(
+            model, "hessian", 0.5, X, train_batches=lambda: iter([(images, labels)]), importance_batches=1
+        ).kept
 
     assert kept(batches[0]) != kept(batches[1])
 
 
 def test_a_layer_torch_pruning_would_silently_skip_is_refused():
-    with pytest.raises(PruningError, match=r"would keep no channel of features.0 \(6 units\) and skip it silently; use a lower ratio"):
+    with pytest.raises(
+        PruningError, match=r"would keep no channel of features.0 \(6 units\) and skip it silently; use a lower ratio"
+    ):
         TP.prune(zoo("lenet"), "l1", 0.9, X)
     with pytest.raises(PruningError, match="would keep no channel of features.0 .* use a round_to of at most 3"):
         TP.prune(zoo("lenet"), "l1", 0.5, X, round_to=4)
@@ -227,6 +288,8 @@ def test_a_layer_torch_pruning_would_silently_skip_is_refused():
 
 def test_run_py_refuses_group_slim_on_layers_without_batchnorm_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert run.main(["--backend", "tp", "--prune_method", "group_slim", "--model", "lenet", "--step", "12", *QUICK]) == 2
+    assert (
+        run.main(["--backend", "tp", "--prune_method", "group_slim", "--model", "lenet", "--step", "12", *QUICK]) == 2
+    )
     assert "group_slim needs a BatchNorm after every pruned layer, and classifier.0 has none" in capsys.readouterr().err
     assert not (tmp_path / "output").exists()

@@ -11,7 +11,11 @@ from backends.tp_backend import METHODS as TP_METHODS
 from models import build_model
 
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-L1 = {"scratch": "conv_all", "nni": "l1", "tp": "l1"}  # L1 filter norms (Torch-Pruning's over the whole dependency group)
+L1 = {
+    "scratch": "conv_all",
+    "nni": "l1",
+    "tp": "l1",
+}  # L1 filter norms (Torch-Pruning's over the whole dependency group)
 
 
 def seeded_model(name: str) -> torch.nn.Module:
@@ -27,8 +31,12 @@ def train_batches():
         yield torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
 
 
-def prune(backend: str, model: torch.nn.Module, method: str, percent: float = 0.5, scope: str | None = "layer") -> torch.nn.Module:
-    data_driven = backend == "nni" and method in TRAINS_WHILE_PRUNING or backend == "tp" and TP_METHODS[method].data_driven
+def prune(
+    backend: str, model: torch.nn.Module, method: str, percent: float = 0.5, scope: str | None = "layer"
+) -> torch.nn.Module:
+    data_driven = (
+        backend == "nni" and method in TRAINS_WHILE_PRUNING or backend == "tp" and TP_METHODS[method].data_driven
+    )
     options = {"train_batches": train_batches, "training_steps": 4} if data_driven else {}
     return get_backend(backend).prune(model, method, percent, X, scope=scope, **options).model.eval()
 

@@ -1,4 +1,5 @@
-"""The harness's wall-time targets (python -m pytest bench/benchmarks/test_matrix_time.py --benchmark-enable -m slow -s).
+"""The harness's wall-time targets (python -m pytest bench/benchmarks/test_matrix_time.py --benchmark-enable -m slow
+-s).
 
 The default matrix (lenet and vgg, the three backends, their default methods plus the random control, percents
 0.3 / 0.5 / 0.7, one seed), base models trained from nothing: under 15 minutes on digits and under 30 on
@@ -22,8 +23,19 @@ TARGET_S = {"digits": 15 * 60, "mnist5k": 30 * 60}
 @pytest.mark.slow
 @pytest.mark.parametrize("data_type", ["digits", "mnist5k"])
 def test_default_matrix_time(benchmark, tmp_path, data_type):
-    command = [sys.executable, "-m", "bench", "--models", "lenet,vgg", "--data_type", data_type, "--out", str(tmp_path / "out"),
-               "--base_dir", str(tmp_path / "bases")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--models",
+        "lenet,vgg",
+        "--data_type",
+        data_type,
+        "--out",
+        str(tmp_path / "out"),
+        "--base_dir",
+        str(tmp_path / "bases"),
+    ]
 
     def run() -> float:
         started = time.perf_counter()
@@ -34,6 +46,8 @@ def test_default_matrix_time(benchmark, tmp_path, data_type):
     rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     failed = [row["cell"] for row in rows if row["status"] != "ok"]
     benchmark.extra_info.update(seconds=seconds, cells=len(rows), failed=failed)
-    print(f"\ndefault matrix on {data_type}: {len(rows)} cells in {seconds / 60:.1f} min ({len(failed)} failed: {failed})")
+    print(
+        f"\ndefault matrix on {data_type}: {len(rows)} cells in {seconds / 60:.1f} min ({len(failed)} failed: {failed})"
+    )
     assert not failed
     assert seconds < TARGET_S[data_type], f"{seconds / 60:.1f} min >= the {TARGET_S[data_type] / 60:.0f}-minute target"

@@ -1,4 +1,5 @@
-"""ofrecordMake on 50,000 CIFAR-sized records (python -m pytest bench/benchmarks/test_ofrecord_convert.py --benchmark-enable -s).
+"""ofrecordMake on 50,000 CIFAR-sized records (python -m pytest bench/benchmarks/test_ofrecord_convert.py
+--benchmark-enable -s).
 
 Targets from the dataset issue: peak memory under 1 GiB, >= 5,000 records/s on this CPU.
 """
@@ -44,13 +45,22 @@ def cifar_json(tmp_path_factory) -> Path:
 def test_convert_50k_cifar_records(benchmark, cifar_json):
     def convert() -> float:
         started = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "ofrecordMake.py"), "--dataName", "cifarlike"], cwd=cifar_json, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "ofrecordMake.py"), "--dataName", "cifarlike"],
+            cwd=cifar_json,
+            check=True,
+            capture_output=True,
+        )
         return time.perf_counter() - started
 
     seconds = benchmark.pedantic(convert, rounds=1)
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest process: main or a worker
     rate = (TRAIN + TEST) / seconds
     benchmark.extra_info.update(records_per_s=rate, peak_mib=peak_mib)
-    print(f"\nofrecordMake: {TRAIN + TEST:,} CIFAR-sized records in {seconds:.1f} s = {rate:,.0f} records/s; peak RSS {peak_mib:,.0f} MiB")
+    print(
+        f"\nofrecordMake: {TRAIN + TEST:,} CIFAR-sized records in {seconds:.1f} s = {rate:,.0f} records/s; peak RSS "
+        f"{peak_mib:,.0f} "
+        "MiB"
+    )
     assert peak_mib < 1024, f"peak memory {peak_mib:.0f} MiB >= 1 GiB"
     assert rate >= 5000, f"{rate:,.0f} records/s < the 5,000 records/s target"

@@ -25,9 +25,13 @@ ROUNDS = {"scratch": 10, "nni": 3, "tp": 5}
 @pytest.mark.parametrize("backend, method", CASES)
 def test_prune_time(benchmark, models, name, backend, method):
     model = models[name]
-    pruned = benchmark.pedantic(lambda: prune(backend, model, method, scope=None), rounds=ROUNDS[backend], warmup_rounds=1)
+    pruned = benchmark.pedantic(
+        lambda: prune(backend, model, method, scope=None), rounds=ROUNDS[backend], warmup_rounds=1
+    )
     before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in pruned.parameters())
     benchmark.extra_info.update(params_before=before, params_after=after)
     assert after < before or method == "level"  # level zeroes single weights: same shapes
     if (backend, method, name) == ("scratch", "conv_all", "torchvision_resnet18"):
-        assert benchmark.stats.stats.median < 0.1, f"scratch pruning of resnet18 took {benchmark.stats.stats.median:.3f} s (budget 0.1 s)"
+        assert benchmark.stats.stats.median < 0.1, (
+            f"scratch pruning of resnet18 took {benchmark.stats.stats.median:.3f} s (budget 0.1 s)"
+        )

@@ -23,8 +23,8 @@ from algorithms.graph import analyze
 from algorithms.tracing import trace
 from algorithms.upstream import split_graph
 from models import build_model
-from pipeline.datasets import load_dataset
-from pipeline.layer_stats import layer_stats
+from pipeline.analysis.layer_stats import layer_stats
+from pipeline.data.datasets import load_dataset
 
 
 def mac_bound(model: torch.nn.Module, example: torch.Tensor) -> float:
@@ -57,7 +57,9 @@ def test_sensitivity_scan_time(benchmark, name):
         return sum(int((candidate(x).argmax(1) == y).sum()) for x, y in batches) / sum(len(y) for _, y in batches)
 
     def scan(reuse: bool) -> dict[str, dict[float, float]]:
-        analysis = SensitivityAnalysis(model, top1, reuse_upstream=reuse, example_input=batches[0][0][:1], progress=False)
+        analysis = SensitivityAnalysis(
+            model, top1, reuse_upstream=reuse, example_input=batches[0][0][:1], progress=False
+        )
         return analysis.analysis(val_args=[model])
 
     plain_seconds: list[float] = []
@@ -71,10 +73,18 @@ def test_sensitivity_scan_time(benchmark, name):
     reused = benchmark.pedantic(lambda: scan(True), setup=timed_plain_scan, rounds=2, warmup_rounds=1, iterations=1)
     plain, reuse = min(plain_seconds[1:]), benchmark.stats.stats.min
     ratio, bound = plain / reuse, mac_bound(model, batches[0][0][:1])
-    benchmark.extra_info.update(straightforward_s=round(plain, 2), straightforward_cold_s=round(plain_seconds[0], 2), units=len(reused),
-                                points=sum(map(len, reused.values())), speedup=round(ratio, 2), mac_bound=round(bound, 2),
-                                threads=torch.get_num_threads())  # fmt: skip
-    print(f"\n{name}: straightforward {plain:.1f} s (cold round {plain_seconds[0]:.1f} s), "
-          f"with upstream reuse {reuse:.1f} s: {ratio:.2f}x (MAC bound {bound:.2f}x)")  # fmt: skip
+    benchmark.extra_info.update(
+        straightforward_s=round(plain, 2),
+        straightforward_cold_s=round(plain_seconds[0], 2),
+        units=len(reused),
+        points=sum(map(len, reused.values())),
+        speedup=round(ratio, 2),
+        mac_bound=round(bound, 2),
+        threads=torch.get_num_threads(),
+    )
+    print(
+        f"\n{name}: straightforward {plain:.1f} s (cold round {plain_seconds[0]:.1f} s), "
+        f"with upstream reuse {reuse:.1f} s: {ratio:.2f}x (MAC bound {bound:.2f}x)"
+    )
     assert all(result == reused for result in plain_results)  # the same numbers, to the last digit
     assert ratio > 1.3, f"upstream reuse gained only {ratio:.2f}x on {name}"

@@ -10,8 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from algorithms.modules import eval_mode
-
-from .metrics import count_macs, count_params, model_size_mb
+from pipeline.deploy.metrics import count_macs, count_params, model_size_mb
 
 
 @dataclass
@@ -64,16 +63,27 @@ def layer_stats(model: nn.Module, example_input: torch.Tensor) -> list[LayerStat
 def stats_frame(model: nn.Module, example_input: torch.Tensor) -> tuple[pd.DataFrame, dict[str, float]]:
     """The per-layer table and the model's totals (all parameters, MACs, size in MiB)."""
     frame = pd.DataFrame([asdict(row) for row in layer_stats(model, example_input)])
-    totals = {"params": count_params(model), "macs": count_macs(model, example_input), "size_mb": round(model_size_mb(model), 4)}
+    totals = {
+        "params": count_params(model),
+        "macs": count_macs(model, example_input),
+        "size_mb": round(model_size_mb(model), 4),
+    }
     return frame, totals
 
 
 def side_by_side(base: pd.DataFrame, pruned: pd.DataFrame) -> pd.DataFrame:
     """Base and pruned rows joined by layer name, with what fraction of params and MACs each layer keeps."""
     columns = ["name", "type", "weight_shape", "output_size", "macs", "params"]
-    joined = base[columns].merge(pruned[["name", "weight_shape", "output_size", "macs", "params"]], on="name", how="outer", suffixes=(" base", " pruned"))
+    joined = base[columns].merge(
+        pruned[["name", "weight_shape", "output_size", "macs", "params"]],
+        on="name",
+        how="outer",
+        suffixes=(" base", " pruned"),
+    )
     order = {name: index for index, name in enumerate(base["name"])}
-    joined = joined.sort_values("name", key=lambda names: names.map(lambda n: order.get(n, len(order)))).reset_index(drop=True)
+    joined = joined.sort_values("name", key=lambda names: names.map(lambda n: order.get(n, len(order)))).reset_index(
+        drop=True
+    )
     joined["params kept"] = (joined["params pruned"] / joined["params base"]).round(4)
     joined["MACs kept"] = (joined["macs pruned"] / joined["macs base"].where(joined["macs base"] > 0)).round(4)
     return joined

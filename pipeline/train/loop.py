@@ -12,11 +12,10 @@ from torch import nn
 from tqdm import tqdm
 
 from algorithms.modules import eval_mode
-
-from .data import ImageDataset
-from .distributed import all_reduce_max, all_reduce_sum, average_gradients, data_parallel
-from .errors import UsageError
-from .runtime import CPU, Runtime, synchronize
+from pipeline.data.images import ImageDataset
+from pipeline.errors import UsageError
+from pipeline.train.distributed import all_reduce_max, all_reduce_sum, average_gradients, data_parallel
+from pipeline.train.runtime import CPU, Runtime, synchronize
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, float]]] = {
     "adam": (torch.optim.Adam, {}),
@@ -38,7 +37,9 @@ class EvalResult:
     samples_per_s: float
 
 
-def make_optimizer(name: str, params: object, lr: float, wrap: Callable[[type], type] = lambda cls: cls) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, params: object, lr: float, wrap: Callable[[type], type] = lambda cls: cls
+) -> torch.optim.Optimizer:
     """`wrap` lets a library that rebuilds the optimizer record its arguments (NNI's nni.trace)."""
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown --model_update {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
@@ -51,7 +52,9 @@ def top_k_for(num_classes: int) -> int:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: ImageDataset, batch_size: int, limit: int | None = None, runtime: Runtime = CPU) -> EvalResult:
+def evaluate(
+    model: nn.Module, data: ImageDataset, batch_size: int, limit: int | None = None, runtime: Runtime = CPU
+) -> EvalResult:
     """Top-1 / top-k accuracy on the test split and inference throughput.
 
     Under several processes each evaluates every world_size-th test image and the counts are summed across them,
@@ -62,7 +65,9 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int, limit: int |
     elapsed = 0.0
     shard = (runtime.rank, runtime.world_size, 0) if runtime.distributed else None
     with eval_mode(model):
-        for images, labels in data.loader("test", batch_size, limit=limit, workers=runtime.workers, pin_memory=runtime.pin_memory, shard=shard):
+        for images, labels in data.loader(
+            "test", batch_size, limit=limit, workers=runtime.workers, pin_memory=runtime.pin_memory, shard=shard
+        ):
             images, labels = runtime.inputs(images), labels.to(runtime.device, non_blocking=True)
             start = time.perf_counter()
             with runtime.autocast():
@@ -70,7 +75,10 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int, limit: int |
             synchronize(runtime.device)
             elapsed += time.perf_counter() - start
             top = logits.topk(k, dim=1).indices
-            counts += torch.tensor([float((top[:, 0] == labels).sum()), float((top == labels[:, None]).any(dim=1).sum()), len(labels)], dtype=torch.float64)
+            counts += torch.tensor(
+                [float((top[:, 0] == labels).sum()), float((top == labels[:, None]).any(dim=1).sum()), len(labels)],
+                dtype=torch.float64,
+            )
     if runtime.distributed:
         counts, elapsed = all_reduce_sum(counts, runtime), float(all_reduce_max(torch.tensor([elapsed]), runtime))
     correct1, correct_k, seen = counts.tolist()
@@ -108,14 +116,28 @@ def train(
     optimizer = make_optimizer(optimizer_name, [*model.parameters(), *extra], lr)
     scaler = runtime.grad_scaler()
     shard = (runtime.rank, runtime.world_size, seed) if runtime.distributed else None
-    batches = data.loader("train", batch_size, generator, limit_batches, workers=runtime.workers, pin_memory=runtime.pin_memory, shard=shard)
+    batches = data.loader(
+        "train",
+        batch_size,
+        generator,
+        limit_batches,
+        workers=runtime.workers,
+        pin_memory=runtime.pin_memory,
+        shard=shard,
+    )
     trained = data_parallel(model, runtime) if runtime.distributed else model
     history: list[EvalResult] = []
     for epoch in range(epochs):
         model.train()
         trained.train()  # a SyncBatchNorm view keeps its own mode flags
         batches.set_epoch(epoch)
-        bar = tqdm(batches, total=len(batches), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=None if runtime.is_main else True)
+        bar = tqdm(
+            batches,
+            total=len(batches),
+            desc=f"{desc} epoch {epoch + 1}/{epochs}",
+            leave=False,
+            disable=None if runtime.is_main else True,
+        )
         for images, labels in bar:
             images, labels = runtime.inputs(images), labels.to(runtime.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)

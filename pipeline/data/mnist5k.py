@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import ImageDataset, channel_stats
-from .errors import UsageError
+from pipeline.data.images import ImageDataset, channel_stats
+from pipeline.errors import UsageError
 
 TEST_PER_CLASS = 100  # 1,000 test images, 100 of each digit; the other 4,000 train
 SPLIT_SEED = 0  # fixed: the split never depends on --seed

@@ -1,4 +1,5 @@
-"""Several processes, one or many machines: torch.distributed as torchrun starts it, DistributedDataParallel for training.
+"""Several processes, one or many machines: torch.distributed as torchrun starts it, DistributedDataParallel for
+training.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in each process it starts; this module reads
 them, joins the process group (gloo on the CPU, nccl on CUDA) and offers the few collectives the job needs. It also
@@ -22,8 +23,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import UsageError
-from .runtime import Runtime
+from pipeline.errors import UsageError
+from pipeline.train.runtime import Runtime
 
 JOIN_TIMEOUT_S = 120  # how long a process waits to join the others before giving up with a message
 # How long a training collective (DDP, the metric reductions) may wait for a slow process before failing.
@@ -48,11 +49,18 @@ def join(device: torch.device, timeout_s: float = JOIN_TIMEOUT_S) -> tuple[int, 
     run in groups of their own with longer timeouts, so a slow step of rank 0's does not count as a failure. Each group
     meets once here, while every process is present: NCCL connects a group at its first collective.
     """
-    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank = (
+        int(os.environ["RANK"]),
+        int(os.environ["WORLD_SIZE"]),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"process {rank} is local rank {local_rank} but this node has {torch.cuda.device_count()} CUDA device(s); "
-                             "use --nproc_per_node no larger than that")  # fmt: skip
+            raise UsageError(
+                f"process {rank} is local rank {local_rank} but this node has {torch.cuda.device_count()} CUDA "
+                "device(s); "
+                "use --nproc_per_node no larger than that"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -60,11 +68,19 @@ def join(device: torch.device, timeout_s: float = JOIN_TIMEOUT_S) -> tuple[int, 
         try:
             with _native_stderr_silenced():
                 dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-        except (RuntimeError, ValueError) as error:  # DistStoreError (a RuntimeError): the master's store did not answer in time
+        except (
+            RuntimeError,
+            ValueError,
+        ) as error:  # DistStoreError (a RuntimeError): the master's store did not answer in time
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-            raise UsageError(f"process {rank} could not join the job's process group at {where} within {timeout_s:g} s "
-                             f"({type(error).__name__}); check --master_addr / --master_port and that rank 0 is running") from None  # fmt: skip
-    groups = [dist.new_group(timeout=datetime.timedelta(seconds=seconds)) for seconds in (COLLECTIVE_TIMEOUT_S, WAIT_TIMEOUT_S)]
+            raise UsageError(
+                f"process {rank} could not join the job's process group at {where} within {timeout_s:g} s "
+                f"({type(error).__name__}); check --master_addr / --master_port and that rank 0 is running"
+            ) from None
+    groups = [
+        dist.new_group(timeout=datetime.timedelta(seconds=seconds))
+        for seconds in (COLLECTIVE_TIMEOUT_S, WAIT_TIMEOUT_S)
+    ]
     for group in groups:
         dist.barrier(group=group)
     return rank, world_size, device, groups[0], groups[1]
@@ -72,7 +88,8 @@ def join(device: torch.device, timeout_s: float = JOIN_TIMEOUT_S) -> tuple[int, 
 
 @contextlib.contextmanager
 def _native_stderr_silenced() -> Iterator[None]:
-    """c10d's C++ side logs every failed connection attempt straight to file descriptor 2; the one-line error says it instead."""
+    """c10d's C++ side logs every failed connection attempt straight to file descriptor 2; the one-line error says it
+    instead."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -92,7 +109,9 @@ def leave() -> None:
 
 def peer_failed(error: BaseException) -> bool:
     """A collective failed because another process went away (gloo raises a plain RuntimeError naming itself)."""
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(word in str(error) for word in ("gloo", "NCCL", "closed by peer")))
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(word in str(error) for word in ("gloo", "NCCL", "closed by peer"))
+    )
 
 
 def barrier(runtime: Runtime) -> None:
@@ -109,21 +128,30 @@ def data_parallel(model: nn.Module, runtime: Runtime) -> nn.Module:
     int8 fusion and deployment.
     """
     trained = _sync_batchnorm_view(model, runtime.group) if runtime.sync_bn else model
-    return DistributedDataParallel(trained, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None, process_group=runtime.group)
+    return DistributedDataParallel(
+        trained,
+        device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+        process_group=runtime.group,
+    )
 
 
 def _sync_batchnorm_view(module: nn.Module, group: Any) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return nn.SyncBatchNorm.convert_sync_batchnorm(module, group)  # a new module around the same tensors
-    # shares the parameter and buffer tables (so the tensors) and the hook tables (a hook on the model fires in the view);
+    # shares the parameter and buffer tables (so the tensors) and the hook tables (a hook on the model fires in the
+    # view);
     # gets its own child table below, so the model's children stay as they are
     view = copy.copy(module)
-    view._modules = OrderedDict((name, None if child is None else _sync_batchnorm_view(child, group)) for name, child in module._modules.items())
+    view._modules = OrderedDict(
+        (name, None if child is None else _sync_batchnorm_view(child, group)) for name, child in module._modules.items()
+    )
     return view
 
 
 def _collective_tensor(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    return values.to(runtime.device) if runtime.device.type == "cuda" else values.clone()  # nccl reduces CUDA tensors only
+    return (
+        values.to(runtime.device) if runtime.device.type == "cuda" else values.clone()
+    )  # nccl reduces CUDA tensors only
 
 
 def _all_reduced(values: torch.Tensor, runtime: Runtime, op: Any) -> torch.Tensor:
@@ -160,7 +188,10 @@ def broadcast_parameters(parameters: list[nn.Parameter], runtime: Runtime) -> No
 def torchrun_commands(processes_per_node: int, nodes: int, node_ips: list[str], argv: list[str]) -> list[str]:
     """The original's --gpu_num_per_node / --num_nodes / --node_ips as the torchrun command line(s) that do the same."""
     if nodes > 1 and len(node_ips) != nodes:
-        raise UsageError(f"--num_nodes {nodes} needs --node_ips with {nodes} comma-separated addresses (the first is the master), got {len(node_ips)}")
+        raise UsageError(
+            f"--num_nodes {nodes} needs --node_ips with {nodes} comma-separated addresses (the first is the master), "
+            f"got {len(node_ips)}"
+        )
     rest, skip = [], False
     for token in argv:
         if skip:
@@ -172,5 +203,9 @@ def torchrun_commands(processes_per_node: int, nodes: int, node_ips: list[str], 
     command = f"torchrun --nproc_per_node {processes_per_node}"
     if nodes == 1:
         return [f"{command} run.py {shlex.join(rest)}".rstrip()]
-    return [f"{command} --nnodes {nodes} --node_rank {rank} --master_addr {node_ips[0]} --master_port {MASTER_PORT} run.py {shlex.join(rest)}".rstrip()
-            + f"    # on {ip}" for rank, ip in enumerate(node_ips)]  # fmt: skip
+    return [
+        f"{command} --nnodes {nodes} --node_rank {rank} --master_addr {node_ips[0]} --master_port {MASTER_PORT} "
+        f"run.py {shlex.join(rest)}".rstrip()
+        + f"    # on {ip}"
+        for rank, ip in enumerate(node_ips)
+    ]

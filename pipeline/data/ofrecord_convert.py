@@ -27,10 +27,10 @@ import numpy as np
 import orjson
 import simdjson
 
-from .atomic import staged_directory
-from .errors import UsageError
-from .json_rows import JsonSplit, open_split
-from .ofrecord import PART_FILE, image_record, is_image_shape, part_name, write_record
+from pipeline.atomic import staged_directory
+from pipeline.data.json_rows import JsonSplit, open_split
+from pipeline.data.ofrecord import PART_FILE, image_record, is_image_shape, part_name, write_record
+from pipeline.errors import UsageError
 
 SPLITS = ("train", "test")
 PARALLEL_FROM = 2000  # rows; below this a worker pool costs more than it saves
@@ -40,15 +40,22 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 def check_name(name: str) -> None:
     """A dataset name is one plain folder name: no path separators, no '..', nothing hidden."""
     if not PLAIN_NAME.fullmatch(name) or name in (".", ".."):
-        raise UsageError(f"--dataName {name!r} is not a plain folder name; use letters, digits, '_', '-' and '.' (e.g. randomData255)")
+        raise UsageError(
+            f"--dataName {name!r} is not a plain folder name; use letters, digits, '_', '-' and '.' (e.g. "
+            "randomData255)"
+        )
 
 
 def check_apart(source: Path, ofdata_root: Path) -> None:
-    """Refuse an output folder that is the source folder, lies inside it or holds it: the conversion would write where it reads."""
+    """Refuse an output folder that is the source folder, lies inside it or holds it: the conversion would write where
+    it reads."""
     src, out = source.resolve(), ofdata_root.resolve()
     if out == src or src in out.parents or out in src.parents:
         where = "is" if out == src else "lies inside" if src in out.parents else "holds"
-        raise UsageError(f"--ofData_dir {ofdata_root} {where} the source folder {source}; choose an output folder apart from the JSON files")
+        raise UsageError(
+            f"--ofData_dir {ofdata_root} {where} the source folder {source}; choose an output folder apart from the "
+            "JSON files"
+        )
 
 
 def source_digests(paths: dict[str, Path]) -> dict[str, str]:
@@ -65,7 +72,11 @@ def written_by_converter(target: Path) -> bool:
     entries = {p.name: p for p in target.iterdir()}
     if "meta.json" not in entries or not set(entries) <= {"meta.json", *SPLITS}:
         return False
-    return all(entries[s].is_dir() and all(PART_FILE.fullmatch(p.name) for p in entries[s].iterdir()) for s in SPLITS if s in entries)
+    return all(
+        entries[s].is_dir() and all(PART_FILE.fullmatch(p.name) for p in entries[s].iterdir())
+        for s in SPLITS
+        if s in entries
+    )
 
 
 def stale_conversion(converted: Path, source: Path) -> str | None:
@@ -76,7 +87,9 @@ def stale_conversion(converted: Path, source: Path) -> str | None:
         recorded = None
     if not isinstance(recorded, dict):
         return f"{converted} records no source"
-    current = source_digests({split: source / f"{split}.json" for split in SPLITS if (source / f"{split}.json").is_file()})
+    current = source_digests(
+        {split: source / f"{split}.json" for split in SPLITS if (source / f"{split}.json").is_file()}
+    )
     return None if current == recorded else f"{source} changed since {converted} was converted"
 
 
@@ -115,7 +128,10 @@ def _labels(split: JsonSplit) -> list[int]:
     if not split.row_spans:
         raise UsageError(f"{split.path}: the split is empty (no data rows); every split needs at least one image")
     if len(labels) != len(split.row_spans):
-        raise UsageError(f"{split.path}: 'data' has {len(split.row_spans)} rows but 'label' has {len(labels)} values; they must match")
+        raise UsageError(
+            f"{split.path}: 'data' has {len(split.row_spans)} rows but 'label' has {len(labels)} values; they must "
+            "match"
+        )
     return labels
 
 
@@ -126,10 +142,14 @@ def _pixels(split: JsonSplit, index: int, size: int, shape: tuple[int, int, int]
     except orjson.JSONDecodeError as error:
         raise UsageError(f"{split.path}: data row {index} is not valid JSON ({error})") from None
     if len(row) != size:
-        raise UsageError(f"{split.path}: data row {index} has {len(row)} values, expected C*H*W = {size} for shape {list(shape)}")
+        raise UsageError(
+            f"{split.path}: data row {index} has {len(row)} values, expected C*H*W = {size} for shape {list(shape)}"
+        )
     if not set(map(type, row)) <= {int, float}:
         position, value = next((i, v) for i, v in enumerate(row) if type(v) not in (int, float))
-        raise UsageError(f"{split.path}: data row {index}, value {position}: {value!r} is not a number (pixels are 0..255)")
+        raise UsageError(
+            f"{split.path}: data row {index}, value {position}: {value!r} is not a number (pixels are 0..255)"
+        )
     for position, value in enumerate(row):
         if not 0 <= value <= 255:
             raise UsageError(f"{split.path}: data row {index}, value {position}: {value!r} is outside 0..255")
@@ -145,7 +165,9 @@ def _fast_rows(split: JsonSplit, start: int, stop: int, size: int, parser: simdj
     rows = np.empty((stop - start, size), dtype=np.float64)
     for offset, index in enumerate(range(start, stop)):
         try:
-            document = parser.parse(split.row_bytes(index))  # a flat list: the scanner refuses nested ones, which as_buffer would flatten
+            document = parser.parse(
+                split.row_bytes(index)
+            )  # a flat list: the scanner refuses nested ones, which as_buffer would flatten
             try:
                 values = np.frombuffer(document.as_buffer(of_type="d"), dtype=np.float64)
             finally:
@@ -173,12 +195,16 @@ class EncodedBatch:
     total_sq: np.ndarray
 
 
-def encode_rows(split: JsonSplit, start: int, stop: int, labels: list[int], shape: tuple[int, int, int]) -> EncodedBatch:
+def encode_rows(
+    split: JsonSplit, start: int, stop: int, labels: list[int], shape: tuple[int, int, int]
+) -> EncodedBatch:
     """Serialized records for rows start..stop plus their per-channel sums (for meta.json)."""
     size = shape[0] * shape[1] * shape[2]
     rows = _fast_rows(split, start, stop, size, _parser())
     if rows is None:
-        rows = np.array([_pixels(split, index, size, shape) for index in range(start, stop)], dtype=np.float64).reshape(stop - start, size)
+        rows = np.array([_pixels(split, index, size, shape) for index in range(start, stop)], dtype=np.float64).reshape(
+            stop - start, size
+        )
     records = [image_record(pixels, labels[start + offset]) for offset, pixels in enumerate(_python_rows(rows))]
     per_channel = rows.reshape(len(rows), shape[0], -1)
     return EncodedBatch(records, per_channel.sum((0, 2)), np.square(per_channel).sum((0, 2)))
@@ -242,7 +268,9 @@ def _append_file(source: Path, handle: BinaryIO) -> None:
     source.unlink()
 
 
-def _write_split(name: str, count: int, channels: int, folder: Path, part_num: int, encode: Callable, tick: Callable[[int], None]) -> SplitStats:
+def _write_split(
+    name: str, count: int, channels: int, folder: Path, part_num: int, encode: Callable, tick: Callable[[int], None]
+) -> SplitStats:
     """Write parts in row order; `encode` yields each task's channel sums, in task order, once its chunk is on disk."""
     folder.mkdir(parents=True)
     chunks = folder / ".chunks"
@@ -250,7 +278,10 @@ def _write_split(name: str, count: int, channels: int, folder: Path, part_num: i
     stats = SplitStats(0, np.zeros(channels), np.zeros(channels))
     for part in range(part_num):
         first, last = part * count // part_num, (part + 1) * count // part_num
-        tasks = [Task(name, start, min(start + BATCH_ROWS, last), chunks / f"{start:012d}") for start in range(first, last, BATCH_ROWS)]
+        tasks = [
+            Task(name, start, min(start + BATCH_ROWS, last), chunks / f"{start:012d}")
+            for start in range(first, last, BATCH_ROWS)
+        ]
         with (folder / part_name(part)).open("wb") as handle:
             for task, (total, total_sq) in zip(tasks, encode(tasks), strict=True):
                 _append_file(task.chunk, handle)
@@ -262,7 +293,9 @@ def _write_split(name: str, count: int, channels: int, folder: Path, part_num: i
     return stats
 
 
-def _meta(stats: dict[str, SplitStats], shape: tuple[int, int, int], num_classes: int, source: dict[str, str]) -> dict[str, object]:
+def _meta(
+    stats: dict[str, SplitStats], shape: tuple[int, int, int], num_classes: int, source: dict[str, str]
+) -> dict[str, object]:
     """meta.json: per-channel mean/std over train+test on the 0..255 scale, as OneFlow's loaders expect."""
     count = sum(s.count for s in stats.values()) * shape[1] * shape[2]
     mean = sum(s.total for s in stats.values()) / count
@@ -297,7 +330,9 @@ def convert_json_dataset(
     if Path(ofdata_root).exists() and not Path(ofdata_root).is_dir():
         raise UsageError(f"--ofData_dir {ofdata_root} is a file; give a folder for the converted datasets")
     if target.exists() and not (target.is_dir() and written_by_converter(target)):
-        raise UsageError(f"{target} exists and is not a dataset this converter wrote; move it away or choose another --ofData_dir")
+        raise UsageError(
+            f"{target} exists and is not a dataset this converter wrote; move it away or choose another --ofData_dir"
+        )
     paths = {split: source / f"{split}.json" for split in SPLITS}
     for path in paths.values():
         if not path.is_file():
@@ -310,18 +345,30 @@ def convert_json_dataset(
     seen = set(labels["train"])
     for index, label in enumerate(labels["test"]):
         if label not in seen:
-            raise UsageError(f"{paths['test']}: label {index} is {label}, a class never seen in train.json ({len(seen)} classes, {min(seen)}..{max(seen)})")
+            raise UsageError(
+                f"{paths['test']}: label {index} is {label}, a class never seen in train.json ({len(seen)} classes, "
+                f"{min(seen)}..{max(seen)})"
+            )
     parts = {split: min(part_num, len(labels[split])) for split in SPLITS}
     total_rows = sum(len(v) for v in labels.values())
-    workers = max(1, min(workers if workers is not None else os.cpu_count() or 1, 8)) if total_rows >= PARALLEL_FROM else 1
+    workers = (
+        max(1, min(workers if workers is not None else os.cpu_count() or 1, 8)) if total_rows >= PARALLEL_FROM else 1
+    )
     _WORKER_SPLITS.clear()
     _WORKER_SPLITS.update({split: (splits[split], labels[split], shape) for split in SPLITS})
-    pool = multiprocessing.get_context("fork").Pool(workers, _ignore_interrupts) if workers > 1 else None  # forked workers inherit the splits
+    pool = (
+        multiprocessing.get_context("fork").Pool(workers, _ignore_interrupts) if workers > 1 else None
+    )  # forked workers inherit the splits
     try:
         with staged_directory(target) as staging:
             tick = progress(total_rows) if progress else (lambda _n: None)
-            encode = (lambda tasks: pool.imap(_encode_task, tasks)) if pool else (lambda tasks: map(_encode_task, tasks))
-            stats = {split: _write_split(split, len(labels[split]), shape[0], staging / split, parts[split], encode, tick) for split in SPLITS}
+            encode = (
+                (lambda tasks: pool.imap(_encode_task, tasks)) if pool else (lambda tasks: map(_encode_task, tasks))
+            )
+            stats = {
+                split: _write_split(split, len(labels[split]), shape[0], staging / split, parts[split], encode, tick)
+                for split in SPLITS
+            }
             (staging / "meta.json").write_text(json.dumps(_meta(stats, shape, num_classes, digests), indent=2))
     finally:
         if pool is not None:

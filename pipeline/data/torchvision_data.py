@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import ImageDataset, channel_stats
-from .errors import UsageError
+from pipeline.data.images import ImageDataset, channel_stats
+from pipeline.errors import UsageError
 
 # name -> (torchvision class name, folder torchvision keeps the files in, files that must exist there)
 TORCHVISION_SOURCES: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -50,9 +50,13 @@ def load_torchvision_dataset(name: str, data_dir: str | Path, download: bool) ->
         train = dataset_class(str(root), train=True, download=download)
         test = dataset_class(str(root), train=False, download=download)
     except RuntimeError as error:  # torchvision: corrupted files (checksum), unreadable archives
-        raise UsageError(f"{name} under {root / folder} could not be read ({error}); delete it and rerun with --download") from None
+        raise UsageError(
+            f"{name} under {root / folder} could not be read ({error}); delete it and rerun with --download"
+        ) from None
     except OSError as error:  # no network during --download
-        raise UsageError(f"{name} could not be downloaded into {root} ({error}); copy the files there by hand") from None
+        raise UsageError(
+            f"{name} could not be downloaded into {root} ({error}); copy the files there by hand"
+        ) from None
     train_images, test_images = _as_nchw_uint8(train.data), _as_nchw_uint8(test.data)
     train_labels = torch.as_tensor(np.asarray(train.targets), dtype=torch.int64)
     test_labels = torch.as_tensor(np.asarray(test.targets), dtype=torch.int64)

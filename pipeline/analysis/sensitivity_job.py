@@ -15,12 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from algorithms.errors import PruningError
-from algorithms.sensitivity import MODES, SensitivityAnalysis, check_early_stop, check_sparsities, export_sensitivity, get_ratios_by_loss, load_sensitivity
-
-from .analysis_inputs import AnalysisModel, dataset_for
-from .atomic import staged_files, write_json
-from .sensitivity_plot import plot_sensitivity
-from .training import evaluate
+from algorithms.sensitivity import (
+    MODES,
+    SensitivityAnalysis,
+    check_early_stop,
+    check_sparsities,
+    export_sensitivity,
+    get_ratios_by_loss,
+    load_sensitivity,
+)
+from pipeline.analysis.inputs import AnalysisModel, dataset_for
+from pipeline.analysis.sensitivity_plot import plot_sensitivity
+from pipeline.atomic import staged_files, write_json
+from pipeline.train.loop import evaluate
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,8 @@ def check_outdir(outdir: str | Path) -> Path:
 
 
 def publish(writers: dict[str, Callable[[Path], object]], outdir: Path) -> list[Path]:
-    """Each writer fills a temporary file in `outdir`; only once all have are they renamed into place, so a failure leaves no new file."""
+    """Each writer fills a temporary file in `outdir`; only once all have are they renamed into place, so a failure
+    leaves no new file."""
     with staged_files(outdir, writers) as temps:
         for name, write in writers.items():
             write(temps[name])
@@ -101,19 +109,35 @@ def run_sensitivity(loaded: AnalysisModel, request: SensitivityRequest, outdir: 
         for mode in modes
     }
     specified = list(request.specified_layers) if request.specified_layers else None
-    results = {mode: analysis.analysis(val_args=[loaded.model], specified_layers=specified) for mode, analysis in analyses.items()}
+    results = {
+        mode: analysis.analysis(val_args=[loaded.model], specified_layers=specified)
+        for mode, analysis in analyses.items()
+    }
     first = analyses[modes[0]]
     baseline = float(first.ori_metric)
     ratios = get_ratios_by_loss(first, request.max_loss) if request.max_loss is not None else None
 
     outcome = SensitivityOutcome(baseline, results, dict(first.skipped), ratios)
     title = f"{loaded.meta['model']} on {loaded.meta['data_type']} ({loaded.label}): {request.prune_method}"
-    settings = {"snapshot": loaded.label, "model": loaded.meta["model"], "data_type": loaded.meta["data_type"], "prune_method": request.prune_method,
-                "modes": modes, "sparsities": first.sparsities, "early_stop_mode": request.early_stop_mode, "early_stop_value": request.early_stop_value,
-                "metric": "top-1 accuracy on the test split", "baseline": baseline, "skipped": outcome.skipped,
-                "max_loss": request.max_loss, "ratios": ratios}  # fmt: skip
+    settings = {
+        "snapshot": loaded.label,
+        "model": loaded.meta["model"],
+        "data_type": loaded.meta["data_type"],
+        "prune_method": request.prune_method,
+        "modes": modes,
+        "sparsities": first.sparsities,
+        "early_stop_mode": request.early_stop_mode,
+        "early_stop_value": request.early_stop_value,
+        "metric": "top-1 accuracy on the test split",
+        "baseline": baseline,
+        "skipped": outcome.skipped,
+        "max_loss": request.max_loss,
+        "ratios": ratios,
+    }
     writers: dict[str, Callable[[Path], object]] = {
-        "sensitivity.csv" if mode == "pruned" else "sensitivity_masked.csv": lambda path, rows=sensitivity: export_sensitivity(rows, path, first.sparsities)
+        "sensitivity.csv" if mode == "pruned" else "sensitivity_masked.csv": lambda path, rows=sensitivity: (
+            export_sensitivity(rows, path, first.sparsities)
+        )
         for mode, sensitivity in results.items()
     }
     writers["sensitivity.png"] = lambda path: plot_sensitivity(results, baseline, path, title)
@@ -122,8 +146,11 @@ def run_sensitivity(loaded: AnalysisModel, request: SensitivityRequest, outdir: 
     return outcome
 
 
-def ratios_from_csv(csv_path: str | Path, max_loss: float, baseline: float | None, outdir: str | Path | None) -> tuple[dict[str, float], float, Path]:
-    """Per-layer ratios from an existing sensitivity CSV; the baseline comes from the flag or the sensitivity.json written beside it."""
+def ratios_from_csv(
+    csv_path: str | Path, max_loss: float, baseline: float | None, outdir: str | Path | None
+) -> tuple[dict[str, float], float, Path]:
+    """Per-layer ratios from an existing sensitivity CSV; the baseline comes from the flag or the sensitivity.json
+    written beside it."""
     csv_path = Path(csv_path)
     sensitivity = load_sensitivity(csv_path)
     if baseline is not None and not math.isfinite(baseline):
@@ -134,7 +161,9 @@ def ratios_from_csv(csv_path: str | Path, max_loss: float, baseline: float | Non
             baseline = float(json.loads(sidecar.read_text())["baseline"])
         except (OSError, ValueError, KeyError, TypeError):
             raise PruningError(
-                f"no baseline for {csv_path}: pass --baseline (the unpruned metric), or keep the sensitivity.json analyze.py wrote beside it"
+                f"no baseline for {csv_path}: pass --baseline (the unpruned metric), or keep the sensitivity.json "
+                "analyze.py wrote "
+                "beside it"
             ) from None
     ratios = get_ratios_by_loss(sensitivity, max_loss, baseline=baseline)
     target = check_outdir(Path(outdir) if outdir is not None else csv_path.parent)

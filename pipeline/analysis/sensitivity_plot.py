@@ -11,22 +11,31 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .atomic import write_bytes  # noqa: E402
+from pipeline.atomic import write_bytes  # noqa: E402
 
-TITLES = {"pruned": "physically pruned (BatchNorm sliced with the channels)", "masked": "masked, NNI's way (conv weights zeroed, BatchNorm untouched)"}
+TITLES = {
+    "pruned": "physically pruned (BatchNorm sliced with the channels)",
+    "masked": "masked, NNI's way (conv weights zeroed, BatchNorm untouched)",
+}
 
 
-def plot_sensitivity(results: Mapping[str, Mapping[str, Mapping[float, float]]], baseline: float, path: str | Path, title: str) -> Path:
+def plot_sensitivity(
+    results: Mapping[str, Mapping[str, Mapping[float, float]]], baseline: float, path: str | Path, title: str
+) -> Path:
     """`results`: {mode: {unit: {sparsity: metric}}}; one panel per mode, sharing the y axis."""
     figure, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), sharey=True, squeeze=False)
     for axis, (mode, sensitivity) in zip(axes[0], results.items(), strict=True):
-        colors = list(plt.cm.tab20.colors if len(sensitivity) > 10 else plt.cm.tab10.colors)  # a distinct colour per unit up to 20,
+        colors = list(
+            plt.cm.tab20.colors if len(sensitivity) > 10 else plt.cm.tab10.colors
+        )  # a distinct colour per unit up to 20,
         styles = ["-", "--", ":", "-."]  # then the colours again with another line style
         axis.set_prop_cycle(color=colors * len(styles), linestyle=[style for style in styles for _ in colors])
         for unit, values in sensitivity.items():
             points = sorted(values.items())
             label = unit if len(unit) <= 40 else unit[:37] + "..."
-            axis.plot([s for s, _ in points], [m for _, m in points], marker="o", markersize=3, linewidth=1.2, label=label)
+            axis.plot(
+                [s for s, _ in points], [m for _, m in points], marker="o", markersize=3, linewidth=1.2, label=label
+            )
         axis.axhline(baseline, color="black", linestyle="--", linewidth=1, label=f"unpruned ({baseline:.4f})")
         axis.set_xlabel("fraction of the unit's channels removed")
         axis.set_title(TITLES.get(mode, mode), fontsize=9)

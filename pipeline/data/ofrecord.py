@@ -16,7 +16,7 @@ from typing import BinaryIO
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from .errors import UsageError
+from pipeline.errors import UsageError
 
 MAX_RECORD_BYTES = 64 * 2**20  # OneFlow's reader refuses larger records
 LENGTH = struct.Struct("<q")
@@ -24,8 +24,16 @@ IMAGE_FEATURE, LABEL_FEATURE = "images", "labels"
 
 
 def _build_messages() -> dict[str, type]:
-    proto = descriptor_pb2.FileDescriptorProto(name="oneflow/core/record/record.proto", package="oneflow", syntax="proto2")
-    scalar_lists = {"BytesList": 12, "FloatList": 2, "DoubleList": 1, "Int32List": 5, "Int64List": 3}  # FieldDescriptorProto types
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="oneflow/core/record/record.proto", package="oneflow", syntax="proto2"
+    )
+    scalar_lists = {
+        "BytesList": 12,
+        "FloatList": 2,
+        "DoubleList": 1,
+        "Int32List": 5,
+        "Int64List": 3,
+    }  # FieldDescriptorProto types
     for name, field_type in scalar_lists.items():
         field = proto.message_type.add(name=name).field.add(name="value", number=1, type=field_type, label=3)
         if name != "BytesList":
@@ -33,10 +41,18 @@ def _build_messages() -> dict[str, type]:
     feature = proto.message_type.add(name="Feature")
     feature.oneof_decl.add(name="kind")
     for number, (field_name, type_name) in enumerate(
-        [("bytes_list", "BytesList"), ("float_list", "FloatList"), ("double_list", "DoubleList"), ("int32_list", "Int32List"), ("int64_list", "Int64List")],
+        [
+            ("bytes_list", "BytesList"),
+            ("float_list", "FloatList"),
+            ("double_list", "DoubleList"),
+            ("int32_list", "Int32List"),
+            ("int64_list", "Int64List"),
+        ],
         start=1,
     ):
-        feature.field.add(name=field_name, number=number, type=11, type_name=f".oneflow.{type_name}", label=1, oneof_index=0)
+        feature.field.add(
+            name=field_name, number=number, type=11, type_name=f".oneflow.{type_name}", label=1, oneof_index=0
+        )
     record = proto.message_type.add(name="OFRecord")
     entry = record.nested_type.add(name="FeatureEntry")
     entry.options.map_entry = True
@@ -45,7 +61,10 @@ def _build_messages() -> dict[str, type]:
     record.field.add(name="feature", number=1, type=11, type_name=".oneflow.OFRecord.FeatureEntry", label=3)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"oneflow.{name}")) for name in [*scalar_lists, "Feature", "OFRecord"]}
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"oneflow.{name}"))
+        for name in [*scalar_lists, "Feature", "OFRecord"]
+    }
 
 
 MESSAGES = _build_messages()
@@ -56,7 +75,11 @@ Int32List = MESSAGES["Int32List"]
 
 def is_image_shape(value: object) -> bool:
     """[C, H, W]: three positive integers (JSON booleans are not integers here)."""
-    return isinstance(value, list) and len(value) == 3 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value)
+    )
 
 
 PART_FILE = re.compile(r"part-\d{5}")  # part_name's pattern
@@ -89,12 +112,21 @@ def iter_records(path: Path) -> Iterator[tuple[int, object]]:
             if not header:
                 return
             if len(header) < LENGTH.size:
-                raise UsageError(f"{path}: truncated: record {index} at byte {offset} has a {len(header)}-byte length field (needs 8)")
+                raise UsageError(
+                    f"{path}: truncated: record {index} at byte {offset} has a {len(header)}-byte length field "
+                    "(needs 8)"
+                )
             (length,) = LENGTH.unpack(header)
             if length <= 0 or length > MAX_RECORD_BYTES:
-                raise UsageError(f"{path}: record {index} at byte {offset} claims {length} bytes; OneFlow needs 1..{MAX_RECORD_BYTES}")
+                raise UsageError(
+                    f"{path}: record {index} at byte {offset} claims {length} bytes; OneFlow needs "
+                    f"1..{MAX_RECORD_BYTES}"
+                )
             if offset + LENGTH.size + length > size:
-                raise UsageError(f"{path}: truncated: record {index} at byte {offset} claims {length} bytes but only {size - offset - LENGTH.size} remain")
+                raise UsageError(
+                    f"{path}: truncated: record {index} at byte {offset} claims {length} bytes but only "
+                    f"{size - offset - LENGTH.size} remain"
+                )
             payload = handle.read(length)
             try:
                 record = OFRecord.FromString(payload)

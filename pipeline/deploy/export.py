@@ -19,9 +19,8 @@ from torch import nn
 from algorithms.mask_conflict import unit_mask
 from algorithms.masks import Masks, unit_masks
 from algorithms.modules import eval_mode
-
-from .atomic import staged_files
-from .errors import UsageError
+from pipeline.atomic import staged_files
+from pipeline.errors import UsageError
 
 FORMATS = ("onnx", "torchscript", "masks")
 TOLERANCE = 1e-4
@@ -42,7 +41,8 @@ class ExportCheck:
 
 @contextlib.contextmanager
 def _staged_file(target: Path, what: str) -> Iterator[Path]:
-    """A temporary file beside `target`, renamed onto it once checked; on failure no file or folder is left, and the error is one line."""
+    """A temporary file beside `target`, renamed onto it once checked; on failure no file or folder is left, and the
+    error is one line."""
     try:
         with staged_files(target.parent, [target.name]) as temps:
             yield temps[target.name]
@@ -56,7 +56,9 @@ def _staged_file(target: Path, what: str) -> Iterator[Path]:
 def _compare(reference: torch.Tensor, produced: torch.Tensor, what: str) -> float:
     error = float((reference - produced).abs().max())
     if not torch.allclose(reference, produced, rtol=TOLERANCE, atol=TOLERANCE):
-        raise ExportMismatch(f"{what} differs from PyTorch by up to {error:.3g} (tolerance {TOLERANCE:g}); the file was not written")
+        raise ExportMismatch(
+            f"{what} differs from PyTorch by up to {error:.3g} (tolerance {TOLERANCE:g}); the file was not written"
+        )
     return error
 
 
@@ -68,13 +70,22 @@ def export_onnx(model: nn.Module, batch: torch.Tensor, target: Path) -> ExportCh
         reference = model(batch)
     with _staged_file(target, "ONNX export") as temp, eval_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation on every call
-        torch.onnx.export(model, (batch,), str(temp), dynamo=False, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+        torch.onnx.export(
+            model,
+            (batch,),
+            str(temp),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
         onnx.checker.check_model(onnx.load(str(temp)))
         session = onnxruntime.InferenceSession(str(temp), providers=["CPUExecutionProvider"])
         produced = torch.from_numpy(session.run(None, {"input": batch.numpy()})[0])
         error = _compare(reference, produced, "onnxruntime's output")
-    return ExportCheck(target, "onnx", error, len(batch), f"onnx.checker passed; onnxruntime {onnxruntime.__version__} on CPU")
+    return ExportCheck(
+        target, "onnx", error, len(batch), f"onnx.checker passed; onnxruntime {onnxruntime.__version__} on CPU"
+    )
 
 
 def export_torchscript(model: nn.Module, batch: torch.Tensor, target: Path) -> ExportCheck:
@@ -93,13 +104,22 @@ def masks_from_kept(original: nn.Module, kept: dict[str, list[int]]) -> Masks:
     modules = dict(original.named_modules())
     missing = [name for name in kept if name not in modules]
     if missing:
-        raise UsageError(f"the snapshot's kept channels name {missing[0]!r}, which the model does not have; the snapshot is not of this model")
-    return {name: unit_masks(modules[name], units) for name, units in kept.items()}  # broadcast views: the file holds one value per unit
+        raise UsageError(
+            f"the snapshot's kept channels name {missing[0]!r}, which the model does not have; the snapshot is not "
+            "of this model"
+        )
+    return {
+        name: unit_masks(modules[name], units) for name, units in kept.items()
+    }  # broadcast views: the file holds one value per unit
 
 
 def export_masks(original: nn.Module, kept: dict[str, list[int]] | None, target: Path) -> ExportCheck:
     if not kept:
-        raise UsageError("this snapshot holds no pruning (no kept channels in its meta.json); export masks from a model_prune or model_refine snapshot")
+        raise UsageError(
+            "this snapshot holds no pruning (no kept channels in its meta.json); export masks from a model_prune or "
+            "model_refine "
+            "snapshot"
+        )
     masks = masks_from_kept(original, kept)
     modules = dict(original.named_modules())
     with _staged_file(target, "masks export") as temp:
@@ -107,12 +127,27 @@ def export_masks(original: nn.Module, kept: dict[str, list[int]] | None, target:
         reloaded = torch.load(temp, weights_only=True)
         for name, units in kept.items():
             if unit_mask(name, modules[name], reloaded[name]).nonzero().flatten().tolist() != sorted(units):
-                raise ExportMismatch(f"the reloaded mask of {name} does not select the snapshot's kept channels; the file was not written")
-    return ExportCheck(target, "masks", 0.0, 0, f"{len(masks)} layers; reloaded with torch.load(weights_only=True), kept channels identical")
+                raise ExportMismatch(
+                    f"the reloaded mask of {name} does not select the snapshot's kept channels; the file was not "
+                    "written"
+                )
+    return ExportCheck(
+        target,
+        "masks",
+        0.0,
+        0,
+        f"{len(masks)} layers; reloaded with torch.load(weights_only=True), kept channels identical",
+    )
 
 
-def export(model: nn.Module, fmt: str, target: str | Path, batch: torch.Tensor | None = None, original: nn.Module | None = None,
-           kept: dict[str, list[int]] | None = None) -> ExportCheck:  # fmt: skip
+def export(
+    model: nn.Module,
+    fmt: str,
+    target: str | Path,
+    batch: torch.Tensor | None = None,
+    original: nn.Module | None = None,
+    kept: dict[str, list[int]] | None = None,
+) -> ExportCheck:
     """Write `model` in `fmt` to `target` after checking it; masks are over `original` (the unpruned architecture)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")

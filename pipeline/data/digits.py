@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import ImageDataset, channel_stats
+from pipeline.data.images import ImageDataset, channel_stats
 
 DIGITS_SIZE = 32  # upsampled so every zoo model (lenet, vgg, resnet, ...) can take it
 TEST_FRACTION = 0.2
@@ -24,4 +24,6 @@ def load_digits_dataset() -> ImageDataset:
     num_test = int(round(len(labels) * TEST_FRACTION))
     test_idx, train_idx = order[:num_test], order[num_test:]
     mean, std = channel_stats(images[train_idx])
-    return ImageDataset("digits", images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], 10, mean, std)
+    return ImageDataset(
+        "digits", images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], 10, mean, std
+    )

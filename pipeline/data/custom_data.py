@@ -6,10 +6,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .data import ImageDataset
-from .errors import UsageError
-from .ofrecord_convert import convert_json_dataset, stale_conversion
-from .ofrecord_dataset import load_ofrecord_dataset
+from pipeline.data.images import ImageDataset
+from pipeline.data.ofrecord_convert import convert_json_dataset, stale_conversion
+from pipeline.data.ofrecord_dataset import load_ofrecord_dataset
+from pipeline.errors import UsageError
 
 
 def load_custom_dataset(
@@ -24,13 +24,19 @@ def load_custom_dataset(
     """
     if dataset_dir is not None:
         if not Path(dataset_dir).is_dir():
-            raise UsageError(f"--dataset_dir {dataset_dir} is not a directory; point it at an OFRecord dataset (meta.json, train/, test/)")
+            raise UsageError(
+                f"--dataset_dir {dataset_dir} is not a directory; point it at an OFRecord dataset (meta.json, "
+                "train/, test/)"
+            )
         return load_ofrecord_dataset(dataset_dir, name)
     converted, source = Path(ofdata_root) / name, Path(mydata_root) / name
     if source.is_dir():
         why = stale_conversion(converted, source) if converted.is_dir() else "first"
         if why is not None:
-            print(f"converting {source} to {converted} (OFRecord) {why if why == 'first' else f'again: {why}'}", file=sys.stderr)
+            print(
+                f"converting {source} to {converted} (OFRecord) {why if why == 'first' else f'again: {why}'}",
+                file=sys.stderr,
+            )
             convert_json_dataset(name, mydata_root, ofdata_root)
     if converted.is_dir():
         return load_ofrecord_dataset(converted, name)

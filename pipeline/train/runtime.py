@@ -13,13 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UsageError
+from pipeline.errors import UsageError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(text: str) -> torch.device:
-    """auto = the first CUDA device when there is one, else the CPU; cuda / cuda:N checked against what this machine has."""
+    """auto = the first CUDA device when there is one, else the CPU; cuda / cuda:N checked against what this machine
+    has."""
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -31,7 +32,11 @@ def resolve_device(text: str) -> torch.device:
     if device.type != "cuda":
         raise UsageError(f"--device {text}: only cpu and cuda devices are supported; use auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise UsageError(f"--device {text}: this machine has no usable CUDA device (torch.cuda.is_available() is False); use --device cpu or auto")
+        raise UsageError(
+            f"--device {text}: this machine has no usable CUDA device (torch.cuda.is_available() is False); use "
+            "--device cpu or "
+            "auto"
+        )
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
         raise UsageError(f"--device {text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
@@ -42,12 +47,19 @@ def check_amp(amp: str, device: torch.device) -> None:
     if amp not in AMP_DTYPES:
         raise UsageError(f"unknown --amp {amp!r}; choose one of: {', '.join(AMP_DTYPES)}")
     if amp == "fp16" and device.type != "cuda":
-        raise UsageError("--amp fp16 needs a CUDA device (the CPU autocasts to bf16 only); use --amp bf16 or --device cuda")
+        raise UsageError(
+            "--amp fp16 needs a CUDA device (the CPU autocasts to bf16 only); use --amp bf16 or --device cuda"
+        )
 
 
 def float32_name(device: torch.device) -> str:
-    """What "fp32" means on `device`: CUDA runs convolutions in TF32 by default on GPUs that have it (PyTorch's cudnn.allow_tf32)."""
-    return "float32 (TF32 convolutions allowed)" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "float32"
+    """What "fp32" means on `device`: CUDA runs convolutions in TF32 by default on GPUs that have it (PyTorch's
+    cudnn.allow_tf32)."""
+    return (
+        "float32 (TF32 convolutions allowed)"
+        if device.type == "cuda" and torch.backends.cudnn.allow_tf32
+        else "float32"
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -67,7 +79,8 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     sync_bn: bool = False  # BatchNorm statistics over every process's batch (SyncBatchNorm; CUDA only)
-    group: Any = None  # the process group of the job's training collectives (torch.distributed), when there are several processes
+    # the process group of the job's training collectives (torch.distributed), when there are several processes
+    group: Any = None
     wait_group: Any = None  # the same processes, for barriers that wait while rank 0 works alone (a longer timeout)
 
     @property
@@ -104,8 +117,12 @@ class Runtime:
 
     def describe(self) -> dict[str, Any]:
         """What a results JSON records next to the figures measured under these settings."""
-        return {"device": str(self.device), "dtype": float32_name(self.device) if self.amp == "off" else f"autocast {self.amp}",
-                "memory_format": "channels_last" if self.channels_last else "contiguous (NCHW)", "processes": self.world_size}  # fmt: skip
+        return {
+            "device": str(self.device),
+            "dtype": float32_name(self.device) if self.amp == "off" else f"autocast {self.amp}",
+            "memory_format": "channels_last" if self.channels_last else "contiguous (NCHW)",
+            "processes": self.world_size,
+        }
 
 
 CPU = Runtime()

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from .errors import UsageError
+from pipeline.errors import UsageError
 
 WHITESPACE = b" \t\r\n"
 
@@ -43,7 +43,10 @@ class _Scanner:
 
     def fail(self, what: str, at: int | None = None) -> UsageError:
         at = self.pos if at is None else at
-        return UsageError(f"{self.path}: not valid JSON at {self.where(at)}: {what}; fix the file (e.g. check it with python -m json.tool)")
+        return UsageError(
+            f"{self.path}: not valid JSON at {self.where(at)}: {what}; fix the file (e.g. check it with python -m "
+            "json.tool)"
+        )
 
     def skip(self) -> int:
         while self.pos < self.size and self.buf[self.pos] in WHITESPACE:
@@ -115,7 +118,11 @@ class _Scanner:
             nested = self.buf.find(b"[", self.pos + 1, end)
             if nested >= 0:
                 where = self.where(nested)
-                raise UsageError(f"{self.path}: data row {len(spans)} holds a nested list at {where}; each row must be a flat list of C*H*W pixel values")
+                raise UsageError(
+                    f"{self.path}: data row {len(spans)} holds a nested list at {where}; each row must be a flat "
+                    "list of C*H*W pixel "
+                    "values"
+                )
             spans.append((self.pos, end + 1))
             self.pos = end + 1
             char = self.skip()
@@ -164,5 +171,7 @@ def open_split(path: Path) -> JsonSplit:
     if scanner.skip() != -1:
         raise scanner.fail("extra data after the top-level object")
     if split.row_spans is None and "data" in split.values:
-        raise UsageError(f"{path}: 'data' must be a list of rows of pixel values, got {type(split.values['data']).__name__}")
+        raise UsageError(
+            f"{path}: 'data' must be a list of rows of pixel values, got {type(split.values['data']).__name__}"
+        )
     return split

@@ -11,8 +11,7 @@ from torch.fx.experimental.optimization import fuse
 from torch.utils.flop_counter import FlopCounterMode
 
 from algorithms.modules import eval_mode
-
-from .runtime import synchronize
+from pipeline.train.runtime import synchronize
 
 
 def count_params(model: nn.Module) -> int:
@@ -20,7 +19,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def model_size_mb(model: nn.Module) -> float:
-    """Bytes of the state_dict's tensors (parameters and buffers; an int8 model's packed weights too) in MiB: what a snapshot weighs."""
+    """Bytes of the state_dict's tensors (parameters and buffers; an int8 model's packed weights too) in MiB: what a
+    snapshot weighs."""
     return sum(t.numel() * t.element_size() for t in _tensors(list(model.state_dict().values()))) / 2**20
 
 
@@ -43,7 +43,8 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
 
 
 def deployable(model: nn.Module) -> nn.Module:
-    """The model as an inference runtime runs it: a new copy in eval mode, each BatchNorm folded into the conv / Linear before it.
+    """The model as an inference runtime runs it: a new copy in eval mode, each BatchNorm folded into the conv / Linear
+    before it.
 
     ONNX Runtime, TensorRT and torch.compile all fold BatchNorm; timing it as a separate eager op would
     charge the pruned model for a cost (linear in channels) that deployment does not pay.
@@ -56,8 +57,14 @@ LAYOUTS: dict[str, torch.memory_format] = {"channels_last": torch.channels_last,
 LAYOUT_NAMES = {"channels_last": "channels_last (NHWC)", "contiguous": "contiguous (NCHW)"}
 LAYOUT_SUFFIXES = {"channels_last": "nhwc", "contiguous": "nchw"}
 DEPLOYED_LAYOUT = "channels_last"  # what oneDNN, fbgemm's int8 kernels, cuDNN and TensorRT run convolutions in
-TIMED_LAYOUTS = (DEPLOYED_LAYOUT, "contiguous")  # the headline layout first; the last one leaves models in PyTorch's default
-LATENCY_BATCHES = (1, 64)  # the batch sizes run.py's table and the harness report latency at: one request, and throughput
+TIMED_LAYOUTS = (
+    DEPLOYED_LAYOUT,
+    "contiguous",
+)  # the headline layout first; the last one leaves models in PyTorch's default
+LATENCY_BATCHES = (
+    1,
+    64,
+)  # the batch sizes run.py's table and the harness report latency at: one request, and throughput
 
 
 def in_layout(model: nn.Module, layout: str) -> nn.Module:
@@ -66,7 +73,13 @@ def in_layout(model: nn.Module, layout: str) -> nn.Module:
 
 
 def measure_latency(
-    *models: nn.Module, example_input: torch.Tensor, batch: int, runs: int = 20, warmup: int = 3, threads: int | None = None, layout: str = "contiguous"
+    *models: nn.Module,
+    example_input: torch.Tensor,
+    batch: int,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    layout: str = "contiguous",
 ) -> list[float]:
     """Median seconds per forward at `batch` for each model (DESIGN.md section 7).
 
@@ -97,9 +110,15 @@ def measure_latency(
 
 
 def latency_by_layout(
-    *models: nn.Module, example_input: torch.Tensor, batch: int, runs: int = 20, threads: int | None = None, layouts: tuple[str, ...] = TIMED_LAYOUTS
+    *models: nn.Module,
+    example_input: torch.Tensor,
+    batch: int,
+    runs: int = 20,
+    threads: int | None = None,
+    layouts: tuple[str, ...] = TIMED_LAYOUTS,
 ) -> dict[str, list[float]]:
-    """Each model's median seconds in every layout of `layouts` (the deployed one first); the models are interleaved within a layout.
+    """Each model's median seconds in every layout of `layouts` (the deployed one first); the models are interleaved
+    within a layout.
 
     Converts the models in place (they end in the last layout timed): pass copies you own, such as `deployable`'s.
     """
@@ -107,5 +126,7 @@ def latency_by_layout(
     for layout in layouts:
         for model in models:
             in_layout(model, layout)
-        timings[layout] = measure_latency(*models, example_input=example_input, batch=batch, runs=runs, threads=threads, layout=layout)
+        timings[layout] = measure_latency(
+            *models, example_input=example_input, batch=batch, runs=runs, threads=threads, layout=layout
+        )
     return timings

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import ImageDataset
-from .digits import load_digits_dataset
-from .errors import UsageError
-from .mnist5k import load_mnist5k_dataset
-from .torchvision_data import TORCHVISION_SOURCES, load_torchvision_dataset
+from pipeline.data.digits import load_digits_dataset
+from pipeline.data.images import ImageDataset
+from pipeline.data.mnist5k import load_mnist5k_dataset
+from pipeline.data.torchvision_data import TORCHVISION_SOURCES, load_torchvision_dataset
+from pipeline.errors import UsageError
 
 BUILTIN_DATASETS: tuple[str, ...] = ("digits", "mnist5k", *TORCHVISION_SOURCES)
 
@@ -21,9 +21,13 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = Fals
         return load_mnist5k_dataset()
     if name in TORCHVISION_SOURCES:
         return load_torchvision_dataset(name, data_dir, download)
-    from .custom_data import load_custom_dataset
+    from pipeline.data.custom_data import load_custom_dataset
 
     dataset = load_custom_dataset(name, **custom)
     if dataset is None:
-        raise UsageError(f"unknown data type {name!r}: not one of {', '.join(BUILTIN_DATASETS)} and no ofData/<name> or myData/<name> folder holds it")
+        raise UsageError(
+            f"unknown data type {name!r}: not one of {', '.join(BUILTIN_DATASETS)} and no ofData/<name> or "
+            "myData/<name> folder "
+            "holds it"
+        )
     return dataset

@@ -64,19 +64,31 @@ class ImageDataset:
         every world_size-th test sample when evaluating (no padding, so reduced counts are exact; a `limit` then
         applies to the split as one process would read it, so the processes together see the same images).
         """
-        images, labels = (self.train_images, self.train_labels) if split == "train" else (self.test_images, self.test_labels)
+        images, labels = (
+            (self.train_images, self.train_labels) if split == "train" else (self.test_images, self.test_labels)
+        )
         split_data = _Split(images, labels, self.normalize)
         order: Sampler[int] | list[int]
         if shard is not None and split == "train":
             rank, world_size, seed = shard
-            order = DistributedSampler(split_data, num_replicas=world_size, rank=rank, shuffle=generator is not None, seed=seed)
+            order = DistributedSampler(
+                split_data, num_replicas=world_size, rank=rank, shuffle=generator is not None, seed=seed
+            )
         elif shard is not None:
-            order = list(range(len(labels) if limit is None else min(len(labels), limit * batch_size)))[shard[0] :: shard[1]]
+            order = list(range(len(labels) if limit is None else min(len(labels), limit * batch_size)))[
+                shard[0] :: shard[1]
+            ]
             limit = None
         else:
             order = _SeededOrder(len(labels), generator) if generator is not None else list(range(len(labels)))
-        loader = DataLoader(split_data, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None, num_workers=workers,
-                            pin_memory=pin_memory, persistent_workers=workers > 0)  # fmt: skip
+        loader = DataLoader(
+            split_data,
+            sampler=BatchSampler(order, batch_size, drop_last=False),
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            persistent_workers=workers > 0,
+        )
         return Batches(loader, limit)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
@@ -84,9 +96,12 @@ class ImageDataset:
 
 
 class _Split(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """One split, fetched a batch at a time (the sampler hands over index lists): one tensor index, one normalisation per batch."""
+    """One split, fetched a batch at a time (the sampler hands over index lists): one tensor index, one normalisation
+    per batch."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
         self.images, self.labels, self.normalize = images, labels, normalize
 
     def __len__(self) -> int:
@@ -98,8 +113,9 @@ class _Split(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 
 class _SeededOrder(Sampler[int]):
-    """A fresh permutation from the caller's generator on every pass: one draw per epoch, so epoch k's order depends only
-    on the seed (RandomSampler also draws once more at the end of a pass, which a pass cut short by a batch limit skips)."""
+    """A fresh permutation from the caller's generator on every pass: one draw per epoch, so epoch k's order depends
+    only on the seed (RandomSampler also draws once more at the end of a pass, which a pass cut short by a batch limit
+    skips)."""
 
     def __init__(self, size: int, generator: torch.Generator) -> None:
         self.size, self.generator = size, generator
