@@ -31,7 +31,6 @@ from pipeline.data.datasets import BUILTIN_DATASETS
 from pipeline.deploy.export import FORMATS, ExportMismatch, export
 from pipeline.errors import UsageError
 
-
 FRESH = "freshly initialised unless --snapshot"
 TRAINED = "the base model run.py --step 1 trained for --data_type, unless --snapshot"
 
@@ -83,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="pruned",
         choices=("pruned", "masked", "both"),
         help="pruned (default), masked as NNI did, or both side by side",
+    )
+    s.add_argument(
+        "--threshold", type=float, default=0.06, help="weight magnitude conv_threshold counts above (default 0.06)"
     )
     s.add_argument(
         "--max_loss",
@@ -166,16 +168,17 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     snapshot = args.snapshot or str(JobConfig(model=args.model, data_type=args.data_type).save_root / STAGES["1"])
     layers = tuple(name for name in (args.specified_layers or "").split(",") if name) or None
     request = SensitivityRequest(
-        args.prune_method,
-        args.sparsities,
-        layers,
-        args.early_stop_mode,
-        args.early_stop_value,
-        args.mode,
-        args.max_loss,
-        args.val_batch_size,
-        args.limit_val_batches,
-        args.data_dir,
+        prune_method=args.prune_method,
+        sparsities=args.sparsities,
+        specified_layers=layers,
+        early_stop_mode=args.early_stop_mode,
+        early_stop_value=args.early_stop_value,
+        mode=args.mode,
+        max_loss=args.max_loss,
+        threshold=args.threshold,
+        batch_size=args.val_batch_size,
+        limit_val_batches=args.limit_val_batches,
+        data_dir=args.data_dir,
     )
     check_sensitivity_request(request)
     loaded = open_snapshot(snapshot, args.model, "sensitivity")
@@ -192,7 +195,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     for unit, reason in outcome.skipped.items():
         print(f"not analysed: {unit}: {reason}")
     if outcome.ratios is not None:
-        print(f"largest ratios within a loss of {args.max_loss:g} from {outcome.baseline:.4f} (the 'ratios' of sensitivity.json):")
+        print(
+            f"largest ratios within a loss of {args.max_loss:g} from {outcome.baseline:.4f} (the 'ratios' of "
+            "sensitivity.json):"
+        )
         print(tabulate(outcome.ratios.items(), headers=["layer", "ratio"], tablefmt="github"))
     print("written to: " + ", ".join(str(p) for p in outcome.written))
     return 0

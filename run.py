@@ -92,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         const="auto",
         default=None,
         help="also match intermediate outputs (MSE through learned projections): auto (4 layers spread over depth) "
-        "or comma-separated "
-        "layer names",
+        "or comma-separated layer names",
     )
     p.add_argument(
         "--kd_feature_weight", type=float, default=1.0, help="weight of the feature term in the step-3 loss (default 1)"
@@ -339,8 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             if processes > 1 and processes != runtime.world_size:
                 raise UsageError(
                     f"--gpu_num_per_node x --num_nodes = {processes}, but torchrun started {runtime.world_size} "
-                    "processes; make them "
-                    "agree"
+                    "processes; make them agree"
                 )
             data = load_data(config, runtime)
             check_request(config, data, steps)
@@ -355,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 raise SystemExit(
                     f"error: process {runtime.rank}: another process of this job failed or stopped "
-                    f"({first_line(error)[:160]}); "
-                    "snapshots already written are complete"
+                    f"({first_line(error)[:160]}); snapshots already written are complete"
                 ) from None
             if runtime.is_main:
                 print(tabulate(job.rows, headers="keys", tablefmt="github", intfmt=",", floatfmt=".4f"))

@@ -6,7 +6,7 @@ Used by the `scratch` backend; nothing here knows about the model zoo or any bac
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +30,10 @@ class ChannelPruning:
     original_units: dict[str, int]  # pruned layer -> units before pruning
     scope: str
     graph: ChannelGraph
+    tied: list[str] = field(
+        default_factory=list
+    )  # threshold methods: groups whose units all scored alike (index decided)
+    scored: int = 0  # groups that were scored (candidates for pruning)
 
 
 def validate_sparsity(sparsity: float | Mapping[str, float]) -> None:
@@ -147,8 +151,7 @@ def prune_channels(
             if spec.greedy and graph.groups[group].divisor > 1:
                 raise PruningError(
                     f"{name} feeds or is a grouped convolution, which {method} (a greedy pair method) cannot prune; "
-                    "use conv_all or "
-                    "bn"
+                    "use conv_all or bn"
                 )
             ratios[group] = max(ratios.get(group, 0.0), float(ratio))
     else:
@@ -170,6 +173,7 @@ def prune_channels(
             candidates[index] = (ratio, tensors)
 
     generator = torch.Generator().manual_seed(seed)
+    tied: list[str] = []
     with torch.no_grad():
         if spec.greedy:
             kept = {}
@@ -187,8 +191,10 @@ def prune_channels(
                 else _score(spec, tensors, threshold)
                 for index, (_, tensors) in candidates.items()
             }
-            if spec.takes_threshold:
-                check_threshold_decides(scores, [t for _, tensors in candidates.values() for t in tensors], threshold)
+            if spec.takes_threshold:  # groups whose every unit scores the same: the threshold did not decide there
+                tied = [
+                    "+".join(graph.groups[i].members) for i, score in scores.items() if bool((score == score[0]).all())
+                ]
             if scope == "global":
                 kept = select_global(scores, float(sparsity)) if scores else {}
             else:
@@ -205,21 +211,8 @@ def prune_channels(
         _check_runs(pruned, example_input)
     kept_by_layer = {p: kept[g].tolist() for p, g in graph.group_of_producer.items() if g in kept}
     original = {p: graph.groups[graph.group_of_producer[p]].size for p in kept_by_layer}
-    return ChannelPruning(pruned, kept_by_layer, build_masks(model, graph, kept), original, scope, graph)
-
-
-def check_threshold_decides(scores: dict[int, torch.Tensor], weights: list[torch.Tensor], threshold: float) -> None:
-    """A threshold that gives every unit of every group the same count decides nothing (the highest indices would go,
-    whatever the weights): refuse it, naming the range of |w| a useful threshold lies in."""
-    if not scores or any(bool((score != score[0]).any()) for score in scores.values()):
-        return
-    magnitudes = torch.cat([w.detach().abs().flatten().cpu() for w in weights])
-    raise PruningError(
-        f"threshold {threshold:g} gives every filter of every layer the same count of |w| above it, so it decides "
-        "nothing; "
-        f"|w| here spans {float(magnitudes.min()):.3g}..{float(magnitudes.max()):.3g}: choose a threshold inside "
-        "that range"
-    )
+    masks = build_masks(model, graph, kept)
+    return ChannelPruning(pruned, kept_by_layer, masks, original, scope, graph, tied, len(candidates))
 
 
 def _check_runs(model: nn.Module, example_input: torch.Tensor) -> None:
@@ -229,6 +222,6 @@ def _check_runs(model: nn.Module, example_input: torch.Tensor) -> None:
             model(example_input.clone())
     except Exception as error:
         raise PruningError(
-            f"the pruned {type(model).__name__} no longer runs ({str(error).splitlines()[0]}); "
-            "its forward probably hard-codes a channel count (e.g. x.view(-1, 400)): use torch.flatten(x, 1)"
+            f"the pruned {type(model).__name__} no longer runs ({str(error).splitlines()[0]}); its forward probably "
+            "hard-codes a channel count (e.g. x.view(-1, 400)): use torch.flatten(x, 1)"
         ) from None

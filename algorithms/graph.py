@@ -58,15 +58,13 @@ class ChannelGroup:
     members: list[str]
     size: int
     blocked_by: list[str] = field(default_factory=list)
-    divisor: int = (
-        1  # grouped convs read or write these channels in this many equal blocks: each block keeps the same count
-    )
+    # grouped convs read or write these channels in this many equal blocks: each block keeps the same count
+    divisor: int = 1
     layer_norms: list[str] = field(
         default_factory=list
     )  # LayerNorms over these channels: pruning changes their statistics
-    rearranged: bool = (
-        False  # permuted, shuffled, chunked, renormalised or scaled on the way: only this analysis follows them
-    )
+    # permuted, shuffled, chunked, renormalised or scaled on the way: only this analysis follows them
+    rearranged: bool = False
 
     @property
     def prunable(self) -> bool:
@@ -127,9 +125,8 @@ ELEMENTWISE_ACTIVATIONS = (
     nn.Softplus,
     nn.Softsign,
 )
-OUTPUT_REASON = (
-    "it reaches the model output"  # the classifier: never pruned, by design rather than for want of understanding
-)
+# the classifier: never pruned, by design rather than for want of understanding
+OUTPUT_REASON = "it reaches the model output"
 PASSTHROUGH_MODULES = (
     *ELEMENTWISE_ACTIVATIONS,
     nn.Dropout,

@@ -56,8 +56,9 @@ def load_masks(masks_or_path: Masks | str | Path) -> Masks:
     try:
         masks = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises pickle, zip and runtime errors for a file that is not a checkpoint
+        # the error's own text may advise unpickling unsafely, which is never the fix here: name its kind only
         raise PruningError(
-            f"{path} is not a masks file torch.load can read ({str(error).splitlines()[0][:120]})"
+            f"{path} is not a masks file torch.load can read ({type(error).__name__}: corrupt or foreign)"
         ) from None
     if not isinstance(masks, Mapping) or not all(isinstance(v, Mapping) for v in masks.values()):
         raise PruningError(f"{path} does not hold masks: expected {{layer name: {{'weight': tensor, 'bias': tensor}}}}")
@@ -89,8 +90,7 @@ def unit_mask(name: str, module: nn.Module, layer_masks: Mapping[str, torch.Tens
     if bool(partial.any()):
         raise PruningError(
             f"mask {name}.weight zeroes part of unit {int(partial.nonzero()[0])}: not a channel mask; only whole "
-            "output units can be "
-            "fixed"
+            "output units can be fixed"
         )
     return kept
 

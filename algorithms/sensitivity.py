@@ -270,11 +270,8 @@ class SensitivityAnalysis:
         if not _contains((args, kwargs), self.model):
             raise PruningError(
                 "val_func must receive the model through val_args or val_kwargs (e.g. analysis(val_args=[model])): "
-                "each evaluation gets "
-                "a pruned copy "
-                "in its place. NNI pruned in place, so a val_func that closes over the model worked there; here it "
-                "would score the "
-                "unpruned model."
+                "each evaluation gets a pruned copy in its place. NNI pruned in place, so a val_func that closes over "
+                "the model worked there; here it would score the unpruned model."
             )
         specified = list(specified_layers) if specified_layers is not None else None
         if (

@@ -31,8 +31,8 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ... depending on the construct
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PruningError(
-            f"torch.fx cannot trace {type(model).__name__}{_offending_frame(error)}: {first_line}; "
-            "make forward free of data-dependent Python control flow, or wrap that call with torch.fx.wrap"
+            f"torch.fx cannot trace {type(model).__name__}{_offending_frame(error)}: {first_line}; make forward free "
+            "of data-dependent Python control flow, or wrap that call with torch.fx.wrap"
         ) from None
 
 

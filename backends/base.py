@@ -18,9 +18,8 @@ class JobContext:
     takes what its prune() uses and its `validate` reads what it checks, so the job names no backend, and a new backend
     touches only backends/."""
 
-    train_batches: TrainBatches | None = (
-        None  # training data, for the methods that train or take gradients while pruning
-    )
+    # training data, for the methods that train or take gradients while pruning
+    train_batches: TrainBatches | None = None
     training_steps: int = 50  # how long those train
     learning_rate: float = 1e-3
     round_to: int | None = None  # kept channel counts rounded up to multiples of this

@@ -209,9 +209,7 @@ class NNIBackend:
             if emptied and method != "level":
                 raise PruningError(
                     f"NNI {method} removed every unit of {', '.join(emptied)} (NNI 3.0 does not keep one unit per "
-                    "layer in a global "
-                    "group); "
-                    "use scope='layer' or a lower sparsity"
+                    "layer in a global group); use scope='layer' or a lower sparsity"
                 )
             if round_to:
                 kept = _rounded_up(
@@ -272,8 +270,7 @@ class NNIBackend:
             if output_units(pruned_modules[producer]) != len(indices):
                 raise PruningError(
                     f"NNI's speedup kept {output_units(pruned_modules[producer])} units of {producer}, its masks "
-                    f"{len(indices)}: "
-                    "masks conflict"
+                    f"{len(indices)}: masks conflict"
                 )
         pruned.train(model.training)
         return PruneResult(pruned, kept, masks, units, self.name, method, scope or "layer", info=info)

@@ -8,11 +8,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from algorithms.channel_pruning import check_request, check_round_to, prune_channels
+from algorithms.channel_pruning import ChannelPruning, check_request, check_round_to, prune_channels
 from algorithms.criteria import DEFAULT_THRESHOLD, METHODS
+from algorithms.errors import PruningError
 from algorithms.modules import has_norm
 
 from .base import NO_JOB, JobContext, PruneResult
+
+
+def check_threshold_decides(model: nn.Module, result: ChannelPruning, threshold: float) -> None:
+    """A threshold that gives every unit of every group the same count decides nothing (the highest indices would go,
+    whatever the weights): refuse it, naming the range of |w| a useful threshold lies in."""
+    if not result.scored or len(result.tied) < result.scored:
+        return
+    modules = dict(model.named_modules())
+    weights = [modules[name].weight.detach().abs().flatten() for group in result.tied for name in group.split("+")]
+    low, high = float(torch.cat(weights).min()), float(torch.cat(weights).max())
+    raise PruningError(
+        f"threshold {threshold:g} gives every filter of every layer the same count of |w| above it, so it decides "
+        f"nothing; |w| here spans {low:.3g}..{high:.3g}: choose a threshold inside that range"
+    )
 
 
 class ScratchBackend:
@@ -64,6 +79,9 @@ class ScratchBackend:
         info = {"why_unprunable": result.graph.why_unprunable(), "round_to": round_to}
         if METHODS[method].takes_threshold:  # the threshold decided which units go: the job records it
             info["threshold"] = threshold
+            check_threshold_decides(model, result, threshold)
+            if result.tied:  # the threshold decided nothing there: the highest indices went
+                info["threshold_ties"] = result.tied
         return PruneResult(
             result.model, result.kept, result.masks, result.original_units, self.name, method, result.scope, info=info
         )

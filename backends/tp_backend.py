@@ -226,9 +226,8 @@ class TorchPruningBackend:
                 removed = _prune(tp, pruner, {module: name for name, module in modules.items()})
         except PruningError:
             raise
-        except (
-            Exception
-        ) as error:  # Torch-Pruning's own failures (e.g. ZeroDivisionError on a channel shuffle): one line
+        except Exception as error:
+            # Torch-Pruning's own failures (e.g. ZeroDivisionError on a channel shuffle): one line
             raise PruningError(
                 f"Torch-Pruning {method} failed on {type(model).__name__}: {type(error).__name__}: "
                 f"{first_line(error)[:200]}"
@@ -260,8 +259,7 @@ def _check_round_to(round_to: int | None, prunable: list[str], modules: dict[str
         name = narrow[0]
         raise PruningError(
             f"round_to={round_to} is larger than {name} ({output_units(modules[name])} units); use a round_to of at "
-            "most that, or "
-            "exclude it"
+            "most that, or exclude it"
         )
 
 
@@ -303,8 +301,7 @@ def _check_nothing_emptied(
             hint = f"a round_to of at most {keep}" if round_to and keep else "a lower ratio"
             raise PruningError(
                 f"at ratio {ratio:g} Torch-Pruning would keep no channel of {name} ({units} units) and skip it "
-                "silently; use "
-                f"{hint}"
+                f"silently; use {hint}"
             )
 
 
@@ -434,6 +431,6 @@ def _check_runs(model: nn.Module, example_input: torch.Tensor, method: str, expe
         ) from None
     if expected_shape is not None and isinstance(output, torch.Tensor) and output.shape != expected_shape:
         raise PruningError(
-            f"Torch-Pruning {method} changed the model's output from {tuple(expected_shape)} to "
-            f"{tuple(output.shape)}; exclude the layer it pruned there"
+            f"Torch-Pruning {method} changed the model's output from {tuple(expected_shape)} to {tuple(output.shape)}; "
+            "exclude the layer it pruned there"
         )

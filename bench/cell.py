@@ -6,12 +6,11 @@ harness and the CLI cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import json
 import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from algorithms.errors import first_line
-from pipeline.atomic import write_json
+from pipeline.atomic import temporary_directory, write_json
 from pipeline.config import STAGES
 from pipeline.data.images import ImageDataset
 from pipeline.deploy.metrics import (
@@ -38,8 +37,7 @@ from pipeline.train.runtime import float32_name
 from .matrix import Cell, MatrixSpec, base_key, job_config
 
 LATENCY_FORM = (
-    "eval mode, BatchNorm folded into the conv before it (torch.fx fuse), float32 (int8 columns: int8 "
-    "kernels on the "
+    "eval mode, BatchNorm folded into the conv before it (torch.fx fuse), float32 (int8 columns: int8 kernels on the "
     "CPU)"
 )
 
@@ -189,11 +187,14 @@ def run_cell(
     """Prune -> fine-tune -> measure one cell. Raises on failure; the caller records the error and goes on."""
     started = time.perf_counter()
     base_dir, base_figures = ensure_base(spec, cell.model, cell.seed, data, base_root)
-    cell_dir.parent.mkdir(parents=True, exist_ok=True)
-    snapshots = (
-        cell_dir / "snapshots" if keep_snapshots else Path(tempfile.mkdtemp(prefix=".snapshots-", dir=cell_dir.parent))
+    where = (
+        contextlib.nullcontext(cell_dir / "snapshots")
+        if keep_snapshots
+        else temporary_directory(
+            cell_dir.parent, f"{cell_dir.name}.snapshots"
+        )  # the pruned and refined models, then gone
     )
-    try:
+    with where as snapshots:
         config = job_config(
             spec,
             cell.model,
@@ -213,9 +214,6 @@ def run_cell(
         pruned = job.step_prune()
         refined = job.step_refine()
         quantized = job.step_quantize() if cell.quantize != "none" else None
-    finally:
-        if not keep_snapshots:
-            shutil.rmtree(snapshots, ignore_errors=True)
     base_model, final_model = job.models["1"], job.models["3"]
     base = pruned["base"]
     row: dict[str, Any] = {

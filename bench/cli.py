@@ -143,9 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_names,
         default=("none",),
         help="axis: none, ptq, qat (real int8), nni-ptq, nni-qat, nni-lsq (NNI's simulated int8, accuracy only), "
-        "comma-separated: add "
-        "step 4 (default "
-        "none)",
+        "comma-separated: add step 4 (default none)",
     )
     p.add_argument(
         "--shard",
@@ -239,14 +237,12 @@ def run_command(argv: list[str]) -> int:
     failed = sum(row.get("status") != "ok" for row in rows)
     print(
         f"{len(rows)} cells in {out}/results.jsonl ({failed} failed); report: {out}/report.md; tables: "
-        f"{out}/results.csv; "
-        f"plots: {out}/*.png"
+        f"{out}/results.csv; plots: {out}/*.png"
     )
     if failed:  # a Slurm array or CI job must see it; the failed cells and their errors are in the report
         print(
             f"error: {failed} cell(s) failed; see the 'Failed cells' table in {out}/report.md, then rerun the same "
-            "command to retry "
-            "them",
+            "command to retry them",
             file=sys.stderr,
         )
         return 1
@@ -289,8 +285,8 @@ def report_command(argv: list[str]) -> int:
     manifest = store.read_manifest(directory)
     if manifest is None:
         raise UsageError(f"{directory} is not a python -m bench results directory (no {store.MANIFEST})")
-    with store.exclusive(directory):
-        written = render_all(directory, manifest, store.read_rows(directory))
+    # no run lock: the reports are written whole (temporary file, then rename), so a report of a run in progress is safe
+    written = render_all(directory, manifest, store.read_rows(directory))
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
 

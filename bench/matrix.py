@@ -53,9 +53,9 @@ class MatrixSpec:
     scratch_control: bool = False
     distill: tuple[bool, ...] = (False,)  # axis: refine plainly and / or with the base model as teacher
     quantize: tuple[str, ...] = ("none",)  # axis: stop at fp32 and / or add step 4 (ptq, qat; nni-*: simulated)
-    device: str = (
-        "cpu"  # where cells train and are timed (resolved: cpu, cuda:N); int8 kernels run on the CPU whatever it is
-    )
+    # where cells train and are timed (resolved: cpu, cuda:N); int8 kernels run on the CPU whatever it is
+    device: str = "cpu"
+    dataset: str | None = None  # content identity of a custom dataset (run_matrix sets it): other content, other table
     versions: dict[str, str] = field(default_factory=lambda: package_versions())
 
     @property
@@ -179,8 +179,7 @@ def check_names(spec: MatrixSpec) -> None:
     if unknown or not spec.quantize or not spec.distill:
         raise UsageError(
             f"--quantize takes none, {', '.join(QUANTIZE_MODES)} (comma-separated), got {','.join(spec.quantize)!r}; "
-            "--distill takes off, "
-            "on"
+            "--distill takes off, on"
         )
 
 

@@ -156,32 +156,24 @@ def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list
     versions = ", ".join(f"{k} {v}" for k, v in spec.get("versions", {}).items())
     return [
         f"Data `{spec.get('data_type')}`; base model trained "
-        f"{spec.get('base_epochs_resolved', spec.get('base_epochs'))} epochs, "
-        f"each pruned model fine-tuned {spec.get('finetune_epochs')} epochs ({spec.get('optimizer')}, lr "
-        f"{spec.get('learning_rate')}, "
-        f"batch {spec.get('batch_size')}); every cell starts from the same base per model and seed; seeds "
+        f"{spec.get('base_epochs_resolved', spec.get('base_epochs'))} epochs, each pruned model fine-tuned "
+        f"{spec.get('finetune_epochs')} epochs ({spec.get('optimizer')}, lr {spec.get('learning_rate')}, batch "
+        f"{spec.get('batch_size')}); every cell starts from the same base per model and seed; seeds "
         f"{', '.join(str(x) for x in spec.get('seeds', []))}.",
         f"Latency: {latency_where(manifest)}, float32, BatchNorm folded into the preceding conv (as inference "
-        "runtimes run it), "
-        f"{spec.get('threads')} thread(s), median of {spec.get('latency_runs')} runs after warm-up, dense and pruned "
-        "interleaved; "
-        "speedup = dense / pruned time. int8 kernels run on the CPU. "
-        "MACs = Conv + Linear multiply-accumulates per sample (torch FlopCounterMode).",
+        f"runtimes run it), {spec.get('threads')} thread(s), median of {spec.get('latency_runs')} runs after warm-up, "
+        "dense and pruned interleaved; speedup = dense / pruned time. int8 kernels run on the CPU. MACs = Conv + "
+        "Linear multiply-accumulates per sample (torch FlopCounterMode).",
         f"Environment: {versions}; CPU {', '.join(cpus)}" + (f"; GPU {', '.join(devices)}." if devices else "."),
-        f"NNI's data-driven methods (slim, taylor, agp, linear) train {spec.get('prune_steps')} steps on the "
-        "training data while "
-        "pruning, on top "
-        "of the fine-tuning every cell gets (`prune_train_steps` in results.csv); their masked figure uses those "
-        "trained weights.",
+        f"NNI's data-driven methods (slim, taylor, agp, linear) train {spec.get('prune_steps')} steps on the training "
+        "data while pruning, on top of the fine-tuning every cell gets (`prune_train_steps` in results.csv); their "
+        "masked figure uses those trained weights.",
         "Accuracy columns: mean ± std over seeds (std shown when more than one seed). `masked` = base weights x mask "
-        "with BatchNorm "
-        "untouched (what NNI reports); `pruned` = the physically smaller model before fine-tuning; `fine-tuned` = "
-        "after fine-tuning.",
+        "with BatchNorm untouched (what NNI reports); `pruned` = the physically smaller model before fine-tuning; "
+        "`fine-tuned` = after fine-tuning.",
         "int8 columns (cells with step 4): `ptq` / `qat` run real int8 kernels (PyTorch FX, x86), sized and timed "
-        "against the dense "
-        "fp32 base; "
-        "`nni-ptq` / `nni-qat` / `nni-lsq` are NNI's simulated int8 (fake quantization in float): accuracy only, no "
-        "size or speedup.",
+        "against the dense fp32 base; `nni-ptq` / `nni-qat` / `nni-lsq` are NNI's simulated int8 (fake quantization "
+        "in float): accuracy only, no size or speedup.",
     ]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +61,9 @@ def run_matrix(
     if base_root.exists() and not base_root.is_dir():
         raise UsageError(f"--base_dir {base_root} is a file; give a directory for the cached base models")
     with store.exclusive(out):
-        return _run_locked(
-            spec, out, base_root, shard_of, data or load_dataset(spec.data_type, **(data_options or {})), keep_snapshots
-        )
+        data = data or load_dataset(spec.data_type, **(data_options or {}))
+        spec = replace(spec, dataset=data.identity)  # a custom dataset's content is part of what the rows share
+        return _run_locked(spec, out, base_root, shard_of, data, keep_snapshots)
 
 
 def _run_locked(

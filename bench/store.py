@@ -33,41 +33,32 @@ LOCK = ".lock"
 
 @contextlib.contextmanager
 def exclusive(directory: Path) -> Iterator[None]:
-    """Hold `directory` for this process: a second run on it is refused in one line naming the first one's pid."""
+    """Hold `directory` for this process: a second run on it is refused in one line naming the first one's pid. The lock
+    file goes when the run ends, and so does a directory the run made and left empty (refused before it wrote)."""
     made = [p for p in (directory, *directory.parents) if not p.exists()]
     directory.mkdir(parents=True, exist_ok=True)
-    try:
-        with _held(directory / LOCK):
-            yield
-    except BaseException:
-        if made:  # a run refused before it wrote anything leaves no directory behind
-            (directory / LOCK).unlink(missing_ok=True)
-            for folder in made:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-        raise
-
-
-@contextlib.contextmanager
-def _held(path: Path) -> Iterator[None]:
-    """An exclusive, non-blocking flock on `path` for as long as the block runs; the file says whose it is."""
-    with path.open("a+") as handle:
+    with (directory / LOCK).open("a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise UsageError(
-                f"{path.parent} is in use by another python -m bench run (pid {holder}); wait for it to finish, or "
-                "give this run "
-                "its own --out (shards: one directory each, then python -m bench merge)"
+                f"{directory} is in use by another python -m bench run (pid {holder}); wait for it to finish, or give "
+                "this run its own --out (shards: one directory each, then python -m bench merge)"
             ) from None
         except OSError:  # a file system without flock (some network mounts): go on unlocked, as before
             pass
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()
-        yield
+        try:
+            yield
+        finally:  # still held: a run that opens the lock file after this makes its own, as this one is done writing
+            (directory / LOCK).unlink(missing_ok=True)
+            for folder in made:  # deepest first; only what is still empty goes
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
@@ -91,7 +82,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 # what runs made before a setting was recorded used: their fingerprints lack it
-FINGERPRINT_DEFAULTS = {"device": "cpu", "other_layouts": True}
+FINGERPRINT_DEFAULTS = {"device": "cpu", "other_layouts": True, "dataset": None}
 
 
 def incompatibility(expected: dict[str, Any], found: dict[str, Any]) -> str | None:
@@ -162,7 +153,8 @@ def record(directory: Path, row: dict[str, Any]) -> None:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":  # a line a crash cut short: drop it before appending
             os.ftruncate(fd, os.pread(fd, size, 0).rfind(b"\n") + 1)
-        os.write(fd, line)
+        while line:  # a short write (a full disk, a signal) goes on where it stopped, or raises
+            line = line[os.write(fd, line) :]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -22,7 +22,7 @@ def check_input_shape(model_name: str, input_shape: tuple[int, ...], min_size: i
     channels, height, width = (int(d) for d in input_shape)
     if min(height, width) < min_size:
         raise InputTooSmallError(
-            f"{model_name} needs images of at least {min_size}x{min_size}, got {height}x{width}; "
-            "use a larger dataset image size or a smaller model (dnn_2, dnn_4)"
+            f"{model_name} needs images of at least {min_size}x{min_size}, got {height}x{width}; use a larger dataset "
+            "image size or a smaller model (dnn_2, dnn_4)"
         )
     return channels, height, width

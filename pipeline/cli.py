@@ -49,9 +49,8 @@ def guarded(action: Callable[[], int], interrupted: str, quiet: Callable[[], boo
     except (UsageError, PruningError) as error:
         say(f"error: {error}")
         return 2
-    except (
-        OSError
-    ) as error:  # a path that cannot be read or written (permissions, a file where a folder should be, a full disk)
+    except OSError as error:
+        # a path that cannot be read or written (permissions, a file where a folder should be, a full disk)
         if isinstance(error, BrokenPipeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0

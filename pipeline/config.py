@@ -26,9 +26,8 @@ class JobConfig:
     distill: bool = False  # step 3 learns from the base model's logits too
     kd_alpha: float = 0.9
     kd_temperature: float = 4.0
-    kd_features: str | None = (
-        None  # None: logits only; "auto" or comma-separated layer names: also match those layers' outputs
-    )
+    # None: logits only; "auto" or comma-separated layer names: also match those layers' outputs
+    kd_features: str | None = None
     kd_feature_weight: float = 1.0
     quantize: str = "ptq"  # step 4: "ptq" (calibrate and convert) or "qat" (fake-quantised fine-tuning, then convert)
     calib_batches: int = 8

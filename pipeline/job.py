@@ -11,7 +11,7 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from pipeline.deploy.metrics import (
     model_size_mb,
 )
 from pipeline.errors import ProcessError, UsageError
-from pipeline.reporting import epoch_log, results_payload, write_results
+from pipeline.reporting import EpochLog, epoch_log, results_payload, write_results
 from pipeline.snapshots import META_FILE, WEIGHTS_FILE, load_model, save_snapshot
 from pipeline.train.distill import Distillation, FeatureDistillation, feature_layers
 from pipeline.train.distributed import barrier, broadcast_parameters
@@ -66,8 +66,8 @@ def check_request(config: JobConfig, data: ImageDataset, steps: str = "123") -> 
     if "1" in steps and "2" not in steps and ("3" in steps or "4" in steps):
         later = "refine" if "3" in steps else "quantize"
         raise UsageError(
-            f"--step {steps} would {later} an older pruned model, not one pruned from the base this run trains; add "
-            "2 (--step 12...)"
+            f"--step {steps} would {later} an older pruned model, not one pruned from the base this run trains; add 2 "
+            "(--step 12...)"
         )
     check_threshold(config.threshold)
     check_compression(config, steps)
@@ -81,9 +81,8 @@ def check_request(config: JobConfig, data: ImageDataset, steps: str = "123") -> 
         )
         if "4" in steps and config.quantize in RETRAINING_QUANTIZERS and not backend.physical(method):
             raise UsageError(
-                f"--quantize {config.quantize} would retrain the zeroed weights of {method} (masked, not smaller); "
-                "use --quantize "
-                "ptq"
+                f"--quantize {config.quantize} would retrain the zeroed weights of {method} (masked, not smaller); use "
+                "--quantize ptq"
             )
 
 
@@ -161,13 +160,12 @@ class Job:
         self.metas: dict[str, dict[str, Any]] = {}  # step -> the meta its snapshot was saved with
         self.results: dict[str, dict[str, Any]] = {}  # step -> the figures its results JSON holds
         self.written: dict[str, list[Path]] = {"snapshots": [], "logs": [], "results": []}
-        self.base_figures: dict[str, Any] | None = (
-            None  # a caller that already evaluated the base (the harness) sets them
-        )
+        # a caller that already evaluated the base (the harness) sets it
+        self.base_figures: dict[str, Any] | None = None
         self.timed = False  # figures carry batch-1 / batch-64 latency: the whole-pipeline table of a run that quantizes
         # the steps this run makes (run()); a caller driving steps one by one (the harness) asks for nothing else
         self.steps = ""
-        self.identities: dict[str, str] = {}  # stage -> identity of the snapshot this job saved or loaded (lineage)
+        self.snapshots: dict[str, tuple[str, str]] = {}  # stage -> (path, identity) of what this job saved or loaded
         self.chain: list[dict[str, Any]] = []  # the lineage of the last snapshot this job saved, itself last
 
     def run(self, steps: str) -> None:
@@ -182,32 +180,30 @@ class Job:
         c = self.config
         root = c.save_root if self.first_step_done else c.load_root
         model, meta = load_model(root / stage, c.model, c.data_type)
-        identity = lineage.snapshot_identity(root / stage, (WEIGHTS_FILE, META_FILE))
-        lineage.check(lineage.dataset_mismatch(root / stage, meta, self.data.name, self.data.identity))
-        lineage.check(
-            lineage.stale_ancestor(root / stage, meta, lambda ancestor: self.current_identity(root, ancestor))
-        )
+        where = root / stage
+        identity = lineage.snapshot_identity(where, (WEIGHTS_FILE, META_FILE))
         asked = {key: getattr(c, key) for key in c.asked}
-        lineage.check(
-            lineage.unmet_request(
-                root / stage, meta, identity, asked, lambda made: lineage.STEP_OF_STAGE[made] not in self.steps
-            )
-        )
+        made_here = lambda made: lineage.STEP_OF_STAGE[made] in self.steps
+        lineage.check(lineage.dataset_mismatch(where, meta, self.data.name, self.data.identity))
+        lineage.check(lineage.stale_ancestor(where, meta, self.identity_now))
+        lineage.check(lineage.unmet_request(where, meta, identity, asked, lambda made: not made_here(made)))
         if "lineage" not in meta and stage != STAGES["1"] and c.echo_epochs and self.runtime.is_main:
             print(
-                f"note: {root / stage} records no lineage (written before prunebench recorded one); it is used "
-                "unchecked",
+                f"note: {where} records no lineage (written before prunebench kept one); it is used unchecked",
                 file=sys.stderr,
             )
-        self.identities[stage] = identity
+        self.snapshots[stage] = (str(where.resolve()), identity)
         return model, meta
 
-    def current_identity(self, root: Path, stage: str) -> str | None:
-        """The identity `stage` has now: the snapshot this job saved or loaded, else the one on disk in `root`."""
-        if stage in self.identities:
-            return self.identities[stage]
-        if (root / stage / WEIGHTS_FILE).is_file() and (root / stage / META_FILE).is_file():
-            return lineage.snapshot_identity(root / stage, (WEIGHTS_FILE, META_FILE))
+    def identity_now(self, ancestor: dict[str, Any]) -> str | None:
+        """The identity of what lies where an ancestor lay: the snapshot this job saved or loaded there, else the one on
+        disk (None: nothing there any more, so nothing to compare)."""
+        path = Path(ancestor["path"])
+        known = [identity for where, identity in self.snapshots.values() if where == str(path)]
+        if known:
+            return known[0]
+        if (path / WEIGHTS_FILE).is_file() and (path / META_FILE).is_file():
+            return lineage.snapshot_identity(path, (WEIGHTS_FILE, META_FILE))
         return None
 
     def meta(
@@ -216,7 +212,7 @@ class Job:
         """A snapshot's meta: what rebuilds it, the dataset, this run's settings for the step, and its lineage
         (`parent`: the meta of the snapshot it was made from, whose identity this job knows)."""
         c, d = self.config, self.data
-        ancestry = lineage.descendant_lineage(parent, self.identities[parent["stage"]]) if parent is not None else []
+        ancestry = lineage.descendant_lineage(parent, *reversed(self.snapshots[parent["stage"]])) if parent else []
         return {
             "model": c.model,
             "data_type": c.data_type,
@@ -323,8 +319,11 @@ class Job:
         if self.runtime.is_main:
             directory = save_snapshot(c.save_root / stage, model, meta)
             self.written["snapshots"].append(directory)
-            self.identities[stage] = lineage.snapshot_identity(directory, (WEIGHTS_FILE, META_FILE))
-            self.chain = lineage.descendant_lineage(meta, self.identities[stage])
+            self.snapshots[stage] = (
+                str(directory.resolve()),
+                lineage.snapshot_identity(directory, (WEIGHTS_FILE, META_FILE)),
+            )
+            self.chain = lineage.descendant_lineage(meta, *reversed(self.snapshots[stage]))
             figures = {**figures, "seed": c.seed, "lineage": self.chain}
             self.written["results"].append(write_results(c.result_dir, c.model, c.data_type, log_type, figures))
         barrier(self.runtime)
@@ -342,16 +341,28 @@ class Job:
             except UsageError as error:
                 raise ProcessError(
                     f"process {self.runtime.rank} cannot read the snapshot rank 0 wrote ({error}); on several "
-                    "machines, "
-                    "--model_save_dir must be on a filesystem all of them share"
+                    "machines, --model_save_dir must be on a filesystem all of them share"
                 ) from None
         return {}
+
+    @contextlib.contextmanager
+    def logged(self, step: str, log_type: str) -> Iterator[EpochLog | None]:
+        """The step's epoch log (rank 0's), published only when the whole step is done, snapshot and results saved:
+        Ctrl-C anywhere in the step leaves the previous log as it was."""
+        if not self.runtime.is_main:
+            yield None
+            return
+        c = self.config
+        prefix = f"step {step} {STEP_NAMES[step]}:" if c.echo_epochs else None
+        with epoch_log(c.log_dir, c.model, c.data_type, log_type, prefix) as log:
+            yield log
+        self.written["logs"].append(log.path)
 
     def fit(
         self,
         model: nn.Module,
         step: str,
-        log_type: str,
+        log: EpochLog | None,
         after_step: Callable[[nn.Module], None] | None = None,
         loss_fn: LossFunction = cross_entropy,
         epochs: int | None = None,
@@ -359,50 +370,38 @@ class Job:
     ) -> EvalResult:
         c, runtime = self.config, runtime or self.runtime
         epochs = c.epochs(step) if epochs is None else epochs
-        prefix = f"step {step} {STEP_NAMES[step]}:" if c.echo_epochs else None
-        with (
-            epoch_log(c.log_dir, c.model, c.data_type, log_type, prefix)
-            if runtime.is_main
-            else contextlib.nullcontext() as log
-        ):
-            history = train(
-                model,
-                self.data,
-                epochs=epochs,
-                batch_size=c.batch_size,
-                val_batch_size=c.val_batch_size,
-                lr=c.learning_rate,
-                optimizer_name=c.optimizer,
-                seed=c.seed,
-                limit_batches=c.limit_batches,
-                limit_val_batches=c.limit_val_batches,
-                desc=STEP_NAMES[step],
-                on_epoch=log,
-                after_step=after_step,
-                loss_fn=loss_fn,
-                runtime=runtime,
-            )
-        if log is not None:
-            self.written["logs"].append(log.path)
+        history = train(
+            model,
+            self.data,
+            epochs=epochs,
+            batch_size=c.batch_size,
+            val_batch_size=c.val_batch_size,
+            lr=c.learning_rate,
+            optimizer_name=c.optimizer,
+            seed=c.seed,
+            limit_batches=c.limit_batches,
+            limit_val_batches=c.limit_val_batches,
+            desc=STEP_NAMES[step],
+            on_epoch=log,
+            after_step=after_step,
+            loss_fn=loss_fn,
+            runtime=runtime,
+        )
         return history[-1] if history else self.evaluate(model, runtime)
 
     def step_train(self) -> dict[str, Any]:
         c = self.config
         torch.manual_seed(c.seed)  # every process builds the same initial weights
         model = self.runtime.place(build_model(c.model, self.data.input_shape, self.data.num_classes))
-        figures = self.figures(model, self.fit(model, "1", "base_model"))
-        self.save(
-            "1", model, self.meta(STAGES["1"], self.training_settings("1"), epochs=c.epochs("1")), "base_model", figures
-        )
+        with self.logged("1", "base_model") as log:
+            figures = self.figures(model, self.fit(model, "1", log))
+            meta = self.meta(STAGES["1"], self.training_settings("1"), epochs=c.epochs("1"))
+            self.save("1", model, meta, "base_model", figures)
         self.record("1 base", figures)
         stale = [STAGES[s] for s in "234" if s not in self.steps and (c.save_root / STAGES[s]).is_dir()]
         if stale and self.runtime.is_main and c.echo_epochs and self.steps:
-            print(
-                f"note: {', '.join(stale)} in {c.save_root} were made from the previous base; later steps refuse "
-                "them until --step 2 "
-                "runs again",
-                file=sys.stderr,
-            )
+            note = "were made from the previous base; later steps refuse them until --step 2 runs again"
+            print(f"note: {', '.join(stale)} in {c.save_root} {note}", file=sys.stderr)
         return figures
 
     def step_prune(self) -> dict[str, Any]:
@@ -462,9 +461,8 @@ class Job:
             "kept": result.kept,
             "physical": result.physical,
         }
-        settings = {key: info[key] for key in ("backend", "method", "percent", "scope", "exclude")} | {
-            "round_to": c.round_to
-        }
+        settings = {key: info[key] for key in ("backend", "method", "percent", "scope", "exclude")}
+        settings["round_to"] = c.round_to
         if "threshold" in result.info:  # the backend's criterion used it: it decided which channels go
             settings["threshold"] = result.info["threshold"]
         if result.info.get("train_steps"):
@@ -482,17 +480,25 @@ class Job:
             "why_unprunable": blocked,
             "settings": settings,
             "removed_nothing": removed_nothing,
+            "threshold_ties": result.info.get("threshold_ties", []),
         }
         self.save("2", pruned, self.meta(STAGES["2"], settings, base_meta, **info), "pruning", payload)
         if c.echo_epochs:
             print(
-                f"pruned with {c.backend}/{method} ({result.scope} scope) in {seconds:.3f} s; "
-                f"masked model top-1 {masked.top1:.4f}, physically pruned top-1 {figures['accuracy']:.4f}",
+                f"pruned with {c.backend}/{method} ({result.scope} scope) in {seconds:.3f} s; masked model top-1 "
+                f"{masked.top1:.4f}, physically pruned top-1 {figures['accuracy']:.4f}",
                 file=sys.stderr,
             )
         if removed_nothing and c.echo_epochs:
-            why = f" (round_to {c.round_to} rounds every layer back up to its full width)" if c.round_to else ""
+            why = " (--percent 0)" if c.percent == 0 else f" (with --round_to {c.round_to})" if c.round_to else ""
             print(f"note: the prune removed no channel{why}; the pruned model is the base model", file=sys.stderr)
+        if payload["threshold_ties"] and c.echo_epochs:
+            ties = payload["threshold_ties"]
+            print(
+                f"note: threshold {settings['threshold']:g} gives every filter the same count in {len(ties)} layer "
+                f"group(s) ({', '.join(ties)}): their channels went by index",
+                file=sys.stderr,
+            )
         if not self.rows:
             self.record("  base (loaded)", base_figures)
         threshold = f", threshold {settings['threshold']:g}" if "threshold" in settings else ""
@@ -527,14 +533,6 @@ class Job:
                 broadcast_parameters(list(features.parameters()), self.runtime)
             loss = features
             distilled["distill"] |= {"features": layers, "feature_weight": c.kd_feature_weight}
-        result = self.fit(
-            model,
-            "3",
-            "prune_model",
-            after_step=None if meta.get("physical", True) else keep_zeros(model),
-            loss_fn=loss,
-        )
-        figures = self.figures(model, result)
         settings = {**self.training_settings("3"), "distill": c.distill}
         if c.distill:
             settings |= {
@@ -543,8 +541,11 @@ class Job:
                 "kd_features": c.kd_features,
                 "kd_feature_weight": c.kd_feature_weight,
             }
-        refined_meta = {**meta, **self.meta(STAGES["3"], settings, meta, refine_epochs=c.epochs("3"), **distilled)}
-        self.save("3", model, refined_meta, "prune_model", {**figures, **distilled})
+        with self.logged("3", "prune_model") as log:
+            keep = None if meta.get("physical", True) else keep_zeros(model)
+            figures = self.figures(model, self.fit(model, "3", log, after_step=keep, loss_fn=loss))
+            refined_meta = {**meta, **self.meta(STAGES["3"], settings, meta, refine_epochs=c.epochs("3"), **distilled)}
+            self.save("3", model, refined_meta, "prune_model", {**figures, **distilled})
         self.record(
             "3 refined" + (" (KD + features)" if c.distill and c.kd_features else " (KD)" if c.distill else ""), figures
         )
@@ -581,40 +582,39 @@ class Job:
         if c.quantize in RETRAINING_QUANTIZERS and not meta.get("physical", True):
             raise UsageError(
                 f"--quantize {c.quantize} would retrain the zeroed weights of {meta.get('method')} (masked, not "
-                "smaller); use "
-                "--quantize ptq"
+                "smaller); use --quantize ptq"
             )
         if c.quantize in NNI_QUANTIZERS:
             return self.step_simulate_int8(step, model, meta, on_cpu)
         example = self.data.example_input(1)
         generator = torch.Generator().manual_seed(c.seed)
-        if c.quantize == "ptq":
-            batches = (images for images, _ in self.data.batches("train", c.batch_size, generator, c.calib_batches))
-            quantized = quantize.post_training(model, batches, example)
-        else:
-            prepared = quantize.prepare(model, "qat", example)
-            self.fit(prepared, "4", "quant_model", epochs=c.qat_epochs, runtime=on_cpu)
-            quantized = quantize.convert(prepared, example)
-        result = self.evaluate(quantized, on_cpu)
-        figures = results_payload(
-            result,
-            model_size_mb(quantized),
-            count_params(model),
-            count_macs(model, example),
-            measured_on=on_cpu.describe(),
-            quantize=c.quantize,
-            quantized_from=STAGES[step],
-            float_size_mb=round(model_size_mb(model), 4),
-        )
-        figures |= self.latency(quantized, dtype="int8")
-        extra = {"quantize": c.quantize, "quantized_from": STAGES[step], "float_shapes": quantize.float_shapes(model)}
-        self.save(
-            "4",
-            quantized,
-            {**meta, **self.meta(STAGES["4"], self.quantize_settings(), meta, **extra)},
-            "quant_model",
-            figures,
-        )
+        with self.logged("4", "quant_model") if c.quantize == "qat" else contextlib.nullcontext() as log:
+            if c.quantize == "ptq":
+                batches = (images for images, _ in self.data.batches("train", c.batch_size, generator, c.calib_batches))
+                quantized = quantize.post_training(model, batches, example)
+            else:
+                prepared = quantize.prepare(model, "qat", example)
+                self.fit(prepared, "4", log, epochs=c.qat_epochs, runtime=on_cpu)
+                quantized = quantize.convert(prepared, example)
+            result = self.evaluate(quantized, on_cpu)
+            figures = results_payload(
+                result,
+                model_size_mb(quantized),
+                count_params(model),
+                count_macs(model, example),
+                measured_on=on_cpu.describe(),
+                quantize=c.quantize,
+                quantized_from=STAGES[step],
+                float_size_mb=round(model_size_mb(model), 4),
+            )
+            figures |= self.latency(quantized, dtype="int8")
+            extra = {
+                "quantize": c.quantize,
+                "quantized_from": STAGES[step],
+                "float_shapes": quantize.float_shapes(model),
+            }
+            quantized_meta = {**meta, **self.meta(STAGES["4"], self.quantize_settings(), meta, **extra)}
+            self.save("4", quantized, quantized_meta, "quant_model", figures)
         self.record(f"4 int8 ({c.quantize})", figures)
         return figures
 
@@ -625,9 +625,7 @@ class Job:
         generator = torch.Generator().manual_seed(c.seed)
         limit = c.calib_batches if c.quantize == "nni-ptq" else c.limit_batches
         torch.manual_seed(c.seed)
-        with epoch_log(
-            c.log_dir, c.model, c.data_type, "quant_model", "step 4 quantize:" if c.echo_epochs else None
-        ) as log:
+        with self.logged("4", "quant_model") as log:
             float_model, calibration, result = fake_quantize(
                 model,
                 c.quantize,
@@ -638,35 +636,25 @@ class Job:
                 verbose=c.verbose,
             )
             log(max(c.qat_epochs - 1, 0) if c.quantize in NNI_RETRAINS else 0, result)
-        self.written["logs"].append(log.path)
-        note = (
-            "NNI fake quantization: accuracy of simulated int8; no int8 kernel runs, so size and latency are not "
-            "int8 figures and are "
-            "left out"
-        )
-        figures = {
-            **results_payload(
-                result,
-                model_size_mb(float_model),
-                count_params(float_model),
-                count_macs(float_model, self.example),
-                measured_on=on_cpu.describe(),
-            ),
-            "modelSize": None,
-            "reasoningTime": None,
-            "quantize": c.quantize,
-            "quantized_from": STAGES[step],
-            "simulated": True,
-            "note": note,
-        }
-        extra = {"quantize": c.quantize, "simulated": True, "calibration": calibration}
-        self.save(
-            "4",
-            float_model,
-            {**meta, **self.meta(STAGES["4"], self.quantize_settings(), meta, **extra)},
-            "quant_model",
-            figures,
-        )
+            figures = {
+                **results_payload(
+                    result,
+                    model_size_mb(float_model),
+                    count_params(float_model),
+                    count_macs(float_model, self.example),
+                    measured_on=on_cpu.describe(),
+                ),
+                "modelSize": None,
+                "reasoningTime": None,
+                "quantize": c.quantize,
+                "quantized_from": STAGES[step],
+                "simulated": True,
+                "note": "NNI fake quantization: accuracy of simulated int8; no int8 kernel runs, so size and latency "
+                "are not int8 figures and are left out",
+            }
+            extra = {"quantize": c.quantize, "simulated": True, "calibration": calibration}
+            simulated_meta = {**meta, **self.meta(STAGES["4"], self.quantize_settings(), meta, **extra)}
+            self.save("4", float_model, simulated_meta, "quant_model", figures)
         self.record(f"4 simulated int8 ({c.quantize}, accuracy only)", figures)  # no int8 kernel: nothing to time
         return figures
 

@@ -36,37 +36,45 @@ def snapshot_identity(directory: str | Path, files: Iterable[str] = ("weights.pt
     return digest.hexdigest()[:IDENTITY_LENGTH]
 
 
-def entry(meta: dict[str, Any], identity: str) -> dict[str, Any]:
-    """How descendants of this snapshot name it."""
-    return {"stage": meta.get("stage"), "identity": identity, "settings": meta.get("settings", {})}
+def entry(meta: dict[str, Any], identity: str, path: str | Path) -> dict[str, Any]:
+    """How descendants of this snapshot name it: its stage, content identity, where it lay, and what made it."""
+    return {"stage": meta.get("stage"), "identity": identity, "path": str(path), "settings": settings_of(meta)}
 
 
-def descendant_lineage(parent_meta: dict[str, Any], parent_identity: str) -> list[dict[str, Any]]:
+def settings_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """What made a snapshot; one written before settings were recorded still names its prune at the top of its meta."""
+    if "settings" in meta:
+        return meta["settings"]
+    return {key: meta[key] for key in ("seed", *ASKED_OF_STAGE["model_prune"]) if key in meta}
+
+
+def descendant_lineage(
+    parent_meta: dict[str, Any], parent_identity: str, parent_path: str | Path
+) -> list[dict[str, Any]]:
     """The lineage a snapshot made from this parent records: the parent's own ancestors, then the parent."""
-    return [*parent_meta.get("lineage", []), entry(parent_meta, parent_identity)]
+    return [*parent_meta.get("lineage", []), entry(parent_meta, parent_identity, parent_path)]
 
 
 def describe(settings: dict[str, Any]) -> str:
     """A few words for a stage's settings: 'scratch bn 0.5, seed 0'."""
-    what = " ".join(
-        str(settings[k]) for k in ("backend", "method", "percent", "quantize") if settings.get(k) is not None
-    )
+    named = ("backend", "method", "percent", "quantize")
+    what = " ".join(str(settings[key]) for key in named if settings.get(key) is not None)
     seed = f"seed {settings['seed']}" if "seed" in settings else ""
     return ", ".join(part for part in (what, seed) if part) or "settings not recorded"
 
 
-def stale_ancestor(where: Path, meta: dict[str, Any], current: Callable[[str], str | None]) -> str | None:
-    """Why the snapshot in `where` is stale, or None: an ancestor it was made from has since been replaced.
-    `current(stage)` is that stage's identity now (this run's, else on disk beside `where`; None where unknown)."""
+def stale_ancestor(where: Path, meta: dict[str, Any], current: Callable[[dict[str, Any]], str | None]) -> str | None:
+    """Why the snapshot in `where` is stale, or None: an ancestor it was made from has since been replaced where it lay.
+    `current(ancestor)` is the identity of what lies at the ancestor's path now (None: gone, or not recorded)."""
     for ancestor in meta.get("lineage", []):
-        now = current(ancestor["stage"])
+        now = current(ancestor)
         if now is not None and now != ancestor["identity"]:
-            stage = ancestor["stage"]
-            rerun = "".join(str(s) for s in range(int(STEP_OF_STAGE[stage]) + 1, int(STEP_OF_STAGE[meta["stage"]]) + 1))
+            stage, made = ancestor["stage"], int(STEP_OF_STAGE[meta["stage"]])
+            rerun = "".join(str(step) for step in range(int(STEP_OF_STAGE[stage]) + 1, made + 1))
             return (
                 f"{where} was made from an earlier {stage} ({describe(ancestor['settings'])}, "
-                f"{ancestor['identity'][:8]}), not the "
-                f"{stage} there now ({now[:8]}); run --step {rerun} again so it is made from the current one"
+                f"{ancestor['identity'][:8]}), not the one in {ancestor['path']} now ({now[:8]}); run --step {rerun} "
+                "again so it is made from that one"
             )
     return None
 
@@ -76,18 +84,16 @@ def unmet_request(
 ) -> str | None:
     """Why the snapshot in `where` is not what this run asked for, or None: a setting the user gave explicitly differs
     from the one recorded for a stage (the snapshot itself or an ancestor) that this run builds on without making."""
-    for ancestor in [*meta.get("lineage", []), entry(meta, identity)]:
-        stage = ancestor["stage"]
+    for ancestor in [*meta.get("lineage", []), entry(meta, identity, where)]:
+        stage, recorded = ancestor["stage"], ancestor["settings"]
         if not skipped(stage):
             continue
-        recorded = ancestor["settings"]
         for key in ASKED_OF_STAGE.get(stage, ()):
-            if key in asked and key in recorded and _plain(asked[key]) != _plain(recorded[key]):
-                step = STEP_OF_STAGE[stage]
+            wanted = asked.get(key)  # None: the default (a method's own scope, say), which asks for nothing
+            if wanted is not None and key in recorded and _plain(wanted) != _plain(recorded[key]):
                 return (
-                    f"this run asks for {key} {_plain(asked[key])!r} but the {stage} it builds on ({where}) was made "
-                    "with "
-                    f"{_plain(recorded[key])!r}; add {step} to --step to make it again, or leave that flag out"
+                    f"this run asks for {key} {_plain(wanted)!r} but the {stage} it builds on ({where}) was made with "
+                    f"{_plain(recorded[key])!r}; add {STEP_OF_STAGE[stage]} to --step to remake it, or drop that flag"
                 )
     return None
 
@@ -107,6 +113,23 @@ def dataset_mismatch(where: Path, meta: dict[str, Any], name: str, identity: str
         f"{where} was trained on another version of dataset {name!r} (its files changed since: {recorded[:8]} then, "
         f"{identity[:8]} now); rerun step 1 on the current data (add 1 to --step)"
     )
+
+
+def shape_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the lineage keys of a snapshot's meta, in words, or None (older snapshots lack them)."""
+    for key in ("settings", "dataset"):
+        if key in meta and not isinstance(meta[key], dict):
+            return f"has a {key!r} that is not an object"
+    if "stage" in meta and meta["stage"] not in STEP_OF_STAGE:
+        return f"names an unknown stage {meta['stage']!r}"
+    ancestors = meta.get("lineage", [])
+    fields = {"stage": str, "identity": str, "path": str, "settings": dict}
+    if not isinstance(ancestors, list) or not all(
+        isinstance(a, dict) and all(isinstance(a.get(k), t) for k, t in fields.items()) and a["stage"] in STEP_OF_STAGE
+        for a in ancestors
+    ):
+        return "has a 'lineage' that is not a list of ancestors (stage, identity, path, settings)"
+    return None
 
 
 def check(message: str | None) -> None:

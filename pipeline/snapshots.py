@@ -18,7 +18,8 @@ from torch import nn
 from algorithms.errors import first_line
 from algorithms.modules import resize_to_state_dict
 from models import build_model
-from pipeline.atomic import staged_directory
+from pipeline import lineage
+from pipeline.atomic import recover, staged_directory
 from pipeline.errors import UsageError
 
 WEIGHTS_FILE = "weights.pt"
@@ -41,6 +42,7 @@ def load_snapshot(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     """The state_dict and meta of a snapshot, or one UsageError naming the file at fault: a truncated, corrupt or
     foreign file is never a traceback (nor PyTorch's advice to unpickle it unsafely, which this project never takes)."""
     directory = Path(directory)
+    recover(directory)  # a save killed between its two renames left the previous snapshot retired beside it
     weights, meta_path = directory / WEIGHTS_FILE, directory / META_FILE
     if not weights.is_file() or not meta_path.is_file():
         raise UsageError(
@@ -58,9 +60,7 @@ def load_snapshot(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[
         raise UsageError(f"{meta_path} {problem}; it was not written by run.py, or was edited: {redo}")
     try:
         state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as error:  # UnpicklingError, RuntimeError (zip), EOFError, ...: all mean "not a state_dict we wrote"
+    except Exception as error:  # UnpicklingError, RuntimeError (zip), EOFError: all mean "not a state_dict we wrote"
         raise UsageError(
             f"{weights} is unreadable ({type(error).__name__}: truncated, corrupt or not a state_dict); {redo}"
         ) from None
@@ -86,7 +86,7 @@ def meta_problem(meta: object) -> str | None:
     classes = meta.get("num_classes")
     if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
         return f"has no valid 'num_classes', got {classes!r}"
-    return None
+    return lineage.shape_problem(meta)
 
 
 def rebuild_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> nn.Module:
@@ -122,8 +122,7 @@ def load_model(directory: str | Path, expect_model: str, expect_data: str) -> tu
         )
     if meta.get("data_type") != expect_data:
         raise UsageError(
-            f"snapshot in {directory} was trained on {meta.get('data_type')!r}, not {expect_data!r}; pass the "
-            "matching --data_type "
-            "or --model_load_dir"
+            f"snapshot in {directory} was trained on {meta.get('data_type')!r}, not {expect_data!r}; pass the matching "
+            "--data_type or --model_load_dir"
         )
     return rebuild_model(state_dict, meta), meta

@@ -134,3 +134,19 @@ def _kept_channel_layer_norms(kept_by_weight: dict[int, torch.Tensor]) -> Iterat
         yield
     finally:
         nn.functional.layer_norm = original
+
+
+def quick_run(limit_batches: int) -> list[str]:
+    """run.py flags for a run of seconds: one epoch of `limit_batches` batches of 16, one test batch of 64."""
+    return [
+        "--num_epochs",
+        "1",
+        "--limit_batches",
+        str(limit_batches),
+        "--limit_val_batches",
+        "1",
+        "--batch_size_per_device",
+        "16",
+        "--val_batch_size_per_device",
+        "64",
+    ]

@@ -83,7 +83,9 @@ def test_sensitivity_writes_nni_csv_plot_and_settings(workdir, capsys):
     assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "pruned model, top-1" in printed and "masked model, top-1" in printed
-    assert "largest ratios within a loss of 0.05" in printed and all(f"| {layer} " in printed for layer in settings["ratios"])
+    assert "largest ratios within a loss of 0.05" in printed and all(
+        f"| {layer} " in printed for layer in settings["ratios"]
+    )
 
     assert analyze.main(["sensitivity", "--from_csv", str(out / "sensitivity.csv"), "--max_loss", "0.05"]) == 0
     assert json.loads((out / "ratios.json").read_text())["ratios"] == settings["ratios"]

@@ -22,20 +22,9 @@ from pipeline.snapshots import load_model
 from pipeline.train.distill import Distillation, FeatureDistillation, feature_layers, kd_loss
 from pipeline.train.loop import evaluate, train
 from pipeline.train.runtime import resolve_device
-from tests.helpers import relative_error, zoo
+from tests.helpers import quick_run, relative_error, zoo
 
-QUICK = [
-    "--num_epochs",
-    "1",
-    "--limit_batches",
-    "3",
-    "--limit_val_batches",
-    "1",
-    "--batch_size_per_device",
-    "16",
-    "--val_batch_size_per_device",
-    "64",
-]
+QUICK = quick_run(limit_batches=3)
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 

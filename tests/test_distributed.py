@@ -310,9 +310,7 @@ def test_the_originals_flags_print_the_torchrun_commands(tmp_path, capsys):
     assert (
         lines[1]
         == "torchrun --nproc_per_node 4 --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 --master_port 29500 run.py "
-        "--model vgg --step "
-        "123    # on "
-        "10.0.0.1"
+        "--model vgg --step 123    # on 10.0.0.1"
     )
     assert lines[2].startswith("torchrun --nproc_per_node 4 --nnodes 2 --node_rank 1 --master_addr 10.0.0.1") and lines[
         2

@@ -1,6 +1,7 @@
 """Lose nothing, mix nothing: the converter, snapshot lineage, stale datasets, concurrent harness runs, corrupt files,
 interrupted steps, requests that do nothing, and analyze.py on int8 snapshots (one test per defect of issue 23)."""
 
+import fcntl
 import json
 import multiprocessing
 import os
@@ -17,26 +18,17 @@ import torch
 import analyze
 import ofrecordMake
 import run
-from bench import store
-from bench.matrix import MatrixSpec, base_key
-from pipeline import atomic, job
+from bench import runner, store
+from bench.matrix import MatrixSpec
+from pipeline import job
 from pipeline.data import ofrecord_convert
 from pipeline.data.datasets import load_dataset
-from pipeline.snapshots import load_snapshot
+from pipeline.errors import UsageError
+from pipeline.snapshots import load_snapshot, save_snapshot
+from tests.helpers import quick_run
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = [
-    "--num_epochs",
-    "1",
-    "--limit_batches",
-    "2",
-    "--limit_val_batches",
-    "1",
-    "--batch_size_per_device",
-    "16",
-    "--val_batch_size_per_device",
-    "64",
-]
+QUICK = quick_run(limit_batches=2)
 SNAPSHOTS = Path("output/snapshots/lenet/digits")
 
 
@@ -141,6 +133,8 @@ def test_lineage_refuses_stale_parents_and_records_this_runs_settings(workdir, c
 
     assert run.main(["--step", "3", "--percent", "0.3", *QUICK]) == 2  # asks for a prune other than the one on disk
     one_line_error(capsys, "asks for percent 0.3", "made with 0.5")
+    assert run.main(["--step", "3", "--prune_scope", "auto", "--percent", "0.5", *QUICK]) == 0  # asks for what is there
+    capsys.readouterr()
 
     assert run.main(["--step", "2", "--percent", "0.2", *QUICK]) == 0
     capsys.readouterr()
@@ -151,6 +145,17 @@ def test_lineage_refuses_stale_parents_and_records_this_runs_settings(workdir, c
     assert "were made from the previous base" in capsys.readouterr().err
     assert run.main(["--step", "3", *QUICK]) == 2  # the prune on disk was made from the seed-0 base
     one_line_error(capsys, "model_prune was made from an earlier model_base", "run --step 2 again")
+
+
+def test_lineage_follows_a_base_loaded_from_elsewhere(workdir, capsys):
+    assert run.main(["--step", "1", "--model_save_dir", "A", *QUICK]) == 0
+    assert run.main(["--step", "1", "--seed", "1", *QUICK]) == 0  # another base in the default folder
+    assert run.main(["--step", "2", "--model_load_dir", "A", *QUICK]) == 0  # prunes A's base, saves beside the other
+    assert run.main(["--step", "3", *QUICK]) == 0  # the prune's parent is A's base, unchanged: not stale
+    assert run.main(["--step", "1", "--seed", "2", "--model_save_dir", "A", *QUICK]) == 0  # now A's base is replaced
+    capsys.readouterr()
+    assert run.main(["--step", "3", *QUICK]) == 2
+    one_line_error(capsys, "model_prune was made from an earlier model_base", f"{workdir / 'A' / 'model_base'}")
 
 
 # 3. datasets know their source
@@ -168,18 +173,29 @@ def test_changed_custom_data_is_reconverted_and_its_old_base_refused(workdir, ca
     assert json.loads((workdir / "ofData/custom/meta.json").read_text())["num_classes"] == 5
 
 
-def test_harness_base_cache_tells_datasets_of_one_name_apart(workdir):
+def test_harness_base_cache_and_results_tell_datasets_of_one_name_apart(workdir, capsys):
     for folder, classes in (("one", 3), ("two", 4)):
         json_dataset(workdir / folder / "myData/same", classes=classes, seed=classes)
         ofrecord_convert.convert_json_dataset("same", workdir / folder / "myData", workdir / folder / "ofData")
     one, two = (load_dataset("same", dataset_dir=workdir / folder / "ofData/same") for folder in ("one", "two"))
     assert one.identity and two.identity and one.identity != two.identity
-    spec = MatrixSpec(data_type="same", versions={"torch": "2.14.1"})
-    keys = {base_key(spec, "lenet", 0, one.input_shape, len(d.train_labels), d.identity) for d in (one, two)}
-    assert len(keys) == 2
-    assert base_key(spec, "lenet", 0, one.input_shape, 12) == base_key(
-        spec, "lenet", 0, one.input_shape, 12, None
-    )  # builtins: unchanged
+    spec = MatrixSpec(
+        models=("lenet",),
+        backends=("scratch",),
+        methods=("conv_all",),
+        percents=(0.5,),
+        data_type="same",
+        base_epochs=0,
+        finetune_epochs=0,
+        random_control=False,
+        other_layouts=False,
+    )
+    for data, out in ((one, "res1"), (two, "res2")):
+        (row,) = runner.run_matrix(spec, workdir / out, base_root=workdir / "bases", data=data)
+        assert row["status"] == "ok", row["error"]
+    assert len([p for p in (workdir / "bases").iterdir() if p.is_dir()]) == 2  # one base per dataset, not one per name
+    with pytest.raises(UsageError, match="dataset is"):  # the other dataset's results do not join this table
+        runner.run_matrix(spec, workdir / "res1", base_root=workdir / "bases", data=two)
 
 
 # 4. one writer per results directory; no row lost
@@ -328,25 +344,32 @@ def test_interrupted_step_keeps_the_previous_log(workdir, capsys, monkeypatch):
     assert log.read_text() == before and sorted(p.name for p in log.parent.iterdir()) == [log.name]
 
 
-def test_staging_left_by_a_killed_save_is_removed_and_never_read(workdir):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+def test_staging_left_by_a_killed_save_is_removed_and_a_live_one_kept(workdir):
     root = workdir / SNAPSHOTS
-    abandoned = root / f".model_base.staging-{atomic.HOST}-{dead.pid}-x1y2"
+    abandoned = root / ".model_base.staging-999999-x1y2"  # its writer was killed: nobody holds it
     abandoned.mkdir(parents=True)
     (abandoned / "weights.pt").write_bytes(b"half a file")
-    running = root / f".model_base.staging-{atomic.HOST}-{os.getpid()}-busy"  # another live process's staging stays
+    running = root / ".model_base.staging-1-busy"  # another writer, alive, holds its staging folder
     running.mkdir()
-    assert run.main(["--step", "1", *QUICK]) == 0
-    assert not abandoned.exists() and running.exists()
+    held = os.open(running, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        assert run.main(["--step", "1", *QUICK]) == 0
+        assert not abandoned.exists() and running.exists()
+    finally:
+        os.close(held)
     assert load_snapshot(root / "model_base")[1]["stage"] == "model_base"
+    assert sorted(p.name for p in root.iterdir()) == [".model_base.staging-1-busy", "model_base"]
 
 
-def test_a_swap_killed_between_its_renames_restores_the_previous_copy(tmp_path):
-    (tmp_path / ".model_base.old").mkdir()
-    (tmp_path / ".model_base.old" / "meta.json").write_text("{}")
-    atomic.remove_abandoned(tmp_path, "model_base")
-    assert (tmp_path / "model_base" / "meta.json").is_file() and not (tmp_path / ".model_base.old").exists()
+def test_a_swap_killed_between_its_renames_is_undone_by_the_next_reader(tmp_path):
+    from models import build_model
+
+    meta = {"model": "lenet", "data_type": "digits", "input_shape": [1, 32, 32], "num_classes": 10}
+    save_snapshot(tmp_path / "model_base", build_model("lenet", (1, 32, 32), 10), meta)
+    (tmp_path / "model_base").rename(tmp_path / ".model_base.retired-4242-x")  # killed before the second rename
+    assert load_snapshot(tmp_path / "model_base")[1]["model"] == "lenet"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_base"]
 
 
 # 7. requests that do nothing are refused or said
@@ -374,11 +397,32 @@ def test_threshold_that_ties_every_score_is_refused_and_a_deciding_one_recorded(
     assert load_snapshot(SNAPSHOTS / "model_prune")[1]["settings"]["threshold"] == 0.05
 
 
+def test_sensitivity_scans_conv_threshold_whatever_ties_a_layer_has(workdir, capsys):
+    assert run.main(["--step", "1", *QUICK]) == 0
+    argv = [
+        "sensitivity",
+        "--model",
+        "lenet",
+        "--prune_method",
+        "conv_threshold",
+        "--threshold",
+        "100",
+        "--sparsities",
+        "0.5",
+        "--limit_val_batches",
+        "1",
+        "--specified_layers",
+        "features.0",
+    ]
+    assert analyze.main(argv) == 0
+    assert "features.0" in capsys.readouterr().out
+
+
 def test_a_prune_that_removes_nothing_says_so(workdir, capsys):
     assert run.main(["--step", "12", "--round_to", "1000", *QUICK]) == 0
     captured = capsys.readouterr()
     assert "2 pruned (bn 0.5: removed nothing)" in captured.out
-    assert "note: the prune removed no channel (round_to 1000 rounds every layer back up" in captured.err
+    assert "note: the prune removed no channel (with --round_to 1000)" in captured.err
     assert json.loads(Path("output/results/results_lenet_digits_pruning.json").read_text())["removed_nothing"] is True
 
 

@@ -11,7 +11,7 @@ from backends import get_backend
 from models import build_model
 from pipeline.data.datasets import load_dataset
 from pipeline.snapshots import load_model
-from tests.helpers import relative_error, zeroed_reference, zoo
+from tests.helpers import quick_run, relative_error, zeroed_reference, zoo
 
 NNI = get_backend("nni")
 SCRATCH = get_backend("scratch")
@@ -170,18 +170,7 @@ def test_missing_nni_is_one_clear_message(monkeypatch):
         NNI.prune(zoo("lenet"), "l1", 0.5, X)
 
 
-QUICK = [
-    "--num_epochs",
-    "1",
-    "--limit_batches",
-    "2",
-    "--limit_val_batches",
-    "1",
-    "--batch_size_per_device",
-    "16",
-    "--val_batch_size_per_device",
-    "64",
-]
+QUICK = quick_run(limit_batches=2)
 
 
 def _run_fpgm(tmp_path, monkeypatch, capfd, model):

@@ -12,20 +12,10 @@ from backends import get_backend
 from models import build_model
 from pipeline.data.datasets import load_dataset
 from pipeline.snapshots import load_model, load_snapshot, save_snapshot
+from tests.helpers import quick_run
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = [
-    "--num_epochs",
-    "1",
-    "--limit_batches",
-    "3",
-    "--limit_val_batches",
-    "1",
-    "--batch_size_per_device",
-    "16",
-    "--val_batch_size_per_device",
-    "64",
-]
+QUICK = quick_run(limit_batches=3)
 
 
 @pytest.fixture

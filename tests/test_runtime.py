@@ -13,19 +13,9 @@ from pipeline.errors import UsageError
 from pipeline.snapshots import load_model
 from pipeline.train.loop import evaluate
 from pipeline.train.runtime import Runtime, check_amp, resolve_device
+from tests.helpers import quick_run
 
-QUICK = [
-    "--num_epochs",
-    "1",
-    "--limit_batches",
-    "3",
-    "--limit_val_batches",
-    "1",
-    "--batch_size_per_device",
-    "16",
-    "--val_batch_size_per_device",
-    "64",
-]
+QUICK = quick_run(limit_batches=3)
 NO_CUDA = "no CUDA device on this machine: the GPU path is checked where one is (README, GPUs and clusters)"
 
 

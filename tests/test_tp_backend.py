@@ -14,7 +14,7 @@ from algorithms.graph import analyze
 from backends import get_backend
 from backends.tp_backend import METHODS
 from pipeline.snapshots import load_model
-from tests.helpers import randomize_norms, relative_error, zeroed_reference, zoo
+from tests.helpers import quick_run, randomize_norms, relative_error, zeroed_reference, zoo
 
 pytest.importorskip("torch_pruning")
 
@@ -157,18 +157,7 @@ def test_torch_pruning_failures_are_one_line():
         TP.prune(vit, "l1", 0.5, torch.randn(1, 3, 32, 32))
 
 
-QUICK = [
-    "--num_epochs",
-    "1",
-    "--limit_batches",
-    "2",
-    "--limit_val_batches",
-    "1",
-    "--batch_size_per_device",
-    "16",
-    "--val_batch_size_per_device",
-    "64",
-]
+QUICK = quick_run(limit_batches=2)
 
 
 @pytest.mark.parametrize("method", ["lamp", "group_norm"])

@@ -101,10 +101,9 @@ def test_distillation_against_plain_refine_over_three_seeds(benchmark, tmp_path)
     benchmark.extra_info.update({f"{label}_top1": [round(m, 4), round(s, 4)] for label, (m, s) in summary.items()})
     print(
         f"\nvgg 70% channels removed, refined {job_epochs()} epochs: plain {summary['plain'][0]:.4f} +- "
-        f"{summary['plain'][1]:.4f}, "
-        f"KD {summary['kd'][0]:.4f} +- {summary['kd'][1]:.4f}, KD + features {summary['kd_features'][0]:.4f} +- "
-        f"{summary['kd_features'][1]:.4f} "
-        f"(seeds 0-2; per seed plain {plain}, KD {distilled}, KD + features {features})"
+        f"{summary['plain'][1]:.4f}, KD {summary['kd'][0]:.4f} +- {summary['kd'][1]:.4f}, KD + features "
+        f"{summary['kd_features'][0]:.4f} +- {summary['kd_features'][1]:.4f} (seeds 0-2; per seed plain {plain}, KD "
+        f"{distilled}, KD + features {features})"
     )
 
 

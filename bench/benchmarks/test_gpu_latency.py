@@ -53,12 +53,8 @@ def test_dense_pruned_and_rounded_on_the_gpu(benchmark, dtype):
     )
     print(
         f"\n{torch.cuda.get_device_name()} {dtype}, batch {BATCH}: dense {timings[0] * 1e3:.2f} ms; pruned "
-        f"{timings[1] * 1e3:.2f} ms "
-        f"({speedups['pruned']:.2f}x, MACs / {macs['dense'] / macs['pruned']:.2f}); rounded to 8 "
-        f"{timings[2] * 1e3:.2f} ms "
-        f"({speedups['rounded']:.2f}x, MACs / {macs['dense'] / macs['rounded']:.2f}); NCHW: dense "
-        f"{nchw[0] * 1e3:.2f}, "
-        f"pruned {nchw[1] * 1e3:.2f}, "
-        f"rounded {nchw[2] * 1e3:.2f} ms"
+        f"{timings[1] * 1e3:.2f} ms ({speedups['pruned']:.2f}x, MACs / {macs['dense'] / macs['pruned']:.2f}); rounded "
+        f"to 8 {timings[2] * 1e3:.2f} ms ({speedups['rounded']:.2f}x, MACs / {macs['dense'] / macs['rounded']:.2f}); "
+        f"NCHW: dense {nchw[0] * 1e3:.2f}, pruned {nchw[1] * 1e3:.2f}, rounded {nchw[2] * 1e3:.2f} ms"
     )
     assert speedups["pruned"] > 1.0 and speedups["rounded"] > 1.0

@@ -37,16 +37,13 @@ def test_pruned_latency(benchmark, models, name, backend):
     benchmark.extra_info.update(figures, mac_ratio=mac_ratio, threads=SPEC.threads, speedup_b64_blocks=speedups)
     print(
         f"\n{name} {backend}, {SPEC.threads} thread(s), median of {BLOCKS} blocks: batch 1 "
-        f"{figures['latency_b1_before_ms']:.2f} -> "
-        f"{figures['latency_b1_after_ms']:.2f} ms ({figures['speedup_b1']:.2f}x); batch 64 "
-        f"{figures['latency_b64_before_ms']:.1f} -> "
+        f"{figures['latency_b1_before_ms']:.2f} -> {figures['latency_b1_after_ms']:.2f} ms "
+        f"({figures['speedup_b1']:.2f}x); batch 64 {figures['latency_b64_before_ms']:.1f} -> "
         f"{figures['latency_b64_after_ms']:.1f} ms ({figures['speedup_b64']:.2f}x, blocks "
-        f"{speedups[0]:.2f}-{speedups[-1]:.2f}) "
-        f"for a {mac_ratio:.2f}x MAC reduction = {figures['speedup_b64'] / mac_ratio:.2f} of it (channels_last); "
-        "NCHW: batch 64 "
+        f"{speedups[0]:.2f}-{speedups[-1]:.2f}) for a {mac_ratio:.2f}x MAC reduction = "
+        f"{figures['speedup_b64'] / mac_ratio:.2f} of it (channels_last); NCHW: batch 64 "
         f"{figures['latency_b64_before_ms_nchw']:.1f} -> {figures['latency_b64_after_ms_nchw']:.1f} ms "
-        f"({figures['speedup_b64_nchw']:.2f}x = "
-        f"{figures['speedup_b64_nchw'] / mac_ratio:.2f} of it)"
+        f"({figures['speedup_b64_nchw']:.2f}x = {figures['speedup_b64_nchw'] / mac_ratio:.2f} of it)"
     )
     if name != "torchvision_resnet18":
         assert figures["speedup_b64"] >= 0.9 * mac_ratio, (

@@ -59,8 +59,7 @@ def test_convert_50k_cifar_records(benchmark, cifar_json):
     benchmark.extra_info.update(records_per_s=rate, peak_mib=peak_mib)
     print(
         f"\nofrecordMake: {TRAIN + TEST:,} CIFAR-sized records in {seconds:.1f} s = {rate:,.0f} records/s; peak RSS "
-        f"{peak_mib:,.0f} "
-        "MiB"
+        f"{peak_mib:,.0f} MiB"
     )
     assert peak_mib < 1024, f"peak memory {peak_mib:.0f} MiB >= 1 GiB"
     assert rate >= 5000, f"{rate:,.0f} records/s < the 5,000 records/s target"

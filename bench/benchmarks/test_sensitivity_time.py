@@ -83,8 +83,8 @@ def test_sensitivity_scan_time(benchmark, name):
         threads=torch.get_num_threads(),
     )
     print(
-        f"\n{name}: straightforward {plain:.1f} s (cold round {plain_seconds[0]:.1f} s), "
-        f"with upstream reuse {reuse:.1f} s: {ratio:.2f}x (MAC bound {bound:.2f}x)"
+        f"\n{name}: straightforward {plain:.1f} s (cold round {plain_seconds[0]:.1f} s), with upstream reuse "
+        f"{reuse:.1f} s: {ratio:.2f}x (MAC bound {bound:.2f}x)"
     )
     assert all(result == reused for result in plain_results)  # the same numbers, to the last digit
     assert ratio > 1.3, f"upstream reuse gained only {ratio:.2f}x on {name}"

@@ -42,8 +42,8 @@ def open_snapshot(directory: str | Path, expect_model: str | None = None, comman
     if command is not None and meta.get("quantize") and not meta.get("simulated"):
         raise UsageError(
             f"{directory} holds an int8 model (step 4, --quantize {meta['quantize']}), which analyze.py {command} "
-            "cannot read; "
-            f"point --snapshot at model_refine or model_prune beside it (int8 snapshots take {INT8_READY})"
+            "cannot read; point --snapshot at model_refine or model_prune beside it (int8 snapshots take "
+            f"{INT8_READY})"
         )
     if expect_model is not None and meta["model"] != expect_model:
         raise UsageError(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from algorithms.criteria import DEFAULT_THRESHOLD
 from algorithms.errors import PruningError
 from algorithms.sensitivity import (
     MODES,
@@ -39,6 +40,7 @@ class SensitivityRequest:
     early_stop_value: float | None = None
     mode: str = "pruned"  # "pruned", "masked" or "both"
     max_loss: float | None = None  # also write per-layer ratios for this allowed drop
+    threshold: float = DEFAULT_THRESHOLD  # the weight magnitude conv_threshold counts above
     batch_size: int = 256
     limit_val_batches: int | None = None
     data_dir: str = "data"
@@ -61,6 +63,8 @@ def check_request(request: SensitivityRequest) -> list[str]:
     if request.sparsities is not None:
         check_sparsities(request.sparsities)
     check_early_stop(request.early_stop_mode, request.early_stop_value)
+    if not (math.isfinite(request.threshold) and request.threshold >= 0):
+        raise PruningError(f"--threshold must be a non-negative number (a weight magnitude), got {request.threshold}")
     if request.max_loss is not None and not (math.isfinite(request.max_loss) and request.max_loss >= 0):
         raise PruningError(f"--max_loss must be a finite, non-negative number, got {request.max_loss}")
     return list(MODES) if request.mode == "both" else [request.mode]
@@ -104,6 +108,7 @@ def run_sensitivity(loaded: AnalysisModel, request: SensitivityRequest, outdir: 
             request.early_stop_value,
             mode=mode,
             example_input=data.example_input(1),
+            threshold=request.threshold,
             progress=request.progress,
         )
         for mode in modes
@@ -162,8 +167,7 @@ def ratios_from_csv(
         except (OSError, ValueError, KeyError, TypeError):
             raise PruningError(
                 f"no baseline for {csv_path}: pass --baseline (the unpruned metric), or keep the sensitivity.json "
-                "analyze.py wrote "
-                "beside it"
+                "analyze.py wrote beside it"
             ) from None
     ratios = get_ratios_by_loss(sensitivity, max_loss, baseline=baseline)
     target = check_outdir(Path(outdir) if outdir is not None else csv_path.parent)

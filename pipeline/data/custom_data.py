@@ -25,8 +25,8 @@ def load_custom_dataset(
     if dataset_dir is not None:
         if not Path(dataset_dir).is_dir():
             raise UsageError(
-                f"--dataset_dir {dataset_dir} is not a directory; point it at an OFRecord dataset (meta.json, "
-                "train/, test/)"
+                f"--dataset_dir {dataset_dir} is not a directory; point it at an OFRecord dataset (meta.json, train/, "
+                "test/)"
             )
         return load_ofrecord_dataset(dataset_dir, name)
     converted, source = Path(ofdata_root) / name, Path(mydata_root) / name
@@ -37,7 +37,7 @@ def load_custom_dataset(
                 f"converting {source} to {converted} (OFRecord) {why if why == 'first' else f'again: {why}'}",
                 file=sys.stderr,
             )
-            convert_json_dataset(name, mydata_root, ofdata_root)
+            convert_json_dataset(name, mydata_root, ofdata_root, unless_current=True)
     if converted.is_dir():
         return load_ofrecord_dataset(converted, name)
     return None

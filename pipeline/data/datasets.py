@@ -27,7 +27,6 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = Fals
     if dataset is None:
         raise UsageError(
             f"unknown data type {name!r}: not one of {', '.join(BUILTIN_DATASETS)} and no ofData/<name> or "
-            "myData/<name> folder "
-            "holds it"
+            "myData/<name> folder holds it"
         )
     return dataset

@@ -36,11 +36,7 @@ class ImageDataset:
         return (images.float() - mean) / std
 
     def batches(
-        self,
-        split: str,
-        batch_size: int,
-        generator: torch.Generator | None = None,
-        limit: int | None = None,
+        self, split: str, batch_size: int, generator: torch.Generator | None = None, limit: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalised (images, labels) batches, in this process; shuffled when a generator is given."""
         return iter(self.loader(split, batch_size, generator, limit))

@@ -119,9 +119,8 @@ class _Scanner:
             if nested >= 0:
                 where = self.where(nested)
                 raise UsageError(
-                    f"{self.path}: data row {len(spans)} holds a nested list at {where}; each row must be a flat "
-                    "list of C*H*W pixel "
-                    "values"
+                    f"{self.path}: data row {len(spans)} holds a nested list at {where}; each row must be a flat list "
+                    "of C*H*W pixel values"
                 )
             spans.append((self.pos, end + 1))
             self.pos = end + 1

@@ -113,8 +113,8 @@ def iter_records(path: Path) -> Iterator[tuple[int, object]]:
                 return
             if len(header) < LENGTH.size:
                 raise UsageError(
-                    f"{path}: truncated: record {index} at byte {offset} has a {len(header)}-byte length field "
-                    "(needs 8)"
+                    f"{path}: truncated: record {index} at byte {offset} has a {len(header)}-byte length field (needs "
+                    "8)"
                 )
             (length,) = LENGTH.unpack(header)
             if length <= 0 or length > MAX_RECORD_BYTES:

@@ -10,12 +10,12 @@ it came from, so a reader can tell when myData/<name> changed since.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 from collections.abc import Callable, Iterator
@@ -34,15 +34,13 @@ from pipeline.errors import UsageError
 
 SPLITS = ("train", "test")
 PARALLEL_FROM = 2000  # rows; below this a worker pool costs more than it saves
-PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def check_name(name: str) -> None:
-    """A dataset name is one plain folder name: no path separators, no '..', nothing hidden."""
-    if not PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+    """A dataset name is one plain folder name (any letters, spaces included): no separator, no '..', nothing hidden."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
         raise UsageError(
-            f"--dataName {name!r} is not a plain folder name; use letters, digits, '_', '-' and '.' (e.g. "
-            "randomData255)"
+            f"--dataName {name!r} is not a plain folder name; name a folder under --myData_dir (e.g. randomData255)"
         )
 
 
@@ -318,8 +316,11 @@ def convert_json_dataset(
     part_num: int = 1,
     progress: Callable[[int], Callable[[int], None]] | None = None,
     workers: int | None = None,
+    unless_current: bool = False,
 ) -> Path:
-    """Convert myData/<name> to ofData/<name>; returns the finished directory."""
+    """Convert myData/<name> to ofData/<name>; returns the finished directory. Conversions of one source take turns (a
+    lock on the source folder); `unless_current`: leave a copy that matches the source as it is (another process of
+    this job may just have converted it)."""
     check_name(name)
     source, target = Path(mydata_root) / name, Path(ofdata_root) / name
     if not source.is_dir():
@@ -329,10 +330,38 @@ def convert_json_dataset(
     check_apart(source, Path(ofdata_root))
     if Path(ofdata_root).exists() and not Path(ofdata_root).is_dir():
         raise UsageError(f"--ofData_dir {ofdata_root} is a file; give a folder for the converted datasets")
-    if target.exists() and not (target.is_dir() and written_by_converter(target)):
-        raise UsageError(
-            f"{target} exists and is not a dataset this converter wrote; move it away or choose another --ofData_dir"
-        )
+    with _converting(source):
+        if unless_current and target.is_dir() and stale_conversion(target, source) is None:
+            return target
+        if target.exists() and not (target.is_dir() and written_by_converter(target)):
+            raise UsageError(
+                f"{target} exists and is not a dataset this converter wrote; move it away or choose another "
+                "--ofData_dir"
+            )
+        _convert(source, target, part_num, progress, workers)
+    return target
+
+
+@contextlib.contextmanager
+def _converting(source: Path) -> Iterator[None]:
+    """An exclusive flock on the source folder while it is converted (no file of its own to leave behind)."""
+    fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(OSError):  # no flock on this file system: one converter at a time, as before
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _convert(
+    source: Path,
+    target: Path,
+    part_num: int,
+    progress: Callable[[int], Callable[[int], None]] | None,
+    workers: int | None,
+) -> None:
+    """Read and check both splits, then write the parts and meta.json through a staging folder."""
     paths = {split: source / f"{split}.json" for split in SPLITS}
     for path in paths.values():
         if not path.is_file():
@@ -351,14 +380,14 @@ def convert_json_dataset(
             )
     parts = {split: min(part_num, len(labels[split])) for split in SPLITS}
     total_rows = sum(len(v) for v in labels.values())
-    workers = (
-        max(1, min(workers if workers is not None else os.cpu_count() or 1, 8)) if total_rows >= PARALLEL_FROM else 1
-    )
+    if total_rows < PARALLEL_FROM:
+        workers = 1
+    else:
+        workers = max(1, min(workers if workers is not None else os.cpu_count() or 1, 8))
     _WORKER_SPLITS.clear()
     _WORKER_SPLITS.update({split: (splits[split], labels[split], shape) for split in SPLITS})
-    pool = (
-        multiprocessing.get_context("fork").Pool(workers, _ignore_interrupts) if workers > 1 else None
-    )  # forked workers inherit the splits
+    # forked workers inherit the splits
+    pool = multiprocessing.get_context("fork").Pool(workers, _ignore_interrupts) if workers > 1 else None
     try:
         with staged_directory(target) as staging:
             tick = progress(total_rows) if progress else (lambda _n: None)
@@ -374,4 +403,3 @@ def convert_json_dataset(
         if pool is not None:
             pool.terminate()
         _WORKER_SPLITS.clear()
-    return target

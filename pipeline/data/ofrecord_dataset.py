@@ -20,8 +20,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(
             f"{path} not found; an OFRecord dataset needs meta.json (num_classes, image_shape, rgb_mean, rgb_std, "
-            "num_examples, "
-            "num_val_examples)"
+            "num_examples, num_val_examples)"
         )
     try:
         meta = json.loads(path.read_text())
@@ -81,8 +80,8 @@ def read_split(directory: Path, split: str, meta: dict[str, Any], expected: int)
                 raise UsageError(f"{where} has label {list(label_values)}, expected one value in 0..{num_classes - 1}")
             if count >= expected:
                 raise UsageError(
-                    f"{folder} holds more records than meta.json's {expected}; meta.json is inconsistent with the "
-                    "part files"
+                    f"{folder} holds more records than meta.json's {expected}; meta.json is inconsistent with the part "
+                    "files"
                 )
             images[count] = np.asarray(pixels, dtype=np.float32)
             labels[count] = label_values[0]

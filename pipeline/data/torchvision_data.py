@@ -42,8 +42,8 @@ def load_torchvision_dataset(name: str, data_dir: str | Path, download: bool) ->
     missing = [f for f in files if not (root / folder / f).is_file()]
     if missing and not download:
         raise UsageError(
-            f"{name} not found: {root / folder} lacks {', '.join(missing)}; "
-            f"pass --download to fetch it, or --data_dir to point at the folder that holds {folder.split('/')[0]}"
+            f"{name} not found: {root / folder} lacks {', '.join(missing)}; pass --download to fetch it, or --data_dir "
+            f"to point at the folder that holds {folder.split('/')[0]}"
         )
     dataset_class = getattr(tvd, class_name)
     try:

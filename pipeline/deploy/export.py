@@ -105,8 +105,8 @@ def masks_from_kept(original: nn.Module, kept: dict[str, list[int]]) -> Masks:
     missing = [name for name in kept if name not in modules]
     if missing:
         raise UsageError(
-            f"the snapshot's kept channels name {missing[0]!r}, which the model does not have; the snapshot is not "
-            "of this model"
+            f"the snapshot's kept channels name {missing[0]!r}, which the model does not have; the snapshot is not of "
+            "this model"
         )
     return {
         name: unit_masks(modules[name], units) for name, units in kept.items()
@@ -117,8 +117,7 @@ def export_masks(original: nn.Module, kept: dict[str, list[int]] | None, target:
     if not kept:
         raise UsageError(
             "this snapshot holds no pruning (no kept channels in its meta.json); export masks from a model_prune or "
-            "model_refine "
-            "snapshot"
+            "model_refine snapshot"
         )
     masks = masks_from_kept(original, kept)
     modules = dict(original.named_modules())

@@ -75,8 +75,8 @@ def convert(prepared: torch.fx.GraphModule, example: torch.Tensor) -> nn.Module:
             quantized(example)
     except Exception as error:
         raise UsageError(
-            f"the int8 model does not run: {type(error).__name__}: {first_line(error)[:200]}; that op has no int8 "
-            "CPU kernel"
+            f"the int8 model does not run: {type(error).__name__}: {first_line(error)[:200]}; that op has no int8 CPU "
+            "kernel"
         ) from None
     return quantized
 

@@ -69,9 +69,8 @@ def feature_layers(model: nn.Module, request: str) -> list[str]:
     if unknown or not names:
         shown = ", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "")
         raise UsageError(
-            f"--kd_features names no layer {unknown[0] if unknown else request!r} of {type(model).__name__}; use "
-            "auto or some of: "
-            f"{shown}"
+            f"--kd_features names no layer {unknown[0] if unknown else request!r} of {type(model).__name__}; use auto "
+            f"or some of: {shown}"
         )
     return names
 
@@ -151,8 +150,7 @@ class FeatureDistillation:
             ):
                 raise UsageError(
                     f"--kd_features layer {name} gives no (N, C) or (N, C, H, W) tensor matching the teacher's; name "
-                    "Conv2d or Linear "
-                    "layers"
+                    "Conv2d or Linear layers"
                 )
         projections = nn.ModuleDict(
             {

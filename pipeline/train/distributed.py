@@ -58,8 +58,7 @@ def join(device: torch.device, timeout_s: float = JOIN_TIMEOUT_S) -> tuple[int, 
         if local_rank >= torch.cuda.device_count():
             raise UsageError(
                 f"process {rank} is local rank {local_rank} but this node has {torch.cuda.device_count()} CUDA "
-                "device(s); "
-                "use --nproc_per_node no larger than that"
+                "device(s); use --nproc_per_node no larger than that"
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

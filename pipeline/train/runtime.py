@@ -34,8 +34,7 @@ def resolve_device(text: str) -> torch.device:
     if not torch.cuda.is_available():
         raise UsageError(
             f"--device {text}: this machine has no usable CUDA device (torch.cuda.is_available() is False); use "
-            "--device cpu or "
-            "auto"
+            "--device cpu or auto"
         )
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
