@@ -205,9 +205,8 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         "round_to",
     ):
         value = getattr(args, flag)
-        if value is not None and value < (
-            0 if flag == "num_epochs" else 1
-        ):  # the launcher flags and batch sizes start at 1
+        # the launcher flags and batch sizes start at 1
+        if value is not None and value < (0 if flag == "num_epochs" else 1):
             raise UsageError(f"--{flag} must be {'non-negative' if flag == 'num_epochs' else 'positive'}, got {value}")
     check_positive("learning_rate", args.learning_rate)
     return steps
@@ -272,9 +271,8 @@ def runtime_from_args(args: argparse.Namespace) -> Runtime:
     rank, world_size, group, wait_group = 0, 1, None, None
     if launched_by_torchrun():
         rank, world_size, device, group, wait_group = join(device, args.join_timeout)
-        signal.signal(
-            signal.SIGTERM, _stop
-        )  # torchrun stops the others when one process fails: unwind, so nothing is left half-written
+        # torchrun stops the others when one process fails: unwind, so nothing is left half-written
+        signal.signal(signal.SIGTERM, _stop)
     return Runtime(
         device=device,
         amp=args.amp,

@@ -30,9 +30,8 @@ class ChannelPruning:
     original_units: dict[str, int]  # pruned layer -> units before pruning
     scope: str
     graph: ChannelGraph
-    tied: list[str] = field(
-        default_factory=list
-    )  # threshold methods: groups whose units all scored alike (index decided)
+    # threshold methods: groups whose units all scored alike (index decided)
+    tied: list[str] = field(default_factory=list)
     scored: int = 0  # groups that were scored (candidates for pruning)
 
 
@@ -161,9 +160,8 @@ def prune_channels(
     for index, ratio in ratios.items():
         group = graph.groups[index]
         tensors = _group_tensors(spec, modules, graph, group.members)
-        greedy_blocked = (
-            spec.greedy and group.divisor > 1
-        )  # the greedy pair rule has no per-block form: such groups stay whole
+        # the greedy pair rule has no per-block form: such groups stay whole
+        greedy_blocked = spec.greedy and group.divisor > 1
         if (
             group.size > 1
             and not excluded.intersection(group.members)

@@ -60,9 +60,8 @@ class ChannelGroup:
     blocked_by: list[str] = field(default_factory=list)
     # grouped convs read or write these channels in this many equal blocks: each block keeps the same count
     divisor: int = 1
-    layer_norms: list[str] = field(
-        default_factory=list
-    )  # LayerNorms over these channels: pruning changes their statistics
+    # LayerNorms over these channels: pruning changes their statistics
+    layer_norms: list[str] = field(default_factory=list)
     # permuted, shuffled, chunked, renormalised or scaled on the way: only this analysis follows them
     rearranged: bool = False
 
@@ -79,9 +78,8 @@ class ChannelGraph:
     consumers: list[Consumer]
     norm_after: dict[str, str]  # producer -> BatchNorm that reads its output directly
     producer_space: dict[str, int]
-    output_producers: list[str] = field(
-        default_factory=list
-    )  # layers whose outputs reach the model output through no other layer: the classifier
+    # layers whose outputs reach the model output through no other layer: the classifier
+    output_producers: list[str] = field(default_factory=list)
 
     def group(self, producer: str) -> ChannelGroup:
         return self.groups[self.group_of_producer[producer]]
@@ -138,13 +136,8 @@ PASSTHROUGH_MODULES = (
     nn.Identity,
     StochasticDepth,
 )
-SPATIAL_MODULES = (
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-    nn.Upsample,
-)  # per channel over dims 2..: channels on dim 1 only
+# per channel over dims 2..: channels on dim 1 only
+SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
 ELEMENTWISE_ACTIVATION_FUNCTIONS = {
     F.relu,
     F.relu_,
@@ -243,9 +236,8 @@ PERMUTES = {torch.permute, torch.transpose, torch.swapaxes, torch.swapdims}
 PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "swapdims"}
 SPLITS = {torch.chunk, torch.split}
 SPLIT_METHODS = {"chunk", "split"}
-SPLIT_AWARE = (
-    PERMUTES | RESHAPES | {"contiguous", "clone"} | PERMUTE_METHODS | RESHAPE_METHODS
-)  # ops a channel shuffle passes through
+# ops a channel shuffle passes through
+SPLIT_AWARE = PERMUTES | RESHAPES | {"contiguous", "clone"} | PERMUTE_METHODS | RESHAPE_METHODS
 NON_TENSOR_METHODS = {"size", "dim"}
 
 
@@ -334,9 +326,8 @@ def _flat_nodes(args: object) -> list[torch.fx.Node]:
 class _Walker:
     def __init__(self, graph_module: torch.fx.GraphModule, model: nn.Module) -> None:
         self.gm = graph_module
-        self.modules = dict(
-            model.named_modules()
-        )  # the user's classes: the graph module keeps traced-through ones as bare Modules
+        # the user's classes: the graph module keeps traced-through ones as bare Modules
+        self.modules = dict(model.named_modules())
         self.spaces = _Spaces()
         self.layouts: dict[torch.fx.Node, Layout] = {}
         self.axes: dict[torch.fx.Node, int] = {}  # channel axis of a tensor with a layout; 1 when absent
@@ -346,12 +337,10 @@ class _Walker:
         self.producer_space: dict[str, int] = {}
         self.divisors: dict[int, int] = {}  # space -> equal blocks a grouped conv imposes
         self.calls: dict[str, int] = {}
-        self.unrelated: dict[
-            torch.fx.Node, str
-        ] = {}  # outputs of ops not understood, with the reason: their axis is a guess
-        self.rearranged: set[int] = (
-            set()
-        )  # spaces permuted, shuffled, split, renormalised or scaled somewhere (see ChannelGroup)
+        # outputs of ops not understood, with the reason: their axis is a guess
+        self.unrelated: dict[torch.fx.Node, str] = {}
+        # spaces permuted, shuffled, split, renormalised or scaled somewhere (see ChannelGroup)
+        self.rearranged: set[int] = set()
         nodes = graph_module.graph.nodes
         self.attr_uses = Counter(str(n.target) for n in nodes if n.op == "get_attr")
         self.called = {str(n.target) for n in nodes if n.op == "call_module"}
@@ -494,9 +483,8 @@ class _Walker:
             if ndim < 2:
                 self.unknown(node, f"{name} on an input without a feature axis")
                 return
-            if (
-                axis != ndim - 1
-            ):  # its features are not channels we track: they stay whole, its own outputs can still be pruned
+            # its features are not channels we track: they stay whole, its own outputs can still be pruned
+            if axis != ndim - 1:
                 reason = f"{name} reads a last axis that carries no tracked channels"
                 self.spaces.block(source, reason)
                 source = (Segment(self.spaces.new(module.in_features, reason), module.in_features),)
@@ -513,9 +501,8 @@ class _Walker:
             self.unknown(node, f"module {name} ({type(module).__name__}) on channels that are not on dim 1")
         elif isinstance(module, nn.Flatten):
             self.reshape(node)
-        elif ndim != (
-            _ndim(node) if isinstance(module, NORM_TYPES) else 4
-        ):  # a 3-d input to a 2-d op is one unbatched image: dim 0 is channels
+        # a 3-d input to a 2-d op is one unbatched image: dim 0 is channels
+        elif ndim != (_ndim(node) if isinstance(module, NORM_TYPES) else 4):
             self.unknown(node, f"module {name} ({type(module).__name__}) on a {ndim}-d input")
         elif isinstance(module, nn.Conv2d):
             self.conv(node, name, module, source)
@@ -550,9 +537,8 @@ class _Walker:
         source, ndim = self.layout(source_node), _ndim(source_node)
         if source is None or len(module.normalized_shape) != 1 or ndim < 2 or self.axis(source_node) != ndim - 1:
             self.unknown(node, f"LayerNorm {name} over more than, or other than, the channel axis")
-        elif (
-            module.weight is None
-        ):  # its width lives in no tensor: a pruned snapshot could not be rebuilt from its state dict
+        # its width lives in no tensor: a pruned snapshot could not be rebuilt from its state dict
+        elif module.weight is None:
             self.unknown(node, f"LayerNorm {name} without elementwise weights")
         else:
             self.consumers.append(Consumer(name, "layernorm", source))
@@ -571,9 +557,8 @@ class _Walker:
         )
         module = self.modules.get(owner) if owner is not None else None
         tensors = [t for t in (weight, bias) if isinstance(t, torch.fx.Node)]
-        inside = list(node.meta.get("nn_module_stack") or {})[-1:] == [
-            owner
-        ]  # in the owner's own forward, which passes self.normalized_shape
+        # in the owner's own forward, which passes self.normalized_shape
+        inside = list(node.meta.get("nn_module_stack") or {})[-1:] == [owner]
         if (
             not isinstance(module, nn.LayerNorm)
             or not inside
@@ -649,17 +634,17 @@ class _Walker:
         same = _ndim(node) == _ndim(source_node) and _channels(_shape(node), axis) == _channels(
             _shape(source_node), axis
         )
-        if (
-            source is not None and same and not (spatial and (axis != 1 or _ndim(source_node) != 4))
-        ):  # 3-d: one unbatched image
+        # 3-d: one unbatched image
+        if source is not None and same and not (spatial and (axis != 1 or _ndim(source_node) != 4)):
             if source_node in self.splits:  # .contiguous() / .clone() inside a channel shuffle
                 self.splits[node] = self.splits[source_node]
                 self.carry(node, source_node)
                 return
             others = _flat_nodes((node.args[1:], node.kwargs))
+            # e.g. clamp(x, min=tensor)
             per_channel = any(
                 _shape(o) is not None and _broadcast_size(_shape(o), _shape(node), axis) > 1 for o in others
-            )  # e.g. clamp(x, min=tensor)
+            )
             if not any(self.layout(o) for o in others) and not per_channel:
                 self.carry(node, source_node)
                 return
@@ -667,9 +652,8 @@ class _Walker:
 
     def elementwise(self, node: torch.fx.Node) -> None:
         out_shape = _shape(node)
-        operands = [
-            arg for arg in _flat_nodes((node.args, node.kwargs)) if _shape(arg) is not None
-        ]  # skip Python numbers computed in the graph
+        # skip Python numbers computed in the graph
+        operands = [arg for arg in _flat_nodes((node.args, node.kwargs)) if _shape(arg) is not None]
         with_layout = [arg for arg in operands if self.layout(arg) is not None]
         if not with_layout or out_shape is None or len(out_shape) < 2:
             self.unknown(node, "an elementwise op")
@@ -822,9 +806,8 @@ class _Walker:
             and (axis >= len(index) or index[axis] == slice(None))
             and index[:1] == (slice(None),)
         ):
-            self.set(
-                node, source, axis - sum(isinstance(i, int) for i in index[:axis])
-            )  # x[:, 0] on (N, tokens, C): the class token
+            # x[:, 0] on (N, tokens, C): the class token
+            self.set(node, source, axis - sum(isinstance(i, int) for i in index[:axis]))
             return
         self.unknown(node, "indexing")
 

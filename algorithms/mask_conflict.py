@@ -83,9 +83,8 @@ def unit_mask(name: str, module: nn.Module, layer_masks: Mapping[str, torch.Tens
             )
     if "weight" not in layer_masks:
         raise PruningError(f"masks for {name} lack 'weight'")
-    rows = (
-        layer_masks["weight"].detach().flatten(1).cpu() != 0
-    )  # the fix is worked out on the CPU, whatever device the masks are on
+    # the fix is worked out on the CPU, whatever device the masks are on
+    rows = layer_masks["weight"].detach().flatten(1).cpu() != 0
     kept, partial = rows.any(1), rows.any(1) & ~rows.all(1)
     if bool(partial.any()):
         raise PruningError(

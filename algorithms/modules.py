@@ -46,9 +46,8 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
     new = module.__class__.__new__(module.__class__)
-    new.__dict__ = {
-        key: (value.copy() if isinstance(value, dict) else value) for key, value in module.__dict__.items()
-    }  # dict.copy keeps OrderedDict
+    # dict.copy keeps OrderedDict
+    new.__dict__ = {key: (value.copy() if isinstance(value, dict) else value) for key, value in module.__dict__.items()}
     return new
 
 

@@ -253,11 +253,8 @@ class SensitivityAnalysis:
             if traced is not None
             else {}
         )
-        return (
-            graph,
-            {name: split for name, split in splits.items() if split.reusable and split.skips_work},
-            traced,
-        )  # the rest run whole
+        # the rest run whole
+        return (graph, {name: split for name, split in splits.items() if split.reusable and split.skips_work}, traced)
 
     def analysis(
         self,
@@ -274,9 +271,8 @@ class SensitivityAnalysis:
                 "the model worked there; here it would score the unpruned model."
             )
         specified = list(specified_layers) if specified_layers is not None else None
-        if (
-            self.example_input is not None
-        ):  # plan first, so the baseline evaluation also records every unit's upstream values
+        # plan first, so the baseline evaluation also records every unit's upstream values
+        if self.example_input is not None:
             graph, splits, traced = self._plan(self.example_input, specified)
             wanted = {
                 name for split in splits.values() if split.reusable and split.shareable for name in split.frontier

@@ -36,9 +36,8 @@ def shrink(model: nn.Module, graph: ChannelGraph, kept: dict[int, torch.Tensor])
     pruned = clone_tree(model, replacements)
     for consumer in graph.consumers:
         index = layout_index(consumer.layout, graph, kept) if consumer.kind == "scale" else None
-        if (
-            index is not None
-        ):  # a layer-scale parameter of a module that is not itself sliced: the clone gets the kept entries
+        # a layer-scale parameter of a module that is not itself sliced: the clone gets the kept entries
+        if index is not None:
             owner, _, attr = consumer.module.rpartition(".")
             sliced_tensor(pruned.get_submodule(owner), attr, index, consumer.dim)
     return pruned

@@ -40,9 +40,8 @@ def propagate_shapes(graph_module: torch.fx.GraphModule, example_input: torch.Te
     """Fill node.meta['tensor_meta'] by running the graph once in eval mode (BN stats untouched)."""
     try:
         with eval_mode(graph_module), torch.no_grad():
-            ShapeProp(graph_module).propagate(
-                example_input.clone()
-            )  # a model may change its input in place: never the caller's
+            # a model may change its input in place: never the caller's
+            ShapeProp(graph_module).propagate(example_input.clone())
     except Exception as error:
         raise PruningError(
             f"the model failed on the example input of shape {tuple(example_input.shape)}: {str(error).splitlines()[0]}"

@@ -176,9 +176,8 @@ class GraphSplit:
     upstream: torch.fx.Graph
     downstream: torch.fx.Graph
     frontier: list[str]
-    copy_before_use: set[int] = field(
-        default_factory=set
-    )  # positions a downstream in-place op or the caller could change
+    # positions a downstream in-place op or the caller could change
+    copy_before_use: set[int] = field(default_factory=set)
     reusable: bool = True
     shareable: bool = True
     skips_work: bool = True  # False when the split sits on the model's inputs: nothing upstream to reuse
@@ -195,11 +194,8 @@ def _safety(
     writes = [(node, {alias.find(n) for n in node.all_input_nodes}) for node in nodes if _writes_inputs(node, modules)]
     inputs = {alias.find(n) for n in nodes if n.op == "placeholder"}
     if any(written & inputs for _, written in writes):
-        return (
-            False,
-            False,
-            set(),
-        )  # the model changes its own input: a cached key would not be the batch the caller passed
+        # the model changes its own input: a cached key would not be the batch the caller passed
+        return (False, False, set())
     output = next(n for n in nodes if n.op == "output")
     returned = {alias.find(n) for n in output.all_input_nodes}
     copy: set[int] = set()
@@ -221,11 +217,8 @@ def _safety(
                     and group in {alias.find(a) for a in n.all_input_nodes}
                 ]
                 if later_upstream_reads or sum(alias.find(other) is group for other in frontier) > 1:
-                    return (
-                        False,
-                        False,
-                        set(),
-                    )  # the upstream part would not see the write, or a copy would separate two aliases
+                    # the upstream part would not see the write, or a copy would separate two aliases
+                    return (False, False, set())
                 copy.add(index)
             shareable = shareable and not order[value] < order[writer] <= max(reads)
         if group in returned:
@@ -376,9 +369,8 @@ class _RoutedForward:
 
 
 def _install(model: nn.Module, forward: Any) -> nn.Module:
-    model.__dict__["forward"] = _RoutedForward(
-        forward
-    )  # an instance attribute: nn.Module.__call__ finds it before the class method
+    # an instance attribute: nn.Module.__call__ finds it before the class method
+    model.__dict__["forward"] = _RoutedForward(forward)
     return model
 
 
@@ -507,9 +499,8 @@ class FrontierRecorder:
                 continue
             values[node] = graph.node_copy(node, lambda n: values[n])
             if node.name in self.names:
-                kept[node.name] = graph.call_function(
-                    _copy, (values[node],)
-                )  # a copy taken the moment the value is produced
+                # a copy taken the moment the value is produced
+                kept[node.name] = graph.call_function(_copy, (values[node],))
         return graph
 
     def install(self, model: nn.Module) -> nn.Module:

@@ -212,9 +212,8 @@ class NNIBackend:
                     "layer in a global group); use scope='layer' or a lower sparsity"
                 )
             if round_to:
-                kept = _rounded_up(
-                    kept, round_to, graph, dict(working.named_modules())
-                )  # the weights NNI scored (trained, for data-driven methods)
+                # the weights NNI scored (trained, for data-driven methods)
+                kept = _rounded_up(kept, round_to, graph, dict(working.named_modules()))
                 units = {name: count for name, count in units.items() if name in kept}
                 masks = {name: unit_masks(modules[name], indices) for name, indices in kept.items()}
                 if method == "slim":
@@ -223,13 +222,11 @@ class NNIBackend:
                         for n, i in kept.items()
                         if n in graph.norm_after
                     }
-            if (
-                method == "slim"
-            ):  # NNI's speedup does not carry BatchNorm masks back to the conv: give it the conv masks too
+            # NNI's speedup does not carry BatchNorm masks back to the conv: give it the conv masks too
+            if method == "slim":
                 masks = {**masks, **{name: unit_masks(modules[name], indices) for name, indices in kept.items()}}
-            if (
-                round_to or method == "slim"
-            ):  # unit_masks are broadcast views; NNI's speedup writes into the masks it is given
+            # unit_masks are broadcast views; NNI's speedup writes into the masks it is given
+            if round_to or method == "slim":
                 masks = {name: {key: mask.clone() for key, mask in layer.items()} for name, layer in masks.items()}
             trained = method in TRAINS_WHILE_PRUNING
             info: dict[str, Any] = {"train_steps": training_steps if trained else 0, "round_to": round_to}

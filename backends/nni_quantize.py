@@ -41,9 +41,8 @@ CONFIG_LIST = [
 ]
 
 Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
-MakeOptimizer = Callable[
-    [list[nn.Parameter], Callable[[type], type]], torch.optim.Optimizer
-]  # (params, nni.trace) -> optimizer
+# (params, nni.trace) -> optimizer
+MakeOptimizer = Callable[[list[nn.Parameter], Callable[[type], type]], torch.optim.Optimizer]
 Measured = TypeVar("Measured")
 
 

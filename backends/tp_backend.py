@@ -53,9 +53,8 @@ METHODS: dict[str, Method] = {
     "taylor": Method("TaylorImportance", gradients="batch"),
     "hessian": Method("HessianImportance", gradients="sample"),
     "group_norm": Method("GroupMagnitudeImportance", (("p", 2),), pruner="GroupNormPruner", sparse_training=True),
-    "slim": Method(
-        "BNScaleImportance", pruner="BNScalePruner", sparse_training=True, needs_norm=True
-    ),  # network slimming: L1 on BN scales
+    # network slimming: L1 on BN scales
+    "slim": Method("BNScaleImportance", pruner="BNScalePruner", sparse_training=True, needs_norm=True),
     "group_slim": Method(
         "BNScaleImportance",
         pruner="BNScalePruner",
@@ -128,9 +127,8 @@ class TorchPruningBackend:
         if method == "group_slim":
             _check_norms_follow(model)
         check_round_to(round_to)
-        layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))][
-            :-1
-        ]  # the last: the classifier
+        # the last: the classifier
+        layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))][:-1]
         _check_round_to(
             round_to,
             [n for n in layers if not any(n == e or n.startswith(e + ".") for e in exclude)],
@@ -212,9 +210,8 @@ class TorchPruningBackend:
                     steps = _sparse_train(
                         working, pruner, _batches(train_batches, example_input.device), training_steps, learning_rate
                     )
-                    trained = clone_tree(
-                        working, {}
-                    )  # the weights Torch-Pruning then pruned: the masked figure comes from these
+                    # the weights Torch-Pruning then pruned: the masked figure comes from these
+                    trained = clone_tree(working, {})
                 elif spec.gradients:
                     _gradients(
                         working,
@@ -241,9 +238,8 @@ class TorchPruningBackend:
             for name, indices in removed.items()
             if indices
         }
-        masks = {
-            name: unit_masks(originals[name], indices) for name, indices in kept.items()
-        }  # shapes only: the same for a trained copy
+        # shapes only: the same for a trained copy
+        masks = {name: unit_masks(originals[name], indices) for name, indices in kept.items()}
         units = {name: output_units(originals[name]) for name in kept}
         for name, module in working.named_modules():
             module.__dict__["training"] = modes.get(name, model.training)

@@ -138,9 +138,8 @@ def timed_pair(
     model's reference is `latency_b{batch}_before_ms`; int8's is `latency_b{batch}_int8_reference_ms`, the dense base
     re-timed on the CPU, where int8 runs."""
     out: dict[str, float] = {}
-    reference_name = (
-        "before" if candidate_name == "after" else f"{candidate_name}_reference"
-    )  # int8: the dense base on the CPU
+    # int8: the dense base on the CPU
+    reference_name = "before" if candidate_name == "after" else f"{candidate_name}_reference"
     for batch in LATENCY_BATCHES:
         timings = latency_by_layout(
             reference,
@@ -190,9 +189,8 @@ def run_cell(
     where = (
         contextlib.nullcontext(cell_dir / "snapshots")
         if keep_snapshots
-        else temporary_directory(
-            cell_dir.parent, f"{cell_dir.name}.snapshots"
-        )  # the pruned and refined models, then gone
+        # the pruned and refined models, then gone
+        else temporary_directory(cell_dir.parent, f"{cell_dir.name}.snapshots")
     )
     with where as snapshots:
         config = job_config(

@@ -214,9 +214,8 @@ def expand(spec: MatrixSpec, data: ImageDataset) -> list[Cell]:
                 probe = build_model(model, data.input_shape, data.num_classes)
         except ValueError as error:
             raise UsageError(f"{error} (dataset {spec.data_type} has {tuple(data.input_shape)} images)") from None
-        context = prune_context(
-            job_config(spec, model, spec.seeds[0]), data
-        )  # what every cell's job offers its backend
+        # what every cell's job offers its backend
+        context = prune_context(job_config(spec, model, spec.seeds[0]), data)
         for backend, method in methods_for(spec, probe):
             for percent in spec.percents:
                 try:

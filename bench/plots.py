@@ -96,10 +96,8 @@ def speedup_vs_macs(stats: pd.DataFrame, path: Path, layout: str) -> Path:
                 label=f"{backend}:{method}" + (" +KD" if distill else ""),
             )
         values = [*per.mac_ratio.tolist(), *per.speedup_b64.tolist()]
-        low, top = (
-            min([0.9, *values]) * 0.9,
-            max([1.0, *values]) * 1.1,
-        )  # a pruned model slower than dense stays in view
+        # a pruned model slower than dense stays in view
+        low, top = (min([0.9, *values]) * 0.9, max([1.0, *values]) * 1.1)
         ax.plot([low, top], [low, top], "k--", linewidth=1, label="y = x (speedup = MAC reduction)")
         if per.empty:
             ax.text(0.5, 0.5, "no physically pruned model to time", transform=ax.transAxes, ha="center")
@@ -128,9 +126,8 @@ def kept_channels(ok_rows: pd.DataFrame, path: Path) -> Path:
         rank = {
             name: position for _, row in per.iterrows() for name, position in json.loads(row.layer_rank_json).items()
         }
-        layers = sorted(
-            {name for _, _, units in widths for name in units}, key=lambda name: rank.get(name, 0)
-        )  # absent from a row = not pruned
+        # absent from a row = not pruned
+        layers = sorted({name for _, _, units in widths for name in units}, key=lambda name: rank.get(name, 0))
         for row, kept, units in widths:
             ax.plot(
                 range(len(layers)),

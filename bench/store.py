@@ -20,13 +20,8 @@ from pipeline.atomic import write_json, write_text
 from pipeline.errors import UsageError
 
 MANIFEST = "run.json"
-EXTENTS = (
-    "models",
-    "backends",
-    "methods",
-    "percents",
-    "seeds",
-)  # a matrix's extent: may differ between runs that share a table
+# a matrix's extent: may differ between runs that share a table
+EXTENTS = ("models", "backends", "methods", "percents", "seeds")
 RESULTS = "results.jsonl"
 LOCK = ".lock"
 
@@ -87,9 +82,8 @@ FINGERPRINT_DEFAULTS = {"device": "cpu", "other_layouts": True, "dataset": None}
 
 def incompatibility(expected: dict[str, Any], found: dict[str, Any]) -> str | None:
     """The first setting two runs disagree on, in words; None when their rows may share a table."""
-    if ("latency_layout" in expected) != (
-        "latency_layout" in found
-    ):  # no setting of this version reproduces such a run
+    # no setting of this version reproduces such a run
+    if ("latency_layout" in expected) != ("latency_layout" in found):
         return "one of them was made before latency was timed in channels_last: its latency figures are NCHW only"
     expected, found = {**FINGERPRINT_DEFAULTS, **expected}, {**FINGERPRINT_DEFAULTS, **found}
     for key in sorted(set(expected) | set(found)):

@@ -51,9 +51,8 @@ class JobConfig:
     log_dir: str = "log"
     result_dir: str = "output/results"
     echo_epochs: bool = True  # print each epoch line on the terminal too
-    asked: frozenset[str] = (
-        frozenset()
-    )  # fields the user set explicitly (run.py): checked against the snapshots this run builds on
+    # fields the user set explicitly (run.py): checked against the snapshots this run builds on
+    asked: frozenset[str] = frozenset()
 
     @property
     def save_root(self) -> Path:

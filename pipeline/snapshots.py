@@ -29,9 +29,8 @@ META_FILE = "meta.json"
 def save_snapshot(directory: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     with staged_directory(directory) as staging:
         state = model.state_dict()
-        saved = OrderedDict(
-            (k, v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()
-        )  # int8 Linears: packed tuples
+        # int8 Linears: packed tuples
+        saved = OrderedDict((k, v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items())
         saved._metadata = getattr(state, "_metadata", None)  # module versions: int8 modules read their state by version
         torch.save(saved, staging / WEIGHTS_FILE)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -97,9 +96,8 @@ def rebuild_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
     except (ValueError, RuntimeError, IndexError, TypeError) as error:  # an unknown model, or a shape it cannot take
         raise UsageError(f"snapshot of {meta['model']!r} cannot be rebuilt: {first_line(error)}") from None
     try:
-        if meta.get("quantize") and not meta.get(
-            "simulated"
-        ):  # NNI's simulated int8 saved float weights (and its calibration in meta)
+        # NNI's simulated int8 saved float weights (and its calibration in meta)
+        if meta.get("quantize") and not meta.get("simulated"):
             from pipeline.deploy.quantize import rebuild
 
             return rebuild(

@@ -107,9 +107,8 @@ def test_sensitivity_early_stop_and_specified_layers(workdir):
     ]
     assert analyze.main(argv) == 0
     rows = load_sensitivity(workdir / "s/sensitivity.csv")
-    assert list(rows) == ["features.4"] and list(rows["features.4"]) == [
-        0.1
-    ]  # every accuracy is < 2: stops after the first point
+    # every accuracy is < 2: stops after the first point
+    assert list(rows) == ["features.4"] and list(rows["features.4"]) == [0.1]
 
 
 def test_dependency_writes_nnis_csv(workdir, capsys):

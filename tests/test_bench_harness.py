@@ -149,9 +149,8 @@ def test_tiny_matrix_records_every_figure_per_cell(tiny_run):
     assert len([p for p in (root / "bases").iterdir() if p.is_dir()]) == 1
     # the shared JobConfig path: L1 at layer scope is the same criterion on both backends
     by_method = {(row["backend"], row["method"]): row for row in rows}
-    assert (
-        by_method["nni", "l1"]["params_after"] == by_method["scratch", "random"]["params_after"]
-    )  # both layer scope, floor(C/2) per layer
+    # both layer scope, floor(C/2) per layer
+    assert by_method["nni", "l1"]["params_after"] == by_method["scratch", "random"]["params_after"]
     assert by_method["tp", "l1"]["params_after"] == by_method["scratch", "random"]["params_after"]
     # per-layer widths are in network order, whatever order the backend listed them in (the kept-channels plot depends
     # on it)
@@ -643,15 +642,13 @@ def test_distillation_and_int8_are_axes_of_the_matrix(tmp_path, digits):
     by_key = {(row["distill"], row["quantize"]): row for row in rows}
     assert all(row["status"] == "ok" for row in rows)
     assert "int8_top1" not in by_key[False, "none"] and by_key[True, "ptq"]["size_ratio_int8"] > 3.5
-    int8 = by_key[
-        True, "ptq"
-    ]  # its speedup is against the dense base re-timed on the CPU, recorded beside it, per layout
+    # its speedup is against the dense base re-timed on the CPU, recorded beside it, per layout
+    int8 = by_key[True, "ptq"]
     for suffix in ("", "_nchw"):
         expected = int8[f"latency_b64_int8_reference_ms{suffix}"] / int8[f"latency_b64_int8_ms{suffix}"]
         assert int8[f"speedup_int8_b64{suffix}"] == pytest.approx(expected, rel=1e-3)
-    assert (
-        by_key[False, "ptq"]["finetuned_top1"] == by_key[False, "none"]["finetuned_top1"]
-    )  # int8 is added after the same refine
+    # int8 is added after the same refine
+    assert by_key[False, "ptq"]["finetuned_top1"] == by_key[False, "none"]["finetuned_top1"]
     assert by_key[True, "none"]["finetuned_top1"] == by_key[True, "ptq"]["finetuned_top1"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| KD " in report and "int8 top-1" in report

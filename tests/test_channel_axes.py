@@ -49,9 +49,8 @@ class ConvNeXtLike(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         y = self.dw(x)
-        y = (
-            y.permute(0, 2, 3, 1) if self.to_channels_last == "permute" else y.transpose(1, 3)
-        )  # (N, H, W, C) or (N, W, H, C)
+        # (N, H, W, C) or (N, W, H, C)
+        y = y.permute(0, 2, 3, 1) if self.to_channels_last == "permute" else y.transpose(1, 3)
         y = self.down(F.gelu(self.up(self.norm(y))))
         y = y.permute(0, 3, 1, 2) if self.to_channels_last == "permute" else y.transpose(1, 3)
         x = x + self.layer_scale * y
@@ -196,9 +195,8 @@ def test_a_small_vision_transformer_prunes_its_mlp_hidden_units_exactly():
     hidden = [f"encoder.layers.encoder_layer_{i}.mlp.0" for i in range(2)]
     assert sorted(result.kept) == hidden and all(len(result.kept[name]) == 32 for name in hidden)
     assert result.model.encoder.layers[0].mlp[3].in_features == 32
-    assert any(
-        "cat" in reason for reason in result.info["why_unprunable"].values()
-    )  # the class token joins the patch embeddings
+    # the class token joins the patch embeddings
+    assert any("cat" in reason for reason in result.info["why_unprunable"].values())
     assert_exact(model, result, x)
 
 
@@ -224,9 +222,8 @@ def test_a_channel_shuffle_couples_its_groups_and_prunes_exactly():
     torch.manual_seed(0)
     model = Shuffled().eval()
     graph = analyze(model, X)
-    assert (
-        graph.group("a") is graph.group("b") and graph.group("a").prunable
-    )  # the interleaved groups keep the same channels
+    # the interleaved groups keep the same channels
+    assert graph.group("a") is graph.group("b") and graph.group("a").prunable
     consumer = next(c for c in graph.consumers if c.module == "c")
     assert [(s.size, s.repeat) for s in consumer.layout] == [(8, 2)]  # channel k of the pair is columns 2k and 2k + 1
     result = prune(model)
@@ -246,9 +243,8 @@ class Chunked(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cut_inside:
-            first, second = F.relu(self.a(x)).chunk(
-                2, dim=1
-            )  # four channels of `a` each: its channels cannot be chosen freely
+            # four channels of `a` each: its channels cannot be chosen freely
+            first, second = F.relu(self.a(x)).chunk(2, dim=1)
             y = torch.cat([self.c(torch.cat([first, second], 1)), self.d(F.relu(self.b(x)))], 1)
         else:
             first, second = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1).chunk(2, dim=1)
@@ -452,6 +448,5 @@ def test_sensitivity_reuse_falls_back_when_a_later_variant_cannot_reuse():
     ]
     results = [analysis.analysis(val_args=[model]) for analysis in analyses]
     assert results[0] == results[1]
-    assert (
-        analyses[0].cache_hits == 1
-    )  # the 0.25 variant ran from the recorded values; the 0.5 one fell back to the plain forward
+    # the 0.25 variant ran from the recorded values; the 0.5 one fell back to the plain forward
+    assert analyses[0].cache_hits == 1

@@ -39,9 +39,8 @@ def test_kd_loss_is_hintons_mix_of_hard_and_soft_targets():
     assert torch.allclose(
         kd_loss(student, teacher, labels, 0.9, 4.0), 0.1 * F.cross_entropy(student, labels) + 0.9 * 16.0 * kl, atol=1e-6
     )
-    assert float(kd_loss(teacher, teacher, labels, 1.0, 2.0)) == pytest.approx(
-        0.0, abs=1e-6
-    )  # a student that matches its teacher
+    # a student that matches its teacher
+    assert float(kd_loss(teacher, teacher, labels, 1.0, 2.0)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_the_teacher_is_frozen_and_stays_in_eval_mode():
@@ -52,9 +51,8 @@ def test_the_teacher_is_frozen_and_stays_in_eval_mode():
     loss = distillation(student, X, torch.arange(8) % 10)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters()) and any(p.grad is not None for p in student.parameters())
-    assert not teacher.training and all(
-        torch.equal(before[k], v) for k, v in teacher.state_dict().items()
-    )  # BatchNorm stats too
+    # BatchNorm stats too
+    assert not teacher.training and all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
 
 @pytest.mark.parametrize("name", ["vgg", "resnet"])
@@ -109,9 +107,8 @@ def test_run_py_prune_distil_int8_writes_every_stage_and_one_table(tmp_path, mon
         assert timed["device"] == (float_device if dtype == "float32" else "cpu")
         assert timed["layouts"] == {"channels_last": "channels_last (NHWC)", "contiguous": "contiguous (NCHW)"}
         assert all(timed[layout][f"b{batch}_ms"] > 0 for layout in timed["layouts"] for batch in (1, 64))
-    reloaded, meta = load_model(
-        snapshots / "model_quant", "vgg", "digits"
-    )  # rebuilt from shapes, prepared, converted, int8 state loaded
+    # rebuilt from shapes, prepared, converted, int8 state loaded
+    reloaded, meta = load_model(snapshots / "model_quant", "vgg", "digits")
     assert meta["stage"] == "model_quant"
     data = load_dataset("digits")
     result = evaluate(reloaded, data, 64, 1)
@@ -246,9 +243,8 @@ def test_run_py_nni_quantizer_row_reports_accuracy_only(tmp_path, monkeypatch, c
         and "no int8 kernel" in report["note"]
     )
     snapshots = tmp_path / "output/snapshots/lenet/digits"
-    reloaded, meta = load_model(
-        snapshots / "model_quant", "lenet", "digits"
-    )  # float weights (ptq leaves them) + NNI's calibration
+    # float weights (ptq leaves them) + NNI's calibration
+    reloaded, meta = load_model(snapshots / "model_quant", "lenet", "digits")
     refined, _ = load_model(snapshots / "model_refine", "lenet", "digits")
     assert meta["simulated"] and meta["calibration"] and meta["quantize"] == "nni-ptq"
     assert same_state(reloaded, refined)
@@ -316,12 +312,10 @@ def test_feature_distillation_adds_the_projected_mse_and_trains_its_projections(
         [F.mse_loss(loss_fn.projections[n.replace(".", "/")](captured[n]), wanted[n]) for n in layers]
     ).mean()
     assert torch.allclose(loss, kd_loss(student_logits, teacher_logits, labels, 0.9, 4.0) + 0.5 * mse, atol=1e-5)
-    assert not student._forward_hooks and all(
-        not m._forward_hooks for m in teacher.modules()
-    )  # hooks live only during a call
-    assert any(
-        bool((wanted[n] < 0).any()) for n in layers
-    )  # the layers' own outputs, before the in-place ReLU that follows them
+    # hooks live only during a call
+    assert not student._forward_hooks and all(not m._forward_hooks for m in teacher.modules())
+    # the layers' own outputs, before the in-place ReLU that follows them
+    assert any(bool((wanted[n] < 0).any()) for n in layers)
     projections = {k: v.clone() for k, v in loss_fn.projections.state_dict().items()}
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     assert projections  # conv_all 0.5 narrows these layers: there is something to learn
@@ -339,9 +333,8 @@ def test_feature_distillation_adds_the_projected_mse_and_trains_its_projections(
         loss_fn=loss_fn,
     )
     assert all(not torch.equal(projections[k], v) for k, v in loss_fn.projections.state_dict().items())
-    assert all(
-        torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items()
-    )  # the teacher is never trained, BatchNorm stats included
+    # the teacher is never trained, BatchNorm stats included
+    assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items())
 
 
 def test_run_py_feature_distillation_records_its_layers(tmp_path, monkeypatch, capsys):

@@ -172,9 +172,8 @@ def test_grouped_convolutions_keep_equal_counts_per_group():
     assert kept.view(4, 16).sum(1).tolist() == [8, 8, 8, 8] and fix.sets[0].groups == 4
     weights = model.get_submodule(layer).weight.detach().flatten(1).abs().sum(1)
     restored = kept[16:32] & ~torch.isin(torch.arange(16, 32), torch.arange(16, 20))
-    assert (
-        weights[16:32][restored].min() >= weights[16:32][~kept[16:32]].max()
-    )  # the strongest pruned channels came back
+    # the strongest pruned channels came back
+    assert weights[16:32][restored].min() >= weights[16:32][~kept[16:32]].max()
 
 
 def test_bad_masks_are_refused(tmp_path):

@@ -222,10 +222,8 @@ def test_a_killed_process_ends_the_job_with_a_message_and_no_half_written_snapsh
         or "interrupted; snapshots already written are complete" in err
     )
     snapshots = tmp_path / "output/snapshots/lenet/digits"
-    assert {p.name for p in snapshots.iterdir()} == {
-        "model_base",
-        "model_prune",
-    }  # no staging folder, no refine snapshot of an unfinished step
+    # no staging folder, no refine snapshot of an unfinished step
+    assert {p.name for p in snapshots.iterdir()} == {"model_base", "model_prune"}
     for name in ("model_base", "model_prune"):  # what was written is whole
         load_model(snapshots / name, "lenet", "digits")
     assert not (logs / "log_lenet_digits_prune_model.txt").exists()  # the unfinished step left no log

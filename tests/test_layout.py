@@ -70,9 +70,8 @@ def test_the_job_names_no_backend():
     tree = ast.parse((PIPELINE / "job.py").read_text())
     literals = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
     assert not literals & set(BACKEND_NAMES), literals & set(BACKEND_NAMES)
-    pruning_backends = {
-        target.split(":")[0] for target in BACKENDS.values()
-    }  # backends.scratch, backends.nni_backend, ...
+    # backends.scratch, backends.nni_backend, ...
+    pruning_backends = {target.split(":")[0] for target in BACKENDS.values()}
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not imported & pruning_backends, imported & pruning_backends
 

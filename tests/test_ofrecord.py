@@ -216,9 +216,8 @@ def test_run_py_resolves_builtin_then_ofdata_then_mydata(tmp_path, monkeypatch, 
     )
     data = load_dataset("fresh")  # not converted yet: myData/fresh is converted first
     assert (tmp_path / "ofData/fresh/meta.json").is_file() and data.input_shape == (1, 16, 16)
-    (tmp_path / "myData/fresh/train.json").write_text(
-        "not json any more"
-    )  # the source changed: converted again, and refused
+    # the source changed: converted again, and refused
+    (tmp_path / "myData/fresh/train.json").write_text("not json any more")
     with pytest.raises(UsageError, match="train.json: not valid JSON"):
         load_dataset("fresh")
     assert "again: myData/fresh changed since ofData/fresh was converted" in capsys.readouterr().err

@@ -141,9 +141,8 @@ def test_cuda_fp16_uses_a_grad_scaler_and_trains(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run.main(["--model", "vgg", "--step", "1", "--device", "cuda", "--amp", "fp16", *QUICK]) == 0
     report = json.loads((tmp_path / "output/results/results_vgg_digits_base_model.json").read_text())
-    assert (
-        report["measured_on"]["dtype"] == "autocast fp16" and report["accuracy"] > 0.1
-    )  # trained through the scaler, not diverged
+    # trained through the scaler, not diverged
+    assert report["measured_on"]["dtype"] == "autocast fp16" and report["accuracy"] > 0.1
 
 
 GPU_PRUNING = [
@@ -165,9 +164,8 @@ GPU_PRUNING = [
 def test_every_backend_prunes_a_model_that_lives_on_the_gpu(backend, method, monkeypatch):
     """The pruned model stays on the GPU, keeps what the same call keeps on the CPU, and computes what that one
     computes."""
-    monkeypatch.setattr(
-        torch.backends.cudnn, "allow_tf32", False
-    )  # full fp32 on the GPU too, so 1e-4 measures pruning, not TF32
+    # full fp32 on the GPU too, so 1e-4 measures pruning, not TF32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     import copy
 
@@ -188,9 +186,8 @@ def test_every_backend_prunes_a_model_that_lives_on_the_gpu(backend, method, mon
         pruned = results[device].model
         assert all(t.device.type == device for t in [*pruned.parameters(), *pruned.buffers()])
     cpu, cuda = results["cpu"], results["cuda"]
-    if (
-        method not in ("taylor", "slim") or backend == "scratch"
-    ):  # what trains while pruning differs in the last bits between devices
+    # what trains while pruning differs in the last bits between devices
+    if method not in ("taylor", "slim") or backend == "scratch":
         assert cuda.kept == cpu.kept
         with torch.no_grad():
             assert relative_error(cuda.model.eval()(x.cuda()).cpu(), cpu.model.eval()(x)) < 1e-4

@@ -275,9 +275,8 @@ def test_round_to_keeps_multiples_of_n_rounded_up_and_stays_exact(name):
     assert rounded.kept, "something is still pruned"
     for layer, units in rounded.kept.items():
         assert len(units) % 8 == 0 and len(units) < rounded.original_units[layer]
-        assert len(units) >= len(plain.kept[layer]) and set(plain.kept[layer]) <= set(
-            units
-        )  # rounded up: the plain choice plus the best of the rest
+        # rounded up: the plain choice plus the best of the rest
+        assert len(units) >= len(plain.kept[layer]) and set(plain.kept[layer]) <= set(units)
     for layer in set(plain.kept) - set(rounded.kept):  # a group that would round up to its full size stays whole
         assert -(-len(plain.kept[layer]) // 8) * 8 >= plain.original_units[layer]
     graph = analyze(model, X)
@@ -294,12 +293,8 @@ def test_round_to_in_a_grouped_conv_keeps_equal_blocks_and_the_best_units():
 
     scores = torch.tensor([5.0, 1, 4, 2, 9, 8, 3, 7])  # two blocks of four
     assert round_up_kept(scores, torch.tensor([0, 2, 4, 5]), 2).tolist() == [0, 2, 4, 5]  # already a multiple
-    assert round_up_kept(scores, torch.tensor([0, 4, 5]), 4).tolist() == [
-        0,
-        4,
-        5,
-        7,
-    ]  # the best removed unit (score 7) comes back
+    # the best removed unit (score 7) comes back
+    assert round_up_kept(scores, torch.tensor([0, 4, 5]), 4).tolist() == [0, 4, 5, 7]
     assert round_up_kept(scores, torch.tensor([0, 4]), 4, blocks=2).tolist() == [0, 2, 4, 5]  # 2 per block: 4 in all
     assert round_up_kept(scores, torch.tensor([0, 4]), 16).tolist() == list(range(8))  # never past the group's size
     with pytest.raises(PruningError, match="round_to must be a positive whole number of channels, got 0"):

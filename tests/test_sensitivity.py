@@ -206,9 +206,8 @@ def test_ratios_by_loss_interpolate_between_measured_points_and_prune_accepts_th
 
 
 def test_ratios_by_loss_read_the_curve_from_zero_upwards():
-    ratios = get_ratios_by_loss(
-        {"a": {0.2: 0.70, 0.4: 0.89, 0.6: 0.5}}, 0.05, baseline=0.9
-    )  # over budget at 0.2, back within at 0.4
+    # over budget at 0.2, back within at 0.4
+    ratios = get_ratios_by_loss({"a": {0.2: 0.70, 0.4: 0.89, 0.6: 0.5}}, 0.05, baseline=0.9)
     assert ratios["a"] == pytest.approx(0.2 * 0.05 / 0.2)
     with pytest.raises(PruningError, match="finite"):
         get_ratios_by_loss({"a": {0.2: 0.7}}, 0.05, baseline=float("nan"))

@@ -72,9 +72,8 @@ def test_scratch_keeps_as_many_parameters_as_torch_pruning_and_both_are_exact(na
 
 def test_shufflenet_prunes_where_torch_pruning_fails():
     model = torchvision_model("shufflenet_v2_x1_0")
-    with pytest.raises(
-        PruningError, match="ZeroDivisionError"
-    ):  # Torch-Pruning 1.6.1's reshape index mapping (DESIGN.md section 6)
+    # Torch-Pruning 1.6.1's reshape index mapping (DESIGN.md section 6)
+    with pytest.raises(PruningError, match="ZeroDivisionError"):
         torch_pruning(model)
     pruned, kept = scratch(model)
     assert sum(p.numel() for p in pruned.parameters()) < 0.6 * sum(p.numel() for p in model.parameters())
@@ -93,7 +92,6 @@ def test_vit_prunes_its_mlp_hidden_units_where_torch_pruning_breaks_the_model():
     )
     with torch.no_grad():
         assert relative_error(pruned(X), consumer_zeroed_reference(model, kept, X)) < 1e-5
-    with pytest.raises(
-        PruningError, match="no longer runs.*invalid for input"
-    ):  # Torch-Pruning halves hidden_dim; forward reshapes to self.hidden_dim
+    # Torch-Pruning halves hidden_dim; forward reshapes to self.hidden_dim
+    with pytest.raises(PruningError, match="no longer runs.*invalid for input"):
         torch_pruning(model)

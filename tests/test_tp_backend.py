@@ -85,9 +85,8 @@ def torch_pruning_group_l1(model: torch.nn.Module, layer: str) -> torch.Tensor:
             graph.group_of_space.get(s.space) == group for s in consumer.layout
         ):
             columns = modules[consumer.module].weight.detach().abs().transpose(0, 1).flatten(1).sum(1)
-            members.append(
-                columns.view(-1, consumer.layout[0].repeat).sum(1)
-            )  # an NCHW flatten: H*W columns per channel
+            # an NCHW flatten: H*W columns per channel
+            members.append(columns.view(-1, consumer.layout[0].repeat).sum(1))
     return torch.stack(members).mean(0)
 
 
@@ -245,9 +244,8 @@ def test_coupled_layers_take_their_largest_ratio_as_in_scratch():
     members = ["layer2.0.conv2", "layer2.0.shortcut.0"]
     tp_kept = TP.prune(model, "l1", {members[0]: 0.25, members[1]: 0.75}, X).kept
     scratch_kept = SCRATCH.prune(model, "conv_all", {members[0]: 0.25, members[1]: 0.75}, X).kept
-    assert (
-        len(tp_kept[members[0]]) == len(tp_kept[members[1]]) == len(scratch_kept[members[0]]) == 32
-    )  # 128 channels, 0.75 removed
+    # 128 channels, 0.75 removed
+    assert len(tp_kept[members[0]]) == len(tp_kept[members[1]]) == len(scratch_kept[members[0]]) == 32
 
 
 def test_hessian_uses_every_sample():

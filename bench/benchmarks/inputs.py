@@ -11,11 +11,8 @@ from backends.tp_backend import METHODS as TP_METHODS
 from models import build_model
 
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-L1 = {
-    "scratch": "conv_all",
-    "nni": "l1",
-    "tp": "l1",
-}  # L1 filter norms (Torch-Pruning's over the whole dependency group)
+# L1 filter norms (Torch-Pruning's over the whole dependency group)
+L1 = {"scratch": "conv_all", "nni": "l1", "tp": "l1"}
 
 
 def seeded_model(name: str) -> torch.nn.Module:

@@ -81,9 +81,8 @@ def test_distillation_against_plain_refine_over_three_seeds(benchmark, tmp_path)
     def refine_both() -> None:
         for seed in range(3):
             job, _ = trained_base("vgg", tmp_path / f"seed{seed}", seed)
-            job.config = replace(
-                job.config, percent=0.7, method="conv_all", scope="layer"
-            )  # global L1 at 0.7 collapses vgg on digits
+            # global L1 at 0.7 collapses vgg on digits
+            job.config = replace(job.config, percent=0.7, method="conv_all", scope="layer")
             job.run("2")
             for distill, kd_features, scores in (
                 (False, None, plain),

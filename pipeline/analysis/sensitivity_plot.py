@@ -25,9 +25,8 @@ def plot_sensitivity(
     """`results`: {mode: {unit: {sparsity: metric}}}; one panel per mode, sharing the y axis."""
     figure, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), sharey=True, squeeze=False)
     for axis, (mode, sensitivity) in zip(axes[0], results.items(), strict=True):
-        colors = list(
-            plt.cm.tab20.colors if len(sensitivity) > 10 else plt.cm.tab10.colors
-        )  # a distinct colour per unit up to 20,
+        # a distinct colour per unit up to 20,
+        colors = list(plt.cm.tab20.colors if len(sensitivity) > 10 else plt.cm.tab10.colors)
         styles = ["-", "--", ":", "-."]  # then the colours again with another line style
         axis.set_prop_cycle(color=colors * len(styles), linestyle=[style for style in styles for _ in colors])
         for unit, values in sensitivity.items():

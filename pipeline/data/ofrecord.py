@@ -27,13 +27,8 @@ def _build_messages() -> dict[str, type]:
     proto = descriptor_pb2.FileDescriptorProto(
         name="oneflow/core/record/record.proto", package="oneflow", syntax="proto2"
     )
-    scalar_lists = {
-        "BytesList": 12,
-        "FloatList": 2,
-        "DoubleList": 1,
-        "Int32List": 5,
-        "Int64List": 3,
-    }  # FieldDescriptorProto types
+    # FieldDescriptorProto types
+    scalar_lists = {"BytesList": 12, "FloatList": 2, "DoubleList": 1, "Int32List": 5, "Int64List": 3}
     for name, field_type in scalar_lists.items():
         field = proto.message_type.add(name=name).field.add(name="value", number=1, type=field_type, label=3)
         if name != "BytesList":

@@ -163,9 +163,8 @@ def _fast_rows(split: JsonSplit, start: int, stop: int, size: int, parser: simdj
     rows = np.empty((stop - start, size), dtype=np.float64)
     for offset, index in enumerate(range(start, stop)):
         try:
-            document = parser.parse(
-                split.row_bytes(index)
-            )  # a flat list: the scanner refuses nested ones, which as_buffer would flatten
+            # a flat list: the scanner refuses nested ones, which as_buffer would flatten
+            document = parser.parse(split.row_bytes(index))
             try:
                 values = np.frombuffer(document.as_buffer(of_type="d"), dtype=np.float64)
             finally:

@@ -108,9 +108,8 @@ def masks_from_kept(original: nn.Module, kept: dict[str, list[int]]) -> Masks:
             f"the snapshot's kept channels name {missing[0]!r}, which the model does not have; the snapshot is not of "
             "this model"
         )
-    return {
-        name: unit_masks(modules[name], units) for name, units in kept.items()
-    }  # broadcast views: the file holds one value per unit
+    # broadcast views: the file holds one value per unit
+    return {name: unit_masks(modules[name], units) for name, units in kept.items()}
 
 
 def export_masks(original: nn.Module, kept: dict[str, list[int]] | None, target: Path) -> ExportCheck:

@@ -57,14 +57,10 @@ LAYOUTS: dict[str, torch.memory_format] = {"channels_last": torch.channels_last,
 LAYOUT_NAMES = {"channels_last": "channels_last (NHWC)", "contiguous": "contiguous (NCHW)"}
 LAYOUT_SUFFIXES = {"channels_last": "nhwc", "contiguous": "nchw"}
 DEPLOYED_LAYOUT = "channels_last"  # what oneDNN, fbgemm's int8 kernels, cuDNN and TensorRT run convolutions in
-TIMED_LAYOUTS = (
-    DEPLOYED_LAYOUT,
-    "contiguous",
-)  # the headline layout first; the last one leaves models in PyTorch's default
-LATENCY_BATCHES = (
-    1,
-    64,
-)  # the batch sizes run.py's table and the harness report latency at: one request, and throughput
+# the headline layout first; the last one leaves models in PyTorch's default
+TIMED_LAYOUTS = (DEPLOYED_LAYOUT, "contiguous")
+# the batch sizes run.py's table and the harness report latency at: one request, and throughput
+LATENCY_BATCHES = (1, 64)
 
 
 def in_layout(model: nn.Module, layout: str) -> nn.Module:

@@ -79,9 +79,8 @@ def feature_layers(model: nn.Module, request: str) -> list[str]:
 def _outputs_of(model: nn.Module, layers: list[str]) -> Iterator[dict[str, torch.Tensor]]:
     """The outputs of `layers` during the forwards inside the block; the hooks are gone afterwards."""
     captured: dict[str, torch.Tensor] = {}
-    own = (
-        model.module if isinstance(model, DistributedDataParallel) else model
-    )  # the model's own layer names, not DDP's "module.*"
+    # the model's own layer names, not DDP's "module.*"
+    own = model.module if isinstance(model, DistributedDataParallel) else model
     modules = dict(own.named_modules())
     # a copy: an in-place activation after the layer (ReLU(inplace=True)) would otherwise overwrite what was captured
     handles = [
@@ -96,9 +95,8 @@ def _outputs_of(model: nn.Module, layers: list[str]) -> Iterator[dict[str, torch
 
 
 def _copied(output: object) -> object:
-    return (
-        output.clone() if isinstance(output, torch.Tensor) else output
-    )  # a layer returning a tuple is refused by build()
+    # a layer returning a tuple is refused by build()
+    return output.clone() if isinstance(output, torch.Tensor) else output
 
 
 def _projection(student_width: int, teacher_width: int, ndim: int) -> nn.Module:

@@ -148,9 +148,8 @@ def _sync_batchnorm_view(module: nn.Module, group: Any) -> nn.Module:
 
 
 def _collective_tensor(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    return (
-        values.to(runtime.device) if runtime.device.type == "cuda" else values.clone()
-    )  # nccl reduces CUDA tensors only
+    # nccl reduces CUDA tensors only
+    return values.to(runtime.device) if runtime.device.type == "cuda" else values.clone()
 
 
 def _all_reduced(values: torch.Tensor, runtime: Runtime, op: Any) -> torch.Tensor:
