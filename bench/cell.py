@@ -22,14 +22,8 @@ from algorithms.errors import first_line
 from pipeline.atomic import temporary_directory, write_json
 from pipeline.config import STAGES
 from pipeline.data.images import ImageDataset
-from pipeline.deploy.metrics import (
-    DEPLOYED_LAYOUT,
-    LATENCY_BATCHES,
-    LAYOUT_NAMES,
-    LAYOUT_SUFFIXES,
-    deployable,
-    latency_by_layout,
-)
+from pipeline.deploy.latency import Measurements, latency_by_layout
+from pipeline.deploy.metrics import DEPLOYED_LAYOUT, LATENCY_BATCHES, LAYOUT_NAMES, LAYOUT_SUFFIXES, deployable
 from pipeline.job import Job
 from pipeline.train.loop import evaluate, train
 from pipeline.train.runtime import float32_name
@@ -131,59 +125,92 @@ def column(name: str, layout: str) -> str:
 
 
 def timed_pair(
-    spec: MatrixSpec, reference: nn.Module, candidate: nn.Module, example: torch.Tensor, candidate_name: str
-) -> dict[str, float]:
-    """Reference and candidate (deployable copies: timing converts their layout) in interleaved rounds (DESIGN.md
-    section 7), at each latency batch size, in each timed layout: both times and the speedup, per layout. The pruned
-    model's reference is `latency_b{batch}_before_ms`; int8's is `latency_b{batch}_int8_reference_ms`, the dense base
-    re-timed on the CPU, where int8 runs."""
-    out: dict[str, float] = {}
-    # int8: the dense base on the CPU
+    spec: MatrixSpec,
+    reference: nn.Module,
+    candidate: nn.Module,
+    example: torch.Tensor,
+    candidate_name: str,
+    measurements: Measurements,
+) -> tuple[dict[str, Any], list[str]]:
+    """Reference and candidate (deployable copies: timing converts their layout) at each latency batch size and timed
+    layout, by the stability protocol (DESIGN.md section 7), and the columns whose figure did not settle.
+
+    The reference's time is its own measurement, taken once per architecture in a results directory (every cell of a
+    model reports the same dense time); the speedup and its 95% interval come from the two timed together in
+    interleaved blocks, and the candidate's time is reference time / speedup, so the three columns agree. Identical
+    architectures read the same measurements. The pruned model's reference is `latency_b{batch}_before_ms`; int8's is
+    `latency_b{batch}_int8_reference_ms`, the dense base on the CPU, where int8 runs."""
+    out: dict[str, Any] = {}
+    unstable: list[str] = []
     reference_name = "before" if candidate_name == "after" else f"{candidate_name}_reference"
+    options = {
+        "example_input": example,
+        "threads": spec.threads,
+        "layouts": spec.layouts,
+        "protocol": spec.protocol,
+        "measurements": measurements,
+        "device_name": device_name(str(example.device)),
+    }
     for batch in LATENCY_BATCHES:
-        timings = latency_by_layout(
-            reference,
-            candidate,
-            example_input=example,
-            batch=batch,
-            runs=spec.latency_runs,
-            threads=spec.threads,
-            layouts=spec.layouts,
-        )
-        speedup = f"speedup_b{batch}" if candidate_name == "after" else f"speedup_{candidate_name}_b{batch}"
-        for layout, (before, after) in timings.items():
-            out[column(f"latency_b{batch}_{reference_name}_ms", layout)] = round(before * 1e3, 4)
-            out[column(f"latency_b{batch}_{candidate_name}_ms", layout)] = round(after * 1e3, 4)
-            out[column(speedup, layout)] = round(before / after, 4)
-    return out
+        alone = latency_by_layout(reference, batch=batch, **options)
+        paired = latency_by_layout(reference, candidate, batch=batch, **options)
+        speedup_name = f"speedup_b{batch}" if candidate_name == "after" else f"speedup_{candidate_name}_b{batch}"
+        for layout in spec.layouts:
+            before, speedup = alone[layout].timings[0], paired[layout].speedups[0]
+            out[column(f"latency_b{batch}_{reference_name}_ms", layout)] = round(before.median * 1e3, 4)
+            out[column(f"latency_b{batch}_{candidate_name}_ms", layout)] = round(before.median / speedup.value * 1e3, 4)
+            out[column(speedup_name, layout)] = round(speedup.value, 4)
+            out[column(f"{speedup_name}_low", layout)] = round(speedup.low, 4)
+            out[column(f"{speedup_name}_high", layout)] = round(speedup.high, 4)
+            out[column(f"{speedup_name}_runs", layout)] = paired[layout].timings[1].runs
+            if not (before.stable and speedup.stable):
+                unstable.append(column(speedup_name, layout))
+        out["latency_pinned_core"] = paired[spec.layouts[0]].pinned
+    return out, unstable
 
 
-def latency_figures(spec: MatrixSpec, dense: nn.Module, pruned: nn.Module, example: torch.Tensor) -> dict[str, float]:
-    """Dense and pruned, both in their deployable form on the example's device, timed interleaved, in the deployed
-    layout and (suffixed columns) the other."""
-    return timed_pair(
-        spec, deployable(dense).to(example.device), deployable(pruned).to(example.device), example, "after"
-    )
+def latency_figures(
+    spec: MatrixSpec, dense: nn.Module, pruned: nn.Module, example: torch.Tensor, measurements: Measurements
+) -> tuple[dict[str, Any], list[str]]:
+    """Dense and pruned, both in their deployable form on the example's device, in the deployed layout and (suffixed
+    columns) the other."""
+    device = example.device
+    return timed_pair(spec, deployable(dense).to(device), deployable(pruned).to(device), example, "after", measurements)
 
 
 def int8_figures(
-    spec: MatrixSpec, dense: nn.Module, int8: nn.Module, example: torch.Tensor, figures: dict[str, Any], base_mb: float
-) -> dict[str, Any]:
+    spec: MatrixSpec,
+    dense: nn.Module,
+    int8: nn.Module,
+    example: torch.Tensor,
+    figures: dict[str, Any],
+    base_mb: float,
+    measurements: Measurements,
+) -> tuple[dict[str, Any], list[str]]:
     """The int8 stage of a cell: its accuracy, size and latency against the dense fp32 base (deployable form, on the
-    CPU), timed interleaved."""
+    CPU)."""
     out: dict[str, Any] = {
         "int8_top1": figures["accuracy"],
         "int8_topk": figures["top_k_accuracy"],
         "size_mb_int8": figures["modelSize"],
         "size_ratio_int8": round(base_mb / figures["modelSize"], 4),
     }
-    return out | timed_pair(spec, deployable(dense).cpu(), deployable(int8), example.cpu(), "int8")
+    timed, unstable = timed_pair(spec, deployable(dense).cpu(), deployable(int8), example.cpu(), "int8", measurements)
+    return out | timed, unstable
 
 
 def run_cell(
-    spec: MatrixSpec, cell: Cell, data: ImageDataset, base_root: Path, cell_dir: Path, keep_snapshots: bool = False
+    spec: MatrixSpec,
+    cell: Cell,
+    data: ImageDataset,
+    base_root: Path,
+    cell_dir: Path,
+    keep_snapshots: bool = False,
+    measurements: Measurements | None = None,
 ) -> dict[str, Any]:
-    """Prune -> fine-tune -> measure one cell. Raises on failure; the caller records the error and goes on."""
+    """Prune -> fine-tune -> measure one cell. Raises on failure; the caller records the error and goes on.
+    `measurements`: the run's latency figures by architecture (its results directory's), shared by every cell."""
+    measurements = measurements if measurements is not None else Measurements()
     started = time.perf_counter()
     base_dir, base_figures = ensure_base(spec, cell.model, cell.seed, data, base_root)
     where = (
@@ -250,13 +277,18 @@ def run_cell(
         **layer_widths(base_model, pruned["layers"]),
     }
     example = job.example_on(final_model)
+    unstable: list[str] = []
     if pruned["physical"]:
-        row |= latency_figures(spec, base_model, final_model, example)
-        row["speedup_per_mac"] = round(row["speedup_b64"] / row["mac_ratio"], 4)
+        timed, unstable = latency_figures(spec, base_model, final_model, example, measurements)
+        row |= timed | {"speedup_per_mac": round(timed["speedup_b64"] / row["mac_ratio"], 4)}
     if quantized is not None and quantized.get("simulated"):  # NNI's fake quantization: no int8 kernel to time or size
         row |= {"int8_top1": quantized["accuracy"], "int8_topk": quantized["top_k_accuracy"]}
     elif quantized is not None:
-        row |= int8_figures(spec, base_model, job.models["4"], example, quantized, base["modelSize"])
+        timed, unstable_int8 = int8_figures(
+            spec, base_model, job.models["4"], example, quantized, base["modelSize"], measurements
+        )
+        row, unstable = row | timed, unstable + unstable_int8
+    row["unstable"] = ",".join(unstable)  # latency figures whose 95% interval stayed wider than the tolerance
     if spec.scratch_control and pruned["physical"]:
         control = reinitialised(final_model, cell.seed)
         history = train(

@@ -121,10 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
         "of a vgg cell)",
     )
     p.add_argument(
-        "--latency_runs",
-        type=int,
-        default=20,
-        help="timed runs per latency figure, after warm-up (default 20, the minimum)",
+        "--latency_tolerance",
+        type=float,
+        default=0.025,
+        help="latency is timed in interleaved blocks until the 95%% interval of each figure is within +-this "
+        "(default 0.025: two measurements then agree within 5%%)",
+    )
+    p.add_argument(
+        "--latency_cap",
+        type=float,
+        default=30.0,
+        help="seconds one latency measurement may take before its figure is marked unstable (default 30)",
     )
     p.add_argument(
         "--scratch_control",
@@ -182,11 +189,12 @@ def spec_from_args(args: argparse.Namespace) -> MatrixSpec:
         least = 0 if flag.endswith("epochs") else 1
         if value is not None and value < least:
             raise UsageError(f"--{flag} must be {'non-negative' if least == 0 else 'positive'}, got {value}")
-    if args.latency_runs < 20:
-        raise UsageError(
-            f"--latency_runs {args.latency_runs} is below 20, the fewest runs a reported median is taken over"
-        )
     check_positive("learning_rate", args.learning_rate)
+    check_positive("latency_cap", args.latency_cap)
+    if not 0 < args.latency_tolerance < 1:
+        raise UsageError(
+            f"--latency_tolerance must be a fraction in (0, 1), e.g. 0.05 for +-5%, got {args.latency_tolerance}"
+        )
     return MatrixSpec(
         models=args.models,
         backends=args.backends,
@@ -205,7 +213,8 @@ def spec_from_args(args: argparse.Namespace) -> MatrixSpec:
         prune_steps=args.prune_steps,
         scope=None if args.scope == "auto" else args.scope,
         threads=args.threads,
-        latency_runs=args.latency_runs,
+        latency_tolerance=args.latency_tolerance,
+        latency_cap_s=args.latency_cap,
         random_control=not args.no_random_control,
         scratch_control=args.scratch_control,
         distill=_switches(args.distill),
@@ -265,6 +274,7 @@ def merge_command(argv: list[str]) -> int:
     with staged_directory(out) as staging:
         store.write_manifest(staging, manifest)
         store.write_rows(staging, rows)
+        store.write_latency(staging, store.merge_latency([Path(d) for d in args.dirs]))
         render_all(staging, manifest, rows)
     print(f"merged {len(rows)} cells from {len(args.dirs)} directories into {out}")
     if manifest["missing_shards"]:

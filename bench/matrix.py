@@ -17,6 +17,7 @@ from backends import BACKEND_NAMES, get_backend
 from models import MODEL_NAMES, build_model
 from pipeline.config import DEFAULT_EPOCHS, JobConfig
 from pipeline.data.images import ImageDataset
+from pipeline.deploy.latency import Protocol
 from pipeline.deploy.metrics import DEPLOYED_LAYOUT, TIMED_LAYOUTS
 from pipeline.errors import UsageError
 from pipeline.job import QUANTIZE_MODES, prune_context
@@ -47,7 +48,8 @@ class MatrixSpec:
     prune_steps: int = 50
     scope: str | None = None  # None: each method's own scope
     threads: int = 1  # latency is timed at this many threads
-    latency_runs: int = 20
+    latency_tolerance: float = 0.025  # latency figures are timed until their 95% interval is within +-this
+    latency_cap_s: float = 30.0  # ... or for at most this long per measurement, then marked unstable
     other_layouts: bool = True  # also time latency in NCHW, beside the deployed channels_last (the `_nchw` columns)
     random_control: bool = True
     scratch_control: bool = False
@@ -66,6 +68,10 @@ class MatrixSpec:
     def layouts(self) -> tuple[str, ...]:
         """The layouts latency is timed in, the deployed one first."""
         return TIMED_LAYOUTS if self.other_layouts else (DEPLOYED_LAYOUT,)
+
+    @property
+    def protocol(self) -> Protocol:
+        return Protocol(tolerance=self.latency_tolerance, cap_s=self.latency_cap_s)
 
     @property
     def device_type(self) -> str:
@@ -200,6 +206,7 @@ def job_config(spec: MatrixSpec, model: str, seed: int, **where: Any) -> JobConf
         prune_steps=spec.prune_steps,
         scope=spec.scope,
         echo_epochs=False,
+        throughput=False,
         **where,
     )
 

@@ -82,34 +82,50 @@ def accuracy_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
 
 
 def speedup_vs_macs(stats: pd.DataFrame, path: Path, layout: str) -> Path:
-    """`layout`: the memory format the plotted speedups were timed in (the deployed one; NCHW sits in results.csv)."""
+    """`layout`: the memory format the plotted speedups were timed in (the deployed one; NCHW sits in results.csv).
+    A hollow marker is a speedup whose 95% interval stayed wider than the tolerance (unstable). Each axis is scaled to
+    its points, the y = x line drawn across them (not the axes stretched to the line)."""
     timed = stats.dropna(subset=["speedup_b64"]) if "speedup_b64" in stats else stats.iloc[0:0].assign(speedup_b64=[])
+    unstable = timed.get("speedup_b64_unstable", pd.Series(False, index=timed.index)).fillna(False).astype(bool)
     models = sorted(stats.model.unique())
     figure, axes = _panels(models, "Measured batch-64 latency speedup vs MAC reduction")
     for ax, model in zip(axes, models, strict=True):
         per = timed[timed.model == model]
-        for (backend, method, distill), group in per.groupby(["backend", "method", "distill"], sort=True):
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        groups = per.groupby(["backend", "method", "distill"], sort=True)
+        for index, ((backend, method, distill), group) in enumerate(groups):
+            label, marker = f"{backend}:{method}" + (" +KD" if distill else ""), MARKERS.get(backend, "x")
+            color = colors[index % len(colors)]
+            settled, rough = group[~unstable[group.index]], group[unstable[group.index]]
+            ax.scatter(settled.mac_ratio, settled.speedup_b64, marker=marker, color=color, label=label)
+            ax.scatter(rough.mac_ratio, rough.speedup_b64, marker=marker, facecolors="none", edgecolors=color)
+        if unstable[per.index].any():
             ax.scatter(
-                group.mac_ratio,
-                group.speedup_b64,
-                marker=MARKERS.get(backend, "x"),
-                label=f"{backend}:{method}" + (" +KD" if distill else ""),
+                [], [], marker="o", facecolors="none", edgecolors="gray", label="hollow: unstable (wide interval)"
             )
-        values = [*per.mac_ratio.tolist(), *per.speedup_b64.tolist()]
-        # a pruned model slower than dense stays in view
-        low, top = (min([0.9, *values]) * 0.9, max([1.0, *values]) * 1.1)
-        ax.plot([low, top], [low, top], "k--", linewidth=1, label="y = x (speedup = MAC reduction)")
         if per.empty:
             ax.text(0.5, 0.5, "no physically pruned model to time", transform=ax.transAxes, ha="center")
-        axis = {"xlim": (low, top), "ylim": (low, top)}
+            _finish(ax, title=f"{model}, timed in {layout}")
+            continue
+        x_low, x_top = _span([1.0, *per.mac_ratio])
+        y_low, y_top = _span([1.0, *per.speedup_b64])  # a pruned model slower than dense stays in view
+        ax.plot([x_low, x_top], [x_low, x_top], "k--", linewidth=1, label="y = x (speedup = MAC reduction)")
         _finish(
             ax,
             title=f"{model}, timed in {layout}",
             xlabel="MAC reduction (dense / pruned, x)",
             ylabel="latency speedup (dense / pruned time, x)",
-            **axis,
+            xlim=(x_low, x_top),
+            ylim=(y_low, y_top),
         )
     return _save(figure, path)
+
+
+def _span(values: list[float]) -> tuple[float, float]:
+    """The values' range with a margin of a tenth of it on each side."""
+    low, top = min(values), max(values)
+    margin = 0.1 * (top - low or 1.0)
+    return low - margin, top + margin
 
 
 def kept_channels(ok_rows: pd.DataFrame, path: Path) -> Path:

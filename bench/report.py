@@ -26,6 +26,9 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             out["layer_rank_json"] = json.dumps(row.get("layer_rank", {}))
         out.setdefault("distill", False)  # rows from before the compression axes
         out.setdefault("quantize", "none")
+        out["unstable"] = row.get("unstable", "")  # rows from before the stability protocol: not assessed, not marked
+        for name in filter(None, out["unstable"].split(",")):
+            out[f"{name}_unstable"] = True
         env = row.get("env", {})
         out |= {
             "torch": env.get("torch"),
@@ -50,6 +53,9 @@ def summary(ok: pd.DataFrame) -> pd.DataFrame:
     ]
     grouped = ok.groupby(CONFIG, sort=True)[numeric]
     table = grouped.mean().join(grouped.std(ddof=1).add_suffix("_std")).join(grouped.size().rename("seeds"))
+    flags = [c for c in ok.columns if c.endswith("_unstable")]
+    if flags:  # a figure is unstable where any seed's is: a mean over one unsettled figure is not a clean figure
+        table = table.join(ok[[*CONFIG, *flags]].fillna(False).astype({c: bool for c in flags}).groupby(CONFIG).any())
     return table.reset_index()
 
 
@@ -59,8 +65,13 @@ def mean_std(mean: float, std: float, seeds: int) -> str:
     return f"{mean:.4f} ± {std:.4f}" if seeds > 1 and not pd.isna(std) else f"{mean:.4f}"
 
 
-def ratio(value: float) -> str:
-    return "-" if pd.isna(value) else f"{value:.2f}x"
+def ratio(value: float, unstable: object = False) -> str:
+    """4.00x; with a `~` where the figure's 95% interval stayed wider than the tolerance (see the report's note)."""
+    return "-" if pd.isna(value) else f"{value:.2f}x" + (" ~" if unstable is True else "")
+
+
+def speedup(s: pd.Series, name: str) -> str:
+    return ratio(s.get(name), s.get(f"{name}_unstable", False))
 
 
 def model_table(stats: pd.DataFrame, has_scratch_control: bool) -> str:
@@ -84,16 +95,16 @@ def model_table(stats: pd.DataFrame, has_scratch_control: bool) -> str:
         row |= {
             "params ÷": ratio(s.params_ratio),
             "MACs ÷": ratio(s.mac_ratio),
-            "speedup b64": ratio(s.get("speedup_b64")),
+            "speedup b64": speedup(s, "speedup_b64"),
         }
         if "speedup_b64_nchw" in stats.columns:  # runs from before channels_last timing have one layout only
-            row["speedup b64 NCHW"] = ratio(s.get("speedup_b64_nchw"))
-        row |= {"speedup b1": ratio(s.get("speedup_b1")), "prune s": f"{s.prune_seconds:.3f}"}
+            row["speedup b64 NCHW"] = speedup(s, "speedup_b64_nchw")
+        row |= {"speedup b1": speedup(s, "speedup_b1"), "prune s": f"{s.prune_seconds:.3f}"}
         if s.quantize != "none":
             row |= {
                 "int8 top-1": mean_std(s.get("int8_top1"), s.get("int8_top1_std"), s.seeds),
                 "int8 size ÷": ratio(s.get("size_ratio_int8")),
-                "int8 speedup b64": ratio(s.get("speedup_int8_b64")),
+                "int8 speedup b64": speedup(s, "speedup_int8_b64"),
             }
         rows.append(row)
     return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)
@@ -147,6 +158,29 @@ def latency_where(manifest: dict[str, Any]) -> str:
     return f"{env.get('device')} ({env.get('device_name')}), {env.get('memory_format')} as deployed ({beside})"
 
 
+def timing_words(spec: dict[str, Any]) -> str:
+    """How the speedups were timed: by the stability protocol, or (runs from before it) a fixed number of runs."""
+    if "latency_tolerance" not in spec:
+        return (
+            f"median of {spec.get('latency_runs')} runs after warm-up, dense and pruned interleaved; speedup = "
+            "dense / pruned "
+            "time."
+        )
+    return (
+        f"dense and pruned timed together in interleaved blocks until the 95% interval of the speedup (paired per "
+        f"block) is within ±{spec['latency_tolerance']:.0%}, at most {spec.get('latency_cap_s'):g} s per measurement; "
+        "each architecture is timed once and every cell that has it reads the same figures; the dense time is its own "
+        "measurement and the pruned time is dense / speedup."
+    )
+
+
+UNSTABLE_NOTE = (
+    "`~` unstable: that speedup's 95% interval stayed wider than the tolerance within the time cap (other work on the "
+    "machine, most likely): read it as rough, and rerun on a quiet machine (or with a larger --latency_cap) for a "
+    "clean figure."
+)
+
+
 def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     spec = manifest.get("spec", {})
     cpus = sorted({r.get("env", {}).get("cpu", "?") for r in rows})
@@ -161,9 +195,8 @@ def settings_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list
         f"{spec.get('batch_size')}); every cell starts from the same base per model and seed; seeds "
         f"{', '.join(str(x) for x in spec.get('seeds', []))}.",
         f"Latency: {latency_where(manifest)}, float32, BatchNorm folded into the preceding conv (as inference "
-        f"runtimes run it), {spec.get('threads')} thread(s), median of {spec.get('latency_runs')} runs after warm-up, "
-        "dense and pruned interleaved; speedup = dense / pruned time. int8 kernels run on the CPU. MACs = Conv + "
-        "Linear multiply-accumulates per sample (torch FlopCounterMode).",
+        f"runtimes run it), {spec.get('threads')} thread(s); {timing_words(spec)} int8 kernels run on the CPU. "
+        "MACs = Conv + Linear multiply-accumulates per sample (torch FlopCounterMode).",
         f"Environment: {versions}; CPU {', '.join(cpus)}" + (f"; GPU {', '.join(devices)}." if devices else "."),
         f"NNI's data-driven methods (slim, taylor, agp, linear) train {spec.get('prune_steps')} steps on the training "
         "data while pruning, on top of the fine-tuning every cell gets (`prune_train_steps` in results.csv); their "
@@ -190,6 +223,9 @@ def render(directory: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]
         spread = f" ± {base.std(ddof=1):.4f}" if len(base) > 1 else ""
         lines += [f"## {model}", "", f"Base model top-1: {base.mean():.4f}{spread} over {len(base)} seed(s).", ""]
         lines += [model_table(per_model, "scratch_top1" in per_model), ""]
+        flags = [c for c in per_model.columns if c.endswith("_unstable")]
+        if flags and per_model[flags].fillna(False).astype(bool).to_numpy().any():
+            lines += [UNSTABLE_NOTE, ""]
     if not stats.empty:
         lines += ["## Best fine-tuned accuracy per MAC budget", "", budget_table(stats), ""]
     failed = table[table.status != "ok"] if not table.empty else table

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from pipeline.data.datasets import load_dataset
 from pipeline.data.images import ImageDataset
+from pipeline.deploy.latency import Measurements
 from pipeline.errors import UsageError
 
 from . import store
@@ -82,12 +83,14 @@ def _run_locked(
     store.write_manifest(out, manifest)
     finished = {row["cell"] for row in store.read_rows(out) if is_finished(row, spec)}
     todo = [cell for cell in cells if cell.key not in finished]
+    measurements = Measurements(out / store.LATENCY)  # by architecture: read back on resume, shared by every cell
     bar = tqdm(todo, desc="matrix", unit="cell", disable=None, dynamic_ncols=True)
     try:
         for cell in bar:
             bar.set_postfix_str(cell.key, refresh=True)
             try:
-                row = run_cell(spec, cell, data, base_root, out / "cells" / cell.key.replace("/", "_"), keep_snapshots)
+                cell_dir = out / "cells" / cell.key.replace("/", "_")
+                row = run_cell(spec, cell, data, base_root, cell_dir, keep_snapshots, measurements)
             except Exception as error:  # any failure of one cell: record it in one line, go on with the rest
                 row = failed_row(cell, error, spec)
                 tqdm.write(f"cell {cell.key} failed: {row['error']}", file=sys.stderr)

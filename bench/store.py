@@ -16,13 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_json, write_text
+from pipeline.atomic import append_json_line, read_json_lines, write_json, write_text
 from pipeline.errors import UsageError
 
 MANIFEST = "run.json"
 # a matrix's extent: may differ between runs that share a table
 EXTENTS = ("models", "backends", "methods", "percents", "seeds")
 RESULTS = "results.jsonl"
+LATENCY = "latency.jsonl"  # latency measurements by architecture (pipeline.deploy.latency.Measurements)
 LOCK = ".lock"
 
 
@@ -108,27 +109,8 @@ def check_compatible(directory: Path, fingerprint: dict[str, Any]) -> dict[str, 
 
 
 def read_rows(directory: Path) -> list[dict[str, Any]]:
-    """One row per cell, the last recorded winning (in the order cells last finished); a final line without its newline
-    is a write a crash cut short, and is left out."""
-    path = directory / RESULTS
-    if not path.is_file():
-        return []
-    by_cell: dict[str, dict[str, Any]] = {}
-    text = path.read_text()
-    lines = text.split("\n")[:-1]  # whole lines only: what follows the last newline was never finished
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict) or not isinstance(row.get("cell"), str):
-                raise UsageError(
-                    f"{path} line {number} is not a row python -m bench writes; the file was edited or corrupted"
-                ) from None
-            by_cell.pop(row["cell"], None)
-            by_cell[row["cell"]] = row
-    return list(by_cell.values())
+    """One row per cell, the last recorded winning (a retried cell); a line a crash cut short is left out."""
+    return read_json_lines(directory / RESULTS, "cell")
 
 
 def write_rows(directory: Path, rows: list[dict[str, Any]]) -> None:
@@ -136,22 +118,22 @@ def write_rows(directory: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def record(directory: Path, row: dict[str, Any]) -> None:
-    """Append one finished cell as one line, under a lock on the file; a retried cell's new row supersedes the old on
-    reading."""
-    line = (json.dumps(row) + "\n").encode()
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / RESULTS, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        with contextlib.suppress(OSError):  # no flock on this file system: single writer, as the run lock ensures
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":  # a line a crash cut short: drop it before appending
-            os.ftruncate(fd, os.pread(fd, size, 0).rfind(b"\n") + 1)
-        while line:  # a short write (a full disk, a signal) goes on where it stopped, or raises
-            line = line[os.write(fd, line) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Add one finished cell: one line appended under a lock on the file; a retried cell's row supersedes the old."""
+    append_json_line(directory / RESULTS, row)
+
+
+def merge_latency(directories: list[Path]) -> list[dict[str, Any]]:
+    """Every latency measurement the directories hold, once per key (shards on one machine may share architectures)."""
+    by_key: dict[str, dict[str, Any]] = {}
+    for directory in directories:
+        for row in read_json_lines(directory / LATENCY, "key"):
+            by_key.setdefault(row["key"], row)
+    return list(by_key.values())
+
+
+def write_latency(directory: Path, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        write_text(directory / LATENCY, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def merge(directories: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UsageError
+
 MAKING_GRACE_S = 60  # a path still under its first name this long after it was made belongs to a killed writer
 
 
@@ -168,6 +170,46 @@ def staged_files(folder: str | Path, names: Iterable[str]) -> Iterator[dict[str,
             for made in created:  # deepest first; a folder that now holds the renamed files is not empty and stays
                 with contextlib.suppress(OSError):
                     made.rmdir()
+
+
+def append_json_line(path: str | Path, row: dict[str, Any]) -> None:
+    """Append `row` as one JSON line under an flock on the file: no line is lost whatever appends, and a line a crash
+    cut short (no newline) is dropped first."""
+    line = (json.dumps(row) + "\n").encode()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        with contextlib.suppress(OSError):  # no flock on this file system: single writers, as before
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            os.ftruncate(fd, os.pread(fd, size, 0).rfind(b"\n") + 1)
+        while line:  # a short write (a full disk, a signal) goes on where it stopped, or raises
+            line = line[os.write(fd, line) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json_lines(path: str | Path, key: str) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file, one per `key` value, the last written winning (in the order they last came); a
+    final line without its newline is a write a crash cut short, and is left out."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    by_key: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(path.read_text().split("\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get(key), str):
+            raise UsageError(f"{path} line {number} is not a row this project writes; the file was edited or corrupted")
+        by_key.pop(row[key], None)
+        by_key[row[key]] = row
+    return list(by_key.values())
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -51,6 +51,7 @@ class JobConfig:
     log_dir: str = "log"
     result_dir: str = "output/results"
     echo_epochs: bool = True  # print each epoch line on the terminal too
+    throughput: bool = True  # time each stage (samples/s); the harness times its cells itself
     # fields the user set explicitly (run.py): checked against the snapshots this run builds on
     asked: frozenset[str] = frozenset()
 

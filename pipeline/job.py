@@ -30,6 +30,7 @@ from pipeline import lineage
 from pipeline.config import STAGES, JobConfig
 from pipeline.data.images import ImageDataset
 from pipeline.deploy import quantize
+from pipeline.deploy.latency import DEFAULT, Measurements, Protocol, latency_by_layout, model_dtype
 from pipeline.deploy.metrics import (
     DEPLOYED_LAYOUT,
     LATENCY_BATCHES,
@@ -39,7 +40,6 @@ from pipeline.deploy.metrics import (
     count_macs,
     count_params,
     deployable,
-    latency_by_layout,
     model_size_mb,
 )
 from pipeline.errors import ProcessError, UsageError
@@ -48,10 +48,9 @@ from pipeline.snapshots import META_FILE, WEIGHTS_FILE, load_model, save_snapsho
 from pipeline.train.distill import Distillation, FeatureDistillation, feature_layers
 from pipeline.train.distributed import barrier, broadcast_parameters
 from pipeline.train.loop import EvalResult, LossFunction, cross_entropy, evaluate, make_optimizer, train
-from pipeline.train.runtime import CPU, Runtime, float32_name
+from pipeline.train.runtime import CPU, Runtime
 
 STEP_NAMES = {"1": "base", "2": "prune", "3": "refine", "4": "quantize"}
-LATENCY_RUNS = 20
 QUANTIZE_MODES = (*quantize.MODES, *NNI_QUANTIZERS)  # real int8 kernels, then NNI's simulated int8 (accuracy only)
 RETRAINING_QUANTIZERS = ("qat", *NNI_RETRAINS)
 
@@ -150,6 +149,8 @@ class Job:
     quantizes (step 4) and writes every file, and the others wait for it at a barrier, then read what it wrote.
     """
 
+    protocol: Protocol = DEFAULT  # how latency is timed (a test may ask for an impossible tolerance)
+
     def __init__(self, config: JobConfig, data: ImageDataset, runtime: Runtime = CPU) -> None:
         self.config, self.data, self.runtime = config, data, runtime
         self.alone = replace(runtime, rank=0, world_size=1)  # rank 0's view when it works while the others wait
@@ -167,6 +168,7 @@ class Job:
         self.steps = ""
         self.snapshots: dict[str, tuple[str, str]] = {}  # stage -> (path, identity) of what this job saved or loaded
         self.chain: list[dict[str, Any]] = []  # the lineage of the last snapshot this job saved, itself last
+        self.measurements = Measurements()  # latency by architecture: a model with another's widths reads its figures
 
     def run(self, steps: str) -> None:
         self.timed = "4" in steps
@@ -246,7 +248,9 @@ class Job:
         payload = results_payload(
             result, model_size_mb(model), count_params(model), count_macs(model, example), measured_on=measured_on
         )
-        return payload | self.latency(model)
+        return payload | self.latency(
+            model
+        )  # its reasoningTime: batch-64 throughput by the protocol, not one evaluation
 
     def example_on(self, model: nn.Module) -> torch.Tensor:
         """The one-image example on the model's device (an int8 model without parameters: the CPU)."""
@@ -270,47 +274,63 @@ class Job:
             f"top-{figures['top_k']}": figures["top_k_accuracy"],
             "samples/s": None if figures["reasoningTime"] is None else round(figures["reasoningTime"]),
         }
-        if "latency" in figures:
-            timed = figures["latency"]
+        timed = figures.get("latency", {})
+        if self.timed and timed:
             _, other = TIMED_LAYOUTS  # the deployed layout first, then the one beside it
             row |= {f"b{batch} ms": timed[DEPLOYED_LAYOUT][f"b{batch}_ms"] for batch in LATENCY_BATCHES}
             row[f"b64 ms {LAYOUT_SUFFIXES[other].upper()}"] = timed[other]["b64_ms"]
+        if timed:
+            row["timing"] = "stable" if timed["stable"] else "unstable"
         self.rows.append(row)
 
-    def latency(self, model: nn.Module, dtype: str = "float32") -> dict[str, Any]:
-        """{"latency": ...} for a timed job's rank 0, else {}: batch-1 and batch-64 milliseconds on the model's device,
-        as deployed (BatchNorm folded; int8 models have it fused already), in the deployed layout and in the other, each
-        named.
-
-        One thread on the CPU, as the harness times by default: more threads than a shared machine has free time
-        oversubscription, not the model.
-        """
-        if not (self.timed and self.runtime.is_main):
+    def latency(self, model: nn.Module) -> dict[str, Any]:
+        """Rank 0's timing of `model` as deployed (BatchNorm folded; int8 models have it fused), by the stability
+        protocol (pipeline.deploy.latency), on its device at one CPU thread, as the harness times: the batch-64
+        throughput behind the table's samples/s always, and for a timed job (one that quantizes) batch 1 and 64 in both
+        layouts, each with its 95% interval, runs and whether it settled. Identical architectures (a pruned and a
+        refined model) read one measurement. {} where this process does not time (a harness cell, ranks but 0)."""
+        if not (self.config.throughput and self.runtime.is_main):
             return {}
         example = self.example_on(model)
-        dtype = float32_name(example.device) if dtype == "float32" else dtype
         threads = 1 if example.device.type == "cpu" else None
+        batches, layouts = (LATENCY_BATCHES, TIMED_LAYOUTS) if self.timed else ((64,), (DEPLOYED_LAYOUT,))
         runnable = deployable(model)  # a copy: timing converts its layout
-        timings = {
-            batch: latency_by_layout(runnable, example_input=example, batch=batch, runs=LATENCY_RUNS, threads=threads)
-            for batch in LATENCY_BATCHES
+        timed = {
+            batch: latency_by_layout(
+                runnable,
+                example_input=example,
+                batch=batch,
+                threads=threads,
+                layouts=layouts,
+                protocol=self.protocol,
+                measurements=self.measurements,
+            )
+            for batch in batches
         }
-        by_layout = {
-            layout: {f"b{batch}_ms": round(timings[batch][layout][0] * 1000, 3) for batch in LATENCY_BATCHES}
-            for layout in TIMED_LAYOUTS
+        by_layout = {layout: {} for layout in layouts}
+        for batch, measured in timed.items():
+            for layout, measurement in measured.items():
+                timing = measurement.timings[0]
+                by_layout[layout] |= {
+                    f"b{batch}_ms": round(timing.median * 1e3, 3),
+                    f"b{batch}_interval_ms": [round(timing.low * 1e3, 3), round(timing.high * 1e3, 3)],
+                    f"b{batch}_runs": timing.runs,
+                    f"b{batch}_stable": timing.stable,
+                }
+        measurements = [m for measured in timed.values() for m in measured.values()]
+        block = {
+            "deployed_layout": DEPLOYED_LAYOUT,
+            "layouts": {layout: LAYOUT_NAMES[layout] for layout in layouts},
+            "device": str(example.device),
+            "dtype": model_dtype(model, example.device),
+            "threads": threads,
+            "pinned_core": measurements[0].pinned,
+            "stable": all(m.timings[0].stable for m in measurements),
+            "form": f"eval, inference mode, BatchNorm folded; blocks until the 95% interval is within "
+            f"+-{self.protocol.tolerance:.1%} (at most {self.protocol.cap_s:g} s); the median of every timed run",
+            **by_layout,
         }
-        return {
-            "latency": {
-                "deployed_layout": DEPLOYED_LAYOUT,
-                "layouts": {layout: LAYOUT_NAMES[layout] for layout in TIMED_LAYOUTS},
-                "device": str(example.device),
-                "dtype": dtype,
-                "threads": threads,
-                "runs": LATENCY_RUNS,
-                "form": "eval, inference mode, BatchNorm folded, median after warm-up",
-                **by_layout,
-            }
-        }
+        return {"reasoningTime": round(64 / timed[64][DEPLOYED_LAYOUT].timings[0].median, 2), "latency": block}
 
     def save(self, step: str, model: nn.Module, meta: dict[str, Any], log_type: str, figures: dict[str, Any]) -> None:
         """Rank 0 writes (snapshots hold CPU tensors whatever the device); then everyone meets, so the files are
@@ -607,7 +627,7 @@ class Job:
                 quantized_from=STAGES[step],
                 float_size_mb=round(model_size_mb(model), 4),
             )
-            figures |= self.latency(quantized, dtype="int8")
+            figures |= self.latency(quantized)
             extra = {
                 "quantize": c.quantize,
                 "quantized_from": STAGES[step],
@@ -673,6 +693,12 @@ class Job:
         lines = [
             f"{kind} written to: {', '.join(str(p) for p in paths)}" for kind, paths in self.written.items() if paths
         ]
+        if any(row.get("timing") == "unstable" for row in self.rows):
+            lines.append(
+                f"timing unstable: a latency figure's 95% interval stayed wider than +-{self.protocol.tolerance:.1%} "
+                f"within {self.protocol.cap_s:g} s (other work on the machine, most likely): its samples/s and ms are "
+                "rough"
+            )
         if self.chain:
             lines.append(
                 "lineage: "

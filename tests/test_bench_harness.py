@@ -372,14 +372,14 @@ def test_deployed_layout_only_leaves_the_nchw_columns_out(tmp_path, capsys):
     not torch.cuda.is_available(), reason="no CUDA device on this machine: the GPU path is checked where one is"
 )
 def test_a_matrix_runs_on_cuda_and_times_there(tmp_path, digits, monkeypatch):
-    import pipeline.deploy.metrics
+    import pipeline.deploy.latency
 
     timed_on: list[str] = []
-    measure = pipeline.deploy.metrics.measure_latency
+    measure = pipeline.deploy.latency.measure_models
     monkeypatch.setattr(
-        pipeline.deploy.metrics,
-        "measure_latency",
-        lambda *models, **options: timed_on.append(options["example_input"].device.type) or measure(*models, **options),
+        pipeline.deploy.latency,
+        "measure_models",
+        lambda models, **options: timed_on.append(options["example_input"].device.type) or measure(models, **options),
     )
     spec = MatrixSpec(
         **{**TINY, "backends": ("scratch",), "methods": ("conv_all",), "random_control": False, "device": "cuda:0"}
@@ -542,7 +542,8 @@ BAD = [
     (["--shard", "x"], r"--shard 'x' must be i/n"),
     (["--percents", "1.0"], r"percent 1 in --percents is outside \[0, 1\)"),
     (["--percents", "a,b"], r"--percents takes comma-separated float values"),
-    (["--latency_runs", "5"], r"below 20"),
+    (["--latency_tolerance", "0"], r"--latency_tolerance must be a fraction in \(0, 1\)"),
+    (["--latency_cap", "nan"], r"--latency_cap must be a positive number, got nan"),
     *(
         [(["--device", "cuda"], r"--device cuda: this machine has no usable CUDA device")]
         if not torch.cuda.is_available()

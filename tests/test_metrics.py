@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from backends import get_backend
-from pipeline.deploy.metrics import DEPLOYED_LAYOUT, TIMED_LAYOUTS, deployable, latency_by_layout
+from pipeline.deploy.latency import latency_by_layout
+from pipeline.deploy.metrics import DEPLOYED_LAYOUT, TIMED_LAYOUTS, deployable
 from tests.helpers import relative_error, zoo
 
 
@@ -33,13 +34,14 @@ def test_latency_is_timed_in_each_layout_with_inputs_and_weights_in_it():
         )
     )
     x = torch.randn(1, 3, 32, 32)
-    timings = latency_by_layout(model, example_input=x, batch=4, runs=20, threads=1)
+    timings = latency_by_layout(model, example_input=x, batch=4, threads=1)
     assert (
         list(timings) == [DEPLOYED_LAYOUT, "contiguous"] == list(TIMED_LAYOUTS) and DEPLOYED_LAYOUT == "channels_last"
     )
-    assert all(len(seconds) == 1 and seconds[0] > 0 for seconds in timings.values())
-    assert seen[:23] == [(True, False)] * 23  # warm-up + runs: NHWC batch, NHWC weights
-    assert seen[23:] == [(False, True)] * 23
+    assert all(len(m.timings) == 1 and m.timings[0].median > 0 and not m.speedups for m in timings.values())
+    nhwc = len(seen) - seen[::-1].index((True, False))  # every forward of the first layout, warm-up and timed runs
+    assert nhwc > 0 and seen[:nhwc] == [(True, False)] * nhwc  # NHWC batch, NHWC weights
+    assert seen[nhwc:] and seen[nhwc:] == [(False, True)] * (len(seen) - nhwc)
     assert first_conv.weight.is_contiguous()
 
 
@@ -54,6 +56,7 @@ def test_int8_models_time_in_both_layouts():
     first_conv.register_forward_pre_hook(
         lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
     )
-    timings = latency_by_layout(int8, example_input=x[:1], batch=2, runs=20, threads=1)
-    assert list(timings) == list(TIMED_LAYOUTS) and all(seconds[0] > 0 for seconds in timings.values())
-    assert seen == [True] * 23 + [False] * 23  # its quantized batches arrive NHWC, then NCHW
+    timings = latency_by_layout(int8, example_input=x[:1], batch=2, threads=1)
+    assert list(timings) == list(TIMED_LAYOUTS) and all(m.timings[0].median > 0 for m in timings.values())
+    nhwc = seen.index(False)  # its quantized batches arrive NHWC, then NCHW
+    assert nhwc > 0 and seen == [True] * nhwc + [False] * (len(seen) - nhwc)

@@ -22,7 +22,8 @@ import torch
 from pipeline.config import JobConfig
 from pipeline.data.datasets import load_dataset
 from pipeline.deploy import quantize
-from pipeline.deploy.metrics import DEPLOYED_LAYOUT, deployable, latency_by_layout, model_size_mb
+from pipeline.deploy.latency import latency_by_layout
+from pipeline.deploy.metrics import DEPLOYED_LAYOUT, deployable, model_size_mb
 from pipeline.job import Job
 from pipeline.train.loop import evaluate
 
@@ -50,16 +51,16 @@ def test_int8_size_speed_and_accuracy(benchmark, tmp_path, name):
     calibration = [images for images, _ in data.batches("train", 32, generator, 8)]
     quantized = benchmark.pedantic(lambda: quantize.post_training(model, calibration, example), rounds=1, iterations=1)
     fp32, int8 = evaluate(model, data, 256), evaluate(quantized, data, 256)
-    timings = latency_by_layout(
-        deployable(model), deployable(quantized), example_input=example, batch=64, runs=20, threads=2
-    )
-    float_b64, int8_b64 = timings[DEPLOYED_LAYOUT]
+    measured = latency_by_layout(deployable(model), deployable(quantized), example_input=example, batch=64, threads=2)
     size_ratio, speedup, drop = (
         model_size_mb(quantized) / model_size_mb(model),
-        float_b64 / int8_b64,
+        measured[DEPLOYED_LAYOUT].speedups[0].value,
         fp32.top1 - int8.top1,
     )
-    per_layout = {layout: f"{f * 1e3:.1f} -> {i * 1e3:.1f} ms ({f / i:.2f}x)" for layout, (f, i) in timings.items()}
+    per_layout = {
+        layout: f"{m.timings[0].median * 1e3:.1f} -> {m.timings[1].median * 1e3:.1f} ms ({m.speedups[0].value:.2f}x)"
+        for layout, m in measured.items()
+    }
     benchmark.extra_info.update(
         size_ratio=round(size_ratio, 3),
         speedup_b64=round(speedup, 2),

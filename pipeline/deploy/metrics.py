@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 from torch.utils.flop_counter import FlopCounterMode
 
 from algorithms.modules import eval_mode
-from pipeline.train.runtime import synchronize
 
 
 def count_params(model: nn.Module) -> int:
@@ -66,63 +62,3 @@ LATENCY_BATCHES = (1, 64)
 def in_layout(model: nn.Module, layout: str) -> nn.Module:
     """The model's 4-D weights in `layout`, in place (as nn.Module.to is): convert a copy you own."""
     return model.to(memory_format=LAYOUTS[layout])
-
-
-def measure_latency(
-    *models: nn.Module,
-    example_input: torch.Tensor,
-    batch: int,
-    runs: int = 20,
-    warmup: int = 3,
-    threads: int | None = None,
-    layout: str = "contiguous",
-) -> list[float]:
-    """Median seconds per forward at `batch` for each model (DESIGN.md section 7).
-
-    Inference mode, eval, warm-up, median of `runs`. Several models are timed in
-    interleaved rounds, so drift on a shared machine hits them alike and their ratio is fair.
-    Image batches are fed in `layout` (the models' weights are the caller's to convert: `in_layout`).
-    On CUDA (the example input's device) each run is bracketed by a synchronisation.
-    """
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    x = example_input[:1].expand(batch, *example_input.shape[1:])
-    x = x.contiguous(memory_format=LAYOUTS[layout]) if x.ndim == 4 else x.contiguous()
-    timings: list[list[float]] = [[] for _ in models]
-    try:
-        with eval_mode(*models), torch.inference_mode():
-            for index in range(warmup + runs):
-                for model, times in zip(models, timings, strict=True):
-                    synchronize(x.device)
-                    start = time.perf_counter()
-                    model(x)
-                    synchronize(x.device)
-                    if index >= warmup:
-                        times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous_threads)
-    return [statistics.median(times) for times in timings]
-
-
-def latency_by_layout(
-    *models: nn.Module,
-    example_input: torch.Tensor,
-    batch: int,
-    runs: int = 20,
-    threads: int | None = None,
-    layouts: tuple[str, ...] = TIMED_LAYOUTS,
-) -> dict[str, list[float]]:
-    """Each model's median seconds in every layout of `layouts` (the deployed one first); the models are interleaved
-    within a layout.
-
-    Converts the models in place (they end in the last layout timed): pass copies you own, such as `deployable`'s.
-    """
-    timings: dict[str, list[float]] = {}
-    for layout in layouts:
-        for model in models:
-            in_layout(model, layout)
-        timings[layout] = measure_latency(
-            *models, example_input=example_input, batch=batch, runs=runs, threads=threads, layout=layout
-        )
-    return timings
