@@ -22,7 +22,7 @@ from algorithms.errors import first_line
 from pipeline.atomic import temporary_directory, write_json
 from pipeline.config import STAGES
 from pipeline.data.images import ImageDataset
-from pipeline.deploy.latency import Measurements, latency_by_layout
+from pipeline.deploy.latency import Measurement, Measurements, device_name, latency_by_layout
 from pipeline.deploy.metrics import DEPLOYED_LAYOUT, LATENCY_BATCHES, LAYOUT_NAMES, LAYOUT_SUFFIXES, deployable
 from pipeline.job import Job
 from pipeline.train.loop import evaluate, train
@@ -87,26 +87,11 @@ def reinitialised(model: nn.Module, seed: int) -> nn.Module:
     return fresh
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    """The processor a figure was measured on: the GPU's name on CUDA, else the CPU's."""
-    return torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else cpu_model()
-
-
 def environment(spec: MatrixSpec) -> dict[str, Any]:
     return {
         **spec.versions,
         "python": platform.python_version(),
-        "cpu": cpu_model(),
+        "cpu": device_name("cpu"),
         "device": spec.device,
         "device_name": device_name(spec.device),
         "dtype": float32_name(torch.device(spec.device)),
@@ -133,40 +118,74 @@ def timed_pair(
     measurements: Measurements,
 ) -> tuple[dict[str, Any], list[str]]:
     """Reference and candidate (deployable copies: timing converts their layout) at each latency batch size and timed
-    layout, by the stability protocol (DESIGN.md section 7), and the columns whose figure did not settle.
+    layout, by the stability protocol (DESIGN.md section 7): their columns, and the figures among them that did not
+    settle.
 
     The reference's time is its own measurement, taken once per architecture in a results directory (every cell of a
     model reports the same dense time); the speedup and its 95% interval come from the two timed together in
     interleaved blocks, and the candidate's time is reference time / speedup, so the three columns agree. Identical
-    architectures read the same measurements. The pruned model's reference is `latency_b{batch}_before_ms`; int8's is
-    `latency_b{batch}_int8_reference_ms`, the dense base on the CPU, where int8 runs."""
-    out: dict[str, Any] = {}
-    unstable: list[str] = []
-    reference_name = "before" if candidate_name == "after" else f"{candidate_name}_reference"
+    architectures read the same measurements; the row keeps their keys (`latency_keys`), so a merge of shards can
+    give every row the one measurement the merged directory keeps. The pruned model's reference is
+    `latency_b{batch}_before_ms`; int8's is `latency_b{batch}_int8_reference_ms`, the dense base on the CPU, where int8
+    runs."""
     options = {
         "example_input": example,
         "threads": spec.threads,
         "layouts": spec.layouts,
         "protocol": spec.protocol,
         "measurements": measurements,
-        "device_name": device_name(str(example.device)),
     }
+    keys: dict[str, str] = {}
     for batch in LATENCY_BATCHES:
         alone = latency_by_layout(reference, batch=batch, **options)
         paired = latency_by_layout(reference, candidate, batch=batch, **options)
-        speedup_name = f"speedup_b{batch}" if candidate_name == "after" else f"speedup_{candidate_name}_b{batch}"
         for layout in spec.layouts:
-            before, speedup = alone[layout].timings[0], paired[layout].speedups[0]
-            out[column(f"latency_b{batch}_{reference_name}_ms", layout)] = round(before.median * 1e3, 4)
-            out[column(f"latency_b{batch}_{candidate_name}_ms", layout)] = round(before.median / speedup.value * 1e3, 4)
-            out[column(speedup_name, layout)] = round(speedup.value, 4)
-            out[column(f"{speedup_name}_low", layout)] = round(speedup.low, 4)
-            out[column(f"{speedup_name}_high", layout)] = round(speedup.high, 4)
-            out[column(f"{speedup_name}_runs", layout)] = paired[layout].timings[1].runs
-            if not (before.stable and speedup.stable):
-                unstable.append(column(speedup_name, layout))
-        out["latency_pinned_core"] = paired[spec.layouts[0]].pinned
+            keys[f"{candidate_name}|{batch}|{layout}|alone"] = alone[layout].key
+            keys[f"{candidate_name}|{batch}|{layout}|paired"] = paired[layout].key
+    return latency_columns(keys, measurements.known)
+
+
+def latency_columns(keys: dict[str, str], known: dict[str, Measurement]) -> tuple[dict[str, Any], list[str]]:
+    """A row's latency columns from the measurements its `latency_keys` name (a cell's own, or a merge's), and the
+    columns whose figure did not settle: a reference time whose own interval stayed wide is flagged as such, apart
+    from the speedup, which stands on its paired interval."""
+    out: dict[str, Any] = {"latency_keys": keys}
+    unstable: list[str] = []
+    for name, key in keys.items():
+        candidate_name, batch, layout, kind = name.split("|")
+        if kind != "paired":
+            continue
+        reference_name = "before" if candidate_name == "after" else f"{candidate_name}_reference"
+        speedup_name = f"speedup_b{batch}" if candidate_name == "after" else f"speedup_{candidate_name}_b{batch}"
+        before = known[keys[f"{candidate_name}|{batch}|{layout}|alone"]].timings[0]
+        paired = known[key]
+        speedup = paired.speedups[0]
+        before_name = column(f"latency_b{batch}_{reference_name}_ms", layout)
+        out[before_name] = round(before.median * 1e3, 4)
+        out[f"{before_name}_low"], out[f"{before_name}_high"] = round(before.low * 1e3, 4), round(before.high * 1e3, 4)
+        out[f"{before_name}_runs"] = before.runs
+        out[column(f"latency_b{batch}_{candidate_name}_ms", layout)] = round(before.median / speedup.value * 1e3, 4)
+        out[column(speedup_name, layout)] = round(speedup.value, 4)
+        out[column(f"{speedup_name}_low", layout)] = round(speedup.low, 4)
+        out[column(f"{speedup_name}_high", layout)] = round(speedup.high, 4)
+        out[column(f"{speedup_name}_runs", layout)] = paired.timings[1].runs
+        figures = ((before_name, before.stable), (column(speedup_name, layout), speedup.stable))
+        unstable += [figure for figure, stable in figures if not stable]
+        if candidate_name == "after" and batch == "64" and layout == DEPLOYED_LAYOUT:
+            out["latency_pinned_core"] = paired.pinned  # the headline figure's core (None on a GPU)
     return out, unstable
+
+
+def with_measurements(row: dict[str, Any], known: dict[str, Measurement]) -> dict[str, Any]:
+    """`row` with its latency columns read again from `known` (a merge's measurements): shards that timed one
+    architecture each their own way then report the one figure the merged directory keeps."""
+    if not row.get("latency_keys") or not all(key in known for key in row["latency_keys"].values()):
+        return row
+    columns, unstable = latency_columns(row["latency_keys"], known)
+    row = row | columns | {"unstable": ",".join(unstable)}
+    if "speedup_b64" in row and row.get("mac_ratio"):
+        row["speedup_per_mac"] = round(row["speedup_b64"] / row["mac_ratio"], 4)
+    return row
 
 
 def latency_figures(
@@ -287,7 +306,8 @@ def run_cell(
         timed, unstable_int8 = int8_figures(
             spec, base_model, job.models["4"], example, quantized, base["modelSize"], measurements
         )
-        row, unstable = row | timed, unstable + unstable_int8
+        keys = row.get("latency_keys", {}) | timed["latency_keys"]
+        row, unstable = row | timed | {"latency_keys": keys}, unstable + unstable_int8
     row["unstable"] = ",".join(unstable)  # latency figures whose 95% interval stayed wider than the tolerance
     if spec.scratch_control and pruned["physical"]:
         control = reinitialised(final_model, cell.seed)

@@ -17,11 +17,13 @@ from models import MODEL_NAMES
 from pipeline.atomic import staged_directory
 from pipeline.cli import OneLineParser, check_positive, guarded
 from pipeline.data.datasets import BUILTIN_DATASETS
+from pipeline.deploy.latency import Measurement
 from pipeline.errors import UsageError
 from pipeline.train.loop import OPTIMIZERS
 from pipeline.train.runtime import resolve_device
 
 from . import store
+from .cell import with_measurements
 from .matrix import MatrixSpec, offered_methods, parse_shard
 from .runner import render_all, run_matrix
 
@@ -271,10 +273,13 @@ def merge_command(argv: list[str]) -> int:
             f"--out {out} exists and is not an empty directory; choose a new directory for the merged results"
         )
     manifest, rows = store.merge([Path(d) for d in args.dirs])
+    latency = store.merge_latency([Path(d) for d in args.dirs])
+    known = {entry["key"]: Measurement.from_json(entry["measurement"]) for entry in latency}
+    rows = [with_measurements(row, known) for row in rows]
     with staged_directory(out) as staging:
         store.write_manifest(staging, manifest)
         store.write_rows(staging, rows)
-        store.write_latency(staging, store.merge_latency([Path(d) for d in args.dirs]))
+        store.write_latency(staging, latency)
         render_all(staging, manifest, rows)
     print(f"merged {len(rows)} cells from {len(args.dirs)} directories into {out}")
     if manifest["missing_shards"]:

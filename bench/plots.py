@@ -47,7 +47,8 @@ def _label(row: pd.Series) -> str:
 def _finish(ax: plt.Axes, **settings: object) -> None:
     ax.set(**settings)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def accuracy_vs_macs(stats: pd.DataFrame, path: Path) -> Path:

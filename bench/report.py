@@ -168,7 +168,7 @@ def timing_words(spec: dict[str, Any]) -> str:
         )
     return (
         f"dense and pruned timed together in interleaved blocks until the 95% interval of the speedup (paired per "
-        f"block) is within ±{spec['latency_tolerance']:.0%}, at most {spec.get('latency_cap_s'):g} s per measurement; "
+        f"block) is within ±{spec['latency_tolerance']:.1%}, at most {spec.get('latency_cap_s'):g} s per measurement; "
         "each architecture is timed once and every cell that has it reads the same figures; the dense time is its own "
         "measurement and the pruned time is dense / speedup."
     )
@@ -176,8 +176,8 @@ def timing_words(spec: dict[str, Any]) -> str:
 
 UNSTABLE_NOTE = (
     "`~` unstable: that speedup's 95% interval stayed wider than the tolerance within the time cap (other work on the "
-    "machine, most likely): read it as rough, and rerun on a quiet machine (or with a larger --latency_cap) for a "
-    "clean figure."
+    "machine, most likely): read it as rough. Running the same command again, on a quieter machine, runs those cells "
+    "again and takes their figures afresh."
 )
 
 

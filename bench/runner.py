@@ -111,7 +111,7 @@ def _run_locked(
 
 
 def is_finished(row: dict[str, Any], spec: MatrixSpec) -> bool:
-    """A cell to skip on resume: it succeeded, and has its from-scratch control if this run asks for one."""
-    if row.get("status") != "ok":
+    """A cell to skip on resume: it succeeded, its latency settled, and it has its from-scratch control if asked."""
+    if row.get("status") != "ok" or row.get("unstable"):  # a figure that did not settle is taken again
         return False
     return not (spec.scratch_control and row.get("physical") and "scratch_top1" not in row)

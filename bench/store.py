@@ -86,6 +86,8 @@ def incompatibility(expected: dict[str, Any], found: dict[str, Any]) -> str | No
     # no setting of this version reproduces such a run
     if ("latency_layout" in expected) != ("latency_layout" in found):
         return "one of them was made before latency was timed in channels_last: its latency figures are NCHW only"
+    if ("latency_tolerance" in expected) != ("latency_tolerance" in found):
+        return "one of them was made before the latency stability protocol: its figures are a fixed number of runs"
     expected, found = {**FINGERPRINT_DEFAULTS, **expected}, {**FINGERPRINT_DEFAULTS, **found}
     for key in sorted(set(expected) | set(found)):
         if expected.get(key) != found.get(key):

@@ -92,9 +92,7 @@ def test_full_round_trip_1_2_3(workdir, model, capsys):
     rows = [line.split("|") for line in table.splitlines() if line.startswith(("| 1 base", "| 3 refined"))]
     samples = [row[header.index("samples/s")].strip() for row in rows]
     assert all(re.fullmatch(r"[\d,]+", value) for value in samples), samples  # whole samples/s, no .4f
-    assert samples[0] != samples[1] and all(
-        row[header.index("timing")].strip() in ("stable", "unstable") for row in rows
-    )
+    assert all(row[header.index("timing")].strip() in ("stable", "unstable") for row in rows)
     written = {
         line.split(" written to: ")[0]: line.split(" written to: ")[1]
         for line in table.splitlines()

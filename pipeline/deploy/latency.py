@@ -1,11 +1,14 @@
 """Latency that holds on a busy machine: time in interleaved blocks until the 95% interval is tight, flag what is not.
 
 One measurement times one or more models (the first is the reference) in blocks. Within a block the models take turns,
-run by run, so load that comes and goes hits them alike; each block gives every model its median time. After at least
-`min_blocks` blocks, the 95% t-interval of the mean log block time (one model) or of the mean log time ratio (reference
-over candidate, paired within blocks) is compared with +-`tolerance`; blocks are added until every interval is inside
-it, or until `cap_s` has passed, and then the figure is marked unstable. Before the blocks each model warms up until its
-times stop falling. The timing thread is pinned to the idlest allowed core where the OS allows (Linux).
+run by run (three runs each), so load that comes and goes hits them alike; each block gives every model its median
+time. The order of the models alternates from block to block, and every block opens with an untimed run of the model
+that goes first, so no model always runs right after the bookkeeping between blocks (cold caches there would bias a
+ratio). From `min_blocks` on, the 95% t-interval of the mean log block time (one model) or of the mean log ratio
+(reference over candidate, paired within blocks) is compared with +-`tolerance`; the measurement stops once every
+interval is inside it at two looks in a row, or at `cap_s`, and then the figure is marked unstable. Before the blocks
+each model warms up until its times stop falling. The timing thread is pinned to the idlest allowed core where the OS
+allows (Linux, one thread).
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import contextlib
 import hashlib
 import math
 import os
+import platform
 import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +33,40 @@ from pipeline.atomic import append_json_line, read_json_lines
 from pipeline.deploy.metrics import DEPLOYED_LAYOUT, LAYOUTS, TIMED_LAYOUTS, deployable, in_layout
 from pipeline.train.runtime import float32_name, synchronize
 
+# Student's t, 97.5% quantile, by degrees of freedom (scipy.stats.t.ppf(0.975, df)); 1.96 past the table
+T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -36,7 +74,7 @@ class Protocol:
 
     tolerance: float = 0.025  # the 95% interval must lie within +-2.5%: two measurements then agree within 5%
     min_blocks: int = 4
-    runs_per_block: int = 1  # runs of each model per block (the block keeps their median): one pairs run by run
+    runs_per_block: int = 3  # runs of each model per block, taking turns; the block keeps each model's median
     cap_s: float = 30.0  # wall-clock limit of one measurement (warm-up included); past it the figure is unstable
     warmup_max: int = 30  # warm-up runs at most, per model
     pin: bool = True  # pin the timing thread to one core where the OS allows
@@ -47,8 +85,9 @@ DEFAULT = Protocol()
 
 @dataclass(frozen=True)
 class Timing:
-    """One model's time per forward: median over every timed run, a 95% interval of its typical (geometric mean block)
-    time, the runs behind it, and whether that interval came within the tolerance."""
+    """One model's time per forward: `median`, the geometric mean of its block medians (each block's median over its
+    runs), with that figure's 95% interval, the timed runs behind it, and whether the interval came within the
+    tolerance."""
 
     median: float
     low: float
@@ -74,6 +113,7 @@ class Measurement:
     blocks: int
     seconds: float
     pinned: int | None  # the core the timing thread ran on, or None where it could not be pinned
+    key: str = ""  # what it is kept under (pipeline.deploy.latency.measurement_key)
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
@@ -86,17 +126,21 @@ class Measurement:
             int(data["blocks"]),  # type: ignore[arg-type]
             float(data["seconds"]),  # type: ignore[arg-type]
             data["pinned"],  # type: ignore[arg-type]
+            str(data.get("key", "")),
         )
+
+    @property
+    def stable(self) -> bool:
+        return all(s.stable for s in self.speedups) if self.speedups else all(t.stable for t in self.timings)
 
 
 def t_interval(values: list[float]) -> tuple[float, float]:
     """Mean and 95% half-width (Student's t) of a few values."""
-    from scipy.stats import t as student_t
-
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, math.inf
-    return mean, float(student_t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    quantile = T975[len(values) - 2] if len(values) - 2 < len(T975) else 1.96
+    return mean, quantile * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def measure_models(
@@ -128,32 +172,39 @@ def measure_models(
     with _threads(threads), _pinned(protocol.pin and device.type == "cpu" and torch.get_num_threads() == 1) as core:
         with eval_mode(*models), torch.inference_mode():
             for model in models:
-                _warm_up(run, model, protocol, started, timer)
+                _warm_up(run, model, protocol, timer)
             blocks: list[list[list[float]]] = []  # block -> model -> run times
+            passed = 0  # looks in a row at which every interval was within the tolerance
             while True:
+                order = list(range(len(models)))[:: 1 if len(blocks) % 2 == 0 else -1]
+                run(models[order[0]])  # untimed: whatever the bookkeeping before this block cooled, it warms again
                 block: list[list[float]] = [[] for _ in models]
                 for _ in range(protocol.runs_per_block):
-                    for times, model in zip(block, models, strict=True):
-                        times.append(run(model))
+                    for index in order:
+                        block[index].append(run(models[index]))
                 blocks.append(block)
                 timings, speedups = _summarise(blocks, protocol.tolerance)
                 settled = all(s.stable for s in speedups) if speedups else all(t.stable for t in timings)
+                passed = passed + 1 if settled and len(blocks) >= protocol.min_blocks else 0
                 out_of_time = timer() - started > protocol.cap_s and len(blocks) >= 2
-                if (len(blocks) >= protocol.min_blocks and settled) or out_of_time:
+                if passed >= 2 or out_of_time:
                     break
     return Measurement(timings, speedups, len(blocks), round(timer() - started, 3), core)
 
 
 def _warm_up(
-    run: Callable[[nn.Module], float], model: nn.Module, protocol: Protocol, started: float, timer: Callable[[], float]
+    run: Callable[[nn.Module], float], model: nn.Module, protocol: Protocol, timer: Callable[[], float]
 ) -> None:
-    """Run until times stop falling: a run no more than 2% faster than the fastest before it (caches, the allocator and
-    oneDNN's kernel choice settle in the first runs), within the warm-up and time budgets."""
-    times = [run(model)]
-    while len(times) < protocol.warmup_max and timer() - started < protocol.cap_s / 3:
-        times.append(run(model))
-        if times[-1] >= 0.98 * min(times[:-1]):
-            return
+    """Run until times stop falling: three runs in a row none of which is 2% faster than the fastest before them
+    (caches, the allocator and oneDNN's kernel choice settle in the first runs), within the warm-up budget of this
+    model (a sixth of the measurement's cap, at most `warmup_max` runs)."""
+    started = timer()
+    fastest, calm, runs = run(model), 0, 1
+    while calm < 3 and runs < protocol.warmup_max and timer() - started < protocol.cap_s / 6:
+        time_taken = run(model)
+        runs += 1
+        calm = calm + 1 if time_taken >= 0.98 * fastest else 0
+        fastest = min(fastest, time_taken)
 
 
 def _summarise(blocks: list[list[list[float]]], tolerance: float) -> tuple[list[Timing], list[Speedup]]:
@@ -163,10 +214,8 @@ def _summarise(blocks: list[list[list[float]]], tolerance: float) -> tuple[list[
     timings = []
     for m, per_block in enumerate(medians):
         mean, half = t_interval([math.log(v) for v in per_block])
-        every = [t for block in blocks for t in block[m]]
-        timings.append(
-            Timing(statistics.median(every), math.exp(mean - half), math.exp(mean + half), len(every), half <= limit)
-        )
+        runs = sum(len(block[m]) for block in blocks)
+        timings.append(Timing(math.exp(mean), math.exp(mean - half), math.exp(mean + half), runs, half <= limit))
     speedups = []
     for m in range(1, len(medians)):
         mean, half = t_interval([math.log(r / c) for r, c in zip(medians[0], medians[m], strict=True)])
@@ -187,18 +236,25 @@ def _threads(threads: int | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _pinned(wanted: bool) -> Iterator[int | None]:
-    """Pin this process to the idlest core it may run on (over a 100 ms look at /proc/stat), then give the mask back.
-    torch's intra-op threads are created by this process and inherit it. None where that is not possible."""
+    """Pin the calling thread (the one that times, and with one torch thread the one that computes) to the idlest core
+    it may run on (over a 100 ms look at /proc/stat), then give its mask back. A process that may run on one core only
+    is pinned already: that core. None where the OS offers no affinity, or refuses it."""
     allowed = os.sched_getaffinity(0) if wanted and hasattr(os, "sched_getaffinity") else set()
-    if len(allowed) < 2:
-        yield None
+    if len(allowed) == 1:
+        yield next(iter(allowed))
         return
-    core = _idlest(allowed)
-    os.sched_setaffinity(0, {core})
+    core = _idlest(allowed) if allowed else None
+    try:
+        if core is not None:
+            os.sched_setaffinity(0, {core})
+    except OSError:
+        core = None
     try:
         yield core
     finally:
-        os.sched_setaffinity(0, allowed)
+        if core is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, allowed)
 
 
 def _idlest(allowed: set[int]) -> int:
@@ -219,6 +275,18 @@ def _idlest(allowed: set[int]) -> int:
     after = idle()
     gained = {core: after.get(core, 0) - before.get(core, 0) for core in allowed}
     return max(sorted(allowed), key=lambda core: gained[core])
+
+
+def device_name(device: torch.device | str) -> str:
+    """The processor a figure is measured on: the GPU's name on CUDA, else the CPU's model name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def architecture_signature(model: nn.Module) -> str:
@@ -246,19 +314,25 @@ def measurement_key(models: list[nn.Module], **conditions: object) -> str:
 
 class Measurements:
     """Measurements by key: in memory, and given a file, in a JSON-lines file that resumed runs read back (each new one
-    appended under a lock, so runs that share the file lose none)."""
+    appended under a lock, so runs that share the file lose none). A figure read back that had not settled is taken
+    again, once per process: a resumed run on a quieter machine (or with a longer cap) gets its clean figure."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self.known: dict[str, Measurement] = {}
         if path is not None:
             self.known = {row["key"]: Measurement.from_json(row["measurement"]) for row in read_json_lines(path, "key")}
-        self.new = 0  # measurements taken (not read back) in this process
+        self.fresh: set[str] = set()  # measured in this process
+
+    @property
+    def new(self) -> int:
+        return len(self.fresh)
 
     def get_or_measure(self, key: str, measure: Callable[[], Measurement], **described: object) -> Measurement:
-        if key not in self.known:
-            self.known[key] = measure()
-            self.new += 1
+        known = self.known.get(key)
+        if known is None or (not known.stable and key not in self.fresh):
+            self.known[key] = replace(measure(), key=key)
+            self.fresh.add(key)
             if self.path is not None:
                 append_json_line(self.path, {"key": key, **described, "measurement": self.known[key].as_json()})
         return self.known[key]
@@ -272,7 +346,6 @@ def latency_by_layout(
     layouts: tuple[str, ...] = TIMED_LAYOUTS,
     protocol: Protocol = DEFAULT,
     measurements: Measurements | None = None,
-    device_name: str = "",
 ) -> dict[str, Measurement]:
     """The models (the first is the reference) measured together in every layout of `layouts`, the deployed one first;
     read from `measurements` where an identical measurement was taken before. Converts the models in place (they end
@@ -286,8 +359,9 @@ def latency_by_layout(
             "batch": batch,
             "layout": layout,
             "threads": threads,
-            "device": f"{example_input.device} {device_name}",
-            "dtype": model_dtype(models[0], example_input.device),
+            "device": f"{example_input.device.type} {device_name(example_input.device)}",  # cuda:0 and :1 share
+            "dtype": ",".join(model_dtype(model, example_input.device) for model in models),
+            "torch": torch.__version__,
             "tolerance": protocol.tolerance,
         }
         out[layout] = measurements.get_or_measure(
