@@ -15,8 +15,10 @@ from tabulate import tabulate
 
 from algorithms.errors import first_line
 from backends import BACKEND_NAMES
+from backends.budget import ALLOCATIONS, parse_target
 from backends.nni_backend import SCHEDULE_BASES
 from models import MODEL_NAMES
+from pipeline.budgeting import check_timeable
 from pipeline.cli import OneLineParser, check_positive, explicit_flags, guarded
 from pipeline.config import JobConfig
 from pipeline.data.datasets import BUILTIN_DATASETS, load_dataset
@@ -46,6 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune_method", default=None, help="pruning method; default: bn for models with BatchNorm, neuron otherwise"
     )
     p.add_argument("--percent", type=float, default=0.5, help="fraction of channels removed, in [0, 1) (default 0.5)")
+    p.add_argument(
+        "--target",
+        default=None,
+        help="prune to a budget instead of a percent: macs=2x, params=4x, latency_b64=2x, latency_b1=1.5x (base / "
+        "pruned), or a ceiling: macs=120M, latency_b64=30ms",
+    )
+    p.add_argument(
+        "--allocation",
+        default="uniform",
+        choices=ALLOCATIONS,
+        help="with --target, how the channels are shared among layers: uniform (one ratio), global (one LAMP "
+        "threshold), sensitivity (a scan of the base), latency (a latency table) (default uniform)",
+    )
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=1,
+        help="with --target, reach it in this many prune -> fine-tune rounds (sharing the fine-tuning epochs)",
+    )
     p.add_argument(
         "--step", default="123", help="steps to run, in order: 1 train, 2 prune, 3 refine, 4 int8 (default 123)"
     )
@@ -227,6 +248,9 @@ def config_from_args(args: argparse.Namespace, explicit: set[str] = frozenset())
         backend=args.backend,
         method=args.prune_method,
         percent=args.percent,
+        target=args.target,
+        allocation=args.allocation,
+        iterations=args.iterations,
         scope=None if args.prune_scope == "auto" else args.prune_scope,
         exclude=tuple(name for name in args.exclude.split(",") if name),
         threshold=args.threshold,
@@ -329,7 +353,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             return 0
-        config = config_from_args(args, explicit_flags(build_parser(), argv))
+        explicit = explicit_flags(build_parser(), argv)
+        if args.target is not None and "percent" in explicit:
+            raise UsageError("--target and --percent both say how much to prune; give one of them")
+        if args.target is None and explicit & {"allocation", "iterations"}:
+            raise UsageError("--allocation and --iterations shape a budget: add --target (e.g. --target macs=2x)")
+        if args.target is not None:
+            parse_target(args.target)  # a malformed target is refused before anything else
+        config = config_from_args(args, explicit)
         runtime = runtime_from_args(args)
         joined.append(runtime)
         try:
@@ -338,8 +369,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"--gpu_num_per_node x --num_nodes = {processes}, but torchrun started {runtime.world_size} "
                     "processes; make them agree"
                 )
+            if config.target is not None:
+                check_timeable(parse_target(config.target), runtime.device, runtime.world_size)
             data = load_data(config, runtime)
-            check_request(config, data, steps)
+            check_request(config, data, steps, runtime.device)
             job = Job(config, data, runtime)
             try:
                 job.run(steps)

@@ -109,6 +109,20 @@ def check_request(
     return spec, scope
 
 
+def candidate_groups(spec: Method, modules: dict[str, nn.Module], graph: ChannelGraph, excluded: set[str]) -> list[int]:
+    """The groups `spec` can prune: prunable, wider than one channel, nothing excluded, something to score (a norm
+    method needs a BatchNorm after a member); a greedy pair method has no per-block form: grouped convs stay whole."""
+    return [
+        index
+        for index, group in enumerate(graph.groups)
+        if group.prunable
+        and group.size > 1
+        and not excluded.intersection(group.members)
+        and (spec.source == "random" or _group_tensors(spec, modules, graph, group.members))
+        and not (spec.greedy and group.divisor > 1)
+    ]
+
+
 def prune_channels(
     model: nn.Module,
     method: str,
@@ -156,19 +170,12 @@ def prune_channels(
     else:
         ratios = {g: float(sparsity) for g, group in enumerate(graph.groups) if group.prunable}
 
-    candidates = {}
-    for index, ratio in ratios.items():
-        group = graph.groups[index]
-        tensors = _group_tensors(spec, modules, graph, group.members)
-        # the greedy pair rule has no per-block form: such groups stay whole
-        greedy_blocked = spec.greedy and group.divisor > 1
-        if (
-            group.size > 1
-            and not excluded.intersection(group.members)
-            and (tensors or spec.source == "random")
-            and not greedy_blocked
-        ):
-            candidates[index] = (ratio, tensors)
+    prunable = set(candidate_groups(spec, modules, graph, excluded))
+    candidates = {
+        index: (ratio, _group_tensors(spec, modules, graph, graph.groups[index].members))
+        for index, ratio in ratios.items()
+        if index in prunable
+    }
 
     generator = torch.Generator().manual_seed(seed)
     tied: list[str] = []

@@ -72,6 +72,16 @@ class Backend(Protocol):
         """The keyword options of prune() this backend takes from a job."""
         ...
 
+    def prunable_layers(
+        self, model: nn.Module, method: str, example_input: torch.Tensor, exclude: Iterable[str] = ()
+    ) -> list[str]:
+        """The layers a per-layer sparsity mapping may name for `method` (what a budget search allocates over)."""
+        ...
+
+    def kept_ratio(self, size: int, kept: int) -> float:
+        """The per-layer ratio that makes this backend keep exactly `kept` of `size` units (each rounds its own way)."""
+        ...
+
     def validate(
         self,
         model: nn.Module,

@@ -128,6 +128,15 @@ class NNIBackend:
             )
         import_nni()
 
+    def prunable_layers(
+        self, model: nn.Module, method: str, example_input: torch.Tensor, exclude: Iterable[str] = ()
+    ) -> list[str]:
+        graph = analyze(model, example_input)
+        return _prunable(graph, excluded_producers(graph, {name for name, _ in model.named_modules()}, exclude))
+
+    def kept_ratio(self, size: int, kept: int) -> float:
+        return (size - kept + 0.5) / size  # NNI removes int(size x ratio) units
+
     def prune(
         self,
         model: nn.Module,
@@ -164,18 +173,7 @@ class NNIBackend:
         graph = analyze(model, example_input)
         modules = dict(model.named_modules())
         excluded = excluded_producers(graph, set(modules), exclude)
-        # NNI's pruners do not keep equal counts per block of a grouped conv, and its dependency groups and speedup do
-        # not follow
-        # channels through permutes, shuffles, chunks, LayerNorms or layer scales: such channels stay whole here
-        prunable = [
-            p
-            for p, g in graph.group_of_producer.items()
-            if graph.groups[g].prunable
-            and graph.groups[g].divisor == 1
-            and not graph.groups[g].rearranged
-            and p not in excluded
-            and graph.groups[g].size > 1
-        ]
+        prunable = _prunable(graph, excluded)
         working = clone_tree(model, {}).eval()
         coupled = any(len(graph.groups[graph.group_of_producer[p]].members) > 1 for p in prunable)
         if config_list is None:
@@ -285,6 +283,20 @@ def _rounded_up(
         if len(indices) < len(score):
             rounded |= dict.fromkeys(members, indices)
     return rounded
+
+
+def _prunable(graph: Any, excluded: set[str]) -> list[str]:
+    """NNI's pruners do not keep equal counts per block of a grouped conv, and its dependency groups and speedup do not
+    follow channels through permutes, shuffles, chunks, LayerNorms or layer scales: such channels stay whole here."""
+    return [
+        p
+        for p, g in graph.group_of_producer.items()
+        if graph.groups[g].prunable
+        and graph.groups[g].divisor == 1
+        and not graph.groups[g].rearranged
+        and p not in excluded
+        and graph.groups[g].size > 1
+    ]
 
 
 def _config_list(

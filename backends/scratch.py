@@ -8,9 +8,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from algorithms.channel_pruning import ChannelPruning, check_request, check_round_to, prune_channels
+from algorithms.channel_pruning import (
+    ChannelPruning,
+    candidate_groups,
+    check_request,
+    check_round_to,
+    excluded_producers,
+    prune_channels,
+)
 from algorithms.criteria import DEFAULT_THRESHOLD, METHODS
 from algorithms.errors import PruningError
+from algorithms.graph import analyze
 from algorithms.modules import has_norm
 
 from .base import NO_JOB, JobContext, PruneResult
@@ -48,6 +56,19 @@ class ScratchBackend:
 
     def options(self, context: JobContext) -> dict[str, Any]:
         return {"threshold": context.threshold, "round_to": context.round_to}
+
+    def prunable_layers(
+        self, model: nn.Module, method: str, example_input: torch.Tensor, exclude: Iterable[str] = ()
+    ) -> list[str]:
+        graph = analyze(model, example_input)
+        modules = dict(model.named_modules())
+        groups = set(
+            candidate_groups(METHODS[method], modules, graph, excluded_producers(graph, set(modules), exclude))
+        )
+        return [producer for producer, group in graph.group_of_producer.items() if group in groups]
+
+    def kept_ratio(self, size: int, kept: int) -> float:
+        return (size - kept) / size  # the operators remove floor(size x ratio), with a guard against float error
 
     def prune(
         self,

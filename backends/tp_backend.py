@@ -136,6 +136,15 @@ class TorchPruningBackend:
         )
         _import_tp()
 
+    def prunable_layers(
+        self, model: nn.Module, method: str, example_input: torch.Tensor, exclude: Iterable[str] = ()
+    ) -> list[str]:
+        graph = analyze(model, example_input.clone())
+        return _prunable(graph, excluded_producers(graph, {name for name, _ in model.named_modules()}, exclude))
+
+    def kept_ratio(self, size: int, kept: int) -> float:
+        return max(0.0, (size - kept - 0.5) / size)  # Torch-Pruning keeps int(size x (1 - ratio)) units
+
     def prune(
         self,
         model: nn.Module,
@@ -173,7 +182,7 @@ class TorchPruningBackend:
         classifier = set(graph.output_producers)
         working = clone_tree(model, {})
         modules = dict(working.named_modules())
-        prunable = [p for p in graph.group_of_producer if p not in classifier | excluded]
+        prunable = _prunable(graph, excluded)
         _check_round_to(round_to, prunable, originals)
         if scope == "layer":
             _check_nothing_emptied(sparsity, round_to, prunable, originals, graph)
@@ -274,6 +283,11 @@ def _check_norms_follow(model: nn.Module) -> None:
             f"group_slim needs a BatchNorm after every pruned layer, and {bare[0]} has none; use slim, or exclude "
             f"{', '.join(bare)}"
         )
+
+
+def _prunable(graph: Any, excluded: set[str]) -> list[str]:
+    """Every Conv2d / Linear Torch-Pruning may cut: all but the classifier and what the caller excluded."""
+    return [p for p in graph.group_of_producer if p not in set(graph.output_producers) | excluded]
 
 
 def _check_nothing_emptied(

@@ -19,16 +19,21 @@ import torch
 from torch import nn
 
 from algorithms.errors import first_line
+from algorithms.surgery import shrink
+from backends import get_backend
+from backends.budget import TOLERANCE, allocate, check_reachable, measured_cost, parse_target, plan_budget, shortfall
 from pipeline.atomic import temporary_directory, write_json
+from pipeline.budgeting import latency_timer
 from pipeline.config import STAGES
 from pipeline.data.images import ImageDataset
 from pipeline.deploy.latency import Measurement, Measurements, device_name, latency_by_layout
 from pipeline.deploy.metrics import DEPLOYED_LAYOUT, LATENCY_BATCHES, LAYOUT_NAMES, LAYOUT_SUFFIXES, deployable
 from pipeline.job import Job
-from pipeline.train.loop import evaluate, train
-from pipeline.train.runtime import float32_name
+from pipeline.snapshots import load_model
+from pipeline.train.loop import EvalResult, evaluate, train
+from pipeline.train.runtime import Runtime, float32_name
 
-from .matrix import Cell, MatrixSpec, base_key, job_config
+from .matrix import THIN, Cell, MatrixSpec, base_key, job_config
 
 LATENCY_FORM = (
     "eval mode, BatchNorm folded into the conv before it (torch.fx fuse), float32 (int8 columns: int8 kernels on the "
@@ -232,6 +237,11 @@ def run_cell(
     measurements = measurements if measurements is not None else Measurements()
     started = time.perf_counter()
     base_dir, base_figures = ensure_base(spec, cell.model, cell.seed, data, base_root)
+    if cell.backend == THIN[0]:
+        return thin_row(spec, cell, data, base_dir, base_figures, measurements) | {
+            "cell_seconds": round(time.perf_counter() - started, 3),
+            "env": environment(spec),
+        }
     where = (
         contextlib.nullcontext(cell_dir / "snapshots")
         if keep_snapshots
@@ -252,6 +262,8 @@ def run_cell(
             result_dir=str(cell_dir / "results"),
             distill=cell.distill,
             quantize=cell.quantize if cell.quantize != "none" else "ptq",
+            target=cell.budget or None,
+            allocation=cell.allocation or "uniform",
         )
         job = Job(config, data, spec.runtime())
         job.base_figures = base_figures
@@ -293,7 +305,8 @@ def run_cell(
         "size_ratio": round(base["modelSize"] / refined["modelSize"], 4),
         "prune_seconds": pruned["prune_seconds"],
         "prune_train_steps": pruned["prune_train_steps"],
-        **layer_widths(base_model, pruned["layers"]),
+        **layer_widths(base_model, final_layers(pruned["layers"], job.metas["3"].get("kept", {}))),
+        **budget_columns(cell, spec, pruned.get("budget"), refined.get("budget")),
     }
     example = job.example_on(final_model)
     unstable: list[str] = []
@@ -311,20 +324,7 @@ def run_cell(
     row["unstable"] = ",".join(unstable)  # latency figures whose 95% interval stayed wider than the tolerance
     if spec.scratch_control and pruned["physical"]:
         control = reinitialised(final_model, cell.seed)
-        history = train(
-            control,
-            data,
-            epochs=spec.base_epoch_count + spec.finetune_epochs,
-            batch_size=spec.batch_size,
-            val_batch_size=spec.val_batch_size,
-            lr=spec.learning_rate,
-            optimizer_name=spec.optimizer,
-            seed=cell.seed,
-            limit_batches=spec.limit_batches,
-            limit_val_batches=spec.limit_val_batches,
-            desc="from scratch",
-            runtime=spec.runtime(),
-        )
+        history = train_from_scratch(spec, control, data, cell.seed, "from scratch", spec.runtime())
         result = (
             history[-1]
             if history
@@ -334,6 +334,121 @@ def run_cell(
     row["cell_seconds"] = round(time.perf_counter() - started, 3)
     row["env"] = environment(spec)
     return row
+
+
+def final_layers(layers: list[dict[str, Any]], kept: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """The pruned layers' widths in the final model (after every round of iterative pruning, where there were more)."""
+    return [layer | {"after": len(kept.get(layer["layer"], range(layer["after"])))} for layer in layers]
+
+
+def train_from_scratch(
+    spec: MatrixSpec, model: nn.Module, data: ImageDataset, seed: int, desc: str, runtime: Runtime
+) -> list[EvalResult]:
+    """A control trained from fresh weights for the base's and the fine-tuning's epochs together: the training a pruned
+    model had in all."""
+    return train(
+        model,
+        data,
+        epochs=spec.base_epoch_count + spec.finetune_epochs,
+        batch_size=spec.batch_size,
+        val_batch_size=spec.val_batch_size,
+        lr=spec.learning_rate,
+        optimizer_name=spec.optimizer,
+        seed=seed,
+        limit_batches=spec.limit_batches,
+        limit_val_batches=spec.limit_val_batches,
+        desc=desc,
+        runtime=runtime,
+    )
+
+
+def budget_columns(
+    cell: Cell, spec: MatrixSpec, pruned: dict[str, Any] | None, refined: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A budget cell's target, allocation and what it reached (the refined model's, after iterative rounds)."""
+    if not cell.budget or pruned is None:
+        return {}
+    last = refined["rounds"][-1] if refined else pruned
+    achieved = refined["achieved_ratio"] if refined else pruned["achieved_ratio"]
+    return {
+        "budget": cell.budget,
+        "allocation": cell.allocation,
+        "iterations": spec.iterations,
+        "budget_cost": pruned["cost"],
+        "achieved_ratio": achieved,
+        "budget_met": last["achieved"] <= last["goal"] * (1 + 1e-9),
+        "budget_note": last["reason"] or "",
+        "layer_ratios": refined["ratios"] if refined else pruned["ratios"],  # of the base's widths
+    }
+
+
+def thin_row(
+    spec: MatrixSpec,
+    cell: Cell,
+    data: ImageDataset,
+    base_dir: Path,
+    base_figures: dict[str, Any],
+    measurements: Measurements,
+) -> dict[str, Any]:
+    """The thin control (`--thin_control`): the zoo model with every prunable width scaled by one ratio to the budget,
+    initialised afresh and trained for the base's and the fine-tuning's epochs together: the strongest simple baseline a
+    pruning method has to beat at that cost (ThinResNet, arXiv 2309.12854)."""
+    base = load_model(base_dir / STAGES["1"], cell.model, data.name)[0].eval()
+    example = data.example_input(1)
+    target = parse_target(cell.budget)
+    runtime = spec.runtime()
+    latency_of = latency_timer(target, example, measurements, runtime.device) if target.batch else None
+    budget = plan_budget(get_backend("scratch"), base, "conv_all", example, latency_of=latency_of)
+    _, goal = check_reachable(budget, target, "the thin control")
+    plan = allocate(budget, target, goal, "uniform").plan
+    kept = {g: torch.arange(k) for g, k in plan.items() if k < budget.groups.sizes[g]}
+    thin = reinitialised(shrink(base, budget.graph, kept), cell.seed)
+    history = train_from_scratch(spec, thin, data, cell.seed, "thin control", runtime)
+    # counted and timed where the pruned cells are: on the spec's device
+    thin, base, example = thin.eval().to(runtime.device), base.to(runtime.device), example.to(runtime.device)
+    result = history[-1] if history else evaluate(thin, data, spec.val_batch_size, spec.limit_val_batches)
+    achieved = measured_cost(thin, example, target.cost, latency_of)
+    macs, params = measured_cost(thin, example, "macs"), measured_cost(thin, example, "params")
+    row = {
+        "cell": cell.key,
+        "model": cell.model,
+        "backend": cell.backend,
+        "method": cell.method,
+        "percent": 0.0,
+        "seed": cell.seed,
+        "distill": False,
+        "quantize": "none",
+        "scope": "uniform",
+        "physical": True,
+        "status": "ok",
+        "error": "",
+        "top_k": base_figures["top_k"],
+        "base_top1": base_figures["accuracy"],
+        "base_topk": base_figures["top_k_accuracy"],
+        "finetuned_top1": round(result.top1, 6),
+        "finetuned_topk": round(result.top_k, 6),
+        "params_before": base_figures["params"],
+        "params_after": int(params),
+        "params_ratio": round(base_figures["params"] / params, 4),
+        "macs_before": base_figures["macs"],
+        "macs_after": int(macs),
+        "mac_ratio": round(base_figures["macs"] / macs, 4),
+        "prune_seconds": 0.0,
+        "prune_train_steps": 0,
+        "budget": cell.budget,
+        "allocation": "uniform",
+        "iterations": 1,
+        "budget_cost": target.cost,
+        "achieved_ratio": round(budget.cost(target)({}) / achieved, 4),
+        "budget_met": achieved <= goal * (1 + 1e-9),
+        "budget_note": shortfall(achieved, goal, TOLERANCE, "uniform", budget) or "",
+    }
+    timed, unstable = latency_figures(spec, base, thin, example, measurements)
+    return (
+        row
+        | timed
+        | {"speedup_per_mac": round(timed["speedup_b64"] / row["mac_ratio"], 4), "unstable": ",".join(unstable)}
+    )
 
 
 def layer_widths(model: nn.Module, layers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from backends import BACKEND_NAMES
 from models import MODEL_NAMES
 from pipeline.atomic import staged_directory
-from pipeline.cli import OneLineParser, check_positive, guarded
+from pipeline.cli import OneLineParser, check_positive, explicit_flags, guarded
 from pipeline.data.datasets import BUILTIN_DATASETS
 from pipeline.deploy.latency import Measurement
 from pipeline.errors import UsageError
@@ -75,6 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=_numbers(float, "--percents"),
         default=(0.3, 0.5, 0.7),
         help="fractions of channels removed (default 0.3,0.5,0.7)",
+    )
+    p.add_argument(
+        "--budgets",
+        type=_budgets,
+        default=(),
+        help="compare at matched cost instead of percents: COST:VALUES, e.g. macs:2x,4x, params:4x, latency_b64:2x "
+        "(base / pruned) or macs:120M",
+    )
+    p.add_argument(
+        "--allocations",
+        type=_names,
+        default=("uniform",),
+        help="with --budgets, an axis: uniform, global, sensitivity, latency (comma-separated; default uniform)",
+    )
+    p.add_argument(
+        "--iterations", type=int, default=1, help="with --budgets: prune -> fine-tune rounds per budget (default 1)"
+    )
+    p.add_argument(
+        "--thin_control",
+        action="store_true",
+        help="with --budgets: also train the model with every width scaled uniformly to each budget from scratch",
     )
     p.add_argument(
         "--seeds", type=_numbers(int, "--seeds"), default=(0,), help="seeds; each trains its own base model (default 0)"
@@ -186,6 +207,7 @@ def spec_from_args(args: argparse.Namespace) -> MatrixSpec:
         "limit_batches",
         "limit_val_batches",
         "threads",
+        "iterations",
     ):
         value = getattr(args, flag)
         least = 0 if flag.endswith("epochs") else 1
@@ -202,6 +224,10 @@ def spec_from_args(args: argparse.Namespace) -> MatrixSpec:
         backends=args.backends,
         methods=args.methods,
         percents=args.percents,
+        budgets=args.budgets,
+        allocations=args.allocations,
+        iterations=args.iterations,
+        thin_control=args.thin_control,
         seeds=args.seeds,
         data_type=args.data_type,
         base_epochs=args.base_epochs,
@@ -233,8 +259,20 @@ def _switches(values: tuple[str, ...]) -> tuple[bool, ...]:
     return tuple(v == "on" for v in values)
 
 
+def _budgets(text: str) -> tuple[str, ...]:
+    """ "macs:2x,4x" -> ("macs=2x", "macs=4x"): one cost, several values."""
+    cost, colon, values = text.partition(":")
+    if not colon or not values.strip():
+        raise argparse.ArgumentTypeError(f"--budgets takes COST:VALUES such as macs:2x,4x, got {text!r}")
+    return tuple(f"{cost.strip()}={value}" for value in _names(values))
+
+
 def run_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.budgets:
+        if "percents" in explicit_flags(build_parser(), argv):
+            raise UsageError("--budgets and --percents both say how much to prune; give one of them")
+        args.percents = ()
     spec = spec_from_args(args)
     out = Path(args.out or f"bench/results/{spec.data_type}")
     rows = run_matrix(

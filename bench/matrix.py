@@ -14,16 +14,19 @@ from torch import nn
 
 from algorithms.errors import PruningError
 from backends import BACKEND_NAMES, get_backend
+from backends.budget import ALLOCATIONS, parse_target
 from models import MODEL_NAMES, build_model
+from pipeline.budgeting import check_timeable
 from pipeline.config import DEFAULT_EPOCHS, JobConfig
 from pipeline.data.images import ImageDataset
 from pipeline.deploy.latency import Protocol
 from pipeline.deploy.metrics import DEPLOYED_LAYOUT, TIMED_LAYOUTS
 from pipeline.errors import UsageError
-from pipeline.job import QUANTIZE_MODES, prune_context
+from pipeline.job import QUANTIZE_MODES, check_budget, prune_context
 from pipeline.train.runtime import Runtime
 
 RANDOM_CONTROL = ("scratch", "random")
+THIN = ("thin", "from scratch")  # the thin control's backend and method names in rows and tables
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class MatrixSpec:
     backends: tuple[str, ...] = ("scratch", "nni", "tp")
     methods: tuple[str, ...] = ()  # empty: each backend's default set; else names or backend:method pairs
     percents: tuple[float, ...] = (0.3, 0.5, 0.7)
+    budgets: tuple[str, ...] = ()  # instead of percents: targets such as "macs=2x" (backends.budget), an axis
+    allocations: tuple[str, ...] = ("uniform",)  # with budgets: how each cell's channels are shared among layers
+    iterations: int = 1  # with budgets: prune -> fine-tune rounds that reach each budget
+    thin_control: bool = False  # with budgets: the uniformly thinned model trained from scratch, per budget
     seeds: tuple[int, ...] = (0,)
     data_type: str = "digits"
     base_epochs: int | None = None  # None: the job's default for the dataset
@@ -93,6 +100,9 @@ class MatrixSpec:
             "backends",
             "methods",
             "percents",
+            "budgets",
+            "allocations",
+            "thin_control",
             "seeds",
             "random_control",
             "scratch_control",
@@ -115,15 +125,19 @@ class Cell:
     seed: int
     backend: str
     method: str
-    percent: float
+    percent: float  # 0 for a budget cell
     distill: bool = False
     quantize: str = "none"
+    budget: str = ""  # a target ("macs=2x") instead of the percent
+    allocation: str = ""  # how that budget is shared among layers
 
     @property
     def key(self) -> str:
-        """Prune-only cells keep the keys they always had; the compression axes add a suffix."""
+        """Prune-only cells keep the keys they always had; the compression axes add a suffix; a budget cell names its
+        budget and allocation where others name their percent."""
         suffix = ("/kd" if self.distill else "") + (f"/int8-{self.quantize}" if self.quantize != "none" else "")
-        return f"{self.model}/{self.backend}/{self.method}/{self.percent}/seed{self.seed}{suffix}"
+        amount = f"{self.budget}/{self.allocation}" if self.budget else f"{self.percent}"
+        return f"{self.model}/{self.backend}/{self.method}/{amount}/seed{self.seed}{suffix}"
 
 
 def package_versions() -> dict[str, str]:
@@ -168,9 +182,25 @@ def methods_for(spec: MatrixSpec, probe: nn.Module) -> list[tuple[str, str]]:
 
 def check_names(spec: MatrixSpec) -> None:
     """The checks that need no dataset: run first, so a typo is reported before a dataset is looked for."""
-    if not (spec.models and spec.backends and spec.percents and spec.seeds):
+    if not (spec.models and spec.backends and (spec.percents or spec.budgets) and spec.seeds):
         raise UsageError(
-            "the matrix is empty: --models, --backends, --percents and --seeds each need at least one value"
+            "the matrix is empty: --models, --backends, --percents (or --budgets) and --seeds each need a value"
+        )
+    if spec.budgets and spec.percents:
+        raise UsageError("--budgets and --percents both say how much to prune; give one of them")
+    for budget in spec.budgets:
+        try:
+            parse_target(budget)
+        except PruningError as error:
+            raise UsageError(f"--budgets: {error}") from None
+    unknown_allocations = [a for a in spec.allocations if a not in ALLOCATIONS]
+    if unknown_allocations or not spec.allocations:
+        raise UsageError(
+            f"--allocations takes {', '.join(ALLOCATIONS)} (comma-separated), got {','.join(spec.allocations)!r}"
+        )
+    if (spec.thin_control or spec.iterations != 1 or spec.allocations != ("uniform",)) and not spec.budgets:
+        raise UsageError(
+            "--allocations, --iterations and --thin_control shape budgets: add --budgets (e.g. macs:2x,4x)"
         )
     for name, known, flag in ((spec.models, MODEL_NAMES, "--models"), (spec.backends, BACKEND_NAMES, "--backends")):
         unknown = [n for n in name if n not in known]
@@ -207,6 +237,7 @@ def job_config(spec: MatrixSpec, model: str, seed: int, **where: Any) -> JobConf
         scope=spec.scope,
         echo_epochs=False,
         throughput=False,
+        iterations=spec.iterations,
         **where,
     )
 
@@ -224,17 +255,52 @@ def expand(spec: MatrixSpec, data: ImageDataset) -> list[Cell]:
         # what every cell's job offers its backend
         context = prune_context(job_config(spec, model, spec.seeds[0]), data)
         for backend, method in methods_for(spec, probe):
-            for percent in spec.percents:
+            for percent in spec.percents or (0.5,):
                 try:
                     get_backend(backend).validate(probe, method, percent, spec.scope, context=context)
                 except PruningError as error:
                     raise UsageError(f"{backend}:{method} cannot prune {model}: {error}. {offered_methods()}") from None
+            if spec.budgets:
+                for budget in spec.budgets:
+                    check_timeable(parse_target(budget), torch.device(spec.device))
+                    check_budget(
+                        job_config(
+                            spec,
+                            model,
+                            spec.seeds[0],
+                            backend=backend,
+                            method=method,
+                            target=budget,
+                            allocation=spec.allocations[0],
+                        ),
+                        data,
+                        method,
+                        "23",
+                        torch.device(spec.device),
+                    )
+            amounts = [(0.0, b, a) for b in spec.budgets for a in spec.allocations] or [
+                (p, "", "") for p in spec.percents
+            ]
             cells += [
-                Cell(model, seed, backend, method, p, kd, q)
+                Cell(model, seed, backend, method, p, kd, q, b, a)
                 for seed in spec.seeds
-                for p in spec.percents
+                for p, b, a in amounts
                 for kd in spec.distill
                 for q in spec.quantize
+            ]
+        if spec.thin_control:
+            for budget in spec.budgets:  # the thin model is a uniform scratch prune of the same architecture
+                check_budget(
+                    job_config(spec, model, spec.seeds[0], backend="scratch", method="conv_all", target=budget),
+                    data,
+                    "conv_all",
+                    "23",
+                    torch.device(spec.device),
+                )
+            cells += [
+                Cell(model, seed, THIN[0], THIN[1], 0.0, False, "none", b, "uniform")
+                for seed in spec.seeds
+                for b in spec.budgets
             ]
     return sorted(set(cells))
 

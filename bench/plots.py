@@ -11,7 +11,9 @@ matplotlib.use("Agg")  # files only: no display needed on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-MARKERS = {"scratch": "o", "nni": "s", "tp": "^"}
+from pipeline.deploy.latency import T975  # noqa: E402
+
+MARKERS = {"scratch": "o", "nni": "s", "tp": "^", "thin": "D"}
 
 
 def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
@@ -51,20 +53,35 @@ def _finish(ax: plt.Axes, **settings: object) -> None:
         ax.legend(fontsize=7)
 
 
+def half_width(std: pd.Series, seeds: pd.Series) -> pd.Series:
+    """The 95% Student's t half-width of a mean over seeds from its std (0 for one seed: no interval to draw)."""
+    quantile = seeds.map(lambda n: T975[int(n) - 2] if 2 <= n < len(T975) + 2 else (1.96 if n >= 2 else 0.0))
+    return (quantile * std.fillna(0.0) / seeds.clip(lower=1) ** 0.5).fillna(0.0)
+
+
 def accuracy_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
+    """Fine-tuned top-1 against MACs per configuration: percent cells with their std over seeds, budget cells (one line
+    per allocation) with their 95% interval, as the matched-budget table gives it."""
     models = sorted(stats.model.unique())
     figure, axes = _panels(models, "Fine-tuned accuracy vs cost (Pareto front dashed)")
+    if "allocation" not in stats:
+        stats = stats.assign(allocation="", budget="")
     for ax, model in zip(axes, models, strict=True):
         per = stats[stats.model == model]
-        for (backend, method, distill), group in per.groupby(["backend", "method", "distill"], sort=True):
+        for (backend, method, allocation, distill), group in per.groupby(
+            ["backend", "method", "allocation", "distill"], sort=True
+        ):
             group = group.sort_values("macs_after")
+            budgeted = bool(allocation)
+            spread = group.get("finetuned_top1_std")
             ax.errorbar(
                 group.macs_after / 1e6,
                 group.finetuned_top1,
-                yerr=group.get("finetuned_top1_std"),
+                yerr=half_width(spread, group.seeds) if budgeted and spread is not None else spread,
                 marker=MARKERS.get(backend, "x"),
+                linestyle="-" if not budgeted else "-." if allocation != "uniform" else "--",
                 capsize=3,
-                label=f"{backend}:{method}" + (" +KD" if distill else ""),
+                label=f"{backend}:{method}" + (f" {allocation}" if budgeted else "") + (" +KD" if distill else ""),
             )
         front = pareto_front(per)
         ax.plot(front.macs_after / 1e6, front.finetuned_top1, "k--", linewidth=1, label="Pareto front")
@@ -79,6 +96,8 @@ def accuracy_vs_macs(stats: pd.DataFrame, path: Path) -> Path:
             label="base (unpruned)",
         )
         _finish(ax, title=model, xlabel="MACs per sample (millions)", ylabel="top-1 accuracy after fine-tuning")
+        low, high = ax.get_ylim()
+        ax.set_ylim(max(low, 0.0), min(high, 1.01))  # an interval past what accuracy can be says nothing there
     return _save(figure, path)
 
 
@@ -137,8 +156,14 @@ def kept_channels(ok_rows: pd.DataFrame, path: Path) -> Path:
         per = ok_rows[(ok_rows.model == model) & ok_rows.kept_channels.notna()]
         if per.empty:
             continue
-        percent = min(per.percent.unique(), key=lambda p: (abs(p - 0.5), p))
-        per = per[per.percent == percent].sort_values("seed").drop_duplicates(["backend", "method"])
+        budgets = sorted(b for b in per.get("budget", pd.Series(dtype=str)).fillna("").unique() if b)
+        if budgets:  # a budget matrix: its first budget, one line per allocation
+            per = per[per.budget == budgets[0]].sort_values("seed").drop_duplicates(["backend", "method", "allocation"])
+            title = f"{model}, at {budgets[0]}"
+        else:
+            percent = min(per.percent.unique(), key=lambda p: (abs(p - 0.5), p))
+            per = per[per.percent == percent].sort_values("seed").drop_duplicates(["backend", "method"])
+            title = f"{model}, {percent:g} of channels removed"
         widths = [(row, json.loads(row.kept_channels), json.loads(row.units_json)) for _, row in per.iterrows()]
         rank = {
             name: position for _, row in per.iterrows() for name, position in json.loads(row.layer_rank_json).items()
@@ -150,10 +175,9 @@ def kept_channels(ok_rows: pd.DataFrame, path: Path) -> Path:
                 range(len(layers)),
                 [kept[n] / units[n] if n in kept else 1.0 for n in layers],
                 marker=MARKERS.get(row.backend, "x"),
-                label=_label(row),
+                label=_label(row) + (f" {row.allocation}" if budgets else ""),
             )
         ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
-        title = f"{model}, {percent:g} of channels removed"
         _finish(
             ax,
             title=title,
@@ -187,7 +211,8 @@ def draw_all(directory: Path, stats: pd.DataFrame, ok_rows: pd.DataFrame) -> lis
     if stats.empty:
         return []
     # int8 comes after the same fine-tuning: one point per fp32 configuration (the tables carry the int8 figures)
-    stats = stats.drop_duplicates(subset=["model", "backend", "method", "scope", "percent", "distill"])
+    config = ["model", "backend", "method", "scope", "percent", "budget", "allocation", "distill"]
+    stats = stats.drop_duplicates(subset=[c for c in config if c in stats])
     return [
         accuracy_vs_macs(stats, directory / "accuracy_vs_macs.png"),
         speedup_vs_macs(

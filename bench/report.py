@@ -9,9 +9,11 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
+from backends.budget import parse_target
 from pipeline.atomic import write_text
+from pipeline.deploy.latency import t_interval
 
-CONFIG = ["model", "backend", "method", "scope", "percent", "distill", "quantize"]
+CONFIG = ["model", "backend", "method", "scope", "percent", "budget", "allocation", "distill", "quantize"]
 MAC_BUDGETS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 
 
@@ -26,6 +28,8 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             out["layer_rank_json"] = json.dumps(row.get("layer_rank", {}))
         out.setdefault("distill", False)  # rows from before the compression axes
         out.setdefault("quantize", "none")
+        out.setdefault("budget", "")  # a percent cell, or one from before budgets
+        out.setdefault("allocation", "")
         out["unstable"] = row.get("unstable", "")  # rows from before the stability protocol: not assessed, not marked
         for name in filter(None, out["unstable"].split(",")):
             out[f"{name}_unstable"] = True
@@ -81,7 +85,7 @@ def model_table(stats: pd.DataFrame, has_scratch_control: bool) -> str:
             "backend": s.backend,
             "method": s.method,
             "scope": s.scope,
-            "percent": f"{s.percent:g}",
+            **({"budget": s.budget, "allocation": s.allocation} if s.budget else {"percent": f"{s.percent:g}"}),
             "refine": "KD" if s.distill else "plain",
             "int8": s.quantize,
             "seeds": int(s.seeds),
@@ -108,6 +112,58 @@ def model_table(stats: pd.DataFrame, has_scratch_control: bool) -> str:
             }
         rows.append(row)
     return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)
+
+
+MATCHED_NOTE = (
+    "Each cell: fine-tuned top-1, mean ± 95% interval over seeds (Student's t; one seed: no interval), then the cost "
+    "reached (base / pruned) and the paired difference to the random control at the same budget and allocation "
+    "(Δ random, per seed). `missed` marks a budget the pruned model's real cost went over. Where two intervals "
+    "overlap, the runs do not separate those two methods."
+)
+
+
+def interval(values: pd.Series) -> str:
+    """mean ± 95% half-width (t), or the mean alone for one value."""
+    values = values.dropna()
+    if values.empty:
+        return "-"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.4f}"
+    mean, half = t_interval(values.tolist())
+    return f"{mean:.4f} ± {half:.4f}"
+
+
+def budget_order(text: str) -> tuple[str, bool, float]:
+    """Columns from the loosest budget to the tightest: ratios rising, then ceilings falling."""
+    target = parse_target(text)
+    return target.cost, not target.relative, target.value if target.relative else -target.value
+
+
+def matched_table(rows: pd.DataFrame) -> str:
+    """One model's budget cells: rows backend:method x allocation, columns the budgets."""
+    cells = rows[rows.budget != ""]
+    budgets = sorted(cells.budget.unique(), key=budget_order)
+    random = cells[(cells.backend == "scratch") & (cells.method == "random")]
+    table = []
+    axes = ["backend", "method", "allocation", "distill", "quantize"]  # one row per configuration: seeds only pool
+    for (backend, method, allocation, distill, quantize), group in cells.groupby(axes, sort=True):
+        extras = (" +KD" if distill else "") + (f" int8-{quantize}" if quantize != "none" else "")
+        line = {"method": f"{backend}:{method}{extras}", "allocation": allocation}
+        for budget in budgets:
+            at = group[group.budget == budget]
+            if at.empty:
+                line[budget] = "-"
+                continue
+            text = f"{interval(at.finetuned_top1)} ({at.achieved_ratio.mean():.2f}x"
+            same = (random.budget == budget) & (random.allocation == allocation) & (random.distill == distill)
+            control = random[same & (random.quantize == quantize)].set_index("seed")
+            if not control.empty and not (backend == "scratch" and method == "random"):
+                paired = at.set_index("seed").finetuned_top1 - control.finetuned_top1
+                text += f"; Δ random {interval(paired).replace(' ± ', ' ±')}" if paired.notna().any() else ""
+            missed = "budget_met" in at and not at.budget_met.fillna(True).astype(bool).all()
+            line[budget] = text + (", missed)" if missed else ")")
+        table.append(line)
+    return tabulate(table, headers="keys", tablefmt="github", disable_numparse=True)
 
 
 def budget_table(stats: pd.DataFrame) -> str:
@@ -222,6 +278,8 @@ def render(directory: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]
         base = ok[ok.model == model].drop_duplicates("seed").base_top1
         spread = f" ± {base.std(ddof=1):.4f}" if len(base) > 1 else ""
         lines += [f"## {model}", "", f"Base model top-1: {base.mean():.4f}{spread} over {len(base)} seed(s).", ""]
+        if (per_model.budget != "").any():
+            lines += ["### Top-1 at matched budgets", "", matched_table(ok[ok.model == model]), "", MATCHED_NOTE, ""]
         lines += [model_table(per_model, "scratch_top1" in per_model), ""]
         flags = [c for c in per_model.columns if c.endswith("_unstable")]
         if flags and per_model[flags].fillna(False).astype(bool).to_numpy().any():

@@ -16,7 +16,7 @@ from pipeline.errors import UsageError
 
 from . import store
 from .cell import environment, failed_row, run_cell
-from .matrix import Cell, MatrixSpec, check_names, expand, shard
+from .matrix import THIN, Cell, MatrixSpec, check_names, expand, shard
 from .plots import draw_all
 from .report import render
 
@@ -114,4 +114,5 @@ def is_finished(row: dict[str, Any], spec: MatrixSpec) -> bool:
     """A cell to skip on resume: it succeeded, its latency settled, and it has its from-scratch control if asked."""
     if row.get("status") != "ok" or row.get("unstable"):  # a figure that did not settle is taken again
         return False
-    return not (spec.scratch_control and row.get("physical") and "scratch_top1" not in row)
+    thin = row.get("backend") == THIN[0]  # the thin control is itself trained from scratch
+    return not (spec.scratch_control and row.get("physical") and not thin and "scratch_top1" not in row)

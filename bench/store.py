@@ -21,7 +21,7 @@ from pipeline.errors import UsageError
 
 MANIFEST = "run.json"
 # a matrix's extent: may differ between runs that share a table
-EXTENTS = ("models", "backends", "methods", "percents", "seeds")
+EXTENTS = ("models", "backends", "methods", "percents", "budgets", "allocations", "seeds")
 RESULTS = "results.jsonl"
 LATENCY = "latency.jsonl"  # latency measurements by architecture (pipeline.deploy.latency.Measurements)
 LOCK = ".lock"
@@ -78,7 +78,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 # what runs made before a setting was recorded used: their fingerprints lack it
-FINGERPRINT_DEFAULTS = {"device": "cpu", "other_layouts": True, "dataset": None}
+FINGERPRINT_DEFAULTS = {"device": "cpu", "other_layouts": True, "dataset": None, "iterations": 1}
 
 
 def incompatibility(expected: dict[str, Any], found: dict[str, Any]) -> str | None:

@@ -18,6 +18,9 @@ class JobConfig:
     backend: str = "scratch"
     method: str | None = None  # None: the backend's default for the model
     percent: float = 0.5
+    target: str | None = None  # a budget instead of a percent: "macs=2x", "params=4x", "latency_b64=2x", "macs=120M"
+    allocation: str = "uniform"  # how a budget's channels are shared among layers (backends.budget.ALLOCATIONS)
+    iterations: int = 1  # reach the budget in this many prune -> fine-tune rounds (the same fine-tuning epochs in all)
     scope: str | None = None  # None: the method's own scope
     exclude: tuple[str, ...] = ()
     threshold: float = 0.06

@@ -20,13 +20,24 @@ import torch
 from torch import nn
 
 from algorithms.masks import apply_masks
-from backends import JobContext, get_backend
+from backends import JobContext, PruneResult, get_backend
+from backends.budget import (
+    ALLOCATIONS,
+    Target,
+    check_reachable,
+    measured_cost,
+    parse_target,
+    plan_budget,
+    prune_to_budget,
+)
 from backends.nni_quantize import QUANTIZERS as NNI_QUANTIZERS
 from backends.nni_quantize import RETRAINS as NNI_RETRAINS
 from backends.nni_quantize import check_available as check_nni_quantizers
 from backends.nni_quantize import fake_quantize
 from models import build_model
 from pipeline import lineage
+from pipeline.budgeting import CACHE as BUDGET_CACHE
+from pipeline.budgeting import budget_inputs, latency_timer
 from pipeline.config import STAGES, JobConfig
 from pipeline.data.images import ImageDataset
 from pipeline.deploy import quantize
@@ -55,8 +66,11 @@ QUANTIZE_MODES = (*quantize.MODES, *NNI_QUANTIZERS)  # real int8 kernels, then N
 RETRAINING_QUANTIZERS = ("qat", *NNI_RETRAINS)
 
 
-def check_request(config: JobConfig, data: ImageDataset, steps: str = "123") -> None:
-    """Refuse an impossible request (model too big for the images, unknown method, ...) before any training."""
+def check_request(
+    config: JobConfig, data: ImageDataset, steps: str = "123", device: torch.device | None = None
+) -> None:
+    """Refuse an impossible request (model too big for the images, unknown method, ...) before any training; a latency
+    budget is checked on `device`, where the job will time it."""
     try:
         with torch.device("meta"):  # structure only: no weights are initialised for the check
             probe = build_model(config.model, data.input_shape, data.num_classes)
@@ -83,6 +97,48 @@ def check_request(config: JobConfig, data: ImageDataset, steps: str = "123") -> 
                 f"--quantize {config.quantize} would retrain the zeroed weights of {method} (masked, not smaller); use "
                 "--quantize ptq"
             )
+        if config.target is not None:
+            check_budget(config, data, method, steps, device)
+    elif config.target is not None and "3" in steps:
+        check_iterations(config, steps)  # the later rounds of an iterative prune run in step 3
+    elif config.target is not None and steps == "1":
+        raise UsageError(f"--target sets how much step 2 prunes, and --step {steps} does not prune; add 2 or drop it")
+
+
+def check_budget(
+    config: JobConfig, data: ImageDataset, method: str, steps: str, device: torch.device | None = None
+) -> None:
+    """A budget that cannot be met, or cannot be timed, is refused before any training: reachability depends on the
+    architecture only (the narrowest network the backend can make), so a freshly built model answers it."""
+    target = parse_target(config.target)
+    check_iterations(config, steps)
+    backend = get_backend(config.backend)
+    if not backend.physical(method):
+        raise UsageError(
+            f"--target needs a method that removes channels; {method} zeroes single weights, so the model keeps its "
+            "cost (use --percent with it)"
+        )
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, data.input_shape, data.num_classes).eval()
+    example = data.example_input(1)
+    latency_of = latency_timer(target, example, Measurements(), device) if target.batch else None
+    budget = plan_budget(
+        backend, model, method, example, exclude=config.exclude, round_to=config.round_to, latency_of=latency_of
+    )
+    check_reachable(budget, target, f"{config.backend}:{method}")
+
+
+def check_iterations(config: JobConfig, steps: str) -> None:
+    """Each prune -> fine-tune round needs a fine-tuning epoch of its own; rounds after the first run in step 3."""
+    if config.allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown --allocation {config.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
+    if config.iterations < 1 or ("3" in steps and config.iterations > max(config.epochs("3"), 1)):
+        raise UsageError(
+            f"--iterations {config.iterations} needs 1 to {max(config.epochs('3'), 1)} rounds: each prune -> fine-tune "
+            "round takes at least one of the fine-tuning epochs"
+        )
+    if config.iterations > 1 and "3" not in steps:
+        raise UsageError("--iterations alternates pruning and fine-tuning: add 3 to --step")
 
 
 def prune_context(config: JobConfig, data: ImageDataset) -> JobContext:
@@ -158,6 +214,7 @@ class Job:
         self.first_step_done = False
         self.rows: list[dict[str, Any]] = []  # one per finished step, for the terminal table
         self.models: dict[str, nn.Module] = {}  # step -> the model it produced
+        self.cpu_base: nn.Module | None = None  # the base a budget is measured against (Job.budget_base)
         self.metas: dict[str, dict[str, Any]] = {}  # step -> the meta its snapshot was saved with
         self.results: dict[str, dict[str, Any]] = {}  # step -> the figures its results JSON holds
         self.written: dict[str, list[Path]] = {"snapshots": [], "logs": [], "results": []}
@@ -432,19 +489,11 @@ class Job:
         c, device = self.config, self.runtime.place
         base, base_meta = self.load(STAGES["1"])
         self.models.setdefault("1", base)
+        self.cpu_base = base.eval()
         backend = get_backend(c.backend)
         method = c.method or backend.default_method(base)
         started = time.perf_counter()
-        result = backend.prune(
-            base.eval(),
-            method,
-            c.percent,
-            self.data.example_input(8),
-            scope=c.scope,
-            exclude=list(c.exclude),
-            seed=c.seed,
-            **backend.options(prune_context(c, self.data)),
-        )
+        result = self.prune(base.eval(), method, round_index=1)
         seconds = time.perf_counter() - started
         blocked = result.info.get("why_unprunable", {})
         if blocked and c.echo_epochs:
@@ -483,6 +532,10 @@ class Job:
         }
         settings = {key: info[key] for key in ("backend", "method", "percent", "scope", "exclude")}
         settings["round_to"] = c.round_to
+        budget = result.info.get("budget")
+        if budget is not None:  # a budget, not a percent, decided the widths
+            settings |= {"percent": None, "target": c.target, "allocation": c.allocation, "iterations": c.iterations}
+            info["percent"] = None
         if "threshold" in result.info:  # the backend's criterion used it: it decided which channels go
             settings["threshold"] = result.info["threshold"]
         if result.info.get("train_steps"):
@@ -501,8 +554,9 @@ class Job:
             "settings": settings,
             "removed_nothing": removed_nothing,
             "threshold_ties": result.info.get("threshold_ties", []),
+            "budget": budget,
         }
-        self.save("2", pruned, self.meta(STAGES["2"], settings, base_meta, **info), "pruning", payload)
+        self.save("2", pruned, self.meta(STAGES["2"], settings, base_meta, **info, budget=budget), "pruning", payload)
         if c.echo_epochs:
             print(
                 f"pruned with {c.backend}/{method} ({result.scope} scope) in {seconds:.3f} s; masked model top-1 "
@@ -521,11 +575,127 @@ class Job:
             )
         if not self.rows:
             self.record("  base (loaded)", base_figures)
+        if budget is not None and budget["reason"] and c.echo_epochs:
+            print(
+                f"note: {budget['target']} reached {budget['achieved_ratio']:g}x: {budget['reason']}", file=sys.stderr
+            )
         threshold = f", threshold {settings['threshold']:g}" if "threshold" in settings else ""
-        self.record(
-            f"2 pruned ({method} {c.percent:g}{threshold}{': removed nothing' if removed_nothing else ''})", figures
+        rounds = f", round 1 of {c.iterations}" if c.iterations > 1 else ""
+        how = (
+            f"{c.percent:g}" if budget is None else f"{c.target} {c.allocation}{rounds}: {budget['achieved_ratio']:g}x"
         )
+        self.record(f"2 pruned ({method} {how}{threshold}{': removed nothing' if removed_nothing else ''})", figures)
         return payload
+
+    def prune(self, model: nn.Module, method: str, round_index: int = 1) -> PruneResult:
+        """One prune of `model`: at the config's percent, or to its budget (round `round_index` of `iterations`)."""
+        c = self.config
+        backend = get_backend(c.backend)
+        context = prune_context(c, self.data)
+        example = self.data.example_input(8)
+        if c.target is None:
+            return backend.prune(
+                model,
+                method,
+                c.percent,
+                example,
+                scope=c.scope,
+                exclude=list(c.exclude),
+                seed=c.seed,
+                **backend.options(context),
+            )
+        target = self.round_target(round_index)
+        base = self.budget_base()
+        path, identity = self.snapshots[STAGES["1"]]
+        inputs = budget_inputs(
+            c.allocation,
+            target,
+            base,
+            model,
+            self.data,
+            Path(path).parent / BUDGET_CACHE,
+            identity,
+            self.measurements,
+            self.runtime.device,
+        )
+        result = prune_to_budget(
+            backend,
+            model,
+            method,
+            target,
+            example,
+            allocation=c.allocation,
+            exclude=c.exclude,
+            seed=c.seed,
+            context=context,
+            **inputs,
+        )
+        if c.iterations > 1:  # the round's own ceiling stays beside the job's target, its ratio to the base beside
+            record = result.info["budget"]
+            record |= {
+                "target": c.target,
+                "round": round_index,
+                "round_target": str(target),
+                "base_ratio": round(self.base_cost(target) / record["achieved"], 4),
+            }
+        return result
+
+    def round_already_met(self, model: nn.Module, round_index: int) -> dict[str, Any] | None:
+        """The record of a round whose ceiling the model already meets (an earlier round pruned past it), else None."""
+        target = self.round_target(round_index)
+        latency_of = (
+            latency_timer(target, self.data.example_input(1), self.measurements, self.runtime.device)
+            if target.batch
+            else None
+        )
+        now = measured_cost(model, self.data.example_input(1), target.cost, latency_of)
+        goal = target.goal(now)
+        if now > goal:
+            return None
+        return {
+            "target": self.config.target,
+            "round": round_index,
+            "round_target": str(target),
+            "goal": goal,
+            "achieved": now,
+            "base_ratio": round(self.base_cost(target) / now, 4),
+            "reason": f"round {round_index} pruned nothing: the model already met its ceiling {target}",
+        }
+
+    def budget_base(self) -> nn.Module:
+        """The base model a budget is measured against (and scanned on), on the CPU where pruning runs: this job's
+        snapshot of it, read once (also when a later round of iterative pruning runs in a job that did not make the
+        base: --step 3)."""
+        if self.cpu_base is None or STAGES["1"] not in self.snapshots:
+            self.cpu_base = self.load(STAGES["1"])[0].eval()
+        return self.cpu_base
+
+    def round_target(self, round_index: int) -> Target:
+        """The budget of round `round_index` of `iterations`: the same geometric share of the way each round, as an
+        absolute ceiling on the base model's cost (later rounds prune a model already smaller)."""
+        c = self.config
+        target = parse_target(c.target)
+        if c.iterations == 1:
+            return target
+        start = self.base_cost(target)
+        goal = target.goal(start)
+        return Target(target.cost, start * (goal / start) ** (round_index / c.iterations), relative=False)
+
+    def base_cost(self, target: Target) -> float:
+        """The base model's cost in the target's terms (counted, or timed by the protocol: read back once measured)."""
+        c = self.config
+        base = self.budget_base()
+        example = self.data.example_input(1)
+        latency_of = latency_timer(target, example, self.measurements, self.runtime.device) if target.batch else None
+        budget = plan_budget(
+            get_backend(c.backend),
+            base,
+            c.method or get_backend(c.backend).default_method(base),
+            self.data.example_input(8),
+            exclude=c.exclude,
+            latency_of=latency_of,
+        )
+        return budget.cost(target)({})
 
     def step_refine(self) -> dict[str, Any]:
         c = self.config
@@ -561,14 +731,49 @@ class Job:
                 "kd_features": c.kd_features,
                 "kd_feature_weight": c.kd_feature_weight,
             }
+        rounds: list[dict[str, Any]] = []  # iterative pruning: the budgets of rounds 2..k
         with self.logged("3", "prune_model") as log:
             keep = None if meta.get("physical", True) else keep_zeros(model)
-            figures = self.figures(model, self.fit(model, "3", log, after_step=keep, loss_fn=loss))
+            shares = round_epochs(c.epochs("3"), c.iterations if c.target else 1)
+            for index, epochs in enumerate(shares, start=1):
+                result = self.fit(model, "3", log, after_step=keep, loss_fn=loss, epochs=epochs)
+                if index < len(shares):  # prune again, to this round's share of the budget, then fine-tune on
+                    model = model.cpu().eval()  # pruning runs on the CPU
+                    met = self.round_already_met(model, index + 1)
+                    if met is not None:  # an earlier round went past this one's ceiling: nothing to prune
+                        rounds.append(met)
+                        model = self.runtime.place(model)
+                        continue
+                    again = self.prune(model, meta["method"], round_index=index + 1)
+                    meta = {**meta, "kept": compose_kept(meta["kept"], again.kept)}
+                    model = self.runtime.place(again.model)
+                    rounds.append(again.info["budget"])
+            figures = self.figures(model, result)
+            if rounds:
+                widths = {
+                    name: module.weight.shape[0]
+                    for name, module in self.budget_base().named_modules()
+                    if isinstance(getattr(module, "weight", None), torch.Tensor)
+                }
+                figures["budget"] = {
+                    "target": c.target,
+                    "iterations": c.iterations,
+                    "rounds": rounds,
+                    "achieved_ratio": rounds[-1]["base_ratio"],
+                    "ratios": {  # of the base's widths, after every round
+                        layer: round(1 - len(kept) / widths[layer], 4)
+                        for layer, kept in meta["kept"].items()
+                        if layer in widths and len(kept) < widths[layer]
+                    },
+                }
             refined_meta = {**meta, **self.meta(STAGES["3"], settings, meta, refine_epochs=c.epochs("3"), **distilled)}
             self.save("3", model, refined_meta, "prune_model", {**figures, **distilled})
-        self.record(
-            "3 refined" + (" (KD + features)" if c.distill and c.kd_features else " (KD)" if c.distill else ""), figures
-        )
+        label = " (KD + features)" if c.distill and c.kd_features else " (KD)" if c.distill else ""
+        if rounds:
+            label += f" ({c.iterations} rounds to {c.target}: {figures['budget']['achieved_ratio']:g}x)"
+            if rounds[-1]["reason"] and c.echo_epochs:
+                print(f"note: round {c.iterations} of {c.target}: {rounds[-1]['reason']}", file=sys.stderr)
+        self.record("3 refined" + label, figures)
         return figures
 
     def base_model(self) -> nn.Module:
@@ -707,6 +912,19 @@ class Job:
                 )
             )
         return lines
+
+
+def round_epochs(epochs: int, rounds: int) -> list[int]:
+    """`epochs` of fine-tuning shared by `rounds` prune -> fine-tune rounds as evenly as they go (earlier rounds take
+    the odd ones): the same total as one-shot pruning, so the comparison stays at equal training."""
+    return [epochs // rounds + (1 if index < epochs % rounds else 0) for index in range(rounds)]
+
+
+def compose_kept(earlier: dict[str, list[int]], later: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Kept channels in the original numbering after a second prune whose indices count the first's survivors."""
+    return {layer: [kept[i] for i in later[layer]] if layer in later else kept for layer, kept in earlier.items()} | {
+        layer: indices for layer, indices in later.items() if layer not in earlier
+    }
 
 
 def keep_zeros(model: nn.Module) -> Callable[[nn.Module], None]:

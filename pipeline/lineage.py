@@ -22,7 +22,19 @@ STEP_OF_STAGE = {"model_base": "1", "model_prune": "2", "model_refine": "3", "mo
 # settings a run may ask for explicitly that shape an earlier stage: checked against that stage when this run
 # builds on it without making it again
 ASKED_OF_STAGE: dict[str, tuple[str, ...]] = {
-    "model_prune": ("backend", "method", "percent", "scope", "exclude", "threshold", "round_to", "prune_steps"),
+    "model_prune": (
+        "backend",
+        "method",
+        "percent",
+        "target",
+        "allocation",
+        "iterations",
+        "scope",
+        "exclude",
+        "threshold",
+        "round_to",
+        "prune_steps",
+    ),
     "model_refine": ("distill", "kd_alpha", "kd_temperature", "kd_features", "kd_feature_weight"),
 }
 
@@ -57,7 +69,7 @@ def descendant_lineage(
 
 def describe(settings: dict[str, Any]) -> str:
     """A few words for a stage's settings: 'scratch bn 0.5, seed 0'."""
-    named = ("backend", "method", "percent", "quantize")
+    named = ("backend", "method", "percent", "target", "allocation", "quantize")
     what = " ".join(str(settings[key]) for key in named if settings.get(key) is not None)
     seed = f"seed {settings['seed']}" if "seed" in settings else ""
     return ", ".join(part for part in (what, seed) if part) or "settings not recorded"
