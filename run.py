@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                     "processes; make them agree"
                 )
             if config.target is not None:
-                check_timeable(parse_target(config.target), runtime.device, runtime.world_size)
+                check_timeable(parse_target(config.target), runtime.device, runtime.world_size, config.allocation)
             data = load_data(config, runtime)
             check_request(config, data, steps, runtime.device)
             job = Job(config, data, runtime)

@@ -54,7 +54,8 @@ class LatencyTable:
                 row = []
                 for fout in (fin,) if follows else grid:
                     layer, x = _shrunk(module, shapes[name], fin, fout, batch, memory_format)
-                    row.append(time_op(layer, x))
+                    device = example_input.device  # each layer timed where the model runs
+                    row.append(time_op(layer.to(device), x.to(device)))
                 rows.append(row)
             layers[name] = rows
             activations[name] = shapes[name][1]

@@ -60,7 +60,7 @@ class Target:
     def __str__(self) -> str:
         """The form parse_target reads back: macs=2x, macs=120M, latency_b64=30ms."""
         if self.relative:
-            return f"{self.cost}={self.value:g}x"
+            return f"{self.cost}={self.value:.12g}x"
         if self.batch is not None:
             return f"{self.cost}={self.value * 1e3:.12g}ms"
         unit = next((u for u in ("g", "m", "k") if self.value >= SUFFIXES[u]), "")
@@ -372,6 +372,8 @@ def shortfall(achieved: float, goal: float, tolerance: float, allocation: str, b
     )
     if allocation == "uniform":
         why = "one ratio moves every group at once"
+    elif allocation in ("sensitivity", "latency"):
+        why = f"the greedy's last step went past the goal, and no channel given back fits under it; {why}"
     return f"the nearest point under the goal is {1 - achieved / goal:.1%} below it ({why})"
 
 

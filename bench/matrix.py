@@ -262,7 +262,8 @@ def expand(spec: MatrixSpec, data: ImageDataset) -> list[Cell]:
                     raise UsageError(f"{backend}:{method} cannot prune {model}: {error}. {offered_methods()}") from None
             if spec.budgets:
                 for budget in spec.budgets:
-                    check_timeable(parse_target(budget), torch.device(spec.device))
+                    for allocation in spec.allocations:
+                        check_timeable(parse_target(budget), torch.device(spec.device), allocation=allocation)
                     check_budget(
                         job_config(
                             spec,

@@ -45,20 +45,22 @@ TABLE_PROTOCOL = Protocol(tolerance=0.05, min_blocks=3, cap_s=5.0, pin=False)  #
 TIMEABLE = ("cpu", "cuda")  # devices whose queued work a timer can wait for (pipeline.train.runtime.synchronize)
 
 
-def check_timeable(target: Target, device: torch.device, world_size: int = 1) -> None:
-    """A latency budget needs times that mean something: on a device the timer can synchronise, in one process (the
-    processes of a distributed job would time each other's load on shared cores)."""
-    if target.batch is None:
+def check_timeable(target: Target, device: torch.device, world_size: int = 1, allocation: str = "uniform") -> None:
+    """A latency budget (or the latency allocation, which times a lookup table) needs times that mean something: on a
+    device the timer can synchronise, in one process (the processes of a distributed job would time each other's load
+    on shared cores, and could choose different widths)."""
+    if target.batch is None and allocation != "latency":
         return
+    timed = f"target {target}" if target.batch is not None else "--allocation latency"
     if device.type not in TIMEABLE:
         raise UsageError(
-            f"target {target} needs a device whose latency can be timed ({' or '.join(TIMEABLE)}), not {device.type}; "
-            "use --device cpu or cuda, or a macs / params target"
+            f"{timed} needs a device whose latency can be timed ({' or '.join(TIMEABLE)}), not {device.type}; "
+            "use --device cpu or cuda, or a macs / params target with another allocation"
         )
     if world_size > 1:
         raise UsageError(
-            f"target {target} is timed on this machine, and {world_size} processes would time each other's load: "
-            "run a latency budget in one process (without torchrun), or use a macs / params target"
+            f"{timed} is timed on this machine, and {world_size} processes would time each other's load: run it in "
+            "one process (without torchrun), or use a macs / params target with another allocation"
         )
 
 

@@ -489,7 +489,7 @@ class Job:
         c, device = self.config, self.runtime.place
         base, base_meta = self.load(STAGES["1"])
         self.models.setdefault("1", base)
-        self.cpu_base = base.eval()
+        self.cpu_base = copy.deepcopy(base).eval()  # stays on the CPU: `base` may be placed on the device below
         backend = get_backend(c.backend)
         method = c.method or backend.default_method(base)
         started = time.perf_counter()

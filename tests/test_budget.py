@@ -311,6 +311,23 @@ def test_latency_table_predicts_what_the_timer_measures(model_name):
     assert LatencyTable.from_json(table.as_json()).predict(plan, costs) == table.predict(plan, costs)
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine: the GPU path is checked where one is"
+)
+def test_the_latency_table_times_every_layer_on_the_models_device():
+    model = zoo("vgg").cuda()
+    example = EXAMPLE.cuda()
+    seen = []
+
+    def timer(module: nn.Module, x: torch.Tensor) -> float:
+        seen.append((next(module.parameters()).device.type, x.device.type))
+        return fake_seconds(module, x)
+
+    costs = CostModel.of(model, example, analyze(model, example))
+    LatencyTable.build(deployable(model), example, costs, 4, torch.channels_last, timer)
+    assert seen and set(seen) == {("cuda", "cuda")}
+
+
 def test_a_latency_target_meets_its_goal_on_the_timer():
     model = zoo("vgg")
     timer = lambda m: fake_seconds(deployable(m), EXAMPLE.expand(8, -1, -1, -1).contiguous())  # noqa: E731
@@ -325,6 +342,12 @@ def test_latency_targets_need_a_device_that_can_be_timed():
         check_timeable(parse_target("latency_b64=2x"), torch.device("meta"))
     with pytest.raises(UsageError, match="4 processes would time each other's load"):
         check_timeable(parse_target("latency_b1=1.5x"), torch.device("cpu"), world_size=4)
+    # the latency allocation times a lookup table, whatever the target
+    check_timeable(parse_target("macs=2x"), torch.device("cpu"), world_size=1, allocation="latency")
+    with pytest.raises(UsageError, match="--allocation latency is timed on this machine, and 2 processes"):
+        check_timeable(parse_target("macs=2x"), torch.device("cpu"), world_size=2, allocation="latency")
+    with pytest.raises(UsageError, match="--allocation latency needs a device whose latency can be timed"):
+        check_timeable(parse_target("macs=2x"), torch.device("meta"), allocation="latency")
 
 
 # -- run.py -----------------------------------------------------------------------------------------------------------
