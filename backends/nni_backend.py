@@ -27,6 +27,7 @@ from algorithms.modules import clone_tree, has_norm, output_units
 from algorithms.selection import round_up_kept
 
 from .base import NO_JOB, JobContext, PruneResult, TrainBatches
+from .runs import check_runs, output_shape
 
 ONE_SHOT = {"l1": "L1NormPruner", "l2": "L2NormPruner", "fpgm": "FPGMPruner"}
 DATA_DRIVEN = {"slim": "SlimPruner", "taylor": "TaylorPruner"}
@@ -175,6 +176,7 @@ class NNIBackend:
         excluded = excluded_producers(graph, set(modules), exclude)
         prunable = _prunable(graph, excluded)
         working = clone_tree(model, {}).eval()
+        expected_shape = output_shape(working, example_input)  # what the pruned model must still answer in
         coupled = any(len(graph.groups[graph.group_of_producer[p]].members) > 1 for p in prunable)
         if config_list is None:
             config_list = _config_list(method, sparsity, scope, prunable, graph.norm_after, modules)
@@ -260,6 +262,7 @@ class NNIBackend:
                 raise PruningError(
                     f"NNI ModelSpeedup failed after {method}: {type(error).__name__}: {str(error).strip()[:200]}"
                 ) from None
+        check_runs(pruned, example_input, f"NNI {method}", expected_shape)
         pruned_modules = dict(pruned.named_modules())
         for producer, indices in kept.items():
             if output_units(pruned_modules[producer]) != len(indices):

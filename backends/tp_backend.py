@@ -24,9 +24,10 @@ from algorithms.channel_pruning import check_round_to, check_scope, excluded_pro
 from algorithms.errors import PruningError, first_line
 from algorithms.graph import analyze
 from algorithms.masks import apply_masks, unit_masks
-from algorithms.modules import clone_tree, eval_mode, has_norm, output_units
+from algorithms.modules import clone_tree, has_norm, output_units
 
 from .base import NO_JOB, JobContext, PruneResult, TrainBatches
+from .runs import check_runs, output_shape
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ class TorchPruningBackend:
         working.zero_grad(set_to_none=True)
         for name, parameter in working.named_parameters():
             parameter.requires_grad_(trainable.get(name, True))
-        _check_runs(working, example_input, method, _output_shape(model, example_input))
+        check_runs(working, example_input, f"Torch-Pruning {method}", output_shape(model, example_input))
         kept = {
             name: sorted(set(range(output_units(originals[name]))) - set(indices))
             for name, indices in removed.items()
@@ -313,12 +314,6 @@ def _check_nothing_emptied(
                 f"at ratio {ratio:g} Torch-Pruning would keep no channel of {name} ({units} units) and skip it "
                 f"silently; use {hint}"
             )
-
-
-def _output_shape(model: nn.Module, example_input: torch.Tensor) -> torch.Size | None:
-    with eval_mode(model), torch.no_grad():
-        output = model(example_input.clone())
-    return output.shape if isinstance(output, torch.Tensor) else None
 
 
 def _check_every_group_has_a_norm(graph: Any, prunable: list[str]) -> None:
@@ -426,21 +421,3 @@ def _prune(tp: Any, pruner: Any, names: dict[nn.Module, str]) -> dict[str, list[
                 removed.setdefault(names[item.dep.target.module], []).extend(int(i) for i in item.idxs)
         group.prune()
     return removed
-
-
-def _check_runs(model: nn.Module, example_input: torch.Tensor, method: str, expected_shape: torch.Size | None) -> None:
-    """Torch-Pruning can leave a model that no longer runs (a hard-coded width in forward) or answers in fewer
-    classes: say so."""
-    try:
-        with torch.no_grad():
-            output = model.eval()(example_input.clone())
-    except Exception as error:
-        raise PruningError(
-            f"the model Torch-Pruning {method} pruned no longer runs ({type(error).__name__}: "
-            f"{first_line(error)[:200]})"
-        ) from None
-    if expected_shape is not None and isinstance(output, torch.Tensor) and output.shape != expected_shape:
-        raise PruningError(
-            f"Torch-Pruning {method} changed the model's output from {tuple(expected_shape)} to {tuple(output.shape)}; "
-            "exclude the layer it pruned there"
-        )

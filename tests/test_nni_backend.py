@@ -157,6 +157,30 @@ def test_bad_requests_are_clear_value_errors(call, message):
         call()
 
 
+class HardCodedView(torch.nn.Module):
+    """A forward that hard-codes the classifier's input width: NNI's speedup shrinks the Linear, not the view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4)
+        return self.fc(x.view(-1, 256))
+
+
+def test_a_pruned_model_that_no_longer_runs_is_refused_in_one_line():
+    model = HardCodedView().eval()
+    reference = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(
+        PruningError, match=r"the model NNI l1 pruned no longer runs \(RuntimeError: mat1 and mat2"
+    ) as raised:
+        NNI.prune(model, "l1", 0.5, torch.randn(2, 3, 8, 8), scope="layer")
+    assert "\n" not in str(raised.value)
+    assert all(torch.equal(reference[name], tensor) for name, tensor in model.state_dict().items())  # untouched
+
+
 def test_missing_nni_is_one_clear_message(monkeypatch):
     real_import = builtins.__import__
 
