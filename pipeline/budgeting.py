@@ -52,15 +52,16 @@ def check_timeable(target: Target, device: torch.device, world_size: int = 1, al
     if target.batch is None and allocation != "latency":
         return
     timed = f"target {target}" if target.batch is not None else "--allocation latency"
+    instead = "a macs / params target" if target.batch is not None else "another allocation"
     if device.type not in TIMEABLE:
         raise UsageError(
             f"{timed} needs a device whose latency can be timed ({' or '.join(TIMEABLE)}), not {device.type}; "
-            "use --device cpu or cuda, or a macs / params target with another allocation"
+            f"use --device cpu or cuda, or {instead}"
         )
     if world_size > 1:
         raise UsageError(
             f"{timed} is timed on this machine, and {world_size} processes would time each other's load: run it in "
-            "one process (without torchrun), or use a macs / params target with another allocation"
+            f"one process (without torchrun), or use {instead}"
         )
 
 
