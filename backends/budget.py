@@ -163,22 +163,6 @@ def allocate(
     """The plan of `allocation` whose cost is the largest within `goal`; where the cost is counted, not timed (MACs,
     parameters), and the plan stops short of the goal by more than half the tolerance, channels are then given back
     as far as the goal allows (uniform keeps its one ratio)."""
-    found = _allocate(budget, target, goal, allocation, sensitivity=sensitivity, latency_table=latency_table)
-    if allocation == "uniform" or target.cost not in ("macs", "params") or found.cost >= goal * (1 - tolerance / 2):
-        return found
-    filled = strategies.give_back(budget.groups, found.plan, unit_norms(budget), budget.cost(target), goal)
-    return strategies.Allocation(filled.plan, filled.cost, found.evaluations + filled.evaluations)
-
-
-def _allocate(
-    budget: Budget,
-    target: Target,
-    goal: float,
-    allocation: str,
-    *,
-    sensitivity: tuple[Sensitivity, float] | None = None,
-    latency_table: LatencyTable | None = None,
-) -> strategies.Allocation:
     cost, scale = budget.cost(target), 1.0
     if target.batch is not None and allocation in ("sensitivity", "latency"):
         # a greedy takes hundreds of steps, too many to time each: it searches on the table's prediction, scaled to
@@ -189,7 +173,11 @@ def _allocate(
         cost = lambda plan: latency_table.predict(plan, budget.costs)  # noqa: E731
         scale = cost({}) / measured_base
     found = _search(budget, allocation, cost, goal * scale, sensitivity, latency_table)
-    return strategies.Allocation(found.plan, found.cost / scale, found.evaluations)
+    found = strategies.Allocation(found.plan, found.cost / scale, found.evaluations)
+    if allocation == "uniform" or target.cost not in ("macs", "params") or found.cost >= goal * (1 - tolerance / 2):
+        return found
+    filled = strategies.give_back(budget.groups, found.plan, unit_norms(budget), budget.cost(target), goal)
+    return strategies.Allocation(filled.plan, filled.cost, found.evaluations + filled.evaluations)
 
 
 def _search(

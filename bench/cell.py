@@ -397,7 +397,7 @@ def thin_row(
     example = data.example_input(1)
     target = parse_target(cell.budget)
     runtime = spec.runtime()
-    latency_of = latency_timer(target, example, measurements, runtime.device) if target.batch else None
+    latency_of = latency_timer(target, example, measurements, runtime.device)
     budget = plan_budget(get_backend("scratch"), base, "conv_all", example, latency_of=latency_of)
     _, goal = check_reachable(budget, target, "the thin control")
     plan = allocate(budget, target, goal, "uniform").plan

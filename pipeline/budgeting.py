@@ -67,9 +67,11 @@ def check_timeable(target: Target, device: torch.device, world_size: int = 1, al
 
 def latency_timer(
     target: Target, example_input: torch.Tensor, measurements: Measurements, device: torch.device | None = None
-) -> Callable[[nn.Module], float]:
+) -> Callable[[nn.Module], float] | None:
     """Seconds per batch of a model as deployed on `device` (the example's by default), at the target's batch, by the
-    stability protocol; identical widths read one measurement."""
+    stability protocol; identical widths read one measurement. None for a target that is counted, not timed."""
+    if target.batch is None:
+        return None
     example_input = example_input if device is None else example_input.to(device)
     threads = 1 if example_input.device.type == "cpu" else None
 
@@ -173,7 +175,7 @@ def budget_inputs(
     is timed on `device` (the job's; the model's by default)."""
     example = data.example_input(1).to(device or next(model.parameters()).device)
     inputs: dict[str, Any] = {}
-    if target.cost.startswith("latency"):
+    if target.batch is not None:
         inputs["latency_of"] = latency_timer(target, example, measurements)
     if allocation == "sensitivity":
         inputs["sensitivity"] = sensitivity_scan(base, data, cache, identity)

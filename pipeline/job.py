@@ -121,7 +121,7 @@ def check_budget(
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes).eval()
     example = data.example_input(1)
-    latency_of = latency_timer(target, example, Measurements(), device) if target.batch else None
+    latency_of = latency_timer(target, example, Measurements(), device)
     budget = plan_budget(
         backend, model, method, example, exclude=config.exclude, round_to=config.round_to, latency_of=latency_of
     )
@@ -643,12 +643,7 @@ class Job:
     def round_already_met(self, model: nn.Module, round_index: int) -> dict[str, Any] | None:
         """The record of a round whose ceiling the model already meets (an earlier round pruned past it), else None."""
         target = self.round_target(round_index)
-        latency_of = (
-            latency_timer(target, self.data.example_input(1), self.measurements, self.runtime.device)
-            if target.batch
-            else None
-        )
-        now = measured_cost(model, self.data.example_input(1), target.cost, latency_of)
+        now = self.cost_of(model, target)
         goal = target.goal(now)
         if now > goal:
             return None
@@ -682,20 +677,14 @@ class Job:
         return Target(target.cost, start * (goal / start) ** (round_index / c.iterations), relative=False)
 
     def base_cost(self, target: Target) -> float:
-        """The base model's cost in the target's terms (counted, or timed by the protocol: read back once measured)."""
-        c = self.config
-        base = self.budget_base()
+        return self.cost_of(self.budget_base(), target)
+
+    def cost_of(self, model: nn.Module, target: Target) -> float:
+        """A model's cost in the target's terms: counted, or timed by the protocol (read back once measured)."""
         example = self.data.example_input(1)
-        latency_of = latency_timer(target, example, self.measurements, self.runtime.device) if target.batch else None
-        budget = plan_budget(
-            get_backend(c.backend),
-            base,
-            c.method or get_backend(c.backend).default_method(base),
-            self.data.example_input(8),
-            exclude=c.exclude,
-            latency_of=latency_of,
+        return measured_cost(
+            model, example, target.cost, latency_timer(target, example, self.measurements, self.runtime.device)
         )
-        return budget.cost(target)({})
 
     def step_refine(self) -> dict[str, Any]:
         c = self.config
