@@ -48,3 +48,23 @@ def test_pruned_latency(benchmark, models, name, backend):
         assert figures["speedup_b64"] >= 0.95 * mac_ratio, (
             f"{name}/{backend}: batch-64 speedup {figures['speedup_b64']:.2f} < 0.95 x {mac_ratio:.2f}"
         )
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_identical_models_time_alike(benchmark, models, batch):
+    """A model and its deep copy, timed against each other by the protocol, on the real clock: the speedup reads 1.00
+    within 5% (the unit suite checks the order's neutrality on a fake clock; this is what the machine does)."""
+    import copy
+
+    from pipeline.deploy.latency import measure_models
+    from pipeline.deploy.metrics import deployable
+
+    model = deployable(models["lenet"])
+    twin = copy.deepcopy(model)
+    measured = benchmark.pedantic(
+        lambda: measure_models([model, twin], example_input=X[:1], batch=batch, threads=1), rounds=1
+    )
+    (speedup,) = measured.speedups
+    benchmark.extra_info.update(speedup=speedup.value, low=speedup.low, high=speedup.high, stable=speedup.stable)
+    print(f"\nlenet vs its copy at batch {batch}: {speedup.value:.3f}x (95% {speedup.low:.3f}-{speedup.high:.3f})")
+    assert 0.95 < speedup.value < 1.05, speedup
