@@ -226,8 +226,9 @@ ELEMENTWISE = {
     torch.mul,
     torch.sub,
     torch.div,
+    torch.addcmul,  # bias + weight * x: timm's GlobalResponseNorm
 }
-ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
+ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "addcmul"}
 RESHAPES = {torch.flatten, torch.reshape}
 RESHAPE_METHODS = {"view", "reshape", "flatten"}
 REDUCTIONS = {torch.mean, torch.sum, torch.amax}
@@ -239,6 +240,14 @@ SPLIT_METHODS = {"chunk", "split"}
 # ops a channel shuffle passes through
 SPLIT_AWARE = PERMUTES | RESHAPES | {"contiguous", "clone"} | PERMUTE_METHODS | RESHAPE_METHODS
 NON_TENSOR_METHODS = {"size", "dim"}
+# F.op(x, ...) run by a module of these kinds on its own tensors: the functional call's argument names, by position
+FUNCTIONAL_MODULE_CALLS = {
+    F.batch_norm: (NORM_TYPES, ("input", "running_mean", "running_var", "weight", "bias", "training")),
+    F.layer_norm: (nn.LayerNorm, ("input", "normalized_shape", "weight", "bias", "eps")),
+    F.linear: (nn.Linear, ("input", "weight", "bias")),
+    F.conv2d: (nn.Conv2d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+}
+MODULE_TENSORS = ("running_mean", "running_var", "weight", "bias")
 
 
 class _Spaces:
@@ -337,6 +346,8 @@ class _Walker:
         self.producer_space: dict[str, int] = {}
         self.divisors: dict[int, int] = {}  # space -> equal blocks a grouped conv imposes
         self.calls: dict[str, int] = {}
+        self.parameter_views: dict[torch.fx.Node, torch.fx.Node] = {}  # 1-d parameter reshaped to broadcast -> get_attr
+        self.module_nodes: dict[torch.fx.Node, str] = {}  # the nodes that run a module, by call or as its functional op
         # outputs of ops not understood, with the reason: their axis is a guess
         self.unrelated: dict[torch.fx.Node, str] = {}
         # spaces permuted, shuffled, split, renormalised or scaled somewhere (see ChannelGroup)
@@ -452,8 +463,15 @@ class _Walker:
         self.fresh(node, "the model input")
 
     def call_module(self, node: torch.fx.Node) -> None:
-        name, module = str(node.target), self.modules[str(node.target)]
-        source_node = node.args[0] if node.args else None
+        name = str(node.target)
+        self.module_call(node, name, self.modules[name], node.args[0] if node.args else None)
+
+    def module_call(
+        self, node: torch.fx.Node, name: str, module: nn.Module, source_node: object, own_reads: bool = False
+    ) -> None:
+        """`module` run on `source_node`, as a call_module node or (`own_reads`) as the functional op of its own forward
+        on its own tensors, which are then read there alone."""
+        self.module_nodes[node] = name
         source, axis, ndim = self.layout(source_node), self.axis(source_node), _ndim(source_node)
         known = isinstance(
             module,
@@ -465,7 +483,7 @@ class _Walker:
         stateful = isinstance(module, (nn.Conv2d, nn.Linear, nn.LayerNorm, *NORM_TYPES))
         if stateful and not self.first_call(name, node, source):
             return
-        if stateful and self.read_directly(name):
+        if stateful and not own_reads and self.read_directly(name):
             reason = f"{name}'s tensors are also read directly by the forward, so it cannot be sliced"
             self.block_inputs(node, reason)
             if isinstance(module, (nn.Conv2d, nn.Linear)):  # still a layer of the model: listed with the reason
@@ -545,34 +563,31 @@ class _Walker:
             self.carry(node, source_node)
             self.mark(source)
 
-    def functional_layer_norm(self, node: torch.fx.Node) -> None:
-        """F.layer_norm(x, shape, self.weight, self.bias) inside a LayerNorm subclass (torchvision's LayerNorm2d): that
-        module is sliced."""
-        args = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args, strict=False)) | node.kwargs
-        weight, bias, shape = args.get("weight"), args.get("bias"), args.get("normalized_shape")
-        owner = (
-            str(weight.target).rpartition(".")[0]
-            if isinstance(weight, torch.fx.Node) and weight.op == "get_attr"
-            else None
-        )
+    def functional_call(self, node: torch.fx.Node) -> None:
+        """F.batch_norm / F.layer_norm / F.linear / F.conv2d in the forward of a module of that kind, on that module's
+        own tensors (timm's BatchNormAct2d and Linear, torchvision's LayerNorm2d): analysed as a call of the module,
+        whose tensors are sliced. Whatever its forward does after the op is traced as ops of their own."""
+        kinds, names = FUNCTIONAL_MODULE_CALLS[node.target]
+        args = dict(zip(names, node.args, strict=False)) | node.kwargs
+        tensors = {key: args[key] for key in MODULE_TENSORS if isinstance(args.get(key), torch.fx.Node)}
+        reads = {str(t.target) for t in tensors.values() if t.op == "get_attr"}
+        owner = next(iter(reads)).rpartition(".")[0] if len(reads) == len(tensors) > 0 else None
         module = self.modules.get(owner) if owner is not None else None
-        tensors = [t for t in (weight, bias) if isinstance(t, torch.fx.Node)]
-        # in the owner's own forward, which passes self.normalized_shape
-        inside = list(node.meta.get("nn_module_stack") or {})[-1:] == [owner]
+        what = getattr(node.target, "__name__", node.target)
         if (
-            not isinstance(module, nn.LayerNorm)
-            or not inside
-            or str(weight.target) != f"{owner}.weight"
-            or [str(t.target) for t in tensors]
-            != [f"{owner}.{key}" for key in ("weight", "bias") if getattr(module, key, None) is not None]
-            or any(self.attr_uses[str(t.target)] != 1 or len(t.users) != 1 for t in tensors)
-            or not isinstance(shape, (list, tuple))
-            or tuple(shape) != tuple(module.normalized_shape)
+            not isinstance(module, kinds)
+            # in the owner's own forward, on each of its own tensors once
+            or list(node.meta.get("nn_module_stack") or {})[-1:] != [owner]
+            or {key: str(t.target) for key, t in tensors.items()} != _own_tensor_names(module, owner, names)
+            or any(self.attr_uses[str(t.target)] != 1 or len(t.users) != 1 for t in tensors.values())
+            or isinstance(module, nn.LayerNorm)
+            and tuple(args.get("normalized_shape") or ()) != module.normalized_shape
+            or isinstance(module, nn.Conv2d)
+            and args.get("groups", 1) != module.groups
         ):
-            self.unknown(node, "layer_norm with weights of no LayerNorm module it runs in")
+            self.unknown(node, f"{what} with tensors of no {_kind_names(kinds)} it runs in")
             return
-        if self.first_call(owner, node, self.layout(args["input"])):
-            self.layer_norm(node, owner, module, args["input"])
+        self.module_call(node, owner, module, args.get("input"), own_reads=True)
 
     def call_function(self, node: torch.fx.Node) -> None:
         target = node.target
@@ -590,8 +605,8 @@ class _Walker:
             self.split(node)
         elif target is operator.getitem:
             self.getitem(node)
-        elif target is F.layer_norm:
-            self.functional_layer_norm(node)
+        elif target in FUNCTIONAL_MODULE_CALLS:
+            self.functional_call(node)
         elif target is torch.cat:
             self.cat(node)
         elif target in REDUCTIONS:
@@ -668,15 +683,18 @@ class _Walker:
         scales = []
         for arg in operands:
             size = 1 if arg in with_layout else _broadcast_size(_shape(arg), out_shape, axis)
-            if size > 1 and self.own_parameter(arg) and size == out_shape[axis]:
+            if size > 1 and size == out_shape[axis] and (self.own_parameter(arg) or arg in self.parameter_views):
                 scales.append(arg)  # layer scale, a per-channel bias: sliced with the channels it multiplies
             elif size > 1:
                 self.unknown(node, "an elementwise op with a per-channel constant")
                 return
         if self.unite(node, [self.layout(arg) for arg in with_layout], axis):
             for arg in scales:
-                dim = axis - (len(out_shape) - _ndim(arg))
-                self.consumers.append(Consumer(str(arg.target), "scale", self.layouts[node], dim))
+                if arg in self.parameter_views:  # a 1-d parameter reshaped to broadcast: its one axis
+                    parameter, dim = self.parameter_views[arg], 0
+                else:
+                    parameter, dim = arg, axis - (len(out_shape) - _ndim(arg))
+                self.consumers.append(Consumer(str(parameter.target), "scale", self.layouts[node], dim))
                 self.mark(self.layouts[node])
 
     def reshape(self, node: torch.fx.Node) -> None:
@@ -684,6 +702,19 @@ class _Walker:
         source, in_shape, out_shape = self.layout(source_node), _shape(source_node), _shape(node)
         if source_node in self.splits:
             self.merge_groups(node)
+            return
+        if (
+            isinstance(source_node, torch.fx.Node)
+            and self.own_parameter(source_node)
+            and in_shape is not None
+            and len(in_shape) == 1
+            and out_shape is not None
+            and sorted(out_shape)[:-1] == [1] * (len(out_shape) - 1)
+            and _requested_sizes(node).count(-1) == 1  # the channel count left to the tensor: it holds once pruned
+            and len(node.users) == 1
+        ):
+            # self.gamma.reshape(1, -1, 1, 1) (timm's ConvNeXt layer scale): sliced where it meets the channels
+            self.parameter_views[node] = source_node
             return
         if source is None or in_shape is None or out_shape is None or len(out_shape) < 2 or out_shape[0] != in_shape[0]:
             self.unknown(node, "a reshape")
@@ -797,16 +828,18 @@ class _Walker:
         if source_node in self.pieces and isinstance(index, int):
             self.set(node, *self.pieces[source_node][index])
             return
-        source, axis = self.layout(source_node), self.axis(source_node)
+        source, axis, shape = self.layout(source_node), self.axis(source_node), _shape(source_node)
         index = index if isinstance(index, tuple) else (index,)
-        simple = all(isinstance(i, int) or i == slice(None) for i in index) and len(index) <= _ndim(source_node)
+        simple = all(isinstance(i, int) or _literal_slice(i) for i in index) and len(index) <= _ndim(source_node)
         if (
             source is not None
+            and shape is not None
             and simple
-            and (axis >= len(index) or index[axis] == slice(None))
+            # every channel kept, also once pruned: GhostNet's torch.cat([x1, x2], 1)[:, :self.out_chs] at a full width
+            and (axis >= len(index) or _whole(index[axis], shape[axis]))
             and index[:1] == (slice(None),)
         ):
-            # x[:, 0] on (N, tokens, C): the class token
+            # x[:, 0] on (N, tokens, C): the class token; x[:, 1:] the patch tokens
             self.set(node, source, axis - sum(isinstance(i, int) for i in index[:axis]))
             return
         self.unknown(node, "indexing")
@@ -890,6 +923,36 @@ def _axis_after_unit_dims(in_shape: tuple[int, ...], out_shape: tuple[int, ...],
     return kept_out[kept_in.index(axis)]
 
 
+def _requested_sizes(node: torch.fx.Node) -> list[object]:
+    """The sizes a view / reshape call asks for: `x.view(1, -1, 1)`, `x.view((1, -1, 1))`, `torch.reshape(x, shape)`."""
+    sizes = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    return list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else sizes
+
+
+def _own_tensor_names(module: nn.Module, owner: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The tensors a functional call of `module` must be handed, as get_attr targets: those the module has."""
+    return {key: f"{owner}.{key}" for key in names if key in MODULE_TENSORS and getattr(module, key, None) is not None}
+
+
+def _literal_slice(index: object) -> bool:
+    bounds = (index.start, index.stop, index.step) if isinstance(index, slice) else ()
+    return isinstance(index, slice) and all(v is None or isinstance(v, int) for v in bounds)
+
+
+def _whole(index: object, size: int) -> bool:
+    """Does this slice keep a whole axis of `size`, and so any narrower one (its bounds are constants of forward)?"""
+    return (
+        _literal_slice(index)
+        and index.start in (None, 0)
+        and index.step in (None, 1)
+        and (index.stop is None or index.stop >= size)
+    )
+
+
+def _kind_names(kinds: type | tuple[type, ...]) -> str:
+    return " / ".join(kind.__name__ for kind in (kinds if isinstance(kinds, tuple) else (kinds,)))
+
+
 def _broadcast_size(shape: tuple[int, ...], out_shape: tuple[int, ...] | None, axis: int = 1) -> int:
     """Size of `shape` along the output's channel axis after broadcasting (1 if absent)."""
     if out_shape is None or len(out_shape) < 2:
@@ -942,11 +1005,12 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
             )
     # the input-space blocks may sit on roots that hold no producer; spaces of blocked roots are already marked
     norm_after: dict[str, str] = {}
-    for node in graph_module.graph.nodes:
-        if node.op == "call_module" and str(node.target) in walker.producer_space and len(node.users) == 1:
-            user = next(iter(node.users))
-            if user.op == "call_module" and isinstance(walker.modules[str(user.target)], NORM_TYPES):
-                norm_after[str(node.target)] = str(user.target)
+    for node, name in walker.module_nodes.items():
+        readers = _value_users(node)
+        if name in walker.producer_space and len(readers) == 1 and readers[0] in walker.module_nodes:
+            norm = walker.module_nodes[readers[0]]
+            if isinstance(walker.modules[norm], NORM_TYPES):
+                norm_after[name] = norm
     return ChannelGraph(
         groups,
         group_of_producer,
@@ -954,11 +1018,21 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
         walker.consumers,
         norm_after,
         dict(walker.producer_space),
-        _output_producers(graph_module, walker.producer_space),
+        _output_producers(graph_module, walker),
     )
 
 
-def _output_producers(graph_module: torch.fx.GraphModule, producers: dict[str, int]) -> list[str]:
+def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The users that read the tensor's values, not only its shape (`x.ndim` in timm's `_assert(x.ndim == 4)`)."""
+    return [
+        user
+        for user in node.users
+        if not (user.op == "call_function" and user.target is getattr and _shape(user) is None)
+        and not (user.op == "call_method" and user.target in NON_TENSOR_METHODS)
+    ]
+
+
+def _output_producers(graph_module: torch.fx.GraphModule, walker: _Walker) -> list[str]:
     """Walk back from the output through every op that is not a producing layer (softmax, squeeze, BatchNorm, ...): the
     layers met."""
     found: list[str] = []
@@ -970,8 +1044,8 @@ def _output_producers(graph_module: torch.fx.GraphModule, producers: dict[str, i
             if arg in seen:
                 continue
             seen.add(arg)
-            if arg.op == "call_module" and str(arg.target) in producers:
-                found.append(str(arg.target))
+            if walker.module_nodes.get(arg) in walker.producer_space:
+                found.append(walker.module_nodes[arg])
             else:
                 stack.append(arg)
     return sorted(found)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import traceback
+from collections.abc import Iterator
 
 import torch
 import torch.fx
@@ -25,9 +28,71 @@ def _offending_frame(error: BaseException) -> str:
     return f" at {os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`"
 
 
-def trace(model: nn.Module) -> torch.fx.GraphModule:
+@contextlib.contextmanager
+def attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's plain attributes as they were, afterwards: a forward traced with proxies may store them (timm's
+    LeViT and EfficientFormer cache attention biases in a dict when not training), which would leave the caller's model
+    holding proxies, and its next trace failing."""
+    saved = [
+        (
+            module,
+            dict(vars(module)),
+            # what each container held (None: empty; most are, and copying them all cost a third of a trace)
+            {key: value.copy() or None for key, value in vars(module).items() if isinstance(value, (dict, list, set))},
+        )
+        for module in model.modules()
+    ]
     try:
-        return torch.fx.symbolic_trace(model)
+        yield
+    finally:
+        for module, attributes, contents in saved:
+            for key in set(vars(module)) - set(attributes):
+                del module.__dict__[key]
+            module.__dict__.update(attributes)
+            for key, content in contents.items():  # the same container, with what it held
+                container = attributes[key]
+                if content is None:
+                    if container:
+                        container.clear()
+                elif isinstance(container, list):
+                    container[:] = content
+                else:
+                    container.clear()
+                    container.update(content)
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer, finding a parameter or buffer by identity in one dict: fx searches the whole model's parameters at
+    every tensor attribute read inside a traced-through module (timm's BatchNormAct2d reads four), and all of its
+    buffers for every tensor handed to an op: quadratic in the model's size (two thirds of a timm RepVGG's prune)."""
+
+    def trace(self, root: nn.Module, concrete_args: dict | None = None) -> torch.fx.Graph:
+        self.names: dict[int, str] = {}
+        for name, tensor in (*root.named_parameters(), *root.named_buffers()):
+            self.names.setdefault(id(tensor), name)
+        return super().trace(root, concrete_args)
+
+    def create_arg(self, a: object) -> object:
+        name = self.names.get(id(a)) if isinstance(a, torch.Tensor) else None  # fx: a search of every buffer
+        return self.create_node("get_attr", name, (), {}) if name is not None else super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val: object, parameter_proxy_cache: dict[str, torch.fx.Proxy]) -> object:
+        name = self.names.get(id(attr_val)) if isinstance(attr_val, torch.Tensor) else None
+        if name is None or not isinstance(attr_val, nn.Parameter) and not self.proxy_buffer_attributes:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """The model's fx graph (as torch.fx.symbolic_trace makes it); the model itself is left as it was (see
+    attributes_kept)."""
+    try:
+        with attributes_kept(model):
+            tracer = _Tracer()
+            graph = tracer.trace(model)
+            return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ... depending on the construct
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PruningError(
@@ -40,8 +105,9 @@ def propagate_shapes(graph_module: torch.fx.GraphModule, example_input: torch.Te
     """Fill node.meta['tensor_meta'] by running the graph once in eval mode (BN stats untouched)."""
     try:
         with eval_mode(graph_module), torch.no_grad():
-            # a model may change its input in place: never the caller's
-            ShapeProp(graph_module).propagate(example_input.clone())
+            # a model may change its input in place: never the caller's; ShapeProp prints a traceback before raising
+            with contextlib.redirect_stderr(io.StringIO()):
+                ShapeProp(graph_module).propagate(example_input.clone())
     except Exception as error:
         raise PruningError(
             f"the model failed on the example input of shape {tuple(example_input.shape)}: {str(error).splitlines()[0]}"

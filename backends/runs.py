@@ -11,11 +11,13 @@ from torch import nn
 
 from algorithms.errors import PruningError, first_line
 from algorithms.modules import eval_mode
+from algorithms.tracing import attributes_kept
 
 
 def output_shape(model: nn.Module, example_input: torch.Tensor) -> torch.Size | None:
-    """The shape of the model's answer to the example (None when it answers in something other than a tensor)."""
-    with eval_mode(model), torch.no_grad():
+    """The shape of the model's answer to the example (None when it answers in something other than a tensor); what the
+    forward caches on the model (timm's attention biases) is dropped again."""
+    with eval_mode(model), torch.no_grad(), attributes_kept(model):
         output = model(example_input.clone())
     return output.shape if isinstance(output, torch.Tensor) else None
 

@@ -25,6 +25,7 @@ from algorithms.errors import PruningError, first_line
 from algorithms.graph import analyze
 from algorithms.masks import apply_masks, unit_masks
 from algorithms.modules import clone_tree, has_norm, output_units
+from algorithms.tracing import attributes_kept
 
 from .base import NO_JOB, JobContext, PruneResult, TrainBatches
 from .runs import check_runs, output_shape
@@ -190,6 +191,7 @@ class TorchPruningBackend:
         ratio_dict = _ratio_dict(sparsity, prunable, modules, graph) if per_layer else None
         if method == "group_slim":
             _check_every_group_has_a_norm(graph, prunable)
+        expected_shape = output_shape(working, example_input)  # the caller's model is never run
         trainable = {name: p.requires_grad for name, p in working.named_parameters()}
         modes = {name: m.training for name, m in model.named_modules()}
         for (
@@ -203,18 +205,19 @@ class TorchPruningBackend:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Torch-Pruning warns about every layer it cannot see through
-                pruner = getattr(tp.pruner, spec.pruner)(
-                    working,
-                    example_input,
-                    importance=importance,
-                    global_pruning=scope == "global",
-                    pruning_ratio=0.0 if per_layer else float(sparsity),
-                    pruning_ratio_dict=ratio_dict,
-                    ignored_layers=ignored,
-                    round_to=round_to,
-                    root_module_types=[nn.Conv2d, nn.Linear],
-                    **dict(spec.pruner_arguments),
-                )
+                with attributes_kept(working):  # its forward on the example: what that caches is of the dense model
+                    pruner = getattr(tp.pruner, spec.pruner)(
+                        working,
+                        example_input,
+                        importance=importance,
+                        global_pruning=scope == "global",
+                        pruning_ratio=0.0 if per_layer else float(sparsity),
+                        pruning_ratio_dict=ratio_dict,
+                        ignored_layers=ignored,
+                        round_to=round_to,
+                        root_module_types=[nn.Conv2d, nn.Linear],
+                        **dict(spec.pruner_arguments),
+                    )
                 steps, trained = 0, None
                 if spec.sparse_training:
                     steps = _sparse_train(
@@ -242,7 +245,7 @@ class TorchPruningBackend:
         working.zero_grad(set_to_none=True)
         for name, parameter in working.named_parameters():
             parameter.requires_grad_(trainable.get(name, True))
-        check_runs(working, example_input, f"Torch-Pruning {method}", output_shape(model, example_input))
+        check_runs(working, example_input, f"Torch-Pruning {method}", expected_shape)
         kept = {
             name: sorted(set(range(output_units(originals[name]))) - set(indices))
             for name, indices in removed.items()

@@ -1,12 +1,12 @@
-"""Scratch vs Torch-Pruning 1.6.1: how long one pruning call takes on torchvision architectures, and how far each prunes
-(python -m pytest bench/benchmarks/test_architecture_speed.py --benchmark-enable -s, ~3 min).
+"""Scratch vs Torch-Pruning 1.6.1: how long one pruning call takes on torchvision and timm architectures, and how far
+each prunes (python -m pytest bench/benchmarks/test_architecture_speed.py --benchmark-enable -s, ~5 min).
 
 Both prune every Conv2d / hidden Linear at layer ratio 0.5 by filter L1 norm, the classifier left whole, from a
 1x3x64x64 example (random init, BatchNorm statistics randomised). Warm calls: one untimed round first; Torch-Pruning
-prunes in place, so each of its rounds gets a fresh copy made outside the timing. Torch-Pruning's time is its whole call
-(building the dependency graph, scoring, pruning), as scratch's is (tracing, scoring, surgery of a new model). The
-scratch test of a model runs after Torch-Pruning's and asserts it is no slower; the table the run prints is the one in
-the README.
+prunes in place, so each of its rounds gets a fresh copy made outside the timing. One thread, the median of three calls.
+Torch-Pruning's time is its whole call (building the dependency graph, scoring, pruning), as scratch's is (tracing,
+scoring, surgery of a new model). The scratch test of a model runs after Torch-Pruning's and asserts it is no slower;
+the table the run prints is the one in the README.
 """
 
 from __future__ import annotations
@@ -33,12 +33,35 @@ MODELS = [
     "convnext_tiny",
     "shufflenet_v2_x1_0",
     "vit_b_16",
+    # timm 1.0.31 (#27): the CNN families whose BatchNormAct2d, layer scale and ghost modules scratch now follows
+    "timm:resnet50d",
+    "timm:regnetx_002",
+    "timm:regnety_002",
+    "timm:mobilenetv3_small_100",
+    "timm:mobilenetv4_conv_small",
+    "timm:efficientnet_lite0",
+    "timm:repvgg_a0",
+    "timm:ghostnet_100",
+    "timm:convnext_atto",
+    "timm:densenet121",
 ]
 RESULTS: dict[str, dict[str, object]] = {}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def torchvision_model(name: str) -> nn.Module:
     torch.manual_seed(0)
+    if name.startswith("timm:"):
+        import timm
+
+        return randomize_norms(timm.create_model(name.removeprefix("timm:"), pretrained=False, num_classes=10)).eval()
     extra = {"image_size": 64} if name.startswith("vit") else {}
     return randomize_norms(getattr(torchvision.models, name)(num_classes=10, **extra)).eval()
 
