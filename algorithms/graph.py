@@ -23,11 +23,31 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import StochasticDepth, stochastic_depth  # per-sample (N, 1, 1, 1) scaling: channel-wise
 
+from .layer_subclasses import reads_like_its_layer
 from .modules import NORM_TYPES, is_depthwise, output_units
+from .op_tables import (
+    ELEMENTWISE,
+    ELEMENTWISE_METHODS,
+    FUNCTIONAL_MODULE_CALLS,
+    MODULE_TENSORS,
+    NON_TENSOR_METHODS,
+    PASSTHROUGH_FUNCTIONS,
+    PASSTHROUGH_METHODS,
+    PASSTHROUGH_MODULES,
+    PERMUTE_METHODS,
+    PERMUTES,
+    REDUCTION_METHODS,
+    REDUCTIONS,
+    RESHAPE_METHODS,
+    RESHAPES,
+    SPATIAL_FUNCTIONS,
+    SPATIAL_MODULES,
+    SPLIT_AWARE,
+    SPLIT_METHODS,
+    SPLITS,
+)
 from .tracing import propagate_shapes, trace
 
 
@@ -94,160 +114,8 @@ class ChannelGraph:
         }
 
 
-# Every parameter-free activation of torch.nn / torch.nn.functional is channel-wise: channel c of the output depends on
-# channel c of the input alone, so it carries the channel layout through unchanged (GLU, Softmax, LogSoftmax, Softmin
-# mix
-# or halve channels and are not here; PReLU is here only with one shared slope, see call_module).
-ELEMENTWISE_ACTIVATIONS = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Hardshrink,
-    nn.Softshrink,
-    nn.Tanhshrink,
-    nn.Threshold,
-    nn.Sigmoid,
-    nn.LogSigmoid,
-    nn.Tanh,
-    nn.Softplus,
-    nn.Softsign,
-)
 # the classifier: never pruned, by design rather than for want of understanding
 OUTPUT_REASON = "it reaches the model output"
-PASSTHROUGH_MODULES = (
-    *ELEMENTWISE_ACTIVATIONS,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-    nn.Identity,
-    StochasticDepth,
-)
-# per channel over dims 2..: channels on dim 1 only
-SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
-ELEMENTWISE_ACTIVATION_FUNCTIONS = {
-    F.relu,
-    F.relu_,
-    F.relu6,
-    F.leaky_relu,
-    F.leaky_relu_,
-    F.rrelu,
-    F.rrelu_,
-    F.elu,
-    F.elu_,
-    F.selu,
-    F.celu,
-    F.gelu,
-    F.silu,
-    F.mish,
-    F.hardswish,
-    F.hardsigmoid,
-    F.hardtanh,
-    F.hardtanh_,
-    F.hardshrink,
-    F.softshrink,
-    F.tanhshrink,
-    F.threshold,
-    F.threshold_,
-    F.sigmoid,
-    F.logsigmoid,
-    F.tanh,
-    F.softplus,
-    F.softsign,
-    torch.relu,
-    torch.relu_,
-    torch.sigmoid,
-    torch.sigmoid_,
-    torch.tanh,
-    torch.tanh_,
-    torch.selu,
-    torch.selu_,
-    torch.celu,
-    torch.celu_,
-    torch.rrelu,
-    torch.rrelu_,
-    torch.clamp,
-    torch.clamp_,
-}
-PASSTHROUGH_FUNCTIONS = {
-    *ELEMENTWISE_ACTIVATION_FUNCTIONS,
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
-    F.alpha_dropout,
-    F.feature_alpha_dropout,
-    stochastic_depth,
-}
-SPATIAL_FUNCTIONS = {
-    F.max_pool2d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
-    F.interpolate,
-    torch.max_pool2d,
-}
-PASSTHROUGH_METHODS = {
-    "relu",
-    "relu_",
-    "sigmoid",
-    "sigmoid_",
-    "tanh",
-    "tanh_",
-    "clamp",
-    "clamp_",
-    "contiguous",
-    "clone",
-    "detach",
-    "float",
-    "to",
-}
-ELEMENTWISE = {
-    operator.add,
-    operator.iadd,
-    operator.mul,
-    operator.imul,
-    operator.sub,
-    operator.truediv,
-    torch.add,
-    torch.mul,
-    torch.sub,
-    torch.div,
-    torch.addcmul,  # bias + weight * x: timm's GlobalResponseNorm
-}
-ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "addcmul"}
-RESHAPES = {torch.flatten, torch.reshape}
-RESHAPE_METHODS = {"view", "reshape", "flatten"}
-REDUCTIONS = {torch.mean, torch.sum, torch.amax}
-REDUCTION_METHODS = {"mean", "sum", "amax"}
-PERMUTES = {torch.permute, torch.transpose, torch.swapaxes, torch.swapdims}
-PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "swapdims"}
-SPLITS = {torch.chunk, torch.split}
-SPLIT_METHODS = {"chunk", "split"}
-# ops a channel shuffle passes through
-SPLIT_AWARE = PERMUTES | RESHAPES | {"contiguous", "clone"} | PERMUTE_METHODS | RESHAPE_METHODS
-NON_TENSOR_METHODS = {"size", "dim"}
-# F.op(x, ...) run by a module of these kinds on its own tensors: the functional call's argument names, by position
-FUNCTIONAL_MODULE_CALLS = {
-    F.batch_norm: (NORM_TYPES, ("input", "running_mean", "running_var", "weight", "bias", "training")),
-    F.layer_norm: (nn.LayerNorm, ("input", "normalized_shape", "weight", "bias", "eps")),
-    F.linear: (nn.Linear, ("input", "weight", "bias")),
-    F.conv2d: (nn.Conv2d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
-}
-MODULE_TENSORS = ("running_mean", "running_var", "weight", "bias")
 
 
 class _Spaces:
@@ -963,7 +831,7 @@ def _broadcast_size(shape: tuple[int, ...], out_shape: tuple[int, ...] | None, a
 
 def analyze(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
     """Trace `model` and find its channel groups and channel consumers."""
-    graph_module = trace(model)
+    graph_module = trace(model, leaf=reads_like_its_layer)
     propagate_shapes(graph_module, example_input)
     walker = _Walker(graph_module, model)
     for node in graph_module.graph.nodes:

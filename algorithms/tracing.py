@@ -6,7 +6,7 @@ import contextlib
 import io
 import os
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.fx
@@ -66,6 +66,13 @@ class _Tracer(torch.fx.Tracer):
     every tensor attribute read inside a traced-through module (timm's BatchNormAct2d reads four), and all of its
     buffers for every tensor handed to an op: quadratic in the model's size (two thirds of a timm RepVGG's prune)."""
 
+    def __init__(self, leaf: Callable[[nn.Module], bool] | None = None) -> None:
+        super().__init__()
+        self.leaf = leaf
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return super().is_leaf_module(module, qualified_name) or self.leaf is not None and self.leaf(module)
+
     def trace(self, root: nn.Module, concrete_args: dict | None = None) -> torch.fx.Graph:
         self.names: dict[int, str] = {}
         for name, tensor in (*root.named_parameters(), *root.named_buffers()):
@@ -85,12 +92,14 @@ class _Tracer(torch.fx.Tracer):
         return parameter_proxy_cache[name]
 
 
-def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """The model's fx graph (as torch.fx.symbolic_trace makes it); the model itself is left as it was (see
-    attributes_kept)."""
+def trace(model: nn.Module, leaf: Callable[[nn.Module], bool] | None = None) -> torch.fx.GraphModule:
+    """The model's fx graph (as torch.fx.symbolic_trace makes it, with the modules `leaf` names called, not traced
+    through, as well); the model itself is left as it was (see attributes_kept)."""
     try:
         with attributes_kept(model):
-            tracer = _Tracer()
+            # decided before tracing: `leaf` may trace a module itself, which inside fx's trace would record there
+            leaves = {id(module) for module in model.modules() if leaf(module)} if leaf is not None else set()
+            tracer = _Tracer(lambda module: id(module) in leaves)
             graph = tracer.trace(model)
             return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ... depending on the construct

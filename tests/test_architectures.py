@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth, stochastic_depth
 
-from algorithms.graph import ELEMENTWISE_ACTIVATION_FUNCTIONS, ELEMENTWISE_ACTIVATIONS, analyze
+from algorithms.graph import analyze
+from algorithms.op_tables import ELEMENTWISE_ACTIVATION_FUNCTIONS, ELEMENTWISE_ACTIVATIONS
 from backends import get_backend
 from tests.helpers import consumer_zeroed_reference, randomize_norms, relative_error
 

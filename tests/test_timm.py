@@ -14,6 +14,7 @@ from torch import nn
 
 from algorithms.errors import PruningError
 from algorithms.graph import analyze
+from algorithms.layer_subclasses import reads_like_its_layer
 from backends import PruneResult, get_backend
 from tests.helpers import consumer_zeroed_reference, randomize_norms, relative_error
 
@@ -100,6 +101,34 @@ def test_functional_ops_inside_their_own_module_prune_like_the_module():
     result = scratch(model)
     assert {name: len(units) for name, units in result.kept.items()} == {"conv1": 4, "conv3": 6, "fc1": 8}
     assert result.model.bn3.num_features == 6 and result.model.fc2.in_features == 8
+    assert_exact(model, result)
+
+
+class ScaledNorm(nn.BatchNorm2d):
+    """F.batch_norm, then arithmetic no channel-wise table lists: traced through, the BatchNorm still read."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return x * 2 + 1
+
+
+class FlippedLinear(nn.Linear):
+    """F.linear, then its features reversed: not a Linear followed by channel-wise ops."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias).flip(-1)
+
+
+def test_a_layer_subclass_is_one_call_only_when_its_forward_is_the_layer_then_channelwise_ops():
+    assert all(reads_like_its_layer(m) for m in (NormAct(8), PaddedConv(3, 8, 3), FunctionalLinear(4, 4)))
+    assert not any(reads_like_its_layer(m) for m in (ScaledNorm(8), FlippedLinear(4, 4), nn.Linear(4, 4)))
+    model = randomized(Subclassed())
+    model.bn2, model.fc1 = ScaledNorm(8), FlippedLinear(12, 16)
+    graph = analyze(model, X)
+    # traced through: the BatchNorm is read in its forward; the flip blocks the units it reverses
+    assert graph.why_unprunable() == {"fc1": "method .flip() (flip) is not understood by the channel analysis"}
+    result = scratch(model)
+    assert sorted(result.kept) == ["conv1", "conv3"] and result.model.bn2.num_features == 4
     assert_exact(model, result)
 
 
@@ -190,22 +219,23 @@ def test_slicing_a_concatenation_back_to_its_full_width_is_no_cut_and_a_real_cut
 # -- real timm models beside Torch-Pruning -----------------------------------------------------------------------------
 # Torch-Pruning's pruned model runs on these: scratch keeps at most as many parameters (within 2%), and both are exact
 # (Torch-Pruning's GhostNet is off by 1e-4 of the output: its cut of the ghost concatenation is not what it reports).
-# The first five run by default, the rest with -m slow (seconds each).
 PARITY = [
     "resnet18",
+    "resnet50d",
     "regnetx_002",
+    "regnety_002",
     "mobilenetv3_small_100",
+    "mobilenetv4_conv_small",
+    "efficientnet_b0",
+    "efficientnet_lite0",
+    "repvgg_a0",
     "ghostnet_100",
     "convnext_atto",
-    *(
-        pytest.param(name, marks=pytest.mark.slow)
-        for name in ("resnet50d", "regnety_002", "mobilenetv4_conv_small", "efficientnet_lite0", "repvgg_a0")
-    ),
 ]
 # Torch-Pruning 1.6.1 fails on these or its pruned model does not run; scratch prunes them, exactly.
 SCRATCH_ONLY = [
     ("vit_tiny_patch16_224", "no longer runs"),  # Torch-Pruning leaves the reshape to the old head width
-    pytest.param("cspresnet50", "IndexError", marks=pytest.mark.slow),  # its CSP splits stay whole in scratch
+    ("cspresnet50", "IndexError"),  # its CSP splits stay whole in scratch
 ]
 
 

@@ -1,0 +1,113 @@
+"""Layer subclasses that can be traced as one call of their layer: timm's BatchNormAct2d, Linear and Conv2dSame.
+
+Such a subclass runs its layer's functional op on its own tensors (after a spatial pad, for a conv) and then only
+channel-wise ops (its activation, a dropout). Called as a leaf, the channel analysis sees what it would see tracing
+through it, at a fraction of the cost: timm's CNNs have one BatchNormAct2d per conv, and tracing into each of them
+was most of a prune. Each kind of subclass is checked once, on its own fx graph; anything else in its forward (a
+second op, an op that mixes channels, a tensor of another module) and it is traced through as before.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .op_tables import (
+    FUNCTIONAL_MODULE_CALLS,
+    MODULE_TENSORS,
+    PASSTHROUGH_FUNCTIONS,
+    PASSTHROUGH_METHODS,
+    PASSTHROUGH_MODULES,
+)
+
+LAYER_OPS = {nn.Conv2d: F.conv2d, nn.Linear: F.linear, nn.BatchNorm2d: F.batch_norm, nn.BatchNorm1d: F.batch_norm}
+# checks of the input's rank or shape, as timm's _assert(x.ndim == 4): no tensor flows through them
+SHAPE_CHECKS = {getattr, operator.eq, operator.ne, torch._assert}
+# attributes that size a layer without shaping its forward: left out of the key each kind of subclass is checked under
+WIDTHS = {"in_channels", "out_channels", "in_features", "out_features", "num_features"}
+_checked: dict[tuple, bool] = {}
+
+
+def reads_like_its_layer(module: nn.Module) -> bool:
+    """Is `module` a subclass of a Conv2d / Linear / BatchNorm whose forward is the layer's functional op on its own
+    tensors followed by channel-wise ops only?"""
+    layer = next((kind for kind in LAYER_OPS if isinstance(module, kind)), None)
+    if layer is None or type(module).__module__.startswith("torch."):
+        return False
+    key = (
+        type(module),
+        tuple(
+            (name, value)
+            for name, value in sorted(vars(module).items())
+            if name not in WIDTHS and isinstance(value, (bool, int, float, str, tuple, type(None)))
+        ),
+        tuple((name, type(child)) for name, child in module.named_children()),
+    )
+    if key not in _checked:
+        _checked[key] = _forward_is_op_then_channelwise(module, LAYER_OPS[layer])
+    return _checked[key]
+
+
+def _forward_is_op_then_channelwise(module: nn.Module, op: object) -> bool:
+    try:
+        graph = torch.fx.Tracer().trace(module)
+    except Exception:  # a forward fx cannot trace alone: traced through, where the whole model's trace decides
+        return False
+    nodes = list(graph.nodes)
+    inputs = [node for node in nodes if node.op == "placeholder"]
+    cores = [node for node in nodes if node.op == "call_function" and node.target is op]
+    if len(inputs) != 1 or len(cores) != 1:
+        return False
+    core = cores[0]
+    _, names = FUNCTIONAL_MODULE_CALLS[op]
+    args = dict(zip(names, core.args, strict=False)) | core.kwargs
+    tensors = {key: args[key] for key in MODULE_TENSORS if isinstance(args.get(key), torch.fx.Node)}
+    own = {key: key for key in names if key in MODULE_TENSORS and getattr(module, key, None) is not None}
+    if {key: str(t.target) for key, t in tensors.items() if t.op == "get_attr"} != own or len(tensors) != len(own):
+        return False
+    if isinstance(module, nn.Conv2d) and args.get("groups", 1) != module.groups:
+        return False
+    seen = {core, *inputs, *tensors.values()}
+    source = args.get("input")
+    while isinstance(source, torch.fx.Node) and source.target is F.pad and _spatial_pad(source):
+        seen.add(source)  # Conv2dSame: padding of H and W only
+        source = source.args[0]
+    if source is not inputs[0]:
+        return False
+    current = core
+    while True:
+        readers = [user for user in current.users if user.target not in SHAPE_CHECKS]
+        if len(readers) != 1:
+            return False
+        reader = readers[0]
+        seen.add(reader)
+        if reader.op == "output":
+            break
+        if not _channelwise(module, reader, current):
+            return False
+        current = reader
+    # nothing else in forward but checks of the input's shape
+    return all(node in seen or node.op == "call_function" and node.target in SHAPE_CHECKS for node in nodes)
+
+
+def _spatial_pad(node: torch.fx.Node) -> bool:
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    return isinstance(pad, (list, tuple)) and len(pad) <= 4 and all(isinstance(p, int) for p in pad)
+
+
+def _channelwise(module: nn.Module, node: torch.fx.Node, source: torch.fx.Node) -> bool:
+    """Does `node` map channel c of `source` to channel c, with no other tensor?"""
+    others = [arg for arg in node.all_input_nodes if arg is not source]
+    if node.op == "call_module":
+        child = module.get_submodule(str(node.target))
+        single_slope = not isinstance(child, nn.PReLU) or child.num_parameters == 1
+        return isinstance(child, PASSTHROUGH_MODULES) and single_slope and not others and node.args[0] is source
+    if node.op == "call_function":
+        return node.target in PASSTHROUGH_FUNCTIONS and not others and node.args[0] is source
+    if node.op == "call_method":
+        return node.target in PASSTHROUGH_METHODS and not others and node.args[0] is source
+    return False
