@@ -26,7 +26,7 @@ import torch.fx
 from torch import nn
 
 from .layer_subclasses import reads_like_its_layer
-from .modules import NORM_TYPES, is_depthwise, output_units
+from .modules import NORM_TYPES, eval_mode, is_depthwise, output_units
 from .op_tables import (
     ELEMENTWISE,
     ELEMENTWISE_METHODS,
@@ -442,8 +442,10 @@ class _Walker:
         owner = next(iter(reads)).rpartition(".")[0] if len(reads) == len(tensors) > 0 else None
         module = self.modules.get(owner) if owner is not None else None
         what = getattr(node.target, "__name__", node.target)
+        others = {t for t in self.attr_uses if t.rpartition(".")[0] == owner} - reads
         if (
             not isinstance(module, kinds)
+            or others  # the forward reads more of the module's tensors than the op's: slicing might not be all
             # in the owner's own forward, on each of its own tensors once
             or list(node.meta.get("nn_module_stack") or {})[-1:] != [owner]
             or {key: str(t.target) for key, t in tensors.items()} != _own_tensor_names(module, owner, names)
@@ -831,7 +833,9 @@ def _broadcast_size(shape: tuple[int, ...], out_shape: tuple[int, ...] | None, a
 
 def analyze(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
     """Trace `model` and find its channel groups and channel consumers."""
-    graph_module = trace(model, leaf=reads_like_its_layer)
+    # in eval mode: a BatchNorm traced through in training mode bakes in an update of the caller's running statistics
+    with eval_mode(model):
+        graph_module = trace(model, leaf=reads_like_its_layer)
     propagate_shapes(graph_module, example_input)
     walker = _Walker(graph_module, model)
     for node in graph_module.graph.nodes:

@@ -36,20 +36,32 @@ def reads_like_its_layer(module: nn.Module) -> bool:
     """Is `module` a subclass of a Conv2d / Linear / BatchNorm whose forward is the layer's functional op on its own
     tensors followed by channel-wise ops only?"""
     layer = next((kind for kind in LAYER_OPS if isinstance(module, kind)), None)
-    if layer is None or type(module).__module__.startswith("torch."):
+    if layer is None or type(module).__module__.startswith("torch.") or "forward" in vars(module):
         return False
-    key = (
-        type(module),
-        tuple(
-            (name, value)
-            for name, value in sorted(vars(module).items())
-            if name not in WIDTHS and isinstance(value, (bool, int, float, str, tuple, type(None)))
-        ),
-        tuple((name, type(child)) for name, child in module.named_children()),
-    )
-    if key not in _checked:
-        _checked[key] = _forward_is_op_then_channelwise(module, LAYER_OPS[layer])
+    try:
+        key = _kind(module)
+        if key not in _checked:
+            _checked[key] = _forward_is_op_then_channelwise(module, LAYER_OPS[layer])
+    except TypeError:  # an attribute that cannot be hashed: checked each time
+        return _forward_is_op_then_channelwise(module, LAYER_OPS[layer])
     return _checked[key]
+
+
+def _kind(module: nn.Module) -> tuple:
+    """What a forward may branch on: the class and plain attributes of the module and of every child (a PReLU's
+    `num_parameters` decides whether it is channel-wise), widths left out."""
+    return tuple(
+        (
+            name,
+            type(child),
+            tuple(
+                (key, value)
+                for key, value in sorted(vars(child).items())
+                if key not in WIDTHS and isinstance(value, (bool, int, float, str, tuple, type(None)))
+            ),
+        )
+        for name, child in module.named_modules()
+    )
 
 
 def _forward_is_op_then_channelwise(module: nn.Module, op: object) -> bool:
@@ -73,7 +85,9 @@ def _forward_is_op_then_channelwise(module: nn.Module, op: object) -> bool:
         return False
     seen = {core, *inputs, *tensors.values()}
     source = args.get("input")
-    while isinstance(source, torch.fx.Node) and source.target is F.pad and _spatial_pad(source):
+    while isinstance(module, nn.Conv2d) and isinstance(source, torch.fx.Node) and source.target is F.pad:
+        if not _spatial_pad(source):
+            return False
         seen.add(source)  # Conv2dSame: padding of H and W only
         source = source.args[0]
     if source is not inputs[0]:

@@ -119,17 +119,37 @@ class FlippedLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias).flip(-1)
 
 
+class DoubledConv(nn.Conv2d):
+    """F.conv2d, then doubled: traced through, the conv still read."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups) * 2
+
+
 def test_a_layer_subclass_is_one_call_only_when_its_forward_is_the_layer_then_channelwise_ops():
     assert all(reads_like_its_layer(m) for m in (NormAct(8), PaddedConv(3, 8, 3), FunctionalLinear(4, 4)))
-    assert not any(reads_like_its_layer(m) for m in (ScaledNorm(8), FlippedLinear(4, 4), nn.Linear(4, 4)))
+    assert not any(reads_like_its_layer(m) for m in (ScaledNorm(8), FlippedLinear(4, 4), DoubledConv(3, 8, 1)))
+    # the verdict of one kind is not another's: a PReLU with a slope per channel is not channel-wise here
+    per_channel = NormAct(8)
+    per_channel.act = nn.PReLU(8)
+    assert not reads_like_its_layer(per_channel)
     model = randomized(Subclassed())
-    model.bn2, model.fc1 = ScaledNorm(8), FlippedLinear(12, 16)
+    model.conv3, model.bn2, model.fc1 = DoubledConv(8, 12, 1), ScaledNorm(8), FlippedLinear(12, 16)
     graph = analyze(model, X)
-    # traced through: the BatchNorm is read in its forward; the flip blocks the units it reverses
+    # traced through: the conv and the BatchNorm are read in their forwards; the flip blocks the units it reverses
     assert graph.why_unprunable() == {"fc1": "method .flip() (flip) is not understood by the channel analysis"}
     result = scratch(model)
-    assert sorted(result.kept) == ["conv1", "conv3"] and result.model.bn2.num_features == 4
+    assert {name: len(units) for name, units in result.kept.items()} == {"conv1": 4, "conv3": 6}
+    assert result.model.bn2.num_features == 4 and result.model.conv3.out_channels == 6
     assert_exact(model, result)
+
+
+def test_a_pruned_model_shares_no_module_or_tensor_with_the_callers():
+    model = randomized(Subclassed())
+    pruned = scratch(model).model
+    assert not {id(m) for m in pruned.modules()} & {id(m) for m in model.modules()}
+    storage = [{t.data_ptr() for t in m.state_dict(keep_vars=True).values() if t.numel()} for m in (pruned, model)]
+    assert not storage[0] & storage[1]
 
 
 class Borrowing(nn.Module):
@@ -325,6 +345,14 @@ def test_a_prune_leaves_the_callers_model_as_it_was_and_a_second_prune_gives_the
     assert same(fingerprint(model), before)
     second = get_backend(backend).prune(model, method, 0.5, X[:1], scope="layer")
     assert first.kept == second.kept and same(fingerprint(first.model), fingerprint(second.model))
+
+
+def test_a_model_in_training_mode_keeps_its_batchnorm_statistics():
+    """timm builds models in training mode; traced there, its BatchNormAct2d updates its running statistics."""
+    model = timm_model("mobilenetv3_small_100").train()
+    before = fingerprint(model)
+    scratch(model)
+    assert same(fingerprint(model), before) and model.training
 
 
 def test_timm_levit_prunes_twice_and_keeps_its_attention_bias_cache_empty():
