@@ -31,7 +31,6 @@ from .op_tables import (
     ELEMENTWISE,
     ELEMENTWISE_METHODS,
     FUNCTIONAL_MODULE_CALLS,
-    MODULE_TENSORS,
     NON_TENSOR_METHODS,
     PASSTHROUGH_FUNCTIONS,
     PASSTHROUGH_METHODS,
@@ -47,6 +46,9 @@ from .op_tables import (
     SPLIT_AWARE,
     SPLIT_METHODS,
     SPLITS,
+    functional_arguments,
+    functional_tensors,
+    hands_own_tensors,
 )
 from .tracing import propagate_shapes, trace
 
@@ -435,9 +437,8 @@ class _Walker:
         """F.batch_norm / F.layer_norm / F.linear / F.conv2d in the forward of a module of that kind, on that module's
         own tensors (timm's BatchNormAct2d and Linear, torchvision's LayerNorm2d): analysed as a call of the module,
         whose tensors are sliced. Whatever its forward does after the op is traced as ops of their own."""
-        kinds, names = FUNCTIONAL_MODULE_CALLS[node.target]
-        args = dict(zip(names, node.args, strict=False)) | node.kwargs
-        tensors = {key: args[key] for key in MODULE_TENSORS if isinstance(args.get(key), torch.fx.Node)}
+        kinds, _ = FUNCTIONAL_MODULE_CALLS[node.target]
+        args, tensors = functional_arguments(node), functional_tensors(node)
         reads = {str(t.target) for t in tensors.values() if t.op == "get_attr"}
         owner = next(iter(reads)).rpartition(".")[0] if len(reads) == len(tensors) > 0 else None
         module = self.modules.get(owner) if owner is not None else None
@@ -448,12 +449,8 @@ class _Walker:
             or others  # the forward reads more of the module's tensors than the op's: slicing might not be all
             # in the owner's own forward, on each of its own tensors once
             or list(node.meta.get("nn_module_stack") or {})[-1:] != [owner]
-            or {key: str(t.target) for key, t in tensors.items()} != _own_tensor_names(module, owner, names)
+            or not hands_own_tensors(node, module, f"{owner}.")
             or any(self.attr_uses[str(t.target)] != 1 or len(t.users) != 1 for t in tensors.values())
-            or isinstance(module, nn.LayerNorm)
-            and tuple(args.get("normalized_shape") or ()) != module.normalized_shape
-            or isinstance(module, nn.Conv2d)
-            and args.get("groups", 1) != module.groups
         ):
             self.unknown(node, f"{what} with tensors of no {_kind_names(kinds)} it runs in")
             return
@@ -797,11 +794,6 @@ def _requested_sizes(node: torch.fx.Node) -> list[object]:
     """The sizes a view / reshape call asks for: `x.view(1, -1, 1)`, `x.view((1, -1, 1))`, `torch.reshape(x, shape)`."""
     sizes = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
     return list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else sizes
-
-
-def _own_tensor_names(module: nn.Module, owner: str, names: tuple[str, ...]) -> dict[str, str]:
-    """The tensors a functional call of `module` must be handed, as get_attr targets: those the module has."""
-    return {key: f"{owner}.{key}" for key in names if key in MODULE_TENSORS and getattr(module, key, None) is not None}
 
 
 def _literal_slice(index: object) -> bool:

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .op_tables import (
-    FUNCTIONAL_MODULE_CALLS,
-    MODULE_TENSORS,
     PASSTHROUGH_FUNCTIONS,
     PASSTHROUGH_METHODS,
     PASSTHROUGH_MODULES,
+    functional_arguments,
+    functional_tensors,
+    hands_own_tensors,
 )
 
 LAYER_OPS = {nn.Conv2d: F.conv2d, nn.Linear: F.linear, nn.BatchNorm2d: F.batch_norm, nn.BatchNorm1d: F.batch_norm}
@@ -75,15 +76,10 @@ def _forward_is_op_then_channelwise(module: nn.Module, op: object) -> bool:
     if len(inputs) != 1 or len(cores) != 1:
         return False
     core = cores[0]
-    _, names = FUNCTIONAL_MODULE_CALLS[op]
-    args = dict(zip(names, core.args, strict=False)) | core.kwargs
-    tensors = {key: args[key] for key in MODULE_TENSORS if isinstance(args.get(key), torch.fx.Node)}
-    own = {key: key for key in names if key in MODULE_TENSORS and getattr(module, key, None) is not None}
-    if {key: str(t.target) for key, t in tensors.items() if t.op == "get_attr"} != own or len(tensors) != len(own):
+    if not hands_own_tensors(core, module, ""):
         return False
-    if isinstance(module, nn.Conv2d) and args.get("groups", 1) != module.groups:
-        return False
-    seen = {core, *inputs, *tensors.values()}
+    args = functional_arguments(core)
+    seen = {core, *inputs, *functional_tensors(core).values()}
     source = args.get("input")
     while isinstance(module, nn.Conv2d) and isinstance(source, torch.fx.Node) and source.target is F.pad:
         if not _spatial_pad(source):

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
-NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")  # a BatchNorm's per-channel tensors
+# a layer's own per-unit tensors: what a sliced BatchNorm slices, and what a functional layer op is handed
+LAYER_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 def has_norm(model: nn.Module) -> bool:
@@ -80,7 +81,7 @@ def sliced_module(module: nn.Module, out_index: torch.Tensor | None, in_index: t
     new._modules = {name: None if child is None else clone_tree(child, {}) for name, child in module._modules.items()}
     for tensors, copies in ((module._parameters, new._parameters), (module._buffers, new._buffers)):
         for key, value in tensors.items():  # a subclass's other tensors: copied whole, as clone_tree would
-            if key not in NORM_TENSORS and value is not None:
+            if key not in LAYER_TENSORS and value is not None:
                 copies[key] = _param(value.detach().clone(), value) if key in module._parameters else value.clone()
     if isinstance(module, nn.LayerNorm):
         for key, value in module._parameters.items():
@@ -91,10 +92,10 @@ def sliced_module(module: nn.Module, out_index: torch.Tensor | None, in_index: t
         index = in_index
         # a subclass's other tensors are no business of a BatchNorm's: copied whole
         for key, value in module._parameters.items():
-            sliced = value is not None and key in NORM_TENSORS
+            sliced = value is not None and key in LAYER_TENSORS
             new._parameters[key] = None if value is None else _param(_take(value, index if sliced else None, 0), value)
         for key, value in module._buffers.items():
-            if value is not None and value.ndim == 1 and key in NORM_TENSORS:
+            if value is not None and value.ndim == 1 and key in LAYER_TENSORS:
                 new._buffers[key] = _take(value, index, 0)
             else:
                 new._buffers[key] = None if value is None else value.detach().clone()

@@ -1,16 +1,18 @@
 """What the channel analysis knows of torch's ops: which carry channels through unchanged, which unite, reshape, permute
-or split them, and which functional ops a layer runs on its own tensors. Tables only; graph.py walks with them."""
+or split them, and which functional ops a layer runs on its own tensors (with how to read such a call). graph.py walks
+with them."""
 
 from __future__ import annotations
 
 import operator
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth, stochastic_depth  # per-sample (N, 1, 1, 1) scaling: channel-wise
 
-from .modules import NORM_TYPES
+from .modules import LAYER_TENSORS, NORM_TYPES
 
 # Every parameter-free activation of torch.nn / torch.nn.functional is channel-wise: channel c of the output depends on
 # channel c of the input alone, so it carries the channel layout through unchanged (GLU, Softmax, LogSoftmax, Softmin
@@ -163,4 +165,30 @@ FUNCTIONAL_MODULE_CALLS = {
     F.linear: (nn.Linear, ("input", "weight", "bias")),
     F.conv2d: (nn.Conv2d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
 }
-MODULE_TENSORS = ("running_mean", "running_var", "weight", "bias")
+
+
+def functional_arguments(node: torch.fx.Node) -> dict[str, object]:
+    """The arguments of a call of FUNCTIONAL_MODULE_CALLS by name, however they were passed."""
+    _, names = FUNCTIONAL_MODULE_CALLS[node.target]
+    return dict(zip(names, node.args, strict=False)) | node.kwargs
+
+
+def functional_tensors(node: torch.fx.Node) -> dict[str, torch.fx.Node]:
+    """The layer tensors (weight, bias, running statistics) a functional layer call is handed as graph values."""
+    args = functional_arguments(node)
+    return {key: args[key] for key in LAYER_TENSORS if isinstance(args.get(key), torch.fx.Node)}
+
+
+def hands_own_tensors(node: torch.fx.Node, module: nn.Module, prefix: str) -> bool:
+    """Is this functional layer op handed exactly `module`'s own tensors (read as `prefix` + name), and its groups or
+    normalized_shape? Then it computes what a call of the module would."""
+    _, names = FUNCTIONAL_MODULE_CALLS[node.target]
+    args, tensors = functional_arguments(node), functional_tensors(node)
+    own = {key: prefix + key for key in names if key in LAYER_TENSORS and getattr(module, key, None) is not None}
+    shape = tuple(args.get("normalized_shape") or ())
+    return (
+        all(t.op == "get_attr" for t in tensors.values())
+        and {key: str(t.target) for key, t in tensors.items()} == own
+        and (not isinstance(module, nn.LayerNorm) or shape == module.normalized_shape)
+        and (not isinstance(module, nn.Conv2d) or args.get("groups", 1) == module.groups)
+    )
