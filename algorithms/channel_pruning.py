@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .activation_scores import activation_scores
+from .attention import unit_order
 from .criteria import DEFAULT_THRESHOLD, METHODS, Method, gamma_magnitude, greedy_redundant, group_score, unit_sum
 from .errors import PruningError
-from .graph import ChannelGraph, analyze
-from .masks import Masks, build_masks
-from .modules import eval_mode, has_norm
+from .graph import ChannelGraph, ChannelGroup, analyze
+from .masks import Masks, apply_masks, build_masks
+from .modules import eval_mode, has_norm, output_units
 from .selection import keep_all_but, keep_in_blocks, removal_count, round_up_kept, select_global, select_per_layer
-from .surgery import shrink
+from .surgery import output_index, shrink
 
 SCOPES = ("global", "layer")
 
@@ -33,6 +35,7 @@ class ChannelPruning:
     # threshold methods: groups whose units all scored alike (index decided)
     tied: list[str] = field(default_factory=list)
     scored: int = 0  # groups that were scored (candidates for pruning)
+    heads: dict[str, int] = field(default_factory=dict)  # pruned attention block -> heads (or head dims) it keeps
 
 
 def validate_sparsity(sparsity: float | Mapping[str, float]) -> None:
@@ -61,9 +64,23 @@ def _norm_gamma(modules: dict[str, nn.Module], graph: ChannelGraph, producer: st
 def _group_tensors(
     method: Method, modules: dict[str, nn.Module], graph: ChannelGraph, members: list[str]
 ) -> list[torch.Tensor]:
+    heads = graph.group(members[0]).heads
+    if heads is not None:
+        return [] if method.source in ("norm", "data") else [_head_weights(modules, graph, members[0])]
     if method.source == "norm":
         return [g for g in (_norm_gamma(modules, graph, m) for m in members) if g is not None]
-    return [modules[m].weight for m in members]
+    return [] if method.source == "data" else [modules[m].weight for m in members]
+
+
+def _head_weights(modules: dict[str, nn.Module], graph: ChannelGraph, qkv: str) -> torch.Tensor:
+    """One row per head (or head dim): its q, k and v rows of qkv and its columns of proj, so that every weight
+    criterion (L1, L2, FPGM, ...) scores a head by all the weights it owns."""
+    block = graph.group(qkv).heads
+    reads = next(c.layout for c in graph.consumers if c.module == block.proj and c.kind == "linear")
+    sizes = [[(s.size, s.repeat) for s in layout] for layout in (graph.producer_layout[qkv], reads)]
+    rows = modules[qkv].weight.detach()[unit_order(sizes[0])].reshape(block.units, -1)
+    columns = modules[block.proj].weight.detach().t()[unit_order(sizes[1])].reshape(block.units, -1)
+    return torch.cat([rows, columns], 1)
 
 
 def _score(method: Method, tensors: list[torch.Tensor], threshold: float) -> torch.Tensor:
@@ -118,7 +135,7 @@ def candidate_groups(spec: Method, modules: dict[str, nn.Module], graph: Channel
         if group.prunable
         and group.size > 1
         and not excluded.intersection(group.members)
-        and (spec.source == "random" or _group_tensors(spec, modules, graph, group.members))
+        and (spec.source in ("random", "data") or _group_tensors(spec, modules, graph, group.members))
         and not (spec.greedy and group.divisor > 1)
     ]
 
@@ -137,11 +154,16 @@ def prune_channels(
     graph: ChannelGraph | None = None,
     verify: bool = True,
     round_to: int | None = None,
+    attention: str = "heads",
 ) -> ChannelPruning:
     """Prune output channels of every prunable Conv2d / hidden Linear; `model` is left untouched.
 
     `round_to=N`: every pruned group keeps a multiple of N channels (the count rounded up; a group that would round up
     to its full size stays whole).
+
+    `attention`: what a multi-head attention block prunes (attention.py): whole "heads" (the default: floor(heads x
+    ratio) go, one always stays), "head_dim" (the same dims of every head; `round_to` then applies to head_dim), or
+    "none". A head's score is its method's score of all its q, k, v rows and proj columns.
 
     A caller that prunes one model many times (sensitivity analysis) passes `graph=analyze(model, example_input)` once,
     and `verify=False` (skip the check that the pruned model runs) once the same structure has passed it.
@@ -150,7 +172,8 @@ def prune_channels(
     check_round_to(round_to)
     modules = dict(model.named_modules())
     per_layer = isinstance(sparsity, Mapping)
-    graph = analyze(model, example_input) if graph is None else graph
+    graph = analyze(model, example_input, attention) if graph is None else graph
+    _check_head_rounding(graph, round_to)
     excluded = excluded_producers(graph, set(modules), exclude)
     ratios: dict[int, float] = {}
     if per_layer:
@@ -187,15 +210,19 @@ def prune_channels(
                 importance = group_score(lambda t: gamma_magnitude(t) if t.ndim == 1 else unit_sum(t), tensors)
                 removed = greedy_redundant(distances, importance, removal_count(graph.groups[index].size, ratio))
                 kept[index] = keep_all_but(graph.groups[index].size, removed)
-                if round_to:
+                if round_to and _rounds(graph.groups[index]):
                     kept[index] = round_up_kept(importance, kept[index], round_to)
         else:
-            scores = {
-                index: torch.rand(graph.groups[index].size, generator=generator, dtype=torch.float64)
-                if spec.source == "random"
-                else _score(spec, tensors, threshold)
-                for index, (_, tensors) in candidates.items()
-            }
+            scores = (
+                activation_scores(model, graph, list(candidates), example_input)
+                if spec.source == "data"
+                else {
+                    index: torch.rand(graph.groups[index].size, generator=generator, dtype=torch.float64)
+                    if spec.source == "random"
+                    else _score(spec, tensors, threshold)
+                    for index, (_, tensors) in candidates.items()
+                }
+            )
             if spec.takes_threshold:  # groups whose every unit scores the same: the threshold did not decide there
                 tied = [
                     "+".join(graph.groups[i].members) for i, score in scores.items() if bool((score == score[0]).all())
@@ -207,17 +234,65 @@ def prune_channels(
             for index in kept:
                 if graph.groups[index].divisor > 1:
                     kept[index] = keep_in_blocks(scores[index], kept[index], graph.groups[index].divisor)
-                if round_to:
+                if round_to and _rounds(graph.groups[index]):
                     kept[index] = round_up_kept(scores[index], kept[index], round_to, graph.groups[index].divisor)
     kept = {g: k for g, k in kept.items() if len(k) < graph.groups[g].size}
 
     pruned = shrink(model, graph, kept)
     if verify:
         _check_runs(pruned, example_input)
-    kept_by_layer = {p: kept[g].tolist() for p, g in graph.group_of_producer.items() if g in kept}
-    original = {p: graph.groups[graph.group_of_producer[p]].size for p in kept_by_layer}
+        _check_heads(model, graph, kept, example_input)
+    kept_by_layer = {p: output_index(graph, p, kept).tolist() for p, g in graph.group_of_producer.items() if g in kept}
+    original = {p: output_units(modules[p]) for p in kept_by_layer}
     masks = build_masks(model, graph, kept)
-    return ChannelPruning(pruned, kept_by_layer, masks, original, scope, graph, tied, len(candidates))
+    heads = {graph.groups[g].heads.module: len(k) for g, k in kept.items() if graph.groups[g].heads is not None}
+    return ChannelPruning(pruned, kept_by_layer, masks, original, scope, graph, tied, len(candidates), heads)
+
+
+def _rounds(group: ChannelGroup) -> bool:
+    """round_to is about the widths kernels see: whole heads keep a multiple of head_dim already."""
+    return group.heads is None or group.heads.mode == "head_dim"
+
+
+def _check_head_rounding(graph: ChannelGraph, round_to: int | None) -> None:
+    for group in graph.groups:
+        block = group.heads
+        if round_to and block is not None and block.mode == "head_dim" and block.head_dim % round_to:
+            raise PruningError(
+                f"{block.module}: head_dim {block.head_dim} is not a multiple of round_to {round_to}, so no pruned "
+                f"head_dim can be one; choose a round_to that divides {block.head_dim}, or attention='heads'"
+            )
+
+
+def _check_heads(model: nn.Module, graph: ChannelGraph, kept: dict[int, torch.Tensor], x: torch.Tensor) -> None:
+    """Pruned heads must compute what the original computes with their q, k and v zeroed: an op between qkv and proj
+    that mixes heads (which attention.py cannot see) would make them differ. The blocks at fault are named."""
+    heads = {g: k for g, k in kept.items() if graph.groups[g].heads is not None}
+    if not heads:
+        return
+    error = _heads_error(model, graph, heads, x)
+    if error <= 1e-4:
+        return
+    names = {g: graph.groups[g].heads.module for g in heads}
+    if len(names) > 1:
+        names = {g: n for g, n in names.items() if _heads_error(model, graph, {g: heads[g]}, x) > 1e-4} or names
+    shown = list(names.values())[:3]
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    raise PruningError(
+        f"pruning heads of {', '.join(shown)}{more} changed what the model computes (relative error {error:.2g}): its "
+        f"forward mixes heads in a way the analysis does not see; exclude it (exclude={shown!r}) or use "
+        "attention='none'"
+    )
+
+
+def _heads_error(model: nn.Module, graph: ChannelGraph, heads: dict[int, torch.Tensor], x: torch.Tensor) -> float:
+    """Relative error of the model with only these heads pruned against the original with their q, k, v zeroed."""
+    pruned, masked = shrink(model, graph, heads), apply_masks(model, build_masks(model, graph, heads))
+    with eval_mode(pruned, masked), torch.no_grad():
+        actual, expected = pruned(x.clone()), masked(x.clone())
+    # a model with several outputs: their first
+    actual, expected = torch.utils._pytree.tree_leaves(actual)[0], torch.utils._pytree.tree_leaves(expected)[0]
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
 def _check_runs(model: nn.Module, example_input: torch.Tensor) -> None:

@@ -5,7 +5,7 @@ depthwise and grouped convolutions, norms and layer scales; anything else is cou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ class CostModel:
     inputs: dict[str, Layout]  # consumer module -> the layout of the channels it reads
     depthwise: set[str]  # convs whose outputs follow their inputs (no group of their own)
     other_macs: int = 0  # MACs no leaf module accounts for (a functional call in a container's forward): counted as is
+    # an attention block's own MACs (q.k and weights.v, outside its Linears), by its group of heads: they scale with
+    # the heads (or head dims) kept
+    attention_macs: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: nn.Module, example_input: torch.Tensor, graph: ChannelGraph) -> CostModel:
@@ -55,8 +58,14 @@ class CostModel:
                 params.append((owner, parameter.numel(), "fixed"))
         inputs |= scaled
         by_leaf = {k: v for k, v in macs.items() if k in leaves}
-        other = counter.get_total_flops() // 2 - sum(by_leaf.values())
-        return cls(graph, by_leaf, params, inputs, depthwise, other)
+        attention = {
+            index: macs.get(group.heads.module, 0)
+            - sum(count for name, count in by_leaf.items() if name.startswith(group.heads.module + "."))
+            for index, group in enumerate(graph.groups)
+            if group.heads is not None
+        }
+        other = counter.get_total_flops() // 2 - sum(by_leaf.values()) - sum(attention.values())
+        return cls(graph, by_leaf, params, inputs, depthwise, other, attention)
 
     def out_fraction(self, module: str, plan: Plan) -> float:
         group = self.graph.group_of_producer.get(module)
@@ -77,8 +86,13 @@ class CostModel:
 
     def costs(self, plan: Plan) -> dict[str, float]:
         """{"macs": ..., "params": ...} of the model with `plan`'s channel counts."""
-        macs = self.other_macs + sum(
-            count * self.out_fraction(m, plan) * self.in_fraction(m, plan) for m, count in self.macs.items()
+        macs = (
+            self.other_macs
+            + sum(count * self.out_fraction(m, plan) * self.in_fraction(m, plan) for m, count in self.macs.items())
+            + sum(
+                count * plan.get(g, self.graph.groups[g].size) / self.graph.groups[g].size
+                for g, count in self.attention_macs.items()
+            )
         )
         rules = {
             "out": lambda m: self.out_fraction(m, plan),

@@ -101,7 +101,7 @@ def greedy_redundant(distances: torch.Tensor, importance: torch.Tensor, count: i
 class Method:
     """How a method scores units: from weights, from BN gammas, at random, or by greedy similarity."""
 
-    source: str  # "weight" | "norm" | "random"
+    source: str  # "weight" | "norm" | "random" | "data" (a forward pass on the example input)
     default_scope: str  # the original platform's scope
     score: Callable[..., torch.Tensor] | None = None
     greedy: bool = False
@@ -126,3 +126,7 @@ NNI_NAMED: dict[str, Method] = {
     "l2": Method("weight", "layer", unit_l2),
     "fpgm": Method("weight", "layer", geometric_median_distance),
 }
+
+# The scratch backend's own: L2 beside the operators' L1, and a data-driven ranking (activation_scores.py), which no
+# weight-only operator of the original offers.
+SCRATCH_METHODS: dict[str, Method] = {**METHODS, "l2": NNI_NAMED["l2"], "activation": Method("data", "layer")}

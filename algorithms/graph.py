@@ -25,6 +25,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from .attention import ATTENTION_MODES, HeadBlock, HeadRegion, find_regions
+from .errors import PruningError
 from .layer_subclasses import reads_like_its_layer
 from .modules import NORM_TYPES, eval_mode, is_depthwise, output_units
 from .op_tables import (
@@ -86,6 +88,8 @@ class ChannelGroup:
     layer_norms: list[str] = field(default_factory=list)
     # permuted, shuffled, chunked, renormalised or scaled on the way: only this analysis follows them
     rearranged: bool = False
+    # the heads (or head dims) of one attention block: a unit is a head, not one output channel
+    heads: HeadBlock | None = None
 
     @property
     def prunable(self) -> bool:
@@ -102,6 +106,8 @@ class ChannelGraph:
     producer_space: dict[str, int]
     # layers whose outputs reach the model output through no other layer: the classifier
     output_producers: list[str] = field(default_factory=list)
+    # producers whose output units are not their group's units one to one (an attention qkv: rows per head)
+    producer_layout: dict[str, Layout] = field(default_factory=dict)
 
     def group(self, producer: str) -> ChannelGroup:
         return self.groups[self.group_of_producer[producer]]
@@ -203,10 +209,15 @@ def _flat_nodes(args: object) -> list[torch.fx.Node]:
 
 
 class _Walker:
-    def __init__(self, graph_module: torch.fx.GraphModule, model: nn.Module) -> None:
+    def __init__(self, graph_module: torch.fx.GraphModule, model: nn.Module, attention: str = "heads") -> None:
         self.gm = graph_module
         # the user's classes: the graph module keeps traced-through ones as bare Modules
         self.modules = dict(model.named_modules())
+        # attention blocks: their qkv opens a space of heads, the ops up to their proj are not walked
+        self.regions, self.refused_heads = find_regions(graph_module, self.modules, attention)
+        self.inner = {node for region in self.regions.values() for node in region.inner}
+        self.producer_layout: dict[str, Layout] = {}
+        self.head_spaces: dict[int, HeadBlock] = {}
         self.spaces = _Spaces()
         self.layouts: dict[torch.fx.Node, Layout] = {}
         self.axes: dict[torch.fx.Node, int] = {}  # channel axis of a tensor with a layout; 1 when absent
@@ -322,6 +333,8 @@ class _Walker:
 
     # -- node kinds ------------------------------------------------------------------------
     def visit(self, node: torch.fx.Node) -> None:
+        if node in self.inner:
+            return  # inside an attention block, between its qkv and its proj: see attention_qkv
         if any(arg in self.splits for arg in node.all_input_nodes) and not (
             node.target in SPLIT_AWARE and node.op in ("call_function", "call_method")
         ):
@@ -335,6 +348,35 @@ class _Walker:
     def call_module(self, node: torch.fx.Node) -> None:
         name = str(node.target)
         self.module_call(node, name, self.modules[name], node.args[0] if node.args else None)
+        if node in self.regions:
+            self.attention_qkv(node, self.regions[node])
+        elif node in self.refused_heads and name in self.producer_space:
+            self.spaces.block((Segment(self.producer_space[name], 1),), self.refused_heads[node])
+
+    def attention_qkv(self, node: torch.fx.Node, region: HeadRegion) -> None:
+        """qkv's rows, as (3, heads, head_dim), become units of heads (or of head dims), which proj reads as (heads,
+        head_dim) and a per-head parameter along its head axis. qkv's own space of rows is dropped."""
+        block, name = region.block, str(node.target)
+        space = self.producer_space.get(name)
+        into_proj = region.proj.args[0]
+        if space is None or self.spaces.reasons(space):  # called twice, or its tensors read directly: whole
+            reason = self.spaces.reasons(space)[0] if space is not None else f"{name} is not understood"
+            width = block.heads * block.head_dim
+            self.set(into_proj, (Segment(self.spaces.new(width, reason), width),), _ndim(into_proj) - 1)
+            return
+        units = self.spaces.new(block.units)
+        self.producer_space[name] = units
+        self.head_spaces[units] = block
+        if block.mode == "heads":
+            per_head = (Segment(units, block.heads, block.head_dim),)
+            self.producer_layout[name] = per_head * 3
+            for parameter, dim in region.per_head:
+                self.consumers.append(Consumer(str(parameter.target), "scale", (Segment(units, block.heads),), dim))
+        else:
+            per_head = (Segment(units, block.head_dim),) * block.heads
+            self.producer_layout[name] = per_head * 3
+        self.set(into_proj, per_head, _ndim(into_proj) - 1)
+        self.mark(per_head)
 
     def module_call(
         self, node: torch.fx.Node, name: str, module: nn.Module, source_node: object, own_reads: bool = False
@@ -823,13 +865,19 @@ def _broadcast_size(shape: tuple[int, ...], out_shape: tuple[int, ...] | None, a
     return shape[local] if 0 <= local < len(shape) else 1
 
 
-def analyze(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
-    """Trace `model` and find its channel groups and channel consumers."""
+def analyze(model: nn.Module, example_input: torch.Tensor, attention: str = "heads") -> ChannelGraph:
+    """Trace `model` and find its channel groups and channel consumers.
+
+    `attention`: what a multi-head attention block (see attention.py) prunes: whole "heads", "head_dim" (the same dims
+    of every head), or "none".
+    """
+    if attention not in ATTENTION_MODES:
+        raise PruningError(f"unknown attention mode {attention!r}; choose one of: {', '.join(ATTENTION_MODES)}")
     # in eval mode: a BatchNorm traced through in training mode bakes in an update of the caller's running statistics
     with eval_mode(model):
         graph_module = trace(model, leaf=reads_like_its_layer)
     propagate_shapes(graph_module, example_input)
-    walker = _Walker(graph_module, model)
+    walker = _Walker(graph_module, model, attention)
     for node in graph_module.graph.nodes:
         walker.visit(node)
     return _collect(walker, graph_module)
@@ -857,6 +905,8 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
     for space in walker.rearranged:
         if space in group_of_space:
             groups[group_of_space[space]].rearranged = True
+    for space, block in walker.head_spaces.items():
+        groups[group_of_space[space]].heads = block
     for consumer in walker.consumers:
         if consumer.kind == "layernorm":
             for index in {group_of_space.get(s.space) for s in consumer.layout} - {None}:
@@ -883,6 +933,7 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
         norm_after,
         dict(walker.producer_space),
         _output_producers(graph_module, walker),
+        dict(walker.producer_layout),
     )
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from .graph import ChannelGraph
 from .modules import clone_tree
+from .surgery import output_index
 
 Masks = dict[str, dict[str, torch.Tensor]]
 
@@ -26,7 +27,7 @@ def build_masks(model: nn.Module, graph: ChannelGraph, kept: dict[int, torch.Ten
     """Masks over the output units of every pruned producer."""
     modules = dict(model.named_modules())
     return {
-        producer: unit_masks(modules[producer], kept[group])
+        producer: unit_masks(modules[producer], output_index(graph, producer, kept))
         for producer, group in graph.group_of_producer.items()
         if group in kept
     }

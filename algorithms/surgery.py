@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import keep_softmax_scale, set_head_attributes
 from .graph import ChannelGraph, Layout
 from .modules import clone_tree, sliced_module, sliced_tensor
 
@@ -23,11 +24,19 @@ def layout_index(layout: Layout, graph: ChannelGraph, kept: dict[int, torch.Tens
     return torch.cat(pieces)
 
 
+def output_index(graph: ChannelGraph, producer: str, kept: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The output units a pruned producer keeps: its group's kept units, or, for an attention qkv, their rows."""
+    layout = graph.producer_layout.get(producer)
+    if layout is None:
+        return kept[graph.group_of_producer[producer]]
+    return layout_index(layout, graph, kept)
+
+
 def shrink(model: nn.Module, graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> nn.Module:
     """A new model with the kept channels of every pruned group; `model` is not modified."""
     modules = dict(model.named_modules())
     in_index = {c.module: layout_index(c.layout, graph, kept) for c in graph.consumers if c.kind != "scale"}
-    out_index = {p: kept[g] for p, g in graph.group_of_producer.items() if g in kept}
+    out_index = {p: output_index(graph, p, kept) for p, g in graph.group_of_producer.items() if g in kept}
     replacements = {}
     for name in set(in_index) | set(out_index):
         if in_index.get(name) is None and name not in out_index:
@@ -40,4 +49,11 @@ def shrink(model: nn.Module, graph: ChannelGraph, kept: dict[int, torch.Tensor])
         if index is not None:
             owner, _, attr = consumer.module.rpartition(".")
             sliced_tensor(pruned.get_submodule(owner), attr, index, consumer.dim)
+    for group, units in kept.items():
+        block = graph.groups[group].heads
+        if block is not None:
+            attention = pruned.get_submodule(block.module)
+            set_head_attributes(attention, block, len(units))
+            if block.mode == "head_dim":
+                keep_softmax_scale(attention, block, len(units))
     return pruned

@@ -16,7 +16,7 @@ from algorithms.channel_pruning import (
     excluded_producers,
     prune_channels,
 )
-from algorithms.criteria import DEFAULT_THRESHOLD, METHODS
+from algorithms.criteria import DEFAULT_THRESHOLD, SCRATCH_METHODS
 from algorithms.errors import PruningError
 from algorithms.graph import analyze
 from algorithms.modules import has_norm
@@ -40,7 +40,7 @@ def check_threshold_decides(model: nn.Module, result: ChannelPruning, threshold:
 
 class ScratchBackend:
     name = "scratch"
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = tuple(SCRATCH_METHODS)
 
     def default_method(self, model: nn.Module) -> str:
         """`bn` where the model has BatchNorm (the original default), else the DNN `neuron` operator."""
@@ -63,7 +63,7 @@ class ScratchBackend:
         graph = analyze(model, example_input)
         modules = dict(model.named_modules())
         groups = set(
-            candidate_groups(METHODS[method], modules, graph, excluded_producers(graph, set(modules), exclude))
+            candidate_groups(SCRATCH_METHODS[method], modules, graph, excluded_producers(graph, set(modules), exclude))
         )
         return [producer for producer, group in graph.group_of_producer.items() if group in groups]
 
@@ -82,8 +82,10 @@ class ScratchBackend:
         seed: int = 0,
         threshold: float = DEFAULT_THRESHOLD,
         round_to: int | None = None,
+        attention: str = "heads",
         **options: Any,
     ) -> PruneResult:
+        """`attention`: "heads" (prune whole heads of multi-head attention blocks), "head_dim" or "none"."""
         if options:
             raise ValueError(f"the scratch backend takes no option(s) {', '.join(sorted(options))}")
         result = prune_channels(
@@ -96,9 +98,13 @@ class ScratchBackend:
             seed=seed,
             threshold=threshold,
             round_to=round_to,
+            attention=attention,
+            methods=SCRATCH_METHODS,
         )
         info = {"why_unprunable": result.graph.why_unprunable(), "round_to": round_to}
-        if METHODS[method].takes_threshold:  # the threshold decided which units go: the job records it
+        if result.heads:
+            info["heads"] = {"mode": attention, "kept": result.heads}
+        if SCRATCH_METHODS[method].takes_threshold:  # the threshold decided which units go: the job records it
             info["threshold"] = threshold
             check_threshold_decides(model, result, threshold)
             if result.tied:  # the threshold decided nothing there: the highest indices went
@@ -119,5 +125,5 @@ class ScratchBackend:
     ) -> None:
         """The request errors prune() would raise, found before any training is spent (layer names are checked when
         the model is traced, in prune())."""
-        check_request(model, method, sparsity, scope)
+        check_request(model, method, sparsity, scope, SCRATCH_METHODS)
         check_round_to(context.round_to)

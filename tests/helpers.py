@@ -63,22 +63,39 @@ def zoo(name: str) -> nn.Module:
     return randomize_norms(build_model(name, (3, 32, 32), 10)).eval()
 
 
-def consumer_zeroed_reference(model: nn.Module, kept: dict[str, list[int]], x: torch.Tensor) -> torch.Tensor:
+def _group_units(graph: object, layer: str, rows: list[int]) -> torch.Tensor:
+    """A pruned layer's kept units of its group: its kept rows, or, of an attention qkv, the heads (head dims) held."""
+    layout = graph.producer_layout.get(layer)
+    if layout is None:
+        return torch.as_tensor(rows)
+    unit = torch.cat([torch.arange(s.size).repeat_interleave(s.repeat) for s in layout])
+    return torch.unique(unit[torch.as_tensor(rows)])
+
+
+def consumer_zeroed_reference(
+    model: nn.Module, kept: dict[str, list[int]], x: torch.Tensor, attention: str = "heads"
+) -> torch.Tensor:
     """The original model with the pruned channels zeroed in the input of every layer that mixes channels (conv,
     Linear).
 
     This is what a physically pruned model computes: a removed channel takes with it everything that would have flowed
     from it (its BatchNorm offset, an activation's f(0), a depthwise conv's bias), not only its own values. A LayerNorm
     over pruned channels normalises over the kept channels only (what its pruned copy does); the others come out as
-    zeros.
+    zeros. An attention block's removed heads (head dims) have their q, k and v zeroed: they add nothing to the output,
+    and a removed head dim adds nothing to q.k.
     """
     from algorithms.graph import analyze
     from algorithms.surgery import layout_index
 
-    graph = analyze(model, x)
-    kept_by_group = {graph.group_of_producer[layer]: torch.as_tensor(units) for layer, units in kept.items()}
+    graph = analyze(model, x, attention)
+    kept_by_group = {graph.group_of_producer[layer]: _group_units(graph, layer, units) for layer, units in kept.items()}
     modules = dict(model.named_modules())
     hooks, renormalised = [], {}
+    for layer, units in kept.items():
+        if layer in graph.producer_layout:  # an attention qkv: the q, k and v of removed heads (or head dims) are zeros
+            mask = torch.zeros(modules[layer].out_features)
+            mask[units] = 1.0
+            hooks.append(modules[layer].register_forward_hook(lambda _m, _i, out, mask=mask: out * mask))
     for consumer in graph.consumers:
         index = (
             layout_index(consumer.layout, graph, kept_by_group)

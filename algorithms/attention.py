@@ -1,0 +1,231 @@
+"""Multi-head attention whose heads (or head dims) can be pruned: a `qkv` Linear reshaped to (..., 3, heads, head_dim),
+attention within each head, and the heads merged back into one Linear (`proj`), all in one module that says how many
+heads it runs (`num_heads`), as timm's ViT / DeiT / Swin attention and most ViT code are written.
+
+The channel analysis cannot follow a head axis through the matmuls, so a block is found here, before the walk: its
+`qkv` output then counts one unit per head (or per head dim), its `proj` reads the same units, and the ops between
+them are left alone. What this check cannot see (an op that mixes heads) the prune catches afterwards: the pruned
+model must compute exactly what the original computes with those heads' q, k and v zeroed (see channel_pruning).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+ATTENTION_MODES = ("heads", "head_dim", "none")
+
+# ops between qkv and proj that act within a head (or broadcast over heads): anything else leaves the block whole
+_INNER_OPS = {
+    "reshape",
+    "view",
+    "permute",
+    "transpose",
+    "unbind",
+    "getitem",
+    "contiguous",
+    "mul",
+    "matmul",
+    "softmax",
+    "scaled_dot_product_attention",
+    "add",
+    "dropout",
+    "unsqueeze",
+    "expand",
+    "getattr",
+    "size",
+    "to",
+    "type_as",
+    "float",
+}
+_INNER_MODULES = (nn.Dropout, nn.Identity, nn.Softmax)
+
+
+@dataclass(frozen=True)
+class HeadBlock:
+    """One attention module: after a prune its `num_heads` (or `head_dim`) and the sizes derived from them are set."""
+
+    module: str
+    qkv: str
+    proj: str
+    heads: int
+    head_dim: int
+    mode: str  # "heads": a unit is a whole head; "head_dim": a unit is one dim of every head's q, k and v
+
+    @property
+    def units(self) -> int:
+        return self.heads if self.mode == "heads" else self.head_dim
+
+
+@dataclass
+class HeadRegion:
+    """What the analysis needs of a block: its qkv and proj calls, the nodes between them (not walked), and the
+    parameters with one entry per head (Swin's relative-position bias table), with their head axis."""
+
+    block: HeadBlock
+    qkv: torch.fx.Node
+    proj: torch.fx.Node
+    inner: set[torch.fx.Node] = field(default_factory=set)
+    per_head: list[tuple[torch.fx.Node, int]] = field(default_factory=list)
+
+
+def _shape(node: object) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+
+
+def _in_module(node: torch.fx.Node, owner: str) -> bool:
+    return any(key == owner or key.startswith(owner + ".") for key in node.meta.get("nn_module_stack") or {})
+
+
+def find_regions(
+    graph_module: torch.fx.GraphModule, modules: dict[str, nn.Module], mode: str
+) -> tuple[dict[torch.fx.Node, HeadRegion], dict[torch.fx.Node, str]]:
+    """The prunable attention blocks, keyed by their qkv call, and the qkv calls of blocks left whole, with why."""
+    regions: dict[torch.fx.Node, HeadRegion] = {}
+    refused: dict[torch.fx.Node, str] = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module" or type(modules.get(str(node.target))) is not nn.Linear:
+            continue
+        owner = str(node.target).rpartition(".")[0]
+        heads = getattr(modules.get(owner), "num_heads", None)
+        split = list(node.users)
+        shape = _shape(split[0]) if len(split) == 1 else None
+        if (
+            not isinstance(heads, int)
+            or isinstance(heads, bool)
+            or shape is None
+            or _op_name(split[0]) not in ("reshape", "view")
+            or len(shape) < 3
+            or shape[-3:-1] != (3, heads)
+            or 3 * heads * shape[-1] != modules[str(node.target)].out_features
+        ):
+            continue  # not the qkv of a block that runs `num_heads` heads
+        if mode == "none":
+            refused[node] = f"attention heads of {owner} are left whole (attention='none')"
+            continue
+        found = _region(node, split[0], owner, heads, shape[-1], modules, mode)
+        if isinstance(found, str):
+            refused[node] = f"attention heads of {owner} cannot be pruned: {found}"
+        else:
+            regions[node] = found
+    return regions, refused
+
+
+def _region(
+    qkv: torch.fx.Node,
+    split: torch.fx.Node,
+    owner: str,
+    heads: int,
+    head_dim: int,
+    modules: dict[str, nn.Module],
+    mode: str,
+) -> HeadRegion | str:
+    """The nodes from qkv's reshape to the one Linear of the same module that reads heads x head_dim features; a reason
+    when anything between them leaves the module, mixes in the input, or is an op not known to stay within a head."""
+    width = heads * head_dim
+    inner: set[torch.fx.Node] = set()
+    proj: list[torch.fx.Node] = []
+    stack = [split]
+    while stack:
+        node = stack.pop()
+        if node in inner or node in proj:
+            continue
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if (
+            type(module) is nn.Linear
+            and str(node.target).rpartition(".")[0] == owner
+            and module.in_features == width
+            and _shape(node.args[0]) is not None
+            and _shape(node.args[0])[-1] == width
+        ):
+            proj.append(node)
+            continue
+        if node.op == "output" or not _in_module(node, owner):
+            return f"its heads reach {node.name} outside {owner} other than through one output Linear"
+        allowed = (
+            isinstance(module, _INNER_MODULES)
+            or mode == "heads"
+            and isinstance(module, nn.LayerNorm)  # q_norm / k_norm: per head, over head_dim
+            and tuple(module.normalized_shape) == (head_dim,)
+            if node.op == "call_module"
+            else _op_name(node) in _INNER_OPS
+        )
+        if not allowed:
+            return f"{node.name} ({_op_name(node)}) is not known to keep heads apart"
+        inner.add(node)
+        stack.extend(node.users)
+    if len(proj) != 1:
+        return f"its heads reach {len(proj)} Linears of {owner}, not one"
+    per_head = _per_head_parameters(inner, qkv, owner, heads, modules)
+    if isinstance(per_head, str):
+        return per_head
+    block = HeadBlock(owner, str(qkv.target), str(proj[0].target), heads, head_dim, mode)
+    return HeadRegion(block, qkv, proj[0], inner, per_head if mode == "heads" else [])
+
+
+def _per_head_parameters(
+    inner: set[torch.fx.Node], qkv: torch.fx.Node, owner: str, heads: int, modules: dict[str, nn.Module]
+) -> list[tuple[torch.fx.Node, int]] | str:
+    """Tensors mixed into the attention from outside its path must not depend on the input (an attention mask or a
+    position bias may); the parameters of the module among them with one axis of `heads` entries are sliced with the
+    heads."""
+    found: list[tuple[torch.fx.Node, int]] = []
+    seen: set[torch.fx.Node] = set()
+    stack = [arg for node in inner for arg in node.all_input_nodes if arg not in inner and arg is not qkv]
+    while stack:
+        node = stack.pop()
+        if node in seen or _shape(node) is None:
+            continue  # a size read from a shape is a number, not data
+        seen.add(node)
+        if node.op == "placeholder" or node.op == "call_module":
+            return f"{node.name} mixes in a tensor computed from the input"
+        if node.op == "get_attr":
+            parent, _, attr = str(node.target).rpartition(".")
+            tensor = getattr(modules.get(parent), attr, None)
+            axes = [d for d, size in enumerate(_shape(node)) if size == heads]
+            if parent == owner and isinstance(tensor, nn.Parameter) and axes:
+                if len(axes) > 1:
+                    return f"{node.target} has {len(axes)} axes of {heads} entries: which one is the heads' is unclear"
+                found.append((node, axes[0]))
+        stack.extend(node.all_input_nodes)
+    return found
+
+
+def unit_order(layout_sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """Columns of a layout (segments of (units, repeat)) sorted by the unit they belong to, so that a weight indexed
+    with it reshapes to (units, -1): one row per head (or head dim)."""
+    owner = torch.cat([torch.arange(size).repeat_interleave(repeat) for size, repeat in layout_sizes])
+    return torch.argsort(owner, stable=True)
+
+
+def set_head_attributes(module: nn.Module, block: HeadBlock, kept: int) -> None:
+    """The pruned module's head count and the sizes derived from it; its softmax scale stays the original's."""
+    heads, head_dim = (kept, block.head_dim) if block.mode == "heads" else (block.heads, kept)
+    module.num_heads = heads
+    for name, value in (("head_dim", head_dim), ("attn_dim", heads * head_dim)):
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, value)
+
+
+def keep_softmax_scale(module: nn.Module, block: HeadBlock, kept: int) -> None:
+    """Fewer dims per head: PyTorch's fused attention would scale by 1/sqrt(kept dims). The q rows take the factor that
+    restores the original 1/sqrt(head_dim), and a `scale` attribute (timm's unfused path multiplies q by it) the
+    inverse, so either path computes what the original did."""
+    factor = math.sqrt(kept / block.head_dim)
+    qkv = module.get_submodule(block.qkv[len(block.module) + 1 :] if block.module else block.qkv)
+    rows = qkv.out_features // 3
+    with torch.no_grad():
+        qkv.weight[:rows].mul_(factor)
+        if qkv.bias is not None:
+            qkv.bias[:rows].mul_(factor)
+    if isinstance(getattr(module, "scale", None), float):
+        module.scale = module.scale / factor

@@ -1,0 +1,297 @@
+"""Attention heads (#27): whole heads (or the same dims of every head) of multi-head attention blocks are pruned, the
+block's num_heads / head_dim follow, its softmax scale stays, and the pruned model computes exactly what the original
+computes with the removed heads' q, k and v zeroed. On a small fixture written here, and on timm's ViT, DeiT and Swin,
+where Torch-Pruning 1.6.1's own pruned model does not run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from algorithms.channel_pruning import prune_channels
+from algorithms.errors import PruningError
+from backends import get_backend
+from tests.helpers import consumer_zeroed_reference, relative_error
+
+X = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))  # (batch, tokens, features)
+
+
+class Attention(nn.Module):
+    """timm's Attention in small: qkv -> (B, N, 3, heads, head_dim) -> scaled dot product -> proj, fused or not."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, head_dim: int = 6, fused: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = heads, head_dim, heads * head_dim
+        self.scale, self.fused = head_dim**-0.5, fused
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attend(x))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.merged(x, B, N)
+
+    def merged(self, x: torch.Tensor, B: int, N: int) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(B, N, self.attn_dim)
+
+
+class HeadsAndTokensMixed(Attention):
+    """A classic slip: the heads merged without moving them next to their dims first, so each output row mixes heads
+    and tokens. Every op is one a head-preserving block uses; only the numbers tell."""
+
+    def merged(self, x: torch.Tensor, B: int, N: int) -> torch.Tensor:
+        return x.reshape(B, N, self.attn_dim)
+
+
+class Gated(Attention):
+    """An output gate computed from the input (timm's gated attention): the gate's rows would have to follow heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(16, self.attn_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attend(x) * self.gate(x).sigmoid())
+
+
+class Block(nn.Module):
+    """A transformer block around an attention module: the MLP prunes as channels, the residual stream not."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(16), attention
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm(x))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def block(attention: nn.Module | None = None, seed: int = 0) -> Block:
+    torch.manual_seed(seed)
+    return Block(attention or Attention()).eval()
+
+
+def by_hand(model: Block, kept_heads: list[int], x: torch.Tensor = X) -> torch.Tensor:
+    """The original with the q, k and v rows of every other head zeroed: written here, not by the project's helpers."""
+    attention = model.attn
+    rows = torch.zeros(3, attention.num_heads, attention.head_dim)
+    rows[:, kept_heads] = 1.0
+    handle = attention.qkv.register_forward_hook(lambda _m, _i, out: out * rows.flatten())
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_whole_heads_go_and_the_block_computes_the_original_without_them(fused):
+    model = block(Attention(fused=fused))
+    result = prune_channels(model, "conv_all", 0.5, X, scope="layer")
+    pruned = result.model.attn
+    assert (pruned.num_heads, pruned.head_dim, pruned.attn_dim, pruned.scale) == (2, 6, 12, 6**-0.5)
+    assert pruned.qkv.weight.shape == (36, 16) and pruned.proj.weight.shape == (16, 12)
+    assert result.heads == {"attn": 2} and result.model.fc1.out_features == 16  # the MLP prunes beside the heads
+    with torch.no_grad():
+        assert relative_error(result.model(X), consumer_zeroed_reference(model, result.kept, X)) < 1e-5
+    heads_only = prune_channels(model, "conv_all", {"attn.qkv": 0.5}, X)
+    kept_heads = sorted({row // 6 % 4 for row in heads_only.kept["attn.qkv"]})
+    assert len(kept_heads) == 2 and len(heads_only.kept["attn.qkv"]) == 36
+    with torch.no_grad():
+        assert relative_error(heads_only.model(X), by_hand(model, kept_heads)) < 1e-5
+
+
+def test_heads_are_ranked_by_all_their_weights_and_the_lowest_go():
+    model = block()
+    with torch.no_grad():  # head 2 owns the smallest q, k, v rows and proj columns; head 0 the largest
+        model.attn.qkv.weight.view(3, 4, 6, 16)[:, 2] *= 0.01
+        model.attn.proj.weight.view(16, 4, 6)[:, :, 0] *= 10
+    kept = prune_channels(model, "conv_all", {"attn.qkv": 0.25}, X).kept["attn.qkv"]
+    assert sorted({row // 6 % 4 for row in kept}) == [0, 1, 3]
+
+
+def test_the_data_driven_ranking_removes_the_head_that_adds_nothing_whatever_its_weights():
+    model = block()
+    with torch.no_grad():  # head 1: the largest q, k, v rows of all, but proj never reads what it computes
+        model.attn.qkv.weight.view(3, 4, 6, 16)[:, 1] *= 100
+        model.attn.proj.weight.view(16, 4, 6)[:, 1] = 0
+    by_weights = prune_channels(model, "conv_all", {"attn.qkv": 0.25}, X).kept["attn.qkv"]
+    by_data = get_backend("scratch").prune(model, "activation", {"attn.qkv": 0.25}, X).kept["attn.qkv"]
+    assert 1 in {row // 6 % 4 for row in by_weights}
+    assert sorted({row // 6 % 4 for row in by_data}) == [0, 2, 3]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_head_dim_prunes_the_same_dims_of_every_head_and_keeps_the_softmax_scale(fused):
+    model = block(Attention(fused=fused))
+    result = prune_channels(model, "l2", 0.5, X, scope="layer", attention="head_dim", methods=_methods())
+    pruned = result.model.attn
+    assert (pruned.num_heads, pruned.head_dim, pruned.attn_dim) == (4, 3, 12)
+    kept_dims = sorted({row % 6 for row in result.kept["attn.qkv"]})
+    assert all({row % 6 for row in result.kept["attn.qkv"][i * 12 : i * 12 + 12]} == set(kept_dims) for i in range(3))
+    with torch.no_grad():
+        assert relative_error(pruned(X), _dims_zeroed(model.attn, kept_dims)) < 1e-5
+        pruned.fused = not fused  # the other attention path computes the same: scale and q rows agree
+        assert relative_error(pruned(X), _dims_zeroed(model.attn, kept_dims)) < 1e-5
+
+
+def _methods() -> dict:
+    from algorithms.criteria import SCRATCH_METHODS
+
+    return SCRATCH_METHODS
+
+
+def _dims_zeroed(attention: Attention, kept_dims: list[int]) -> torch.Tensor:
+    """The original attention with every other dim of every head's q, k and v zeroed, at the original scale."""
+    rows = torch.zeros(3, attention.num_heads, attention.head_dim)
+    rows[:, :, kept_dims] = 1.0
+    handle = attention.qkv.register_forward_hook(lambda _m, _i, out: out * rows.flatten())
+    try:
+        return attention(X)
+    finally:
+        handle.remove()
+
+
+def test_every_block_keeps_a_head_and_pruning_leaves_the_callers_model_alone():
+    model = block()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = prune_channels(model, "conv_all", 0.99, X, scope="global")
+    assert first.model.attn.num_heads == 1 and model.attn.num_heads == 4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert prune_channels(model, "conv_all", 0.99, X, scope="global").kept == first.kept
+
+
+def test_a_block_that_mixes_heads_is_refused_by_the_check_not_pruned_wrong():
+    with pytest.raises(PruningError, match=r"pruning heads of attn changed what the model computes .*exclude"):
+        prune_channels(block(HeadsAndTokensMixed()), "conv_all", 0.5, X, scope="layer")
+    # excluded, it stays whole and the rest prunes
+    result = prune_channels(block(HeadsAndTokensMixed()), "conv_all", 0.5, X, scope="layer", exclude=["attn"])
+    assert result.model.attn.num_heads == 4 and result.model.fc1.out_features == 16
+
+
+def test_a_gate_computed_from_the_input_leaves_the_heads_whole_with_the_reason():
+    result = prune_channels(block(Gated()), "conv_all", 0.5, X, scope="layer")
+    assert result.model.attn.num_heads == 4
+    assert "computed from the input" in result.graph.why_unprunable()["attn.qkv"]
+
+
+def test_attention_none_leaves_heads_whole_and_says_so():
+    result = prune_channels(block(), "conv_all", 0.5, X, scope="layer", attention="none")
+    assert result.model.attn.num_heads == 4
+    assert "attention='none'" in result.graph.why_unprunable()["attn.qkv"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"attention": "rows"}, r"^unknown attention mode 'rows'; choose one of: heads, head_dim, none$"),
+        (
+            {"attention": "head_dim", "round_to": 4},
+            r"^attn: head_dim 6 is not a multiple of round_to 4, so no pruned head_dim can be one; choose a round_to "
+            r"that divides 6, or attention='heads'$",
+        ),
+    ],
+)
+def test_bad_attention_options_get_one_line_naming_the_block(options, message):
+    with pytest.raises(PruningError, match=message):
+        prune_channels(block(), "conv_all", 0.5, X, scope="layer", **options)
+
+
+@pytest.mark.parametrize("attention", ["heads", "head_dim"])
+def test_the_cost_model_scales_attention_macs_with_the_heads_kept(attention):
+    from algorithms.cost import CostModel
+    from algorithms.graph import analyze
+    from tests.helpers import _group_units
+
+    model = block(Attention(fused=False))  # unfused: the flop counter sees q.k and weights.v as matmuls
+    result = prune_channels(model, "conv_all", 0.5, X, scope="layer", attention=attention)
+    cost = CostModel.of(model, X, result.graph)
+    assert sum(cost.attention_macs.values()) == 2 * 5 * 5 * 4 * 6  # q.k and weights.v: tokens^2 x heads x head_dim
+    plan = {result.graph.group_of_producer[p]: len(_group_units(result.graph, p, k)) for p, k in result.kept.items()}
+    actual = CostModel.of(result.model, X, analyze(result.model, X, attention)).costs({})
+    assert cost.costs(plan) == pytest.approx(actual)
+
+
+def test_the_activation_ranking_prunes_channels_too_by_what_flows_not_by_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 10))
+    with torch.no_grad():  # channel 5: the largest filter, silenced by its BatchNorm
+        model[0].weight[5] *= 100
+        model[1].weight[5], model[1].bias[5] = 0.0, 0.0
+    x = torch.randn(4, 3, 32, 32)
+    assert 5 in get_backend("scratch").prune(model.eval(), "conv_all", {"0": 0.125}, x).kept["0"]
+    result = get_backend("scratch").prune(model.eval(), "activation", {"0": 0.125}, x)
+    assert 5 not in result.kept["0"] and len(result.kept["0"]) == 7
+    with torch.no_grad():
+        assert relative_error(result.model(x), consumer_zeroed_reference(model, result.kept, x)) < 1e-5
+
+
+# -- timm's transformers -----------------------------------------------------------------------------------------------
+timm = pytest.importorskip("timm")
+
+TRANSFORMERS = {
+    "vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8},
+    "deit_tiny_patch16_224": {"img_size": 32, "patch_size": 8},
+    "swin_tiny_patch4_window7_224": {"img_size": 56, "window_size": 7},
+}
+
+
+def transformer(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **TRANSFORMERS[name]).eval()
+    size = TRANSFORMERS[name]["img_size"]
+    return model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMERS))
+@pytest.mark.parametrize("attention", ["heads", "head_dim"])
+def test_timm_transformers_prune_heads_and_mlp_units_exactly_with_no_settings(name, attention):
+    model, x = transformer(name)
+    result = get_backend("scratch").prune(model, "conv_all", 0.5, x, scope="layer", attention=attention)
+    blocks = [m for m in result.model.modules() if hasattr(m, "num_heads") and hasattr(m, "qkv")]
+    before = [m for m in model.modules() if hasattr(m, "num_heads") and hasattr(m, "qkv")]
+    assert len(result.info["heads"]["kept"]) == len(blocks) >= 12
+    for pruned, original in zip(blocks, before, strict=True):
+        heads, head_dim = original.num_heads, original.qkv.out_features // 3 // original.num_heads
+        if attention == "heads":  # floor(heads / 2) go: 3 keep 2, Swin's 6 / 12 / 24 keep half
+            heads -= heads // 2
+        else:
+            head_dim //= 2
+        assert (
+            pruned.num_heads == heads and pruned.qkv.out_features == 3 * pruned.proj.in_features == 3 * heads * head_dim
+        )
+    mlp = [m for n, m in result.model.named_modules() if n.endswith("mlp.fc1")]
+    original = [m for n, m in model.named_modules() if n.endswith("mlp.fc1")]
+    assert all(p.out_features == o.out_features // 2 for p, o in zip(mlp, original, strict=True))
+    with torch.no_grad():
+        assert relative_error(result.model(x), consumer_zeroed_reference(model, result.kept, x, attention)) < 1e-5
+
+
+def test_swin_slices_its_relative_position_bias_table_with_the_heads():
+    model, x = transformer("swin_tiny_patch4_window7_224")
+    pruned = get_backend("scratch").prune(model, "conv_all", 0.5, x, scope="layer").model
+    table = model.layers[2].blocks[0].attn.relative_position_bias_table
+    attention = pruned.layers[2].blocks[0].attn
+    assert table.shape[1] == 12 and attention.num_heads == 6
+    assert attention.relative_position_bias_table.shape == (table.shape[0], 6)
+
+
+def test_torch_pruning_s_own_pruned_transformers_do_not_run():
+    pytest.importorskip("torch_pruning")
+    for name in ("deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"):
+        model, x = transformer(name)
+        with pytest.raises(PruningError, match="no longer runs"):
+            get_backend("tp").prune(model, "l1", 0.5, x[:1], scope="layer")
