@@ -34,6 +34,7 @@ from .op_tables import (
     ELEMENTWISE_METHODS,
     FUNCTIONAL_MODULE_CALLS,
     NON_TENSOR_METHODS,
+    NORMS,
     PASSTHROUGH_FUNCTIONS,
     PASSTHROUGH_METHODS,
     PASSTHROUGH_MODULES,
@@ -233,6 +234,10 @@ class _Walker:
         self.unrelated: dict[torch.fx.Node, str] = {}
         # spaces permuted, shuffled, split, renormalised or scaled somewhere (see ChannelGroup)
         self.rearranged: set[int] = set()
+        # per-sample statistics over the channels (x.mean(1, keepdim=True) and what is computed from it alone): no
+        # channels of their own, they broadcast back over them; by the module that takes them
+        self.statistics: dict[torch.fx.Node, tuple[str, Layout]] = {}  # -> (module, the channels it is taken over)
+        self.statistic_of: dict[int, list[str]] = {}  # space -> modules whose statistics read it
         nodes = graph_module.graph.nodes
         self.attr_uses = Counter(str(n.target) for n in nodes if n.op == "get_attr")
         self.called = {str(n.target) for n in nodes if n.op == "call_module"}
@@ -335,6 +340,16 @@ class _Walker:
     def visit(self, node: torch.fx.Node) -> None:
         if node in self.inner:
             return  # inside an attention block, between its qkv and its proj: see attention_qkv
+        statistics = [arg for arg in node.all_input_nodes if arg in self.statistics]
+        if statistics and not (
+            node.op == "call_function"
+            and node.target in ELEMENTWISE | PASSTHROUGH_FUNCTIONS
+            or node.op == "call_method"
+            and node.target in ELEMENTWISE_METHODS | PASSTHROUGH_METHODS
+        ):
+            for arg in statistics:  # a normalisation divides or shifts its channels by it; anything else is not one
+                owner, source = self.statistics[arg]
+                self.spaces.block(source, f"a mean over channels ({owner}) feeds {node.name}: not a normalisation")
         if any(arg in self.splits for arg in node.all_input_nodes) and not (
             node.target in SPLIT_AWARE and node.op in ("call_function", "call_method")
         ):
@@ -554,6 +569,9 @@ class _Walker:
     # -- op families -----------------------------------------------------------------------
     def passthrough(self, node: torch.fx.Node, spatial: bool = False) -> None:
         source_node = node.args[0] if node.args else None
+        if source_node in self.statistics and not spatial:
+            self.statistics[node] = self.statistics[source_node]
+            return
         source, axis = self.layout(source_node), self.axis(source_node)
         same = _ndim(node) == _ndim(source_node) and _channels(_shape(node), axis) == _channels(
             _shape(source_node), axis
@@ -579,6 +597,10 @@ class _Walker:
         # skip Python numbers computed in the graph
         operands = [arg for arg in _flat_nodes((node.args, node.kwargs)) if _shape(arg) is not None]
         with_layout = [arg for arg in operands if self.layout(arg) is not None]
+        statistics = [arg for arg in operands if arg in self.statistics]
+        if not with_layout and statistics:
+            self.statistics[node] = self.statistics[statistics[0]]  # var + eps, its square root, ...
+            return
         if not with_layout or out_shape is None or len(out_shape) < 2:
             self.unknown(node, "an elementwise op")
             return
@@ -737,6 +759,18 @@ class _Walker:
         if source_node in self.pieces and isinstance(index, int):
             self.set(node, *self.pieces[source_node][index])
             return
+        if (
+            isinstance(index, tuple)
+            and index[:1] == (slice(None),)
+            and len(index) > 1
+            and all(i is None for i in index[1:])
+            and self.own_parameter(source_node)
+            and len(_shape(source_node) or ()) == 1
+            and len(node.users) == 1
+        ):
+            # self.weight[:, None, None] (ConvNeXt's channels-first LayerNorm): its one axis, as a reshape to broadcast
+            self.parameter_views[node] = source_node
+            return
         source, axis, shape = self.layout(source_node), self.axis(source_node), _shape(source_node)
         index = index if isinstance(index, tuple) else (index,)
         simple = all(isinstance(i, int) or _literal_slice(i) for i in index) and len(index) <= _ndim(source_node)
@@ -768,7 +802,7 @@ class _Walker:
             self.unite(node, layouts, axes.pop())
 
     def reduction(self, node: torch.fx.Node) -> None:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims, keepdim = _reduced_dims(node)
         source_node = node.args[0]
         in_shape, out_shape, axis = _shape(source_node), _shape(node), self.axis(source_node)
         if (
@@ -785,6 +819,9 @@ class _Walker:
             self.unknown(node, "a reduction over dims computed in forward")
             return
         dims = [d % len(in_shape) for d in dims]
+        if dims == [axis] and keepdim is True and node.target in (torch.mean, "mean"):
+            self.statistic(node, self.layouts[source_node])
+            return
         if any(d in (0, axis) for d in dims):
             self.unknown(node, "a reduction over channels")
             return
@@ -793,6 +830,24 @@ class _Walker:
             self.unknown(node, "a reduction")
             return
         self.set(node, self.layouts[source_node], new_axis)
+
+    def statistic(self, node: torch.fx.Node, source: Layout) -> None:
+        """A mean over the channel axis, kept as an axis of 1 (LayerNorm written out, ConvNeXt-V2's GlobalResponseNorm):
+        once pruned it is the mean of the kept channels, as a pruned LayerNorm's is; the group lists it with its
+        LayerNorms."""
+        owner = (list(node.meta.get("nn_module_stack") or {}) or [f"the model's {node.name}"])[-1]
+        self.statistics[node] = (owner, source)
+        for segment in source:
+            self.statistic_of.setdefault(segment.space, []).append(owner)
+        self.mark(source)
+
+
+def _reduced_dims(node: torch.fx.Node) -> tuple[object, object]:
+    """A reduction's dims and keepdim, as called: a norm's order comes before its dims."""
+    first = 2 if node.target in NORMS else 1
+    dims = node.args[first] if len(node.args) > first else node.kwargs.get("dim")
+    keepdim = node.args[first + 1] if len(node.args) > first + 1 else node.kwargs.get("keepdim", False)
+    return dims, keepdim
 
 
 def _permutation(node: torch.fx.Node, ndim: int) -> list[int] | None:
@@ -911,6 +966,10 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
         if consumer.kind == "layernorm":
             for index in {group_of_space.get(s.space) for s in consumer.layout} - {None}:
                 groups[index].layer_norms.append(consumer.module)
+    for space, owners in walker.statistic_of.items():
+        if space in group_of_space:
+            norms = groups[group_of_space[space]].layer_norms
+            norms += [owner for owner in dict.fromkeys(owners) if owner not in norms]
     for group in groups:
         if group.divisor > 1 and group.size // group.divisor <= 1 and not group.blocked_by:
             group.blocked_by.append(

@@ -100,8 +100,13 @@ ELEMENTWISE_ACTIVATION_FUNCTIONS = {
     torch.clamp,
     torch.clamp_,
 }
+# pointwise arithmetic of one tensor (a norm written out: (x - u).pow(2), torch.sqrt(s + eps)); a second tensor
+# operand with channels is refused in passthrough()
+POINTWISE_MATH = {torch.sqrt, torch.rsqrt, torch.exp, torch.abs, torch.square, torch.pow, operator.pow, operator.neg}
+POINTWISE_MATH_METHODS = {"sqrt", "rsqrt", "exp", "abs", "square", "pow", "neg"}
 PASSTHROUGH_FUNCTIONS = {
     *ELEMENTWISE_ACTIVATION_FUNCTIONS,
+    *POINTWISE_MATH,
     F.dropout,
     F.dropout1d,
     F.dropout2d,
@@ -119,6 +124,7 @@ SPATIAL_FUNCTIONS = {
     torch.max_pool2d,
 }
 PASSTHROUGH_METHODS = {
+    *POINTWISE_MATH_METHODS,
     "relu",
     "relu_",
     "sigmoid",
@@ -149,8 +155,10 @@ ELEMENTWISE = {
 ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "addcmul"}
 RESHAPES = {torch.flatten, torch.reshape}
 RESHAPE_METHODS = {"view", "reshape", "flatten"}
-REDUCTIONS = {torch.mean, torch.sum, torch.amax}
-REDUCTION_METHODS = {"mean", "sum", "amax"}
+REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.norm, torch.linalg.vector_norm}
+REDUCTION_METHODS = {"mean", "sum", "amax", "norm"}
+# reductions whose first argument after the tensor is the norm's order: their dims come one later
+NORMS = {torch.norm, torch.linalg.vector_norm, "norm"}
 PERMUTES = {torch.permute, torch.transpose, torch.swapaxes, torch.swapdims}
 PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "swapdims"}
 SPLITS = {torch.chunk, torch.split}

@@ -7,6 +7,10 @@ computes what the original computes with the pruned channels zeroed where a laye
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +36,14 @@ def scratch(model: nn.Module, x: torch.Tensor = X) -> PruneResult:
 
 
 def assert_exact(model: nn.Module, result: PruneResult, x: torch.Tensor = X) -> None:
-    with torch.no_grad():
+    """Against the channel-zeroed original; a GlobalResponseNorm (ConvNeXt-V2) takes its mean over the channels its
+    fc1 keeps."""
+    response_norms = {
+        name: result.kept[name.replace(".grn", ".fc1")]
+        for name, module in model.named_modules()
+        if type(module).__name__ == "GlobalResponseNorm" and name.replace(".grn", ".fc1") in result.kept
+    }
+    with torch.no_grad(), kept_channel_statistics(model, response_norms):
         assert relative_error(result.model(x), consumer_zeroed_reference(model, result.kept, x)) < 1e-5
 
 
@@ -236,6 +247,95 @@ def test_slicing_a_concatenation_back_to_its_full_width_is_no_cut_and_a_real_cut
     }
 
 
+def response_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """ConvNeXt-V2's GlobalResponseNorm (NCHW): each channel's spatial L2 norm over their mean across channels."""
+    x_g = x.norm(p=2, dim=(2, 3), keepdim=True)
+    x_n = x_g / (x_g.mean(dim=1, keepdim=True) + 1e-6)
+    return x + torch.addcmul(bias.view(1, -1, 1, 1), weight.view(1, -1, 1, 1), x * x_n)
+
+
+def written_out_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """ConvNeXt's own channels-first LayerNorm, written out in ops."""
+    u = x.mean(1, keepdim=True)
+    s = (x - u).pow(2).mean(1, keepdim=True)
+    return weight[:, None, None] * ((x - u) / torch.sqrt(s + 1e-6)) + bias[:, None, None]
+
+
+class ChannelNorm(nn.Module):
+    def __init__(self, channels: int, norm: object) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(channels) + 0.5), nn.Parameter(torch.rand(channels))
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, self.weight, self.bias)
+
+
+class NormedMlp(nn.Module):
+    def __init__(self, norm: object) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Conv2d(3, 8, 1), ChannelNorm(8, norm), nn.Conv2d(8, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(F.gelu(self.fc1(x)))).mean((2, 3))
+
+
+class MeanAttention(NormedMlp):
+    """A spatial attention map from the channels' mean, through a conv: not a normalisation of those channels."""
+
+    def __init__(self) -> None:
+        super().__init__(response_norm)
+        self.spatial = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.fc1(x))
+        return self.fc2(x * self.spatial(x.mean(1, keepdim=True)).sigmoid()).mean((2, 3))
+
+
+@contextlib.contextmanager
+def kept_channel_statistics(model: nn.Module, kept: dict[str, list[int]]) -> Iterator[None]:
+    """Each named module computes on its kept channels alone, as a sliced copy of itself (its per-channel parameters
+    cut to them), the others coming out zero: what a norm whose statistics span the channels means once pruned."""
+    handles = []
+    for name, channels in kept.items():
+        module = model.get_submodule(name)
+        sliced = copy.deepcopy(module)
+        for key, parameter in list(sliced.named_parameters()):
+            if parameter.ndim == 1:
+                setattr(sliced, key, nn.Parameter(parameter.detach()[channels]))
+
+        def hook(_m: nn.Module, args: tuple, out: object, sliced=sliced, channels=channels) -> object:
+            if isinstance(out, torch.fx.Proxy):  # the reference traces the model first: fx calls hooks too
+                return out
+            full = torch.zeros_like(out)
+            full[:, channels] = sliced(args[0][:, channels])
+            return full
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("norm", [response_norm, written_out_layer_norm])
+def test_a_norm_over_the_channels_prunes_with_its_statistics_over_the_kept_channels(norm):
+    model = NormedMlp(norm).eval()
+    graph = analyze(model, X)
+    assert graph.why_unprunable() == {} and graph.group("fc1").layer_norms == ["norm"]
+    result = scratch(model)
+    assert result.model.norm.weight.shape == (4,) and result.model.norm.bias.shape == (4,)
+    with torch.no_grad(), kept_channel_statistics(model, {"norm": result.kept["fc1"]}):
+        assert relative_error(result.model(X), consumer_zeroed_reference(model, result.kept, X)) < 1e-5
+
+
+def test_a_mean_over_channels_that_is_no_normalisation_blocks_them():
+    assert analyze(MeanAttention().eval(), X).why_unprunable() == {
+        "fc1": "a mean over channels (the model's mean) feeds spatial: not a normalisation"
+    }
+
+
 # -- real timm models beside Torch-Pruning -----------------------------------------------------------------------------
 # Torch-Pruning's pruned model runs on these: scratch keeps at most as many parameters (within 2%), and both are exact
 # (Torch-Pruning's GhostNet is off by 1e-4 of the output: its cut of the ghost concatenation is not what it reports).
@@ -251,6 +351,7 @@ PARITY = [
     "repvgg_a0",
     "ghostnet_100",
     "convnext_atto",
+    "convnextv2_atto",  # GlobalResponseNorm: statistics over the kept channels
 ]
 # Torch-Pruning 1.6.1 fails on these or its pruned model does not run; scratch prunes them, exactly.
 SCRATCH_ONLY = [

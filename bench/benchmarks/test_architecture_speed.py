@@ -44,7 +44,14 @@ MODELS = [
     "timm:ghostnet_100",
     "timm:convnext_atto",
     "timm:densenet121",
+    "timm:convnextv2_atto",  # GlobalResponseNorm
+    # transformers: whole heads and MLP units (Torch-Pruning's pruned model does not run)
+    "timm:vit_tiny_patch16_224",
+    "timm:deit_tiny_patch16_224",
+    "timm:swin_tiny_patch4_window7_224",
 ]
+# timm models built for the 64x64 example: ViT's patch grid and Swin's windows follow the image size
+TIMM_SIZES = {"vit": {"img_size": 64}, "dei": {"img_size": 64}, "swi": {"img_size": 64, "window_size": 8}}
 RESULTS: dict[str, dict[str, object]] = {}
 
 
@@ -61,7 +68,9 @@ def torchvision_model(name: str) -> nn.Module:
     if name.startswith("timm:"):
         import timm
 
-        return randomize_norms(timm.create_model(name.removeprefix("timm:"), pretrained=False, num_classes=10)).eval()
+        name = name.removeprefix("timm:")
+        size = TIMM_SIZES.get(name[:3], {})
+        return randomize_norms(timm.create_model(name, pretrained=False, num_classes=10, **size)).eval()
     extra = {"image_size": 64} if name.startswith("vit") else {}
     return randomize_norms(getattr(torchvision.models, name)(num_classes=10, **extra)).eval()
 
