@@ -647,10 +647,18 @@ class _Walker:
             # self.gamma.reshape(1, -1, 1, 1) (timm's ConvNeXt layer scale): sliced where it meets the channels
             self.parameter_views[node] = source_node
             return
-        if source is None or in_shape is None or out_shape is None or len(out_shape) < 2 or out_shape[0] != in_shape[0]:
+        if source is None or in_shape is None or out_shape is None or len(out_shape) < 2:
             self.unknown(node, "a reshape")
             return
         axis = self.axis(source_node)
+        if axis == len(in_shape) - 1 and out_shape[-1] == in_shape[-1] and out_shape[0] != in_shape[0]:
+            # channels last, the leading dims regrouped: LeViT's x.flatten(0, 1) for a BatchNorm1d, reshape_as(x) back
+            self.set(node, source, len(out_shape) - 1)
+            self.mark(source)
+            return
+        if out_shape[0] != in_shape[0]:
+            self.unknown(node, "a reshape")
+            return
         in_rest, out_rest = math.prod(in_shape[2:]), math.prod(out_shape[2:])
         moved = _axis_after_unit_dims(in_shape, out_shape, axis)
         if moved is not None:

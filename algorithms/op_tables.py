@@ -154,7 +154,7 @@ ELEMENTWISE = {
 }
 ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "addcmul"}
 RESHAPES = {torch.flatten, torch.reshape}
-RESHAPE_METHODS = {"view", "reshape", "flatten"}
+RESHAPE_METHODS = {"view", "reshape", "flatten", "reshape_as", "view_as"}
 REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.norm, torch.linalg.vector_norm}
 REDUCTION_METHODS = {"mean", "sum", "amax", "norm"}
 # reductions whose first argument after the tensor is the norm's order: their dims come one later

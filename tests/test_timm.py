@@ -336,6 +336,35 @@ def test_a_mean_over_channels_that_is_no_normalisation_blocks_them():
     }
 
 
+class LinearNorm(nn.Module):
+    """LeViT's Linear + BatchNorm1d on tokens: the batch and token axes merged for the norm, then split back."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(inputs, outputs), nn.BatchNorm1d(outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class TokenMlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1, self.ln2, self.head = LinearNorm(16, 32), LinearNorm(32, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x + self.ln2(F.hardswish(self.ln1(x)))).mean(1))
+
+
+def test_batch_and_tokens_merged_for_a_batchnorm_keep_the_channels_last():
+    model = randomized(TokenMlp())
+    tokens = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+    result = scratch(model, tokens)
+    assert result.model.ln1.bn.num_features == 16 and result.model.ln2.linear.in_features == 16
+    assert_exact(model, result, tokens)
+
+
 # -- real timm models beside Torch-Pruning -----------------------------------------------------------------------------
 # Torch-Pruning's pruned model runs on these: scratch keeps at most as many parameters (within 2%), and both are exact
 # (Torch-Pruning's GhostNet is off by 1e-4 of the output: its cut of the ghost concatenation is not what it reports).
@@ -456,12 +485,14 @@ def test_a_model_in_training_mode_keeps_its_batchnorm_statistics():
     assert same(fingerprint(model), before) and model.training
 
 
-def test_timm_levit_prunes_twice_and_keeps_its_attention_bias_cache_empty():
+def test_timm_levit_prunes_its_mlps_twice_and_keeps_its_attention_bias_cache_empty():
     model = timm_model("levit_128s")
     before = fingerprint(model)
     first, second = scratch(model), scratch(model)
     assert same(fingerprint(model), before) and first.kept == second.kept
     assert all(not module.attention_bias_cache for module in model.modules() if hasattr(module, "attention_bias_cache"))
+    assert params(first.model) < 0.4 * params(model)  # 7,009,574 -> 2,454,494: its MLPs' LinearNorm pairs
+    assert_exact(model, first)  # (a forward of its own fills the cache)
 
 
 def test_a_model_that_fails_on_the_example_input_is_one_line_without_a_traceback(capfd):
