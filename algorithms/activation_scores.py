@@ -13,6 +13,7 @@ from torch import nn
 from .attention import unit_order
 from .graph import ChannelGraph
 from .modules import eval_mode
+from .tracing import attributes_kept
 
 
 def _per_unit_mean(output: torch.Tensor, axis: int) -> torch.Tensor:
@@ -22,10 +23,16 @@ def _per_unit_mean(output: torch.Tensor, axis: int) -> torch.Tensor:
 
 def _head_contributions(inputs: torch.Tensor, weight: torch.Tensor, units: int, order: torch.Tensor) -> torch.Tensor:
     """inputs (..., heads x head_dim) and proj's weight, columns taken in unit order: the norm of each unit's share of
-    proj's output, averaged over tokens and samples."""
-    columns = inputs.detach().double().reshape(-1, inputs.shape[-1])[:, order].reshape(-1, units, len(order) // units)
-    weights = weight.detach().double()[:, order].reshape(weight.shape[0], units, -1)
-    return torch.einsum("tuc,ouc->tuo", columns, weights).norm(dim=-1).mean(0)
+    proj's output, averaged over tokens and samples (one unit at a time: all at once is tokens x units x outputs)."""
+    columns = inputs.detach().reshape(-1, inputs.shape[-1])[:, order.to(inputs.device)]
+    weights = weight.detach()[:, order.to(weight.device)]
+    width = len(order) // units
+    return torch.stack(
+        [
+            (columns[:, u * width : (u + 1) * width] @ weights[:, u * width : (u + 1) * width].t()).norm(dim=-1).mean()
+            for u in range(units)
+        ]
+    ).double()
 
 
 def activation_scores(
@@ -52,8 +59,8 @@ def activation_scores(
         watched[index] = [graph.norm_after.get(member, member) for member in graph.groups[index].members]
         for name in watched[index]:
             handles.append(modules[name].register_forward_hook(lambda _m, _a, out, name=name: keep(name, out)))
-    try:
-        with eval_mode(model), torch.no_grad():
+    try:  # the caller's model: what its forward caches (LeViT's attention biases) is dropped again
+        with attributes_kept(model), eval_mode(model), torch.no_grad():
             model(example_input.clone())
     finally:
         for handle in handles:
@@ -68,4 +75,4 @@ def activation_scores(
         else:
             axis = [-1 if isinstance(modules[name], nn.Linear) else 1 for name in names]
             scores[index] = torch.stack([_per_unit_mean(seen[n], a) for n, a in zip(names, axis, strict=True)]).mean(0)
-    return scores
+    return {index: score.cpu() for index, score in scores.items()}  # selection runs on the CPU

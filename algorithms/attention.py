@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
+
+from .tracing import node_shape as _shape
 
 ATTENTION_MODES = ("heads", "head_dim", "none")
 
@@ -73,17 +76,25 @@ class HeadRegion:
     per_head: list[tuple[torch.fx.Node, int]] = field(default_factory=list)
 
 
-def _shape(node: object) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
-    return tuple(meta.shape) if hasattr(meta, "shape") else None
-
-
 def _op_name(node: torch.fx.Node) -> str:
     return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
 
 
 def _in_module(node: torch.fx.Node, owner: str) -> bool:
-    return any(key == owner or key.startswith(owner + ".") for key in node.meta.get("nn_module_stack") or {})
+    """Is the node computed in `owner`'s forward (the model's own, for the root)?"""
+    return not owner or any(
+        key == owner or key.startswith(owner + ".") for key in node.meta.get("nn_module_stack") or {}
+    )
+
+
+def _normalizes_each_head(node: torch.fx.Node, head_dim: int, modules: dict[str, nn.Module]) -> bool:
+    """q_norm / k_norm: a LayerNorm over head_dim alone, called (nn.LayerNorm) or traced through (timm's LayerNorm
+    calls F.layer_norm): per head, so whole heads may go; not their dims, whose statistics it takes."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        return isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (head_dim,)
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    return node.op == "call_function" and node.target is F.layer_norm and tuple(shape or ()) == (head_dim,)
 
 
 def find_regions(
@@ -151,48 +162,48 @@ def _region(
             continue
         if node.op == "output" or not _in_module(node, owner):
             return f"its heads reach {node.name} outside {owner} other than through one output Linear"
-        allowed = (
-            isinstance(module, _INNER_MODULES)
-            or mode == "heads"
-            and isinstance(module, nn.LayerNorm)  # q_norm / k_norm: per head, over head_dim
-            and tuple(module.normalized_shape) == (head_dim,)
-            if node.op == "call_module"
-            else _op_name(node) in _INNER_OPS
-        )
+        if mode == "heads" and _normalizes_each_head(node, head_dim, modules):
+            allowed = True
+        elif node.op == "call_module":
+            allowed = isinstance(module, _INNER_MODULES)
+        else:
+            allowed = _op_name(node) in _INNER_OPS
         if not allowed:
             return f"{node.name} ({_op_name(node)}) is not known to keep heads apart"
         inner.add(node)
         stack.extend(node.users)
     if len(proj) != 1:
         return f"its heads reach {len(proj)} Linears of {owner}, not one"
-    per_head = _per_head_parameters(inner, qkv, owner, heads, modules)
+    per_head = _per_head_parameters(inner, qkv, owner, heads, modules, mode)
     if isinstance(per_head, str):
         return per_head
     block = HeadBlock(owner, str(qkv.target), str(proj[0].target), heads, head_dim, mode)
-    return HeadRegion(block, qkv, proj[0], inner, per_head if mode == "heads" else [])
+    return HeadRegion(block, qkv, proj[0], inner, per_head)
 
 
 def _per_head_parameters(
-    inner: set[torch.fx.Node], qkv: torch.fx.Node, owner: str, heads: int, modules: dict[str, nn.Module]
+    inner: set[torch.fx.Node], qkv: torch.fx.Node, owner: str, heads: int, modules: dict[str, nn.Module], mode: str
 ) -> list[tuple[torch.fx.Node, int]] | str:
-    """Tensors mixed into the attention from outside its path must not depend on the input (an attention mask or a
-    position bias may); the parameters of the module among them with one axis of `heads` entries are sliced with the
-    heads."""
+    """Tensors mixed into the attention from outside its path must not depend on the input or come out of a module
+    (an attention mask or a position bias read from parameters may); in "heads" mode the parameters of the block among
+    them with one axis of `heads` entries are sliced with the heads."""
     found: list[tuple[torch.fx.Node, int]] = []
     seen: set[torch.fx.Node] = set()
     stack = [arg for node in inner for arg in node.all_input_nodes if arg not in inner and arg is not qkv]
     while stack:
         node = stack.pop()
-        if node in seen or _shape(node) is None:
+        if node in seen or node.meta.get("tensor_meta") is None:
             continue  # a size read from a shape is a number, not data
         seen.add(node)
-        if node.op == "placeholder" or node.op == "call_module":
+        if node.op == "placeholder":
             return f"{node.name} mixes in a tensor computed from the input"
-        if node.op == "get_attr":
+        if node.op == "call_module":
+            return f"{node.name} mixes in the output of {node.target}, which would have to follow the heads"
+        shape = _shape(node)
+        if node.op == "get_attr" and mode == "heads" and shape is not None:
             parent, _, attr = str(node.target).rpartition(".")
-            tensor = getattr(modules.get(parent), attr, None)
-            axes = [d for d, size in enumerate(_shape(node)) if size == heads]
-            if parent == owner and isinstance(tensor, nn.Parameter) and axes:
+            axes = [d for d, size in enumerate(shape) if size == heads]
+            if parent == owner and isinstance(getattr(modules.get(parent), attr, None), nn.Parameter) and axes:
                 if len(axes) > 1:
                     return f"{node.target} has {len(axes)} axes of {heads} entries: which one is the heads' is unclear"
                 found.append((node, axes[0]))

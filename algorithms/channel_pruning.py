@@ -64,12 +64,23 @@ def _norm_gamma(modules: dict[str, nn.Module], graph: ChannelGraph, producer: st
 def _group_tensors(
     method: Method, modules: dict[str, nn.Module], graph: ChannelGraph, members: list[str]
 ) -> list[torch.Tensor]:
-    heads = graph.group(members[0]).heads
-    if heads is not None:
-        return [] if method.source in ("norm", "data") else [_head_weights(modules, graph, members[0])]
     if method.source == "norm":
-        return [g for g in (_norm_gamma(modules, graph, m) for m in members) if g is not None]
-    return [] if method.source == "data" else [modules[m].weight for m in members]
+        is_heads = graph.group(members[0]).heads is not None
+        return [] if is_heads else [g for g in (_norm_gamma(modules, graph, m) for m in members) if g is not None]
+    return [] if method.source == "data" else unit_weights(modules, graph, members)
+
+
+def unit_weights(modules: dict[str, nn.Module], graph: ChannelGraph, members: list[str]) -> list[torch.Tensor]:
+    """What a weight criterion scores a group's units by, one row per unit: its members' filters, or an attention
+    block's q, k, v rows and proj columns per head (or head dim)."""
+    if graph.group(members[0]).heads is None:
+        return [modules[m].weight for m in members]
+    return [_head_weights(modules, graph, members[0])]
+
+
+def rounds(group: ChannelGroup) -> bool:
+    """round_to is about the widths kernels see: whole heads keep a multiple of head_dim already."""
+    return group.heads is None or group.heads.mode == "head_dim"
 
 
 def _head_weights(modules: dict[str, nn.Module], graph: ChannelGraph, qkv: str) -> torch.Tensor:
@@ -163,7 +174,8 @@ def prune_channels(
 
     `attention`: what a multi-head attention block prunes (attention.py): whole "heads" (the default: floor(heads x
     ratio) go, one always stays), "head_dim" (the same dims of every head; `round_to` then applies to head_dim), or
-    "none". A head's score is its method's score of all its q, k, v rows and proj columns.
+    "none". A head's score is its method's score of all its q, k, v rows and proj columns; under global scope each
+    block still loses floor(units x ratio), as such a score does not compare with a channel's.
 
     A caller that prunes one model many times (sensitivity analysis) passes `graph=analyze(model, example_input)` once,
     and `verify=False` (skip the check that the pruned model runs) once the same structure has passed it.
@@ -173,7 +185,6 @@ def prune_channels(
     modules = dict(model.named_modules())
     per_layer = isinstance(sparsity, Mapping)
     graph = analyze(model, example_input, attention) if graph is None else graph
-    _check_head_rounding(graph, round_to)
     excluded = excluded_producers(graph, set(modules), exclude)
     ratios: dict[int, float] = {}
     if per_layer:
@@ -199,6 +210,7 @@ def prune_channels(
         for index, ratio in ratios.items()
         if index in prunable
     }
+    _check_head_rounding(graph, candidates, round_to)
 
     generator = torch.Generator().manual_seed(seed)
     tied: list[str] = []
@@ -210,7 +222,7 @@ def prune_channels(
                 importance = group_score(lambda t: gamma_magnitude(t) if t.ndim == 1 else unit_sum(t), tensors)
                 removed = greedy_redundant(distances, importance, removal_count(graph.groups[index].size, ratio))
                 kept[index] = keep_all_but(graph.groups[index].size, removed)
-                if round_to and _rounds(graph.groups[index]):
+                if round_to and rounds(graph.groups[index]):
                     kept[index] = round_up_kept(importance, kept[index], round_to)
         else:
             scores = (
@@ -227,14 +239,17 @@ def prune_channels(
                 tied = [
                     "+".join(graph.groups[i].members) for i, score in scores.items() if bool((score == score[0]).all())
                 ]
-            if scope == "global":
-                kept = select_global(scores, float(sparsity)) if scores else {}
+            if scope == "global":  # a head's score sums thousands of weights: no match for a channel's, so per block
+                heads = {i: s for i, s in scores.items() if graph.groups[i].heads is not None}
+                channels = {i: s for i, s in scores.items() if i not in heads}
+                kept = select_global(channels, float(sparsity)) if channels else {}
+                kept |= select_per_layer(heads, {i: float(sparsity) for i in heads})
             else:
                 kept = select_per_layer(scores, {i: r for i, (r, _) in candidates.items()})
             for index in kept:
                 if graph.groups[index].divisor > 1:
                     kept[index] = keep_in_blocks(scores[index], kept[index], graph.groups[index].divisor)
-                if round_to and _rounds(graph.groups[index]):
+                if round_to and rounds(graph.groups[index]):
                     kept[index] = round_up_kept(scores[index], kept[index], round_to, graph.groups[index].divisor)
     kept = {g: k for g, k in kept.items() if len(k) < graph.groups[g].size}
 
@@ -249,18 +264,14 @@ def prune_channels(
     return ChannelPruning(pruned, kept_by_layer, masks, original, scope, graph, tied, len(candidates), heads)
 
 
-def _rounds(group: ChannelGroup) -> bool:
-    """round_to is about the widths kernels see: whole heads keep a multiple of head_dim already."""
-    return group.heads is None or group.heads.mode == "head_dim"
-
-
-def _check_head_rounding(graph: ChannelGraph, round_to: int | None) -> None:
-    for group in graph.groups:
-        block = group.heads
-        if round_to and block is not None and block.mode == "head_dim" and block.head_dim % round_to:
+def _check_head_rounding(graph: ChannelGraph, groups: Iterable[int], round_to: int | None) -> None:
+    """A head_dim that no multiple of round_to below it fits would silently stay whole: say so, naming the block."""
+    for index in groups:
+        block = graph.groups[index].heads
+        if round_to and block is not None and block.mode == "head_dim" and round_to >= block.head_dim:
             raise PruningError(
-                f"{block.module}: head_dim {block.head_dim} is not a multiple of round_to {round_to}, so no pruned "
-                f"head_dim can be one; choose a round_to that divides {block.head_dim}, or attention='heads'"
+                f"{block.module}: head_dim {block.head_dim} has no multiple of round_to {round_to} below it, so none "
+                f"of its dims can go; choose a round_to below {block.head_dim}, or attention='heads'"
             )
 
 

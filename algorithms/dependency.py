@@ -50,7 +50,8 @@ class ChannelDependency:
     tensorboard."""
 
     def __init__(self, model: nn.Module, dummy_input: torch.Tensor, graph: ChannelGraph | None = None) -> None:
-        self.graph = analyze(model, dummy_input) if graph is None else graph
+        # NNI's channel sets: an attention block's heads are no channel set, its qkv stays whole as in NNI
+        self.graph = analyze(model, dummy_input, attention="none") if graph is None else graph
         modules = dict(model.named_modules())
         followers = _followers(self.graph)
         self.sets: list[DependencySet] = [

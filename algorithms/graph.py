@@ -53,6 +53,7 @@ from .op_tables import (
     functional_tensors,
     hands_own_tensors,
 )
+from .tracing import node_shape as _shape
 from .tracing import propagate_shapes, trace
 
 
@@ -162,11 +163,6 @@ class _Spaces:
 
     def reasons(self, space: int) -> list[str]:
         return self.blocked.get(self.find(space), [])
-
-
-def _shape(node: object) -> tuple[int, ...] | None:
-    meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, torch.fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _channels(shape: tuple[int, ...] | None, axis: int = 1) -> int | None:

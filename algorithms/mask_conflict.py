@@ -124,7 +124,7 @@ def resolve_mask_conflict(
                 f"masks name layer {name!r}, which the model does not have; see model.named_modules() for names"
             )
         units[name] = unit_mask(name, modules[name], layer_masks)
-    graph = analyze(model, dummy_input)
+    graph = analyze(model, dummy_input, attention="none")  # NNI's masks are over channels, not heads
     dependency, grouping = ChannelDependency(model, dummy_input, graph), GroupDependency(model, dummy_input, graph)
     fixed: Masks = {name: dict(layer_masks) for name, layer_masks in masks.items()}
     report: list[SetFix] = []

@@ -110,6 +110,12 @@ def trace(model: nn.Module, leaf: Callable[[nn.Module], bool] | None = None) -> 
         ) from None
 
 
+def node_shape(node: object) -> tuple[int, ...] | None:
+    """The shape shape propagation recorded for a node's tensor; None for anything else (a number, a tuple)."""
+    meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
 def propagate_shapes(graph_module: torch.fx.GraphModule, example_input: torch.Tensor) -> None:
     """Fill node.meta['tensor_meta'] by running the graph once in eval mode (BN stats untouched)."""
     try:

@@ -24,6 +24,7 @@ class JobContext:
     learning_rate: float = 1e-3
     round_to: int | None = None  # kept channel counts rounded up to multiples of this
     threshold: float = 0.06  # weight magnitude of threshold criteria (scratch conv_threshold)
+    attention: str = "heads"  # what scratch prunes of an attention block: "heads", "head_dim" or "none"
     schedule_over: str = "l1"  # what iterative schedules rank by (NNI agp / linear)
     verbose: bool = False  # let a library's own log lines through
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from algorithms import allocation as strategies
+from algorithms.channel_pruning import rounds, unit_weights
 from algorithms.cost import CostModel, Plan
 from algorithms.criteria import group_score, unit_l2
 from algorithms.errors import PruningError
@@ -136,16 +137,20 @@ def plan_budget(
     exclude: Iterable[str] = (),
     round_to: int | None = None,
     latency_of: Callable[[nn.Module], float] | None = None,
+    attention: str = "heads",
 ) -> Budget:
-    """The groups `backend` can prune with `method`, their steps (grouped-conv blocks, round_to), and the cost model."""
+    """The groups `backend` can prune with `method`, their steps (grouped-conv blocks, round_to; not whole heads, which
+    keep a multiple of head_dim anyway), and the cost model."""
     example_input = example_input.clone()
-    graph = analyze(model, example_input)
+    graph = analyze(model, example_input, attention)
     layers = set(backend.prunable_layers(model, method, example_input, exclude))
     members: dict[int, list[str]] = {}
     for producer, group in graph.group_of_producer.items():
         if producer in layers and graph.groups[group].size > 1 and graph.groups[group].prunable:
             members.setdefault(group, []).append(producer)
-    steps = {g: math.lcm(graph.groups[g].divisor, round_to or 1) for g in members}
+    steps = {
+        g: math.lcm(graph.groups[g].divisor, round_to if rounds(graph.groups[g]) and round_to else 1) for g in members
+    }
     groups = strategies.Groups({g: graph.groups[g].size for g in members}, steps)
     return Budget(model, example_input, graph, groups, members, CostModel.of(model, example_input, graph), latency_of)
 
@@ -214,7 +219,9 @@ def unit_norms(budget: Budget) -> dict[int, torch.Tensor]:
     """Each group's per-channel L2 norm of its members' filters (the mean over coupled members): what the global and
     latency allocations rank units by, whatever criterion the backend then uses."""
     modules = dict(budget.model.named_modules())
-    return {g: group_score(unit_l2, [modules[m].weight for m in members]) for g, members in budget.members.items()}
+    return {
+        g: group_score(unit_l2, unit_weights(modules, budget.graph, members)) for g, members in budget.members.items()
+    }
 
 
 def measured_cost(
@@ -262,7 +269,14 @@ def prune_to_budget(
     if not backend.physical(method):
         raise PruningError(f"{method} prunes single weights, not channels: a budget needs a method that shrinks layers")
     budget = plan_budget(
-        backend, model, method, example_input, exclude=exclude, round_to=context.round_to, latency_of=latency_of
+        backend,
+        model,
+        method,
+        example_input,
+        exclude=exclude,
+        round_to=context.round_to,
+        latency_of=latency_of,
+        attention=context.attention,
     )
     base, goal = check_reachable(budget, target, f"{backend.name}:{method}")
     options = backend.options(context)

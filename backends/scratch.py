@@ -55,7 +55,7 @@ class ScratchBackend:
         return True
 
     def options(self, context: JobContext) -> dict[str, Any]:
-        return {"threshold": context.threshold, "round_to": context.round_to}
+        return {"threshold": context.threshold, "round_to": context.round_to, "attention": context.attention}
 
     def prunable_layers(
         self, model: nn.Module, method: str, example_input: torch.Tensor, exclude: Iterable[str] = ()

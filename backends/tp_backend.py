@@ -290,8 +290,13 @@ def _check_norms_follow(model: nn.Module) -> None:
 
 
 def _prunable(graph: Any, excluded: set[str]) -> list[str]:
-    """Every Conv2d / Linear Torch-Pruning may cut: all but the classifier and what the caller excluded."""
-    return [p for p in graph.group_of_producer if p not in set(graph.output_producers) | excluded]
+    """Every Conv2d / Linear Torch-Pruning may cut: all but the classifier, what the caller excluded, and an attention
+    qkv (its units are heads, which only scratch prunes: a channel ratio of qkv breaks the reshape into heads)."""
+    return [
+        p
+        for p in graph.group_of_producer
+        if p not in set(graph.output_producers) | excluded and graph.group(p).heads is None
+    ]
 
 
 def _check_nothing_emptied(

@@ -13,6 +13,7 @@ from torch import nn
 
 from algorithms.channel_pruning import prune_channels
 from algorithms.errors import PruningError
+from algorithms.graph import analyze
 from backends import get_backend
 from tests.helpers import consumer_zeroed_reference, relative_error
 
@@ -185,7 +186,7 @@ def test_a_block_that_mixes_heads_is_refused_by_the_check_not_pruned_wrong():
 def test_a_gate_computed_from_the_input_leaves_the_heads_whole_with_the_reason():
     result = prune_channels(block(Gated()), "conv_all", 0.5, X, scope="layer")
     assert result.model.attn.num_heads == 4
-    assert "computed from the input" in result.graph.why_unprunable()["attn.qkv"]
+    assert "attn_gate mixes in the output of attn.gate" in result.graph.why_unprunable()["attn.qkv"]
 
 
 def test_attention_none_leaves_heads_whole_and_says_so():
@@ -199,9 +200,9 @@ def test_attention_none_leaves_heads_whole_and_says_so():
     [
         ({"attention": "rows"}, r"^unknown attention mode 'rows'; choose one of: heads, head_dim, none$"),
         (
-            {"attention": "head_dim", "round_to": 4},
-            r"^attn: head_dim 6 is not a multiple of round_to 4, so no pruned head_dim can be one; choose a round_to "
-            r"that divides 6, or attention='heads'$",
+            {"attention": "head_dim", "round_to": 6},
+            r"^attn: head_dim 6 has no multiple of round_to 6 below it, so none of its dims can go; choose a round_to "
+            r"below 6, or attention='heads'$",
         ),
     ],
 )
@@ -210,10 +211,91 @@ def test_bad_attention_options_get_one_line_naming_the_block(options, message):
         prune_channels(block(), "conv_all", 0.5, X, scope="layer", **options)
 
 
+def test_round_to_in_head_dim_mode_rounds_the_dims_kept_and_spares_blocks_not_pruned():
+    result = prune_channels(block(), "conv_all", 0.5, X, scope="layer", attention="head_dim", round_to=4)
+    assert result.model.attn.head_dim == 4  # 3 kept, rounded up to 4
+    for spared in ({"sparsity": {"fc1": 0.5}}, {"sparsity": 0.5, "exclude": ["attn"]}):
+        kwargs = {"scope": "layer", **spared} if "exclude" in spared else spared
+        assert prune_channels(block(), "conv_all", example_input=X, attention="head_dim", round_to=6, **kwargs).kept
+
+
+def test_global_scope_takes_floor_of_each_blocks_heads_times_the_ratio():
+    """A head's score sums all its weights: pooled with channels', no head would ever go."""
+    result = prune_channels(block(), "conv_all", 0.5, X, scope="global")
+    assert result.heads == {"attn": 2} and result.model.fc1.out_features < 32
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self, second: nn.Module) -> None:
+        super().__init__()
+        self.first, self.second, self.head = Attention(), second, nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.first(x)
+        x = x + self.second(x)
+        return self.head(x.mean(1))
+
+
+def test_the_check_names_only_the_block_that_mixes_heads():
+    torch.manual_seed(0)
+    with pytest.raises(PruningError, match=r"pruning heads of second changed .*\(exclude=\['second'\]"):
+        prune_channels(TwoBlocks(HeadsAndTokensMixed()).eval(), "conv_all", 0.5, X, scope="layer")
+
+
+def test_timm_style_qk_norm_keeps_whole_heads_prunable_and_the_model_the_root():
+    class QkNormed(Attention):
+        """timm's qk_norm: a LayerNorm over head_dim on q and k, traced through as F.layer_norm."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_norm, self.k_norm = timm_layer_norm(6), timm_layer_norm(6)
+
+        def attend(self, x: torch.Tensor) -> torch.Tensor:
+            B, N, _ = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+            return self.merged(x, B, N)
+
+    torch.manual_seed(0)
+    model = QkNormed().eval()  # the attention module is the whole model
+    with torch.no_grad():
+        for norm in (model.q_norm, model.k_norm):
+            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    result = prune_channels(model, "conv_all", {"qkv": 0.5}, X)
+    assert result.heads == {"": 2} and result.model.num_heads == 2
+    with torch.no_grad():
+        assert relative_error(result.model(X), consumer_zeroed_reference(model, result.kept, X)) < 1e-5
+    assert "not known to keep heads apart" in analyze(model, X, "head_dim").why_unprunable()["qkv"]
+
+
+def timm_layer_norm(width: int) -> nn.Module:
+    class LayerNorm(nn.LayerNorm):  # timm's: F.layer_norm in its own forward
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    return LayerNorm(width)
+
+
+def test_channel_tools_and_other_backends_leave_heads_to_scratch():
+    """NNI's dependency sets and mask fixing are over channels, Torch-Pruning cuts channels: qkv stays whole there."""
+    from algorithms import ChannelDependency, fix_mask_conflict
+    from backends.budget import plan_budget, unit_norms
+
+    model = block()
+    assert "attention='none'" in ChannelDependency(model, X).graph.why_unprunable()["attn.qkv"]
+    masks = {"attn.qkv": {"weight": torch.ones(72, 16), "bias": torch.ones(72)}}
+    masks["attn.qkv"]["weight"][:10] = 0
+    assert fix_mask_conflict(masks, model, X)["attn.qkv"]["weight"].shape == (72, 16)
+    pytest.importorskip("torch_pruning")
+    assert "attn.qkv" not in get_backend("tp").prunable_layers(model, "l1", X)
+    budget = plan_budget(get_backend("scratch"), model, "conv_all", X, round_to=8)
+    heads = budget.graph.group_of_producer["attn.qkv"]
+    assert budget.groups.sizes[heads] == 4 and budget.groups.steps[heads] == 1 and len(unit_norms(budget)[heads]) == 4
+
+
 @pytest.mark.parametrize("attention", ["heads", "head_dim"])
 def test_the_cost_model_scales_attention_macs_with_the_heads_kept(attention):
     from algorithms.cost import CostModel
-    from algorithms.graph import analyze
     from tests.helpers import _group_units
 
     model = block(Attention(fused=False))  # unfused: the flop counter sees q.k and weights.v as matmuls

@@ -464,7 +464,9 @@ class CachesBiases(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("backend", "method"), [("scratch", "conv_all"), ("nni", "l1"), ("tp", "l1")], ids=["scratch", "nni", "tp"]
+    ("backend", "method"),
+    [("scratch", "conv_all"), ("scratch", "activation"), ("nni", "l1"), ("tp", "l1")],
+    ids=["scratch", "scratch-activation", "nni", "tp"],
 )
 def test_a_prune_leaves_the_callers_model_as_it_was_and_a_second_prune_gives_the_same(backend, method):
     """Tracing a forward that caches stored proxies in the caller's model, and the next prune of it failed."""
