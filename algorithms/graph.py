@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import ATTENTION_MODES, HeadBlock, HeadRegion, find_regions
+from .capture import graph_of
 from .errors import PruningError
 from .layer_subclasses import reads_like_its_layer
 from .modules import NORM_TYPES, eval_mode, is_depthwise, output_units
@@ -54,7 +56,7 @@ from .op_tables import (
     hands_own_tensors,
 )
 from .tracing import node_shape as _shape
-from .tracing import propagate_shapes, trace
+from .tracing import propagate_shapes
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ class ChannelGraph:
     output_producers: list[str] = field(default_factory=list)
     # producers whose output units are not their group's units one to one (an attention qkv: rows per head)
     producer_layout: dict[str, Layout] = field(default_factory=dict)
+    # why the graph was captured on the example input (capture.py) rather than traced symbolically; None if it was not
+    captured: str | None = None
 
     def group(self, producer: str) -> ChannelGroup:
         return self.groups[self.group_of_producer[producer]]
@@ -529,6 +533,8 @@ class _Walker:
             self.functional_call(node)
         elif target is torch.cat:
             self.cat(node)
+        elif target is F.pad:
+            self.pad(node)
         elif target in REDUCTIONS:
             self.reduction(node)
         elif target is getattr and not _flat_nodes(node.args[1:]):
@@ -805,6 +811,22 @@ class _Walker:
         else:
             self.unite(node, layouts, axes.pop())
 
+    def pad(self, node: torch.fx.Node) -> None:
+        """F.pad of the spatial dims of an NCHW map alone (MobileViT pads to whole patches): channel-wise."""
+        source_node = node.args[0]
+        widths = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        ndim = _ndim(source_node)
+        if (
+            self.layout(source_node) is not None
+            and self.axis(source_node) == 1
+            and isinstance(widths, (list, tuple))
+            and all(isinstance(w, int) for w in widths)
+            and len(widths) <= 2 * (ndim - 2)
+        ):
+            self.passthrough(node, spatial=True)
+        else:
+            self.unknown(node, "a pad of the channel axis")
+
     def reduction(self, node: torch.fx.Node) -> None:
         dims, keepdim = _reduced_dims(node)
         source_node = node.args[0]
@@ -934,12 +956,14 @@ def analyze(model: nn.Module, example_input: torch.Tensor, attention: str = "hea
         raise PruningError(f"unknown attention mode {attention!r}; choose one of: {', '.join(ATTENTION_MODES)}")
     # in eval mode: a BatchNorm traced through in training mode bakes in an update of the caller's running statistics
     with eval_mode(model):
-        graph_module = trace(model, leaf=reads_like_its_layer)
+        graph_module, captured = graph_of(model, example_input, leaf=reads_like_its_layer)
     propagate_shapes(graph_module, example_input)
     walker = _Walker(graph_module, model, attention)
     for node in graph_module.graph.nodes:
         walker.visit(node)
-    return _collect(walker, graph_module)
+    graph = _collect(walker, graph_module)
+    graph.captured = captured
+    return graph
 
 
 def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGraph:

@@ -247,7 +247,7 @@ class SensitivityAnalysis:
         graph = analyze(self.model, example)
         self.units = self._find_units(graph, specified)
         with eval_mode(self.model):  # fx bakes `self.training` into the graph: trace the mode reuse runs in
-            traced = trace(self.model) if self.reuse_upstream else None
+            traced = _traced_or_none(self.model) if self.reuse_upstream else None
         splits = (
             {name: split_graph(traced, self._changed_modules(layers, graph)) for name, layers in self.units.items()}
             if traced is not None
@@ -406,3 +406,12 @@ def get_ratios_by_loss(
         for layer in unit.split(UNIT_JOINER):
             ratios[layer] = round(ratio, 6)
     return ratios
+
+
+def _traced_or_none(model: nn.Module) -> torch.fx.GraphModule | None:
+    """The symbolic graph reuse runs on, or None (every model then runs whole): a graph captured on the example input
+    would fix its shapes, and a last, smaller batch would not fit them."""
+    try:
+        return trace(model)
+    except PruningError:
+        return None

@@ -17,11 +17,16 @@ from .errors import PruningError
 from .modules import eval_mode
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _offending_frame(error: BaseException) -> str:
-    """The innermost traceback frame outside torch itself: the user's call that fx could not trace."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    """The innermost traceback frame outside torch and this package: the user's call that fx could not trace."""
+    frames = [
+        f
+        for f in traceback.extract_tb(error.__traceback__)
+        if not f.filename.startswith((_TORCH_DIR, _OWN_DIR + os.sep))
+    ]
     if not frames:
         return ""
     frame = frames[-1]

@@ -104,6 +104,8 @@ class ScratchBackend:
         info = {"why_unprunable": result.graph.why_unprunable(), "round_to": round_to}
         if result.heads:
             info["heads"] = {"mode": attention, "kept": result.heads}
+        if result.graph.captured:  # the graph is the example input's: say so beside the result
+            info["captured"] = result.graph.captured
         if SCRATCH_METHODS[method].takes_threshold:  # the threshold decided which units go: the job records it
             info["threshold"] = threshold
             check_threshold_decides(model, result, threshold)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -365,6 +366,32 @@ def test_batch_and_tokens_merged_for_a_batchnorm_keep_the_channels_last():
     assert_exact(model, result, tokens)
 
 
+class PadsToPatches(nn.Module):
+    """MobileViT's habit: the forward asks the input's size in Python, and pads it to whole patches only if needed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        height = math.ceil(x.shape[-2] / 4) * 4
+        if height != x.shape[-2]:
+            x = F.pad(x, (0, 0, 0, height - x.shape[-2]))
+        return self.head(self.conv2(x).mean((2, 3)))
+
+
+def test_a_forward_that_branches_on_shapes_is_captured_on_the_example_and_prunes_exactly():
+    model = PadsToPatches().eval()
+    before = fingerprint(model)
+    result = scratch(model)
+    assert same(fingerprint(model), before)
+    assert result.info["captured"].startswith("torch.fx cannot trace PadsToPatches at test_timm.py:")
+    assert result.info["captured"].endswith("the graph was captured on the example input instead")
+    assert len(result.kept["conv1"]) == 4 and result.model.conv2.in_channels == 4
+    assert_exact(model, result)
+
+
 # -- real timm models beside Torch-Pruning -----------------------------------------------------------------------------
 # Torch-Pruning's pruned model runs on these: scratch keeps at most as many parameters (within 2%), and both are exact
 # (Torch-Pruning's GhostNet is off by 1e-4 of the output: its cut of the ghost concatenation is not what it reports).
@@ -386,6 +413,7 @@ PARITY = [
 SCRATCH_ONLY = [
     ("vit_tiny_patch16_224", "no longer runs"),  # Torch-Pruning leaves the reshape to the old head width
     ("cspresnet50", "IndexError"),  # its CSP splits stay whole in scratch
+    ("mobilevit_xxs", "no longer runs"),  # fx cannot trace it (an `if` on the input's size): captured on the example
 ]
 
 

@@ -1,0 +1,167 @@
+"""A graph for models torch.fx cannot trace symbolically: trace them again with every op also run on the example input,
+so that what their forward asks of a tensor's shape in Python (`math.ceil(H / patch)`, a branch on `if new_h != H`,
+its length) has the example's answer. The graph is then the one inputs of the example's shape take (MobileViT's
+shape-dependent `if`): the channel analysis only needs that one, and the pruned model still runs its own forward.
+A branch on a tensor's values (`if x.sum() > 0`) is still refused: the graph would be this example's data's alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import PruningError
+from .tracing import _offending_frame, _Tracer, attributes_kept, trace
+
+_VALUE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
+# what fx's tracer replaces while it traces (a module call becomes a node, a parameter read a proxy): the real ones run
+# the example input through a module, or read a parameter, meanwhile
+_MODULE_CALL, _MODULE_GETATTR = nn.Module.__call__, nn.Module.__getattr__
+
+
+@contextlib.contextmanager
+def _untraced() -> Iterator[None]:
+    traced = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__, nn.Module.__getattr__ = _MODULE_CALL, _MODULE_GETATTR
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = traced
+
+
+class _ValuedProxy(torch.fx.Proxy):
+    """A proxy that knows its op's value on the example input, and answers Python's questions with it."""
+
+    def _value(self) -> Any:
+        return self.tracer.values[self.node]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _VALUE_ATTRIBUTES:
+            return getattr(self._value(), name)
+        return _ValuedAttribute(self, name)
+
+    def size(self, dim: int | None = None) -> Any:
+        return self._value().size() if dim is None else self._value().size(dim)
+
+    def dim(self) -> int:
+        return self._value().dim()
+
+    def numel(self) -> int:
+        return self._value().numel()
+
+    def _number(self) -> Any:
+        """A Python number the forward computes from a tensor's shape; never from its values, which would give a graph
+        of this example's data alone."""
+        value = self._value()
+        if isinstance(value, torch.Tensor):
+            raise torch.fx.proxy.TraceError(
+                "a branch or a number taken from a tensor's values: the graph would hold for this example's data alone"
+            )
+        return value
+
+    def __bool__(self) -> bool:
+        return bool(self._number())
+
+    def __int__(self) -> int:
+        return int(self._number())
+
+    def __index__(self) -> int:
+        return int(self._number())
+
+    def __float__(self) -> float:
+        return float(self._number())
+
+    def __len__(self) -> int:
+        return len(self._value())
+
+    def __iter__(self) -> Any:
+        return iter([self[i] for i in range(len(self._value()))])
+
+
+class _ValuedAttribute(_ValuedProxy, torch.fx.proxy.Attribute):
+    """`x.T`, `x.mT` and methods about to be called: valued from the tensor they are read off, without a node yet."""
+
+    def _value(self) -> Any:
+        return getattr(self.root._value(), self.attr)
+
+
+class _ValuedTracer(_Tracer):
+    def __init__(self, leaf: Callable[[nn.Module], bool], example_input: torch.Tensor) -> None:
+        super().__init__(leaf)
+        self.values: dict[torch.fx.Node, Any] = {}
+        self.inputs = [example_input]
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _ValuedProxy(node, self)
+
+    def create_proxy(
+        self,
+        kind: str,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None = None,
+        type_expr: Any | None = None,
+        proxy_factory_fn: Callable[[torch.fx.Node], torch.fx.Proxy] | None = None,
+    ) -> torch.fx.Proxy:
+        value = self._run(kind, target, args, kwargs)
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        self.values[proxy.node] = value
+        return proxy
+
+    def _run(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The op on the values of its arguments: what the model computes there on the example input."""
+
+        def real(value: Any) -> Any:
+            return torch.fx.node.map_aggregate(value, lambda v: v._value() if isinstance(v, _ValuedProxy) else v)
+
+        args, kwargs = real(args), real(kwargs)
+        if kind == "placeholder":  # the example input; then any other argument's default
+            return self.inputs.pop(0) if self.inputs else (args[0] if args else None)
+        with _untraced():
+            if kind == "get_attr":
+                return operator.attrgetter(target)(self.root)
+            if kind == "call_function":
+                return target(*args, **kwargs)
+            if kind == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            if kind == "call_module":
+                return self.root.get_submodule(target)(*args, **kwargs)
+        return None  # the output
+
+
+def capture(
+    model: nn.Module, example_input: torch.Tensor, leaf: Callable[[nn.Module], bool] | None = None
+) -> torch.fx.GraphModule:
+    """The graph `example_input` takes through `model`'s forward (see the module docstring); the model is left as it
+    was."""
+    with attributes_kept(model), torch.no_grad():
+        leaves = {id(module) for module in model.modules() if leaf(module)} if leaf is not None else set()
+        tracer = _ValuedTracer(lambda module: id(module) in leaves, example_input.clone())
+        graph = tracer.trace(model)
+        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def graph_of(
+    model: nn.Module, example_input: torch.Tensor, leaf: Callable[[nn.Module], bool] | None = None
+) -> tuple[torch.fx.GraphModule, str | None]:
+    """The model's symbolic fx graph, or, where fx cannot trace it, the graph captured on the example input, with why
+    (None when traced symbolically)."""
+    try:
+        return trace(model, leaf), None
+    except PruningError as untraceable:
+        why = str(untraceable).split(";")[0]
+    try:
+        return capture(model, example_input, leaf), f"{why}; the graph was captured on the example input instead"
+    except Exception as error:  # whatever stops the capture too: named with the user's line it stopped at
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PruningError(
+            f"torch.fx cannot trace or capture {type(model).__name__}{_offending_frame(error)}: {first_line}; make "
+            "that line work on tensors alone, or wrap the call with torch.fx.wrap"
+        ) from None
