@@ -74,7 +74,7 @@ class Consumer:
     """A module whose input channels follow `layout` and must be sliced with it."""
 
     module: str  # for kind "scale": the parameter's qualified name (a layer-scale vector), sliced along `dim`
-    kind: str  # "conv" | "linear" | "norm" | "layernorm" | "depthwise" | "grouped" | "scale"
+    kind: str  # "conv" | "linear" | "norm" | "layernorm" | "groupnorm" | "depthwise" | "grouped" | "scale"
     layout: Layout
     dim: int = 0
 
@@ -402,12 +402,21 @@ class _Walker:
         source, axis, ndim = self.layout(source_node), self.axis(source_node), _ndim(source_node)
         known = isinstance(
             module,
-            (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.Flatten, *NORM_TYPES, *PASSTHROUGH_MODULES, *SPATIAL_MODULES),
+            (
+                nn.Conv2d,
+                nn.Linear,
+                nn.LayerNorm,
+                nn.GroupNorm,
+                nn.Flatten,
+                *NORM_TYPES,
+                *PASSTHROUGH_MODULES,
+                *SPATIAL_MODULES,
+            ),
         )
         if not known or isinstance(module, nn.PReLU) and module.num_parameters > 1:
             self.unknown(node, f"module {name} ({type(module).__name__})")
             return
-        stateful = isinstance(module, (nn.Conv2d, nn.Linear, nn.LayerNorm, *NORM_TYPES))
+        stateful = isinstance(module, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.GroupNorm, *NORM_TYPES))
         if stateful and not self.first_call(name, node, source):
             return
         if stateful and not own_reads and self.read_directly(name):
@@ -446,6 +455,8 @@ class _Walker:
             self.unknown(node, f"module {name} ({type(module).__name__}) on channels that are not on dim 1")
         elif isinstance(module, nn.Flatten):
             self.reshape(node)
+        elif isinstance(module, nn.GroupNorm):
+            self.group_norm(node, name, module, source)
         # a 3-d input to a 2-d op is one unbatched image: dim 0 is channels
         elif ndim != (_ndim(node) if isinstance(module, NORM_TYPES) else 4):
             self.unknown(node, f"module {name} ({type(module).__name__}) on a {ndim}-d input")
@@ -489,6 +500,21 @@ class _Walker:
             self.consumers.append(Consumer(name, "layernorm", source))
             self.carry(node, source_node)
             self.mark(source)
+
+    def group_norm(self, node: torch.fx.Node, name: str, module: nn.GroupNorm, source: Layout) -> None:
+        """A GroupNorm normalises each of its groups of channels (with their H, W): every group keeps as many channels,
+        as a grouped conv's blocks do, and its statistics are over the kept ones, as a pruned LayerNorm's."""
+        if module.weight is None:
+            self.unknown(node, f"GroupNorm {name} without elementwise weights")
+            return
+        if module.num_groups > 1 and (len(source) != 1 or source[0].repeat != 1):
+            self.unknown(node, f"GroupNorm {name} over concatenated channels")
+            return
+        if module.num_groups > 1:
+            self.divisors[source[0].space] = math.lcm(self.divisors.get(source[0].space, 1), module.num_groups)
+        self.consumers.append(Consumer(name, "groupnorm", source))
+        self.set(node, source)
+        self.mark(source)
 
     def functional_call(self, node: torch.fx.Node) -> None:
         """F.batch_norm / F.layer_norm / F.linear / F.conv2d in the forward of a module of that kind, on that module's
@@ -991,7 +1017,7 @@ def _collect(walker: _Walker, graph_module: torch.fx.GraphModule) -> ChannelGrap
     for space, block in walker.head_spaces.items():
         groups[group_of_space[space]].heads = block
     for consumer in walker.consumers:
-        if consumer.kind == "layernorm":
+        if consumer.kind in ("layernorm", "groupnorm"):
             for index in {group_of_space.get(s.space) for s in consumer.layout} - {None}:
                 groups[index].layer_norms.append(consumer.module)
     for space, owners in walker.statistic_of.items():

@@ -83,10 +83,13 @@ def sliced_module(module: nn.Module, out_index: torch.Tensor | None, in_index: t
         for key, value in tensors.items():  # a subclass's other tensors: copied whole, as clone_tree would
             if key not in LAYER_TENSORS and value is not None:
                 copies[key] = _param(value.detach().clone(), value) if key in module._parameters else value.clone()
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
         for key, value in module._parameters.items():
             new._parameters[key] = None if value is None else _param(_take(value, in_index, 0), value)
-        new.normalized_shape = (len(in_index),)
+        if isinstance(module, nn.LayerNorm):
+            new.normalized_shape = (len(in_index),)
+        else:
+            new.num_channels = len(in_index)
         return new
     if isinstance(module, NORM_TYPES):
         index = in_index
@@ -201,6 +204,8 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             module.num_features = int(next(iter(changed.values())).shape[0])
         elif isinstance(module, nn.LayerNorm):
             module.normalized_shape = (int(next(iter(changed.values())).shape[0]),)
+        elif isinstance(module, nn.GroupNorm):
+            module.num_channels = int(next(iter(changed.values())).shape[0])
         elif isinstance(module, nn.Conv2d):
             module.out_channels = int(module.weight.shape[0])
             if old_depthwise:

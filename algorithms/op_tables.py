@@ -170,6 +170,7 @@ NON_TENSOR_METHODS = {"size", "dim"}
 FUNCTIONAL_MODULE_CALLS = {
     F.batch_norm: (NORM_TYPES, ("input", "running_mean", "running_var", "weight", "bias", "training")),
     F.layer_norm: (nn.LayerNorm, ("input", "normalized_shape", "weight", "bias", "eps")),
+    F.group_norm: (nn.GroupNorm, ("input", "num_groups", "weight", "bias", "eps")),
     F.linear: (nn.Linear, ("input", "weight", "bias")),
     F.conv2d: (nn.Conv2d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
 }
@@ -199,4 +200,5 @@ def hands_own_tensors(node: torch.fx.Node, module: nn.Module, prefix: str) -> bo
         and {key: str(t.target) for key, t in tensors.items()} == own
         and (not isinstance(module, nn.LayerNorm) or shape == module.normalized_shape)
         and (not isinstance(module, nn.Conv2d) or args.get("groups", 1) == module.groups)
+        and (not isinstance(module, nn.GroupNorm) or args.get("num_groups") == module.num_groups)
     )

@@ -99,13 +99,13 @@ def consumer_zeroed_reference(
     for consumer in graph.consumers:
         index = (
             layout_index(consumer.layout, graph, kept_by_group)
-            if consumer.kind in ("conv", "linear", "grouped", "layernorm")
+            if consumer.kind in ("conv", "linear", "grouped", "layernorm", "groupnorm")
             else None
         )
         if index is None:
             continue
         module = modules[consumer.module]
-        if consumer.kind == "layernorm":
+        if consumer.kind in ("layernorm", "groupnorm"):
             renormalised[id(module.weight)] = index
             continue
         width = module.in_channels if isinstance(module, nn.Conv2d) else module.weight.shape[1]
@@ -119,8 +119,35 @@ def consumer_zeroed_reference(
             return (inputs[0] * mask.view([-1 if d == axis % inputs[0].ndim else 1 for d in range(inputs[0].ndim)]),)
 
         hooks.append(module.register_forward_pre_hook(zero_inputs))
-    with _kept_channel_layer_norms(renormalised):
+    with _kept_channel_layer_norms(renormalised), _kept_channel_group_norms(renormalised):
         return _run_hooked(model, hooks, x)
+
+
+@contextlib.contextmanager
+def _kept_channel_group_norms(kept_by_weight: dict[int, torch.Tensor]) -> Iterator[None]:
+    """F.group_norm with one of these weights normalises the kept channels alone, in as many groups (zeros
+    elsewhere)."""
+    original = nn.functional.group_norm
+
+    def group_norm(
+        x: torch.Tensor,
+        groups: int,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        eps: float = 1e-5,
+    ) -> torch.Tensor:
+        index = kept_by_weight.get(id(weight))
+        if index is None:
+            return original(x, groups, weight, bias, eps)
+        out = torch.zeros_like(x)
+        out[:, index] = original(x[:, index], groups, weight[index], None if bias is None else bias[index], eps)
+        return out
+
+    nn.functional.group_norm = group_norm
+    try:
+        yield
+    finally:
+        nn.functional.group_norm = original
 
 
 @contextlib.contextmanager

@@ -392,6 +392,36 @@ def test_a_forward_that_branches_on_shapes_is_captured_on_the_example_and_prunes
     assert_exact(model, result)
 
 
+class GroupNormed(nn.Module):
+    """timm's GroupNorm1 (MobileViT-v2, PoolFormer): F.group_norm in a GroupNorm subclass; and an nn.GroupNorm of 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(3, 8, 3), FunctionalGroupNorm(1, 8)
+        self.conv2, self.norm2 = nn.Conv2d(8, 8, 3), nn.GroupNorm(2, 8)
+        self.head = nn.Conv2d(8, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(self.conv1(x)))
+        return self.head(F.gelu(self.norm2(self.conv2(x)))).mean((2, 3))
+
+
+class FunctionalGroupNorm(nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def test_group_norms_keep_as_many_channels_per_group_and_normalise_the_kept_ones():
+    model = randomized(GroupNormed())
+    graph = analyze(model, X)
+    assert graph.why_unprunable() == {} and graph.group("conv2").divisor == 2
+    assert graph.group("conv1").layer_norms == ["norm1"]
+    result = get_backend("scratch").prune(model, "conv_all", {"conv1": 0.5, "conv2": 0.25}, X)
+    assert result.model.norm1.num_channels == 4 and result.model.norm2.num_channels == 6
+    assert [c // 4 for c in result.kept["conv2"]].count(0) == 3  # one of each group of four
+    assert_exact(model, result)
+
+
 # -- real timm models beside Torch-Pruning -----------------------------------------------------------------------------
 # Torch-Pruning's pruned model runs on these: scratch keeps at most as many parameters (within 2%), and both are exact
 # (Torch-Pruning's GhostNet is off by 1e-4 of the output: its cut of the ghost concatenation is not what it reports).
@@ -408,6 +438,8 @@ PARITY = [
     "ghostnet_100",
     "convnext_atto",
     "convnextv2_atto",  # GlobalResponseNorm: statistics over the kept channels
+    # GroupNorm through F.group_norm; captured on the example (an `if` on the input's size). Torch-Pruning takes 30 s
+    pytest.param("mobilevitv2_050", marks=pytest.mark.slow),
 ]
 # Torch-Pruning 1.6.1 fails on these or its pruned model does not run; scratch prunes them, exactly.
 SCRATCH_ONLY = [
