@@ -228,7 +228,9 @@ class _Walker:
         self.producer_space: dict[str, int] = {}
         self.divisors: dict[int, int] = {}  # space -> equal blocks a grouped conv imposes
         self.calls: dict[str, int] = {}
-        self.parameter_views: dict[torch.fx.Node, torch.fx.Node] = {}  # 1-d parameter reshaped to broadcast -> get_attr
+        # a parameter reshaped or expanded to broadcast -> (its get_attr, True when it is 1-d and its one axis is the
+        # channels', False when its dims line up with the view's from the right: an expanded class token)
+        self.parameter_views: dict[torch.fx.Node, tuple[torch.fx.Node, bool]] = {}
         self.module_nodes: dict[torch.fx.Node, str] = {}  # the nodes that run a module, by call or as its functional op
         # outputs of ops not understood, with the reason: their axis is a guess
         self.unrelated: dict[torch.fx.Node, str] = {}
@@ -561,6 +563,8 @@ class _Walker:
             self.cat(node)
         elif target is F.pad:
             self.pad(node)
+        elif target is torch.roll:
+            self.roll(node)
         elif target in REDUCTIONS:
             self.reduction(node)
         elif target is getattr and not _flat_nodes(node.args[1:]):
@@ -571,6 +575,9 @@ class _Walker:
 
     def call_method(self, node: torch.fx.Node) -> None:
         method = str(node.target)
+        if method == "expand":
+            self.expand(node)
+            return
         if method in ELEMENTWISE_METHODS:
             self.elementwise(node)
         elif method in PASSTHROUGH_METHODS:
@@ -649,12 +656,15 @@ class _Walker:
                 return
         if self.unite(node, [self.layout(arg) for arg in with_layout], axis):
             for arg in scales:
-                if arg in self.parameter_views:  # a 1-d parameter reshaped to broadcast: its one axis
-                    parameter, dim = self.parameter_views[arg], 0
-                else:
-                    parameter, dim = arg, axis - (len(out_shape) - _ndim(arg))
-                self.consumers.append(Consumer(str(parameter.target), "scale", self.layouts[node], dim))
-                self.mark(self.layouts[node])
+                self.scale_consumer(arg, self.layouts[node], axis, len(out_shape))
+
+    def scale_consumer(self, arg: torch.fx.Node, layout: Layout, axis: int, ndim: int) -> None:
+        """A parameter (or a view of one) that meets `layout`'s channels on `axis` of an `ndim`-d result: sliced with
+        them."""
+        parameter, flat = self.parameter_views.get(arg, (arg, False))
+        dim = 0 if flat else axis - (ndim - _ndim(parameter))
+        self.consumers.append(Consumer(str(parameter.target), "scale", layout, dim))
+        self.mark(layout)
 
     def reshape(self, node: torch.fx.Node) -> None:
         source_node = node.args[0] if node.args else None
@@ -673,7 +683,7 @@ class _Walker:
             and len(node.users) == 1
         ):
             # self.gamma.reshape(1, -1, 1, 1) (timm's ConvNeXt layer scale): sliced where it meets the channels
-            self.parameter_views[node] = source_node
+            self.parameter_views[node] = (source_node, True)
             return
         if source is None or in_shape is None or out_shape is None or len(out_shape) < 2:
             self.unknown(node, "a reshape")
@@ -706,6 +716,16 @@ class _Walker:
             self.view_as_groups(node, source, out_shape[1])
         elif axis == len(in_shape) - 1 and out_shape[-1] == in_shape[-1]:
             self.set(node, source, len(out_shape) - 1)  # channels-last: (N, H, W, C) -> (N, H*W, C)
+            self.mark(source)
+        elif (
+            axis == len(in_shape) - 1
+            and len(out_shape) < len(in_shape)
+            and out_shape[:-1] == in_shape[: len(out_shape) - 1]
+            and out_shape[-1] == math.prod(in_shape[len(out_shape) - 1 :])
+        ):
+            # channels last, the axes before them merged in: (..., 2, 2, C) -> (..., 4C), Swin's patch merging. Each
+            # position of the merged axes holds all C channels: C channels tiled 4 times
+            self.set(node, source * (out_shape[-1] // in_shape[-1]), len(out_shape) - 1)
             self.mark(source)
         else:
             self.unknown(node, "a reshape that mixes channels")
@@ -805,11 +825,12 @@ class _Walker:
             and len(node.users) == 1
         ):
             # self.weight[:, None, None] (ConvNeXt's channels-first LayerNorm): its one axis, as a reshape to broadcast
-            self.parameter_views[node] = source_node
+            self.parameter_views[node] = (source_node, True)
             return
         source, axis, shape = self.layout(source_node), self.axis(source_node), _shape(source_node)
         index = index if isinstance(index, tuple) else (index,)
-        simple = all(isinstance(i, int) or _literal_slice(i) for i in index) and len(index) <= _ndim(source_node)
+        # a slice of another axis may end where forward computes (Swin's x[:, :H, :W, :] after padding to windows)
+        simple = all(isinstance(i, (int, slice)) for i in index) and len(index) <= _ndim(source_node)
         if (
             source is not None
             and shape is not None
@@ -830,6 +851,17 @@ class _Walker:
         operands = list(tensors) if isinstance(tensors, (list, tuple)) else []
         layouts = [self.layout(t) for t in operands]
         axes = {self.axis(t) for t in operands}
+        # a parameter expanded to the batch and concatenated along tokens (ViT's class token): sliced with the channels
+        views = [t for t, layout in zip(operands, layouts, strict=True) if layout is None and t in self.parameter_views]
+        if views and isinstance(dim, int) and len(views) < len(operands):
+            with_layout = [t for t in operands if t not in views]
+            stream_axes = {self.axis(t) for t in with_layout}
+            channel_axis = min(stream_axes)
+            if all(self.layout(t) for t in with_layout) and len(stream_axes) == 1 and dim % ndim != channel_axis:
+                if self.unite(node, [self.layout(t) for t in with_layout], channel_axis):
+                    for view in views:
+                        self.scale_consumer(view, self.layouts[node], channel_axis, ndim)
+                return
         if ndim < 2 or not operands or not all(layouts) or len(axes) != 1 or not isinstance(dim, int):
             self.unknown(node, "a concatenation")
         elif dim % ndim == axes.copy().pop():
@@ -838,20 +870,59 @@ class _Walker:
             self.unite(node, layouts, axes.pop())
 
     def pad(self, node: torch.fx.Node) -> None:
-        """F.pad of the spatial dims of an NCHW map alone (MobileViT pads to whole patches): channel-wise."""
+        """F.pad of other dims than the channels' and the batch's (MobileViT pads an NCHW map to whole patches, Swin an
+        NHWC one to whole windows): channel-wise. Its widths pair up from the last dim backwards."""
         source_node = node.args[0]
         widths = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-        ndim = _ndim(source_node)
-        if (
-            self.layout(source_node) is not None
-            and self.axis(source_node) == 1
-            and isinstance(widths, (list, tuple))
-            and all(isinstance(w, int) for w in widths)
-            and len(widths) <= 2 * (ndim - 2)
-        ):
-            self.passthrough(node, spatial=True)
+        ndim, axis = _ndim(source_node), self.axis(source_node)
+        # a width computed in forward (Swin's pad to whole windows) may pad any dim but these
+        padded = (
+            {ndim - 1 - i // 2 for i, w in enumerate(widths) if not isinstance(w, int) or w != 0}
+            if isinstance(widths, (list, tuple))
+            else None
+        )
+        if self.layout(source_node) is not None and padded is not None and not padded & {0, axis}:
+            self.carry(node, source_node)
         else:
             self.unknown(node, "a pad of the channel axis")
+
+    def expand(self, node: torch.fx.Node) -> None:
+        """A parameter expanded over the batch (ViT's `cls_token.expand(B, -1, -1)`) is a view of it, sliced where it
+        meets channels; a tensor with channels expanded along other, single-entry axes keeps them."""
+        source_node = node.args[0]
+        in_shape, out_shape = _shape(source_node), _shape(node)
+        broadcast = (
+            in_shape is not None
+            and out_shape is not None
+            and len(in_shape) == len(out_shape)
+            and all(a in (b, 1) for a, b in zip(in_shape, out_shape, strict=True))
+        )
+        if broadcast and self.own_parameter(source_node):
+            self.parameter_views[node] = (source_node, False)
+        elif broadcast and self.layout(source_node) is not None:
+            axis = self.axis(source_node)
+            if in_shape[axis] == out_shape[axis]:
+                self.carry(node, source_node)
+            else:
+                self.unknown(node, "an expand of channels")
+        else:
+            self.unknown(node, "an expand")
+
+    def roll(self, node: torch.fx.Node) -> None:
+        """torch.roll along other dims than the channels' and the batch's (Swin's shifted windows): channel-wise."""
+        source_node = node.args[0]
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+        dims = [dims] if isinstance(dims, int) else dims
+        ndim, axis = _ndim(source_node), self.axis(source_node)
+        if (
+            self.layout(source_node) is not None
+            and isinstance(dims, (list, tuple))
+            and all(isinstance(d, int) for d in dims)
+            and not {d % ndim for d in dims} & {0, axis}
+        ):
+            self.carry(node, source_node)
+        else:
+            self.unknown(node, "a roll over channels")
 
     def reduction(self, node: torch.fx.Node) -> None:
         dims, keepdim = _reduced_dims(node)

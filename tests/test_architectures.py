@@ -203,7 +203,9 @@ def test_layers_left_whole_are_listed_with_the_op_that_stopped_them():
 
     result = get_backend("scratch").prune(RolledChannels().eval(), "conv_all", 0.5, X, scope="layer")
     assert list(result.kept) == ["a"]
-    assert result.info["why_unprunable"] == {"b": "call roll (roll) is not understood by the channel analysis"}
+    assert result.info["why_unprunable"] == {
+        "b": "a roll over channels (roll) is not understood by the channel analysis"
+    }
 
 
 def test_cases_an_independent_review_found():

@@ -343,6 +343,7 @@ def transformer(name: str) -> tuple[nn.Module, torch.Tensor]:
 def test_timm_transformers_prune_heads_and_mlp_units_exactly_with_no_settings(name, attention):
     model, x = transformer(name)
     result = get_backend("scratch").prune(model, "conv_all", 0.5, x, scope="layer", attention=attention)
+    assert result.info["why_unprunable"] == {}  # the embedding width (class token, position embedding) prunes too
     blocks = [m for m in result.model.modules() if hasattr(m, "num_heads") and hasattr(m, "qkv")]
     before = [m for m in model.modules() if hasattr(m, "num_heads") and hasattr(m, "qkv")]
     assert len(result.info["heads"]["kept"]) == len(blocks) >= 12
@@ -362,9 +363,12 @@ def test_timm_transformers_prune_heads_and_mlp_units_exactly_with_no_settings(na
         assert relative_error(result.model(x), consumer_zeroed_reference(model, result.kept, x, attention)) < 1e-5
 
 
-def test_swin_slices_its_relative_position_bias_table_with_the_heads():
+def test_swin_slices_its_relative_position_bias_table_with_the_heads_and_prunes_its_streams():
     model, x = transformer("swin_tiny_patch4_window7_224")
-    pruned = get_backend("scratch").prune(model, "conv_all", 0.5, x, scope="layer").model
+    result = get_backend("scratch").prune(model, "conv_all", 0.5, x, scope="layer")
+    assert result.info["why_unprunable"] == {}  # shifted windows, patch merging: every stream prunes too
+    assert sum(p.numel() for p in result.model.parameters()) < 0.26 * sum(p.numel() for p in model.parameters())
+    pruned = result.model
     table = model.layers[2].blocks[0].attn.relative_position_bias_table
     attention = pruned.layers[2].blocks[0].attn
     assert table.shape[1] == 12 and attention.num_heads == 6

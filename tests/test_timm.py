@@ -422,6 +422,59 @@ def test_group_norms_keep_as_many_channels_per_group_and_normalise_the_kept_ones
     assert_exact(model, result)
 
 
+class ShiftedWindows(nn.Module):
+    """Swin's stream in small, channels last: padded to whole windows by a width computed in forward, rolled, cropped
+    back, then 2x2 patches merged into 4C channels (a LayerNorm and a Linear over them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Conv2d(3, 8, 2, stride=2), nn.Linear(8, 8)
+        self.norm, self.reduction, self.head = nn.LayerNorm(32), nn.Linear(32, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        B, H, W, C = x.shape
+        pad = (4 - W % 4) % 4
+        shifted = torch.roll(F.pad(x, (0, 0, 0, pad, 0, pad)), shifts=(-1, -1), dims=(1, 2))[:, :H, :W, :]
+        x = x + self.fc(shifted)
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.head(self.reduction(self.norm(x)).mean((1, 2)))
+
+
+def test_swin_s_stream_rolls_pads_crops_and_merges_patches_channel_by_channel():
+    model = ShiftedWindows().eval()
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    assert analyze(model, x).why_unprunable() == {}
+    result = scratch(model, x)
+    assert len(result.kept["embed"]) == 4 and result.model.norm.normalized_shape == (16,)
+    assert result.model.reduction.in_features == 16
+    assert_exact(model, result, x)
+
+
+class ClassToken(nn.Module):
+    """ViT's stream in small: patches embedded by a conv, a class token expanded over the batch and concatenated along
+    the tokens, a position embedding added, the class token read out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Conv2d(3, 8, 4, stride=4), nn.Linear(8, 8), nn.Linear(8, 10)
+        self.cls_token, self.pos_embed = nn.Parameter(torch.randn(1, 1, 8)), nn.Parameter(torch.randn(1, 5, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head((x + F.gelu(self.fc(x)))[:, 0])
+
+
+def test_a_class_token_and_a_position_embedding_are_sliced_with_the_stream():
+    model = ClassToken().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert analyze(model, x).why_unprunable() == {}
+    result = scratch(model, x)
+    assert result.model.cls_token.shape == (1, 1, 4) and result.model.pos_embed.shape == (1, 5, 4)
+    assert_exact(model, result, x)
+
+
 # -- real timm models beside Torch-Pruning -----------------------------------------------------------------------------
 # Torch-Pruning's pruned model runs on these: scratch keeps at most as many parameters (within 2%), and both are exact
 # (Torch-Pruning's GhostNet is off by 1e-4 of the output: its cut of the ghost concatenation is not what it reports).
