@@ -44,6 +44,7 @@ _INNER_OPS = {
     "to",
     "type_as",
     "float",
+    "split",  # EfficientFormer's q, k, v out of each head's rows
 }
 _INNER_MODULES = (nn.Dropout, nn.Identity, nn.Softmax)
 
@@ -58,6 +59,11 @@ class HeadBlock:
     heads: int
     head_dim: int
     mode: str  # "heads": a unit is a whole head; "head_dim": a unit is one dim of every head's q, k and v
+    # qkv's rows head by head, each head's q, k and v side by side (EfficientFormer, LeViT: reshape(B, N, heads, -1)
+    # then split into key, key and value dims), rather than (3, heads, head_dim)
+    heads_first: bool = False
+    head_rows: int = 0  # heads_first: qkv rows per head
+    value_dim: int = 0  # features per head proj reads (head_dim unless heads_first)
 
     @property
     def units(self) -> int:
@@ -110,20 +116,31 @@ def find_regions(
         heads = getattr(modules.get(owner), "num_heads", None)
         split = list(node.users)
         shape = _shape(split[0]) if len(split) == 1 else None
+        rows = modules[str(node.target)].out_features
         if (
             not isinstance(heads, int)
             or isinstance(heads, bool)
             or shape is None
             or _op_name(split[0]) not in ("reshape", "view")
             or len(shape) < 3
-            or shape[-3:-1] != (3, heads)
-            or 3 * heads * shape[-1] != modules[str(node.target)].out_features
         ):
+            continue
+        if len(shape) > 3 and shape[-3:-1] == (3, heads) and 3 * heads * shape[-1] == rows:
+            head_rows, heads_first = shape[-1], False  # (..., 3, heads, head_dim)
+        elif shape[-2] == heads and heads * shape[-1] == rows:
+            head_rows, heads_first = shape[-1], True  # (..., heads, q k v of the head)
+        else:
             continue  # not the qkv of a block that runs `num_heads` heads
         if mode == "none":
             refused[node] = f"attention heads of {owner} are left whole (attention='none')"
             continue
-        found = _region(node, split[0], owner, heads, shape[-1], modules, mode)
+        if heads_first and mode == "head_dim":
+            refused[node] = (
+                f"attention heads of {owner} keep their dims: head_dim pruning needs q, k and v reshaped as (3, heads, "
+                "head_dim), and this block splits each head's rows itself"
+            )
+            continue
+        found = _region(node, split[0], owner, heads, head_rows, heads_first, modules, mode)
         if isinstance(found, str):
             refused[node] = f"attention heads of {owner} cannot be pruned: {found}"
         else:
@@ -136,13 +153,15 @@ def _region(
     split: torch.fx.Node,
     owner: str,
     heads: int,
-    head_dim: int,
+    head_rows: int,
+    heads_first: bool,
     modules: dict[str, nn.Module],
     mode: str,
 ) -> HeadRegion | str:
-    """The nodes from qkv's reshape to the one Linear of the same module that reads heads x head_dim features; a reason
-    when anything between them leaves the module, mixes in the input, or is an op not known to stay within a head."""
-    width = heads * head_dim
+    """The nodes from qkv's reshape to the one Linear of the same module that reads heads x head_dim features (any
+    multiple of heads when each head's rows are split in forward); a reason when anything between them leaves the
+    module, mixes in the input, or is an op not known to stay within a head."""
+    head_dim = -1 if heads_first else head_rows  # a per-head LayerNorm is over head_dim; unknown when split in forward
     inner: set[torch.fx.Node] = set()
     proj: list[torch.fx.Node] = []
     stack = [split]
@@ -154,9 +173,9 @@ def _region(
         if (
             type(module) is nn.Linear
             and str(node.target).rpartition(".")[0] == owner
-            and module.in_features == width
+            and (module.in_features == heads * head_rows if not heads_first else module.in_features % heads == 0)
             and _shape(node.args[0]) is not None
-            and _shape(node.args[0])[-1] == width
+            and _shape(node.args[0])[-1] == module.in_features
         ):
             proj.append(node)
             continue
@@ -177,7 +196,10 @@ def _region(
     per_head = _per_head_parameters(inner, qkv, owner, heads, modules, mode)
     if isinstance(per_head, str):
         return per_head
-    block = HeadBlock(owner, str(qkv.target), str(proj[0].target), heads, head_dim, mode)
+    value_dim = modules[str(proj[0].target)].in_features // heads
+    block = HeadBlock(
+        owner, str(qkv.target), str(proj[0].target), heads, head_rows, mode, heads_first, head_rows, value_dim
+    )
     return HeadRegion(block, qkv, proj[0], inner, per_head)
 
 
@@ -218,13 +240,23 @@ def unit_order(layout_sizes: list[tuple[int, int]]) -> torch.Tensor:
     return torch.argsort(owner, stable=True)
 
 
+# widths of all heads together that attention modules keep as attributes and read in forward (timm: attn_dim for
+# ViT's reshape back, key_attn_dim / val_attn_dim for EfficientFormer's and LeViT's)
+HEADS_WIDE = ("attn_dim", "key_attn_dim", "val_attn_dim")
+
+
 def set_head_attributes(module: nn.Module, block: HeadBlock, kept: int) -> None:
     """The pruned module's head count and the sizes derived from it; its softmax scale stays the original's."""
-    heads, head_dim = (kept, block.head_dim) if block.mode == "heads" else (block.heads, kept)
-    module.num_heads = heads
-    for name, value in (("head_dim", head_dim), ("attn_dim", heads * head_dim)):
-        if isinstance(getattr(module, name, None), int):
-            setattr(module, name, value)
+    if block.mode == "head_dim":
+        module.head_dim = kept
+        if isinstance(getattr(module, "attn_dim", None), int):
+            module.attn_dim = block.heads * kept
+        return
+    module.num_heads = kept
+    for name in HEADS_WIDE:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value % block.heads == 0:
+            setattr(module, name, value // block.heads * kept)
 
 
 def keep_softmax_scale(module: nn.Module, block: HeadBlock, kept: int) -> None:

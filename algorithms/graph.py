@@ -378,15 +378,16 @@ class _Walker:
         into_proj = region.proj.args[0]
         if space is None or self.spaces.reasons(space):  # called twice, or its tensors read directly: whole
             reason = self.spaces.reasons(space)[0] if space is not None else f"{name} is not understood"
-            width = block.heads * block.head_dim
+            width = block.heads * block.value_dim
             self.set(into_proj, (Segment(self.spaces.new(width, reason), width),), _ndim(into_proj) - 1)
             return
         units = self.spaces.new(block.units)
         self.producer_space[name] = units
         self.head_spaces[units] = block
         if block.mode == "heads":
-            per_head = (Segment(units, block.heads, block.head_dim),)
-            self.producer_layout[name] = per_head * 3
+            per_head = (Segment(units, block.heads, block.value_dim),)
+            rows = (Segment(units, block.heads, block.head_rows),) if block.heads_first else per_head * 3
+            self.producer_layout[name] = rows
             for parameter, dim in region.per_head:
                 self.consumers.append(Consumer(str(parameter.target), "scale", (Segment(units, block.heads),), dim))
         else:

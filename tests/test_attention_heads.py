@@ -65,6 +65,34 @@ class Gated(Attention):
         return self.proj(self.attend(x) * self.gate(x).sigmoid())
 
 
+class HeadsFirst(nn.Module):
+    """EfficientFormer's attention in small: qkv's rows head by head (each head's q, k and v side by side), split in
+    forward by key and value dims; a learned bias per head, cached per device when not training."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, key_dim: int = 3, val_dim: int = 5) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = heads, key_dim, val_dim
+        self.key_attn_dim, self.val_attn_dim, self.scale = heads * key_dim, heads * val_dim, key_dim**-0.5
+        self.qkv = nn.Linear(dim, heads * (2 * key_dim + val_dim))
+        self.proj = nn.Linear(self.val_attn_dim, dim)
+        self.attention_biases = nn.Parameter(torch.randn(heads, 5, 5))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def biases(self, device: torch.device) -> torch.Tensor:
+        if self.training:
+            return self.attention_biases
+        if str(device) not in self.cache:
+            self.cache[str(device)] = self.attention_biases * 1.0
+        return self.cache[str(device)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale + self.biases(x.device)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, self.val_attn_dim))
+
+
 class Block(nn.Module):
     """A transformer block around an attention module: the MLP prunes as channels, the residual stream not."""
 
@@ -113,6 +141,31 @@ def test_whole_heads_go_and_the_block_computes_the_original_without_them(fused):
     assert len(kept_heads) == 2 and len(heads_only.kept["attn.qkv"]) == 36
     with torch.no_grad():
         assert relative_error(heads_only.model(X), by_hand(model, kept_heads)) < 1e-5
+
+
+def test_heads_whose_rows_are_split_in_forward_go_whole_with_their_bias_and_a_fresh_cache():
+    model = block(HeadsFirst())
+    with torch.no_grad():
+        model(X)  # the caller evaluated first: its cache holds biases of four heads
+    result = prune_channels(model, "conv_all", {"attn.qkv": 0.5}, X)
+    pruned = result.model.attn
+    assert (pruned.num_heads, pruned.key_attn_dim, pruned.val_attn_dim) == (2, 6, 10)
+    assert pruned.qkv.out_features == 2 * 11 and pruned.attention_biases.shape == (2, 5, 5)
+    # the copy started its cache empty and rebuilt it at two heads; the caller's is as it was
+    assert [t.shape[0] for t in pruned.cache.values()] == [2] and [t.shape[0] for t in model.attn.cache.values()] == [4]
+    kept_heads = sorted({row // 11 for row in result.kept["attn.qkv"]})
+    rows = torch.zeros(4, 11)
+    rows[kept_heads] = 1.0
+    handle = model.attn.qkv.register_forward_hook(lambda _m, _i, out: out * rows.flatten())
+    try:
+        with torch.no_grad():
+            assert relative_error(result.model(X), model(X)) < 1e-5
+    finally:
+        handle.remove()
+    assert (
+        "head_dim pruning needs q, k and v reshaped as (3, heads, head_dim)"
+        in (analyze(model, X, "head_dim").why_unprunable()["attn.qkv"])
+    )
 
 
 def test_heads_are_ranked_by_all_their_weights_and_the_lowest_go():
@@ -373,6 +426,20 @@ def test_swin_slices_its_relative_position_bias_table_with_the_heads_and_prunes_
     attention = pruned.layers[2].blocks[0].attn
     assert table.shape[1] == 12 and attention.num_heads == 6
     assert attention.relative_position_bias_table.shape == (table.shape[0], 6)
+
+
+def test_efficientformer_prunes_its_heads_and_every_channel_exactly_where_torch_pruning_fails():
+    torch.manual_seed(0)
+    model = timm.create_model("efficientformer_l1", pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    result = get_backend("scratch").prune(model, "conv_all", 0.5, x, scope="layer")
+    assert result.info["why_unprunable"] == {} and result.info["heads"]["kept"] == {"stages.3.blocks.4.token_mixer": 4}
+    assert sum(p.numel() for p in result.model.parameters()) < 0.26 * sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert relative_error(result.model(x), consumer_zeroed_reference(model, result.kept, x)) < 1e-5
+    pytest.importorskip("torch_pruning")
+    with pytest.raises(PruningError, match="IndexError"):
+        get_backend("tp").prune(model, "l1", 0.5, x, scope="layer")
 
 
 def test_torch_pruning_s_own_pruned_transformers_do_not_run():
