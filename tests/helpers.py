@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -119,65 +119,44 @@ def consumer_zeroed_reference(
             return (inputs[0] * mask.view([-1 if d == axis % inputs[0].ndim else 1 for d in range(inputs[0].ndim)]),)
 
         hooks.append(module.register_forward_pre_hook(zero_inputs))
-    with _kept_channel_layer_norms(renormalised), _kept_channel_group_norms(renormalised):
+    with _kept_channel_norms(renormalised):
         return _run_hooked(model, hooks, x)
 
 
 @contextlib.contextmanager
-def _kept_channel_group_norms(kept_by_weight: dict[int, torch.Tensor]) -> Iterator[None]:
-    """F.group_norm with one of these weights normalises the kept channels alone, in as many groups (zeros
-    elsewhere)."""
-    original = nn.functional.group_norm
+def _kept_channel_norms(kept_by_weight: dict[int, torch.Tensor]) -> Iterator[None]:
+    """F.layer_norm and F.group_norm with one of these weights normalise the kept channels alone (a LayerNorm's on its
+    last axis, a GroupNorm's on dim 1 in as many groups), zeros elsewhere: every LayerNorm / GroupNorm, subclass
+    (LayerNorm2d, timm's GroupNorm1) or direct call goes through them, whatever axis its module is handed."""
+    functional = nn.functional
+    originals = functional.layer_norm, functional.group_norm
 
-    def group_norm(
-        x: torch.Tensor,
-        groups: int,
-        weight: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-        eps: float = 1e-5,
-    ) -> torch.Tensor:
-        index = kept_by_weight.get(id(weight))
-        if index is None:
-            return original(x, groups, weight, bias, eps)
-        out = torch.zeros_like(x)
-        out[:, index] = original(x[:, index], groups, weight[index], None if bias is None else bias[index], eps)
-        return out
+    def on_kept(original: Callable, axis: int, second: Callable[[object, torch.Tensor], object]) -> Callable:
+        def norm(
+            x: torch.Tensor,
+            arg: object,
+            weight: torch.Tensor | None = None,
+            bias: torch.Tensor | None = None,
+            eps: float = 1e-5,
+        ) -> torch.Tensor:
+            index = kept_by_weight.get(id(weight))
+            if index is None:
+                return original(x, arg, weight, bias, eps)
+            where = (Ellipsis, index) if axis == -1 else (slice(None), index)
+            out = torch.zeros_like(x)
+            out[where] = original(
+                x[where], second(arg, index), weight[index], None if bias is None else bias[index], eps
+            )
+            return out
 
-    nn.functional.group_norm = group_norm
+        return norm
+
+    functional.layer_norm = on_kept(originals[0], -1, lambda _shape, index: (len(index),))
+    functional.group_norm = on_kept(originals[1], 1, lambda groups, _index: groups)
     try:
         yield
     finally:
-        nn.functional.group_norm = original
-
-
-@contextlib.contextmanager
-def _kept_channel_layer_norms(kept_by_weight: dict[int, torch.Tensor]) -> Iterator[None]:
-    """F.layer_norm with one of these weights normalises over the kept channels of its last axis only (zeros elsewhere):
-    every LayerNorm, subclass (LayerNorm2d) or direct F.layer_norm call goes through it, whatever axis its module is
-    handed."""
-    original = nn.functional.layer_norm
-
-    def layer_norm(
-        x: torch.Tensor,
-        shape: list[int],
-        weight: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-        eps: float = 1e-5,
-    ) -> torch.Tensor:
-        index = kept_by_weight.get(id(weight))
-        if index is None:
-            return original(x, shape, weight, bias, eps)
-        out = torch.zeros_like(x)
-        out[..., index] = original(
-            x[..., index], (len(index),), weight[index], None if bias is None else bias[index], eps
-        )
-        return out
-
-    nn.functional.layer_norm = layer_norm
-    try:
-        yield
-    finally:
-        nn.functional.layer_norm = original
+        functional.layer_norm, functional.group_norm = originals
 
 
 def quick_run(limit_batches: int) -> list[str]:
