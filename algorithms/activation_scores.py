@@ -13,7 +13,7 @@ from torch import nn
 from .attention import unit_order
 from .graph import ChannelGraph
 from .modules import eval_mode
-from .tracing import attributes_kept
+from .tracing import attributes_kept, buffers_kept
 
 
 def _per_unit_mean(output: torch.Tensor, axis: int) -> torch.Tensor:
@@ -60,7 +60,7 @@ def activation_scores(
         for name in watched[index]:
             handles.append(modules[name].register_forward_hook(lambda _m, _a, out, name=name: keep(name, out)))
     try:  # the caller's model: what its forward caches (LeViT's attention biases) is dropped again
-        with attributes_kept(model), eval_mode(model), torch.no_grad():
+        with attributes_kept(model), buffers_kept(model), eval_mode(model), torch.no_grad():
             model(example_input.clone())
     finally:
         for handle in handles:

@@ -17,7 +17,7 @@ import torch.fx
 from torch import nn
 
 from .errors import PruningError
-from .tracing import _offending_frame, _Tracer, attributes_kept, trace
+from .tracing import _offending_frame, _Tracer, attributes_kept, buffers_kept, trace
 
 _VALUE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
 # what fx's tracer replaces while it traces (a module call becomes a node, a parameter read a proxy): the real ones run
@@ -116,8 +116,17 @@ class _ValuedTracer(_Tracer):
         return proxy
 
     def _run(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """The op on the values of its arguments: what the model computes there on the example input."""
+        """The op on the values of its arguments: what the model computes there on the example input. A Python value
+        read off a tensor's data (`.item()`, `.tolist()`, `torch.equal`) is refused: a branch on it would be this
+        example's alone."""
+        value = self._computed(kind, target, args, kwargs)
+        if kind in ("call_function", "call_method") and not _tensors_or_none(value):
+            raise torch.fx.proxy.TraceError(
+                "a branch or a number taken from a tensor's values: the graph would hold for this example's data alone"
+            )
+        return value
 
+    def _computed(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         def real(value: Any) -> Any:
             return torch.fx.node.map_aggregate(value, lambda v: v._value() if isinstance(v, _ValuedProxy) else v)
 
@@ -136,12 +145,48 @@ class _ValuedTracer(_Tracer):
         return None  # the output
 
 
+def _tensors_or_none(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_tensors_or_none(v) for v in value)
+    return value is None or isinstance(value, torch.Tensor)
+
+
+# ops whose literal arguments may hold a channel count read from a shape, legitimately different once pruned (the
+# channel analysis checked what they do to channels): anywhere else a changed number is a width used as a number
+_SHAPED = {"reshape", "view", "flatten", "expand", "split", "chunk", "getitem", "reshape_as", "view_as", "new_zeros"}
+
+
+def _literals(node: torch.fx.Node) -> list[Any]:
+    """The numbers (and other constants) an op is handed, in order: what a width asked in Python would end up in."""
+    found: list[Any] = []
+    torch.fx.node.map_aggregate(
+        (node.args, node.kwargs), lambda v: None if isinstance(v, torch.fx.Node) else found.append(v)
+    )
+    return found
+
+
+def path_change(before: torch.fx.GraphModule, after: torch.fx.GraphModule) -> str | None:
+    """How the graph a pruned model takes on the example differs from its original's, in words; None if it is the
+    same path. A forward that asks a channel count in Python (`if x.shape[1] != y.shape[1]`) may take another branch,
+    or compute another number, once pruned: the analysis saw the original's only."""
+    nodes = list(before.graph.nodes), list(after.graph.nodes)
+    for old, new in zip(*nodes, strict=False):
+        name = str(old.target) if old.op == "call_method" else getattr(old.target, "__name__", str(old.target))
+        if (old.op, old.target) != (new.op, new.target):
+            return f"it runs {new.name} where the original ran {old.name}"
+        if old.op in ("call_function", "call_method") and name not in _SHAPED and _literals(old) != _literals(new):
+            return f"{old.name} ({name}) is handed other numbers"
+    if len(nodes[0]) != len(nodes[1]):
+        return f"it runs {len(nodes[1])} ops where the original ran {len(nodes[0])}"
+    return None
+
+
 def capture(
     model: nn.Module, example_input: torch.Tensor, leaf: Callable[[nn.Module], bool] | None = None
 ) -> torch.fx.GraphModule:
     """The graph `example_input` takes through `model`'s forward (see the module docstring); the model is left as it
     was."""
-    with attributes_kept(model), torch.no_grad():
+    with attributes_kept(model), buffers_kept(model), torch.no_grad():
         leaves = {id(module) for module in model.modules() if leaf(module)} if leaf is not None else set()
         tracer = _ValuedTracer(lambda module: id(module) in leaves, example_input.clone())
         graph = tracer.trace(model)

@@ -13,9 +13,11 @@ from torch import nn
 
 from .activation_scores import activation_scores
 from .attention import unit_order
+from .capture import capture, path_change
 from .criteria import DEFAULT_THRESHOLD, METHODS, Method, gamma_magnitude, greedy_redundant, group_score, unit_sum
 from .errors import PruningError
 from .graph import ChannelGraph, ChannelGroup, analyze
+from .layer_subclasses import reads_like_its_layer
 from .masks import Masks, apply_masks, build_masks
 from .modules import eval_mode, has_norm, output_units
 from .selection import keep_all_but, keep_in_blocks, removal_count, round_up_kept, select_global, select_per_layer
@@ -257,6 +259,8 @@ def prune_channels(
     if verify:
         _check_runs(pruned, example_input)
         _check_heads(model, graph, kept, example_input)
+        if graph.captured and kept:
+            _check_same_path(model, pruned, example_input)
     kept_by_layer = {p: output_index(graph, p, kept).tolist() for p, g in graph.group_of_producer.items() if g in kept}
     original = {p: output_units(modules[p]) for p in kept_by_layer}
     masks = build_masks(model, graph, kept)
@@ -304,6 +308,16 @@ def _heads_error(model: nn.Module, graph: ChannelGraph, heads: dict[int, torch.T
     # a model with several outputs: their first
     actual, expected = torch.utils._pytree.tree_leaves(actual)[0], torch.utils._pytree.tree_leaves(expected)[0]
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+
+
+def _check_same_path(model: nn.Module, pruned: nn.Module, x: torch.Tensor) -> None:
+    """A captured graph holds for the original's widths: the pruned model must take the same path on the example."""
+    change = path_change(capture(model, x, reads_like_its_layer), capture(pruned, x, reads_like_its_layer))
+    if change:
+        raise PruningError(
+            f"the pruned {type(model).__name__} takes another path through its forward than the original ({change}): "
+            "the forward asks a channel count in Python, which pruning changes; exclude the layers it asks about"
+        )
 
 
 def _check_runs(model: nn.Module, example_input: torch.Tensor) -> None:

@@ -605,8 +605,13 @@ class _Walker:
     # -- op families -----------------------------------------------------------------------
     def passthrough(self, node: torch.fx.Node, spatial: bool = False) -> None:
         source_node = node.args[0] if node.args else None
-        if source_node in self.statistics and not spatial:
-            self.statistics[node] = self.statistics[source_node]
+        if source_node in self.statistics:
+            owner, channels = self.statistics[source_node]
+            if spatial or any(_shape(o) is not None for o in _flat_nodes((node.args[1:], node.kwargs))):
+                self.spaces.block(channels, f"a mean over channels ({owner}) meets another tensor in {node.name}")
+                self.unknown(node, f"{getattr(node.target, '__name__', node.target)}")
+            else:
+                self.statistics[node] = self.statistics[source_node]
             return
         source, axis = self.layout(source_node), self.axis(source_node)
         same = _ndim(node) == _ndim(source_node) and _channels(_shape(node), axis) == _channels(
@@ -666,6 +671,13 @@ class _Walker:
         dim = 0 if flat else axis - (ndim - _ndim(parameter))
         self.consumers.append(Consumer(str(parameter.target), "scale", layout, dim))
         self.mark(layout)
+
+    def view_dim(self, view: torch.fx.Node, axis: int, ndim: int, channels: int | None) -> bool:
+        """Does the parameter behind `view` hold `channels` entries along the axis that meets them?"""
+        parameter, flat = self.parameter_views[view]
+        shape = _shape(parameter) or ()
+        dim = 0 if flat else axis - (ndim - len(shape))
+        return 0 <= dim < len(shape) and shape[dim] == channels
 
     def reshape(self, node: torch.fx.Node) -> None:
         source_node = node.args[0] if node.args else None
@@ -858,7 +870,14 @@ class _Walker:
             with_layout = [t for t in operands if t not in views]
             stream_axes = {self.axis(t) for t in with_layout}
             channel_axis = min(stream_axes)
-            if all(self.layout(t) for t in with_layout) and len(stream_axes) == 1 and dim % ndim != channel_axis:
+            # each view has the channels' count along their axis: sliced with them, not broadcast over them
+            spans = all(self.view_dim(v, channel_axis, ndim, _channels(_shape(node), channel_axis)) for v in views)
+            if (
+                spans
+                and all(self.layout(t) for t in with_layout)
+                and len(stream_axes) == 1
+                and dim % ndim != channel_axis
+            ):
                 if self.unite(node, [self.layout(t) for t in with_layout], channel_axis):
                     for view in views:
                         self.scale_consumer(view, self.layouts[node], channel_axis, ndim)
@@ -873,7 +892,7 @@ class _Walker:
     def pad(self, node: torch.fx.Node) -> None:
         """F.pad of other dims than the channels' and the batch's (MobileViT pads an NCHW map to whole patches, Swin an
         NHWC one to whole windows): channel-wise. Its widths pair up from the last dim backwards."""
-        source_node = node.args[0]
+        source_node = node.args[0] if node.args else node.kwargs.get("input")
         widths = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
         ndim, axis = _ndim(source_node), self.axis(source_node)
         # a width computed in forward (Swin's pad to whole windows) may pad any dim but these
@@ -898,7 +917,7 @@ class _Walker:
             and len(in_shape) == len(out_shape)
             and all(a in (b, 1) for a, b in zip(in_shape, out_shape, strict=True))
         )
-        if broadcast and self.own_parameter(source_node):
+        if broadcast and self.own_parameter(source_node) and len(node.users) == 1:
             self.parameter_views[node] = (source_node, False)
         elif broadcast and self.layout(source_node) is not None:
             axis = self.axis(source_node)
@@ -911,7 +930,7 @@ class _Walker:
 
     def roll(self, node: torch.fx.Node) -> None:
         """torch.roll along other dims than the channels' and the batch's (Swin's shifted windows): channel-wise."""
-        source_node = node.args[0]
+        source_node = node.args[0] if node.args else node.kwargs.get("input")
         dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
         dims = [dims] if isinstance(dims, int) else dims
         ndim, axis = _ndim(source_node), self.axis(source_node)

@@ -47,19 +47,19 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
-    """The module's object with its own plain attributes. A dict of tensors is a cache of something computed from its
-    parameters (timm's LeViT and EfficientFormer keep attention biases per device): the copy starts it empty, as a
-    pruned copy's would hold the old widths, and never shares it (dict.copy keeps OrderedDict)."""
     new = module.__class__.__new__(module.__class__)
-    new.__dict__ = {
-        key: (_copied(value) if isinstance(value, dict) else value) for key, value in module.__dict__.items()
-    }
+    # dict.copy keeps OrderedDict
+    new.__dict__ = {key: (value.copy() if isinstance(value, dict) else value) for key, value in module.__dict__.items()}
     return new
 
 
-def _copied(value: dict) -> dict:
-    cache = value and all(isinstance(v, torch.Tensor) for v in value.values())
-    return type(value)() if cache else value.copy()
+def drop_tensor_caches(module: nn.Module) -> None:
+    """A module whose own tensors were cut: a dict of tensors it holds is computed from them (timm's LeViT and
+    EfficientFormer cache attention biases per device) at the old widths, so it starts empty and is rebuilt."""
+    for key, value in vars(module).items():  # not torch's own (_parameters, _buffers, ...)
+        plain = not key.startswith("_") and isinstance(value, dict) and value
+        if plain and all(isinstance(v, torch.Tensor) for v in value.values()):
+            module.__dict__[key] = type(value)()
 
 
 def _param(tensor: torch.Tensor, like: nn.Parameter) -> nn.Parameter:

@@ -7,7 +7,7 @@ from torch import nn
 
 from .attention import keep_softmax_scale, set_head_attributes
 from .graph import ChannelGraph, Layout
-from .modules import clone_tree, sliced_module, sliced_tensor
+from .modules import clone_tree, drop_tensor_caches, sliced_module, sliced_tensor
 
 
 def layout_index(layout: Layout, graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> torch.Tensor | None:
@@ -49,11 +49,13 @@ def shrink(model: nn.Module, graph: ChannelGraph, kept: dict[int, torch.Tensor])
         if index is not None:
             owner, _, attr = consumer.module.rpartition(".")
             sliced_tensor(pruned.get_submodule(owner), attr, index, consumer.dim)
+            drop_tensor_caches(pruned.get_submodule(owner))
     for group, units in kept.items():
         block = graph.groups[group].heads
         if block is not None:
             attention = pruned.get_submodule(block.module)
             set_head_attributes(attention, block, len(units))
+            drop_tensor_caches(attention)
             if block.mode == "head_dim":
                 keep_softmax_scale(attention, block, len(units))
     return pruned

@@ -66,6 +66,19 @@ def attributes_kept(model: nn.Module) -> Iterator[None]:
                     container.update(content)
 
 
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Every buffer's values as they were, afterwards: a forward run to see shapes or values may update one in place
+    (a step counter, `self.seen += 1`)."""
+    saved = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 class _Tracer(torch.fx.Tracer):
     """fx's tracer, finding a parameter or buffer by identity in one dict: fx searches the whole model's parameters at
     every tensor attribute read inside a traced-through module (timm's BatchNormAct2d reads four), and all of its
@@ -101,7 +114,7 @@ def trace(model: nn.Module, leaf: Callable[[nn.Module], bool] | None = None) -> 
     """The model's fx graph (as torch.fx.symbolic_trace makes it, with the modules `leaf` names called, not traced
     through, as well); the model itself is left as it was (see attributes_kept)."""
     try:
-        with attributes_kept(model):
+        with attributes_kept(model), buffers_kept(model):  # fx hands buffers to the forward as they are
             # decided before tracing: `leaf` may trace a module itself, which inside fx's trace would record there
             leaves = {id(module) for module in model.modules() if leaf(module)} if leaf is not None else set()
             tracer = _Tracer(lambda module: id(module) in leaves)
@@ -124,7 +137,7 @@ def node_shape(node: object) -> tuple[int, ...] | None:
 def propagate_shapes(graph_module: torch.fx.GraphModule, example_input: torch.Tensor) -> None:
     """Fill node.meta['tensor_meta'] by running the graph once in eval mode (BN stats untouched)."""
     try:
-        with eval_mode(graph_module), torch.no_grad():
+        with eval_mode(graph_module), torch.no_grad(), buffers_kept(graph_module):
             # a model may change its input in place: never the caller's; ShapeProp prints a traceback before raising
             with contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(graph_module).propagate(example_input.clone())
