@@ -1,6 +1,7 @@
-"""Multi-head attention whose heads (or head dims) can be pruned: a `qkv` Linear reshaped to (..., 3, heads, head_dim),
-attention within each head, and the heads merged back into one Linear (`proj`), all in one module that says how many
-heads it runs (`num_heads`), as timm's ViT / DeiT / Swin attention and most ViT code are written.
+"""Multi-head attention whose heads (or head dims) can be pruned: a `qkv` Linear reshaped to (..., 3, heads, head_dim)
+(or head by head, (..., heads, rows) split in forward, as EfficientFormer does), attention within each head, and the
+heads merged back into one Linear (`proj`), all in one module that says how many heads it runs (`num_heads`), as
+timm's ViT / DeiT / Swin / EfficientFormer attention and most ViT code are written.
 
 The channel analysis cannot follow a head axis through the matmuls, so a block is found here, before the walk: its
 `qkv` output then counts one unit per head (or per head dim), its `proj` reads the same units, and the ops between
@@ -247,10 +248,10 @@ HEADS_WIDE = ("attn_dim", "key_attn_dim", "val_attn_dim")
 
 def set_head_attributes(module: nn.Module, block: HeadBlock, kept: int) -> None:
     """The pruned module's head count and the sizes derived from it; its softmax scale stays the original's."""
-    if block.mode == "head_dim":
-        module.head_dim = kept
-        if isinstance(getattr(module, "attn_dim", None), int):
-            module.attn_dim = block.heads * kept
+    if block.mode == "head_dim":  # (Swin's reshapes leave head_dim to the tensor: it keeps no attribute of it)
+        for name, value in (("head_dim", kept), ("attn_dim", block.heads * kept)):
+            if isinstance(getattr(module, name, None), int):
+                setattr(module, name, value)
         return
     module.num_heads = kept
     for name in HEADS_WIDE:
