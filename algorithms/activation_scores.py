@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import unit_order
-from .graph import ChannelGraph
+from .graph import ChannelGraph, unit_order
 from .modules import eval_mode
 from .tracing import attributes_kept, buffers_kept
 
@@ -69,8 +68,7 @@ def activation_scores(
     for index, names in watched.items():
         block = graph.groups[index].heads
         if block is not None:
-            reads = next(c.layout for c in graph.consumers if c.module == block.proj and c.kind == "linear")
-            order = unit_order([(s.size, s.repeat) for s in reads])
+            order = unit_order(graph.reads(block.proj))
             scores[index] = _head_contributions(seen[block.proj], modules[block.proj].weight, block.units, order)
         else:
             axis = [-1 if isinstance(modules[name], nn.Linear) else 1 for name in names]

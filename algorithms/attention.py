@@ -234,13 +234,6 @@ def _per_head_parameters(
     return found
 
 
-def unit_order(layout_sizes: list[tuple[int, int]]) -> torch.Tensor:
-    """Columns of a layout (segments of (units, repeat)) sorted by the unit they belong to, so that a weight indexed
-    with it reshapes to (units, -1): one row per head (or head dim)."""
-    owner = torch.cat([torch.arange(size).repeat_interleave(repeat) for size, repeat in layout_sizes])
-    return torch.argsort(owner, stable=True)
-
-
 # widths of all heads together that attention modules keep as attributes and read in forward (timm: attn_dim for
 # ViT's reshape back, key_attn_dim / val_attn_dim for EfficientFormer's and LeViT's)
 HEADS_WIDE = ("attn_dim", "key_attn_dim", "val_attn_dim")

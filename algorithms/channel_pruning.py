@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from .activation_scores import activation_scores
-from .attention import unit_order
 from .capture import capture, path_change
 from .criteria import DEFAULT_THRESHOLD, METHODS, Method, gamma_magnitude, greedy_redundant, group_score, unit_sum
 from .errors import PruningError
-from .graph import ChannelGraph, ChannelGroup, analyze
+from .graph import ChannelGraph, ChannelGroup, analyze, unit_order
 from .layer_subclasses import reads_like_its_layer
 from .masks import Masks, apply_masks, build_masks
 from .modules import eval_mode, has_norm, output_units
@@ -89,10 +88,8 @@ def _head_weights(modules: dict[str, nn.Module], graph: ChannelGraph, qkv: str) 
     """One row per head (or head dim): its q, k and v rows of qkv and its columns of proj, so that every weight
     criterion (L1, L2, FPGM, ...) scores a head by all the weights it owns."""
     block = graph.group(qkv).heads
-    reads = next(c.layout for c in graph.consumers if c.module == block.proj and c.kind == "linear")
-    sizes = [[(s.size, s.repeat) for s in layout] for layout in (graph.producer_layout[qkv], reads)]
-    rows = modules[qkv].weight.detach()[unit_order(sizes[0])].reshape(block.units, -1)
-    columns = modules[block.proj].weight.detach().t()[unit_order(sizes[1])].reshape(block.units, -1)
+    rows = modules[qkv].weight.detach()[unit_order(graph.producer_layout[qkv])].reshape(block.units, -1)
+    columns = modules[block.proj].weight.detach().t()[unit_order(graph.reads(block.proj))].reshape(block.units, -1)
     return torch.cat([rows, columns], 1)
 
 

@@ -69,6 +69,13 @@ class Segment:
 Layout = tuple[Segment, ...]
 
 
+def unit_order(layout: Layout) -> torch.Tensor:
+    """A layout's columns sorted by the unit of its space they belong to, so that a weight indexed with it reshapes to
+    (units, -1): one row per head (or head dim) of an attention qkv or proj."""
+    owner = torch.cat([torch.arange(s.size).repeat_interleave(s.repeat) for s in layout])
+    return torch.argsort(owner, stable=True)
+
+
 @dataclass
 class Consumer:
     """A module whose input channels follow `layout` and must be sliced with it."""
@@ -117,6 +124,10 @@ class ChannelGraph:
 
     def group(self, producer: str) -> ChannelGroup:
         return self.groups[self.group_of_producer[producer]]
+
+    def reads(self, module: str) -> Layout:
+        """The layout of the channels a layer that mixes them (conv, Linear) reads."""
+        return next(c.layout for c in self.consumers if c.module == module and c.kind in ("conv", "linear", "grouped"))
 
     def why_unprunable(self) -> dict[str, str]:
         """Layer groups (named `a+b`) left whole because some op is not understood, with the first reason; the
