@@ -16,8 +16,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import PruningError
-from .tracing import _offending_frame, _Tracer, attributes_kept, buffers_kept, trace
+from .errors import PruningError, first_line
+from .tracing import _offending_frame, _Tracer, trace, traced_by
 
 _VALUE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
 # what fx's tracer replaces while it traces (a module call becomes a node, a parameter read a proxy): the real ones run
@@ -186,11 +186,8 @@ def capture(
 ) -> torch.fx.GraphModule:
     """The graph `example_input` takes through `model`'s forward (see the module docstring); the model is left as it
     was."""
-    with attributes_kept(model), buffers_kept(model), torch.no_grad():
-        leaves = {id(module) for module in model.modules() if leaf(module)} if leaf is not None else set()
-        tracer = _ValuedTracer(lambda module: id(module) in leaves, example_input.clone())
-        graph = tracer.trace(model)
-        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    with torch.no_grad():
+        return traced_by(model, leaf, lambda is_leaf: _ValuedTracer(is_leaf, example_input.clone()))
 
 
 def graph_of(
@@ -205,8 +202,8 @@ def graph_of(
     try:
         return capture(model, example_input, leaf), f"{why}; the graph was captured on the example input instead"
     except Exception as error:  # whatever stops the capture too: named with the user's line it stopped at
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PruningError(
-            f"torch.fx cannot trace or capture {type(model).__name__}{_offending_frame(error)}: {first_line}; make "
-            "that line work on tensors alone, or wrap the call with torch.fx.wrap"
+            f"torch.fx cannot trace or capture {type(model).__name__}{_offending_frame(error)}: "
+            f"{first_line(error) or type(error).__name__}; make that line work on tensors alone, or wrap the call with "
+            "torch.fx.wrap"
         ) from None

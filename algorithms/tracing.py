@@ -13,7 +13,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import PruningError
+from .errors import PruningError, first_line
 from .modules import eval_mode
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -110,21 +110,31 @@ class _Tracer(torch.fx.Tracer):
         return parameter_proxy_cache[name]
 
 
+def traced_by(
+    model: nn.Module,
+    leaf: Callable[[nn.Module], bool] | None,
+    tracer: Callable[[Callable[[nn.Module], bool]], _Tracer] = _Tracer,
+) -> torch.fx.GraphModule:
+    """The graph `tracer` (given which modules to call, not trace through) makes of `model`; the model is left as it
+    was: its plain attributes (see attributes_kept) and buffers (fx hands them to the forward as they are)."""
+    with attributes_kept(model), buffers_kept(model):
+        # decided before tracing: `leaf` may trace a module itself, which inside fx's trace would record there
+        leaves = {id(module) for module in model.modules() if leaf(module)} if leaf is not None else set()
+        made = tracer(lambda module: id(module) in leaves)
+        graph = made.trace(model)
+        return torch.fx.GraphModule(made.root, graph, type(model).__name__)
+
+
 def trace(model: nn.Module, leaf: Callable[[nn.Module], bool] | None = None) -> torch.fx.GraphModule:
     """The model's fx graph (as torch.fx.symbolic_trace makes it, with the modules `leaf` names called, not traced
-    through, as well); the model itself is left as it was (see attributes_kept)."""
+    through, as well)."""
     try:
-        with attributes_kept(model), buffers_kept(model):  # fx hands buffers to the forward as they are
-            # decided before tracing: `leaf` may trace a module itself, which inside fx's trace would record there
-            leaves = {id(module) for module in model.modules() if leaf(module)} if leaf is not None else set()
-            tracer = _Tracer(lambda module: id(module) in leaves)
-            graph = tracer.trace(model)
-            return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        return traced_by(model, leaf)
     except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ... depending on the construct
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PruningError(
-            f"torch.fx cannot trace {type(model).__name__}{_offending_frame(error)}: {first_line}; make forward free "
-            "of data-dependent Python control flow, or wrap that call with torch.fx.wrap"
+            f"torch.fx cannot trace {type(model).__name__}{_offending_frame(error)}: "
+            f"{first_line(error) or type(error).__name__}; make forward free of data-dependent Python control flow, "
+            "or wrap that call with torch.fx.wrap"
         ) from None
 
 
