@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .tracing import node_shape as _shape
+from .tracing import op_name
 
 ATTENTION_MODES = ("heads", "head_dim", "none")
 
@@ -83,10 +84,6 @@ class HeadRegion:
     per_head: list[tuple[torch.fx.Node, int]] = field(default_factory=list)
 
 
-def _op_name(node: torch.fx.Node) -> str:
-    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
-
-
 def _in_module(node: torch.fx.Node, owner: str) -> bool:
     """Is the node computed in `owner`'s forward (the model's own, for the root)?"""
     return not owner or any(
@@ -122,7 +119,7 @@ def find_regions(
             not isinstance(heads, int)
             or isinstance(heads, bool)
             or shape is None
-            or _op_name(split[0]) not in ("reshape", "view")
+            or op_name(split[0]) not in ("reshape", "view")
             or len(shape) < 3
         ):
             continue
@@ -187,9 +184,9 @@ def _region(
         elif node.op == "call_module":
             allowed = isinstance(module, _INNER_MODULES)
         else:
-            allowed = _op_name(node) in _INNER_OPS
+            allowed = op_name(node) in _INNER_OPS
         if not allowed:
-            return f"{node.name} ({_op_name(node)}) is not known to keep heads apart"
+            return f"{node.name} ({op_name(node)}) is not known to keep heads apart"
         inner.add(node)
         stack.extend(node.users)
     if len(proj) != 1:

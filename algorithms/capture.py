@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ import torch.fx
 from torch import nn
 
 from .errors import PruningError, first_line
-from .tracing import _offending_frame, _Tracer, trace, traced_by
+from .tracing import _offending_frame, _Tracer, op_name, trace, traced_by
 
 _VALUE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
 # what fx's tracer replaces while it traces (a module call becomes a node, a parameter read a proxy): the real ones run
@@ -165,19 +166,38 @@ def _literals(node: torch.fx.Node) -> list[Any]:
     return found
 
 
-def path_change(before: torch.fx.GraphModule, after: torch.fx.GraphModule) -> str | None:
-    """How the graph a pruned model takes on the example differs from its original's, in words; None if it is the
-    same path. A forward that asks a channel count in Python (`if x.shape[1] != y.shape[1]`) may take another branch,
-    or compute another number, once pruned: the analysis saw the original's only."""
-    nodes = list(before.graph.nodes), list(after.graph.nodes)
-    for old, new in zip(*nodes, strict=False):
-        name = str(old.target) if old.op == "call_method" else getattr(old.target, "__name__", str(old.target))
+@dataclass(frozen=True)
+class Step:
+    """One op of the path an input takes through a forward, with the numbers it is handed where they would betray a
+    channel count used as a number (None: an op whose numbers may hold one legitimately, or no call)."""
+
+    name: str
+    op: str
+    target: Any
+    call: str  # as written in forward
+    numbers: tuple[Any, ...] | None
+
+
+def path_of(graph_module: torch.fx.GraphModule) -> list[Step]:
+    steps = []
+    for node in graph_module.graph.nodes:
+        called = node.op in ("call_function", "call_method") and op_name(node) not in _SHAPED
+        numbers = tuple(_literals(node)) if called else None
+        steps.append(Step(node.name, node.op, node.target, op_name(node), numbers))
+    return steps
+
+
+def path_change(before: list[Step], after: list[Step]) -> str | None:
+    """How the path a pruned model takes on the example differs from its original's, in words; None if it is the
+    same. A forward that asks a channel count in Python (`if x.shape[1] != y.shape[1]`) may take another branch, or
+    compute another number, once pruned: the analysis saw the original's only."""
+    for old, new in zip(before, after, strict=False):
         if (old.op, old.target) != (new.op, new.target):
             return f"it runs {new.name} where the original ran {old.name}"
-        if old.op in ("call_function", "call_method") and name not in _SHAPED and _literals(old) != _literals(new):
-            return f"{old.name} ({name}) is handed other numbers"
-    if len(nodes[0]) != len(nodes[1]):
-        return f"it runs {len(nodes[1])} ops where the original ran {len(nodes[0])}"
+        if old.numbers != new.numbers:
+            return f"{old.name} ({old.call}) is handed other numbers"
+    if len(before) != len(after):
+        return f"it runs {len(after)} ops where the original ran {len(before)}"
     return None
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .activation_scores import activation_scores
-from .capture import capture, path_change
+from .capture import capture, path_change, path_of
 from .criteria import DEFAULT_THRESHOLD, METHODS, Method, gamma_magnitude, greedy_redundant, group_score, unit_sum
 from .errors import PruningError
 from .graph import ChannelGraph, ChannelGroup, analyze, unit_order
@@ -256,8 +256,8 @@ def prune_channels(
     if verify:
         _check_runs(pruned, example_input)
         _check_heads(model, graph, kept, example_input)
-        if graph.captured and kept:
-            _check_same_path(model, pruned, example_input)
+        if graph.captured_path is not None and kept:
+            _check_same_path(graph, pruned, example_input)
     kept_by_layer = {p: output_index(graph, p, kept).tolist() for p, g in graph.group_of_producer.items() if g in kept}
     original = {p: output_units(modules[p]) for p in kept_by_layer}
     masks = build_masks(model, graph, kept)
@@ -307,12 +307,14 @@ def _heads_error(model: nn.Module, graph: ChannelGraph, heads: dict[int, torch.T
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
-def _check_same_path(model: nn.Module, pruned: nn.Module, x: torch.Tensor) -> None:
-    """A captured graph holds for the original's widths: the pruned model must take the same path on the example."""
-    change = path_change(capture(model, x, reads_like_its_layer), capture(pruned, x, reads_like_its_layer))
+def _check_same_path(graph: ChannelGraph, pruned: nn.Module, x: torch.Tensor) -> None:
+    """A captured graph holds for the original's widths: the pruned model must take the same path on the example (in
+    eval mode, as the analysis captured it)."""
+    with eval_mode(pruned):
+        change = path_change(graph.captured_path, path_of(capture(pruned, x, reads_like_its_layer)))
     if change:
         raise PruningError(
-            f"the pruned {type(model).__name__} takes another path through its forward than the original ({change}): "
+            f"the pruned {type(pruned).__name__} takes another path through its forward than the original ({change}): "
             "the forward asks a channel count in Python, which pruning changes; exclude the layers it asks about"
         )
 

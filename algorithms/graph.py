@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import ATTENTION_MODES, HeadBlock, HeadRegion, find_regions
-from .capture import graph_of
+from .capture import Step, graph_of, path_of
 from .errors import PruningError
 from .layer_subclasses import reads_like_its_layer
 from .modules import NORM_TYPES, eval_mode, is_depthwise, output_units
@@ -119,8 +119,10 @@ class ChannelGraph:
     output_producers: list[str] = field(default_factory=list)
     # producers whose output units are not their group's units one to one (an attention qkv: rows per head)
     producer_layout: dict[str, Layout] = field(default_factory=dict)
-    # why the graph was captured on the example input (capture.py) rather than traced symbolically; None if it was not
+    # why the graph was captured on the example input (capture.py) rather than traced symbolically, and the path it
+    # took, which a pruned model must take too; None if it was traced
     captured: str | None = None
+    captured_path: list[Step] | None = None
 
     def group(self, producer: str) -> ChannelGroup:
         return self.groups[self.group_of_producer[producer]]
@@ -1091,6 +1093,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, attention: str = "hea
         walker.visit(node)
     graph = _collect(walker, graph_module)
     graph.captured = captured
+    graph.captured_path = path_of(graph_module) if captured else None
     return graph
 
 

@@ -138,6 +138,11 @@ def trace(model: nn.Module, leaf: Callable[[nn.Module], bool] | None = None) -> 
         ) from None
 
 
+def op_name(node: torch.fx.Node) -> str:
+    """A call's name as written in forward: `reshape` for x.reshape(...) and torch.reshape(...) alike."""
+    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+
+
 def node_shape(node: object) -> tuple[int, ...] | None:
     """The shape shape propagation recorded for a node's tensor; None for anything else (a number, a tuple)."""
     meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, torch.fx.Node) else None
