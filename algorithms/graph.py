@@ -677,19 +677,23 @@ class _Walker:
             for arg in scales:
                 self.scale_consumer(arg, self.layouts[node], axis, len(out_shape))
 
+    def parameter_dim(self, arg: torch.fx.Node, axis: int, ndim: int) -> tuple[torch.fx.Node, int]:
+        """The parameter behind `arg` (itself, or what it views) and its dim that meets axis `axis` of an `ndim`-d
+        result: a 1-d parameter's one axis, else dims lined up from the right."""
+        parameter, flat = self.parameter_views.get(arg, (arg, False))
+        return parameter, 0 if flat else axis - (ndim - _ndim(parameter))
+
     def scale_consumer(self, arg: torch.fx.Node, layout: Layout, axis: int, ndim: int) -> None:
         """A parameter (or a view of one) that meets `layout`'s channels on `axis` of an `ndim`-d result: sliced with
         them."""
-        parameter, flat = self.parameter_views.get(arg, (arg, False))
-        dim = 0 if flat else axis - (ndim - _ndim(parameter))
+        parameter, dim = self.parameter_dim(arg, axis, ndim)
         self.consumers.append(Consumer(str(parameter.target), "scale", layout, dim))
         self.mark(layout)
 
-    def view_dim(self, view: torch.fx.Node, axis: int, ndim: int, channels: int | None) -> bool:
+    def view_spans(self, view: torch.fx.Node, axis: int, ndim: int, channels: int | None) -> bool:
         """Does the parameter behind `view` hold `channels` entries along the axis that meets them?"""
-        parameter, flat = self.parameter_views[view]
+        parameter, dim = self.parameter_dim(view, axis, ndim)
         shape = _shape(parameter) or ()
-        dim = 0 if flat else axis - (ndim - len(shape))
         return 0 <= dim < len(shape) and shape[dim] == channels
 
     def reshape(self, node: torch.fx.Node) -> None:
@@ -884,7 +888,7 @@ class _Walker:
             stream_axes = {self.axis(t) for t in with_layout}
             channel_axis = min(stream_axes)
             # each view has the channels' count along their axis: sliced with them, not broadcast over them
-            spans = all(self.view_dim(v, channel_axis, ndim, _channels(_shape(node), channel_axis)) for v in views)
+            spans = all(self.view_spans(v, channel_axis, ndim, _channels(_shape(node), channel_axis)) for v in views)
             if (
                 spans
                 and all(self.layout(t) for t in with_layout)
@@ -907,17 +911,14 @@ class _Walker:
         NHWC one to whole windows): channel-wise. Its widths pair up from the last dim backwards."""
         source_node = node.args[0] if node.args else node.kwargs.get("input")
         widths = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-        ndim, axis = _ndim(source_node), self.axis(source_node)
+        ndim = _ndim(source_node)
         # a width computed in forward (Swin's pad to whole windows) may pad any dim but these
         padded = (
             {ndim - 1 - i // 2 for i, w in enumerate(widths) if not isinstance(w, int) or w != 0}
             if isinstance(widths, (list, tuple))
             else None
         )
-        if self.layout(source_node) is not None and padded is not None and not padded & {0, axis}:
-            self.carry(node, source_node)
-        else:
-            self.unknown(node, "a pad of the channel axis")
+        self.along_other_dims(node, source_node, padded, "a pad of the channel axis")
 
     def expand(self, node: torch.fx.Node) -> None:
         """A parameter expanded over the batch (ViT's `cls_token.expand(B, -1, -1)`) is a view of it, sliced where it
@@ -946,16 +947,17 @@ class _Walker:
         source_node = node.args[0] if node.args else node.kwargs.get("input")
         dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
         dims = [dims] if isinstance(dims, int) else dims
-        ndim, axis = _ndim(source_node), self.axis(source_node)
-        if (
-            self.layout(source_node) is not None
-            and isinstance(dims, (list, tuple))
-            and all(isinstance(d, int) for d in dims)
-            and not {d % ndim for d in dims} & {0, axis}
-        ):
+        literal = isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims)
+        rolled = {d % _ndim(source_node) for d in dims} if literal else None
+        self.along_other_dims(node, source_node, rolled, "a roll over channels")
+
+    def along_other_dims(self, node: torch.fx.Node, source_node: object, dims: set[int] | None, what: str) -> None:
+        """An op that moves values along `dims` alone (None: dims not known): channel-wise unless they include the
+        channels' or the batch's."""
+        if self.layout(source_node) is not None and dims is not None and not dims & {0, self.axis(source_node)}:
             self.carry(node, source_node)
         else:
-            self.unknown(node, "a roll over channels")
+            self.unknown(node, what)
 
     def reduction(self, node: torch.fx.Node) -> None:
         dims, keepdim = _reduced_dims(node)
